@@ -1,0 +1,107 @@
+"""The chunkserver service: a thin trio server over ChunkStore, plus registration and heartbeats."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from kvfs import protocol as P
+from kvfs.chunkserver.store import ChunkStore, host_id
+from kvfs.rpc import FileRange, RpcClient, RpcServer
+
+log = logging.getLogger("kvfs.chunkserver")
+
+
+class ChunkService:
+    def __init__(self, store: ChunkStore, meta_address: str, *, heartbeat_interval: float = 1.0,
+                 rpc_timeout: float = 30.0, disk_threads: int = 8):
+        self.store = store
+        self.meta = RpcClient("meta", meta_address, P.META_METHODS, timeout=rpc_timeout, connect_timeout=2.0)
+        self.heartbeat_interval = heartbeat_interval
+        self.rpc_timeout = rpc_timeout
+        self.address = ""
+        self.server_id = 0
+        self.host_id = host_id()
+        self._peers: dict[str, RpcClient] = {}
+        self._disk = trio.CapacityLimiter(disk_threads)
+
+    def _peer(self, address: str) -> RpcClient:
+        client = self._peers.get(address)
+        if client is None:
+            client = self._peers[address] = RpcClient("chunkserver", address, P.CHUNK_METHODS, timeout=self.rpc_timeout)
+        return client
+
+    async def write(self, req: P.WriteChunk, data: memoryview | None) -> P.Empty:
+        data = data if data is not None else memoryview(b"")
+
+        async def local() -> None:
+            await trio.to_thread.run_sync(self.store.write, req.chunk_id, data, req.checksums, limiter=self._disk)
+
+        if not req.chain:
+            await local()
+            return P.Empty()
+        # Chain replication: store locally while forwarding to the next replica; ack when both have it.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(local)
+            nursery.start_soon(self._forward, req, data)
+        return P.Empty()
+
+    async def _forward(self, req: P.WriteChunk, data: memoryview) -> None:
+        nxt, rest = req.chain[0], req.chain[1:]
+        await self._peer(nxt).call(P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, req.checksums, rest), data)
+
+    async def read(self, req: P.ReadChunk, _data) -> tuple[P.ReadChunkReply, FileRange]:
+        loc = self.store.locate(req.chunk_id, req.offset, req.length)
+        # A dup keeps the file readable even if the chunk is deleted while the reply is in flight.
+        rng = FileRange(os.dup(loc.fd), loc.data_offset, loc.data_length, owned=True)
+        return P.ReadChunkReply(loc.data_offset, loc.checksums, loc.chunk_length), rng
+
+    async def delete(self, req: P.DeleteChunks, _data) -> P.Empty:
+        await trio.to_thread.run_sync(self.store.delete, req.chunk_ids, limiter=self._disk)
+        return P.Empty()
+
+    async def stat(self, _req, _data) -> P.ChunkserverStat:
+        return P.ChunkserverStat(self.store.capacity, self.store.used, len(self.store), self.store.data_dir,
+                                 self.host_id)
+
+    async def serve(self, host: str, port: int, advertise: str | None = None, *,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        server = RpcServer("chunkserver", P.CHUNK_METHODS, {
+            P.CHUNK_WRITE: self.write, P.CHUNK_READ: self.read, P.CHUNK_DELETE: self.delete, P.CHUNK_STAT: self.stat,
+        })
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(server.serve, host, port)
+            self.address = advertise or f"{host}:{bound}"
+            nursery.start_soon(self._heartbeat_loop)
+            task_status.started(bound)
+
+    async def _register(self) -> None:
+        reply = await self.meta.request(P.META_REGISTER, P.RegisterChunkserver(
+            self.store.node_id, self.address, self.store.data_dir, self.host_id,
+            self.store.capacity, self.store.used, self.store.chunk_ids()))
+        self.server_id = reply.server_id
+        log.info("registered with meta %s as server %d (%s)", self.meta.address, self.server_id, self.address)
+
+    async def _heartbeat_loop(self) -> None:
+        """Register, then heartbeat forever; re-register whenever meta forgets us (it restarted)."""
+        warned = False
+        while True:
+            try:
+                if not self.server_id:
+                    await self._register()
+                    warned = False
+                reply = await self.meta.request(P.META_HEARTBEAT, P.Heartbeat(
+                    self.server_id, self.store.capacity, self.store.used, len(self.store)), timeout=5.0)
+                if not reply.known:
+                    self.server_id = 0
+                    continue
+                if reply.delete_chunk_ids:
+                    await trio.to_thread.run_sync(self.store.delete, reply.delete_chunk_ids, limiter=self._disk)
+            except OSError as exc:
+                if not warned:
+                    log.warning("meta unreachable (%s); retrying", exc)
+                    warned = True
+                self.server_id = 0
+            await trio.sleep(self.heartbeat_interval)

@@ -1,0 +1,793 @@
+"""kvfs.Client: the one client library. The FUSE mount, the model loaders and the KV API all use it.
+
+``Client`` is async (trio). ``SyncClient`` runs one in a background trio thread for blocking callers.
+
+Data path:
+* Writes are buffered per chunk (read-modify-write of an existing chunk when only part of it is
+  written). A chunk buffer that has been written to its end is uploaded right away in the background
+  (bounded in flight), so large sequential writes stream; the rest go on flush. Nothing is visible to
+  other clients until ``flush``/``fsync``/``release`` commit the new chunk map and size to meta in one
+  step (close-to-open consistency). Chunks are immutable: a rewrite is a new chunk id.
+* Reads fetch block-aligned ranges from a replica and verify the per-block checksums end to end; a
+  corrupt replica is reported to meta and the next one tried. When the replica is a chunkserver on
+  this machine, its chunk file is read directly (short-circuit read), still checksum-verified.
+  Sequential reads keep the last chunks in a small per-file cache and prefetch the next chunk.
+
+Error handling: every method raises ``OSError`` with the right errno (ENOENT, EEXIST, ...); dead or
+slow servers raise ``OSError(EIO)`` after the configured timeout, never hang.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import xxhash
+
+from kvfs import protocol as P
+from kvfs.errors import error
+from kvfs.rpc import RpcClient
+
+log = logging.getLogger("kvfs.client")
+
+ROOT_INO = 1
+BLOCK = P.CHECKSUM_BLOCK
+
+
+@dataclass
+class ClientOptions:
+    timeout: float = 30.0  # per RPC; a dead server surfaces as EIO after this
+    connect_timeout: float = 5.0
+    local_reads: bool = True  # read chunk files directly when the chunkserver is on this machine
+    max_upload_inflight: int = 8  # chunks being uploaded at once per client (write backpressure)
+    read_cache_chunks: int = 4  # verified chunks kept per open file for small sequential reads
+    prefetch: bool = True
+
+
+@dataclass
+class _ServerInfo:
+    address: str
+    data_dir: str
+    host_id: str
+
+
+@dataclass
+class FileState:
+    """Per-inode state shared by every open handle of this client."""
+
+    ino: int
+    attr: P.Attr
+    chunks: dict[int, P.ChunkRef]  # committed chunk map as last fetched
+    opens: int = 0
+    writable: bool = False
+    size: int = 0  # current size including uncommitted writes
+    dirty: dict[int, bytearray] = field(default_factory=dict)  # chunk index -> whole chunk contents
+    uploaded: dict[int, P.ChunkRef] = field(default_factory=dict)  # written to chunkservers, not committed
+    modified: bool = False
+    uploads: int = 0
+    upload_error: OSError | None = None
+    upload_done: trio.Event = field(default_factory=trio.Event)
+    cache: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    last_read_end: int = -1
+    prefetching: set[int] = field(default_factory=set)
+    inflight: set[int] = field(default_factory=set)  # chunk indexes being uploaded
+
+    def ref(self, index: int) -> P.ChunkRef | None:
+        return self.uploaded.get(index) or self.chunks.get(index)
+
+
+class Client:
+    def __init__(self, meta_address: str, options: ClientOptions | None = None, *, client_id: str | None = None):
+        self.options = options or ClientOptions()
+        self.meta = RpcClient("meta", meta_address, P.META_METHODS, timeout=self.options.timeout,
+                              connect_timeout=self.options.connect_timeout)
+        self.client_id = client_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.chunk_size = 4 << 20
+        self.files: dict[int, FileState] = {}
+        self._servers: dict[str, _ServerInfo] = {}
+        self._chunk_clients: dict[str, RpcClient] = {}
+        self._upload_slots = trio.Semaphore(self.options.max_upload_inflight)
+        self._host_id = ""
+        self._nursery: trio.Nursery | None = None
+        self._io = trio.CapacityLimiter(16)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self, nursery: trio.Nursery) -> None:
+        """Handshake with meta. ``nursery`` owns background uploads and prefetches."""
+        from kvfs.chunkserver.store import host_id
+
+        self._nursery = nursery
+        reply = await self.meta.request(P.META_HELLO, P.Hello(P.PROTOCOL_VERSION))
+        self.chunk_size = reply.chunk_size
+        self._host_id = host_id()
+        await self.refresh_servers()
+
+    async def refresh_servers(self) -> P.ListChunkserversReply:
+        reply = await self.meta.request(P.META_LIST_CHUNKSERVERS, P.Empty())
+        self._servers = {s.address: _ServerInfo(s.address, s.data_dir, s.host_id) for s in reply.servers}
+        return reply
+
+    def close(self) -> None:
+        self.meta.close()
+        for c in self._chunk_clients.values():
+            c.close()
+
+    def _chunkserver(self, address: str) -> RpcClient:
+        c = self._chunk_clients.get(address)
+        if c is None:
+            c = self._chunk_clients[address] = RpcClient(
+                "chunkserver", address, P.CHUNK_METHODS, timeout=self.options.timeout,
+                connect_timeout=self.options.connect_timeout)
+        return c
+
+    # ------------------------------------------------------------------ namespace (inode level)
+
+    async def lookup(self, parent: int, name: str) -> P.Attr:
+        return await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
+
+    async def getattr(self, ino: int) -> P.Attr:
+        attr = await self.meta.request(P.META_GETATTR, P.GetAttr(ino))
+        return self._overlay(attr)
+
+    def _overlay(self, attr: P.Attr) -> P.Attr:
+        """A file with uncommitted writes in this client shows its pending size."""
+        st = self.files.get(attr.ino)
+        if st is not None and st.modified:
+            attr.size = st.size
+        return attr
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None, size: int | None = None) -> P.Attr:
+        if size is not None:
+            await self.truncate(ino, size)
+        if any(v is not None for v in (mode, uid, gid, atime_ns, mtime_ns)):
+            attr = await self.meta.request(P.META_SETATTR, P.SetAttr(ino, mode, uid, gid, atime_ns, mtime_ns))
+            return self._overlay(attr)
+        return await self.getattr(ino)
+
+    async def mknode(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
+                     exclusive: bool = True) -> P.Attr:
+        return await self.meta.request(P.META_MKNODE, P.MkNode(parent, name, mode, uid, gid, rdev, exclusive))
+
+    async def unlink_at(self, parent: int, name: str) -> P.Attr:
+        return await self.meta.request(P.META_UNLINK, P.Unlink(parent, name))
+
+    async def rmdir_at(self, parent: int, name: str) -> None:
+        await self.meta.request(P.META_RMDIR, P.Unlink(parent, name))
+
+    async def rename_at(self, parent: int, name: str, new_parent: int, new_name: str, flags: int = 0) -> int:
+        reply = await self.meta.request(P.META_RENAME, P.Rename(parent, name, new_parent, new_name, flags))
+        return reply.replaced_ino
+
+    async def link(self, ino: int, new_parent: int, new_name: str) -> P.Attr:
+        return await self.meta.request(P.META_LINK, P.Link(ino, new_parent, new_name))
+
+    async def symlink_at(self, parent: int, name: str, target: str, uid: int = 0, gid: int = 0) -> P.Attr:
+        return await self.meta.request(P.META_SYMLINK, P.Symlink(parent, name, target, uid, gid))
+
+    async def readlink(self, ino: int) -> str:
+        return (await self.meta.request(P.META_READLINK, P.GetAttr(ino))).target
+
+    async def readdir(self, ino: int, after: str = "", limit: int = 1024) -> P.ReadDirReply:
+        reply = await self.meta.request(P.META_READDIR, P.ReadDir(ino, after, limit))
+        for entry in reply.entries:
+            self._overlay(entry.attr)
+        return reply
+
+    async def statfs(self) -> P.StatFsReply:
+        return await self.meta.request(P.META_STATFS, P.Empty())
+
+    async def setxattr(self, ino: int, name: str, value: bytes, flags: int = 0) -> None:
+        await self.meta.request(P.META_SETXATTR, P.SetXattr(ino, name, value, flags))
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        return (await self.meta.request(P.META_GETXATTR, P.GetXattr(ino, name))).value
+
+    async def listxattr(self, ino: int) -> list[str]:
+        return (await self.meta.request(P.META_LISTXATTR, P.GetAttr(ino))).names
+
+    async def removexattr(self, ino: int, name: str) -> None:
+        await self.meta.request(P.META_REMOVEXATTR, P.GetXattr(ino, name))
+
+    async def purge(self, ino: int) -> None:
+        await self.meta.request(P.META_PURGE, P.Purge(ino))
+
+    async def exists_many(self, paths: list[str]) -> P.ExistsManyReply:
+        return await self.meta.request(P.META_EXISTS_MANY, P.ExistsMany(paths))
+
+    # ------------------------------------------------------------------ namespace (path level)
+
+    async def resolve(self, path: str) -> P.Attr:
+        return self._overlay(await self.meta.request(P.META_RESOLVE, P.ResolvePath(path)))
+
+    stat = resolve
+
+    async def _parent_of(self, path: str) -> tuple[int, str]:
+        head, _, name = path.rstrip("/").rpartition("/")
+        if not name:
+            raise error(errno.EINVAL, f"{path!r}: not a file path")
+        parent = await self.resolve(head or "/")
+        if not stat.S_ISDIR(parent.mode):
+            raise error(errno.ENOTDIR, f"{head}: not a directory")
+        return parent.ino, name
+
+    async def mkdir(self, path: str, mode: int = 0o755, *, parents: bool = False, exist_ok: bool = False) -> P.Attr:
+        try:
+            parent, name = await self._parent_of(path)
+        except FileNotFoundError:
+            if not parents:
+                raise
+            head = path.rstrip("/").rpartition("/")[0]
+            await self.mkdir(head, mode, parents=True, exist_ok=True)
+            parent, name = await self._parent_of(path)
+        try:
+            return await self.mknode(parent, name, stat.S_IFDIR | mode, os.getuid(), os.getgid())
+        except FileExistsError:
+            if exist_ok:
+                attr = await self.resolve(path)
+                if stat.S_ISDIR(attr.mode):
+                    return attr
+            raise
+
+    async def listdir(self, path: str) -> list[str]:
+        attr = await self.resolve(path)
+        names: list[str] = []
+        after = ""
+        while True:
+            reply = await self.readdir(attr.ino, after, 4096)
+            names.extend(e.name for e in reply.entries)
+            if not reply.more or not reply.entries:
+                return names
+            after = reply.entries[-1].name
+
+    async def unlink(self, path: str) -> None:
+        parent, name = await self._parent_of(path)
+        attr = await self.unlink_at(parent, name)
+        if attr.nlink <= 0 and attr.ino not in self.files:
+            await self.purge(attr.ino)
+
+    async def rmdir(self, path: str) -> None:
+        parent, name = await self._parent_of(path)
+        await self.rmdir_at(parent, name)
+
+    async def rename(self, old: str, new: str, flags: int = 0) -> None:
+        p1, n1 = await self._parent_of(old)
+        p2, n2 = await self._parent_of(new)
+        replaced = await self.rename_at(p1, n1, p2, n2, flags)
+        if replaced and replaced not in self.files:
+            await self.purge(replaced)
+
+    async def create(self, path: str, mode: int = 0o644, *, exclusive: bool = False) -> P.Attr:
+        parent, name = await self._parent_of(path)
+        return await self.mknode(parent, name, stat.S_IFREG | mode, os.getuid(), os.getgid(), exclusive=exclusive)
+
+    async def write_file(self, path: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> P.Attr:
+        """Create or replace ``path`` with ``data`` and commit it (visible to all clients on return)."""
+        attr = await self.create(path, exclusive=exclusive)
+        await self.open(attr.ino, write=True, truncate=True)
+        try:
+            await self.write(attr.ino, 0, data)
+            return await self.flush(attr.ino)
+        finally:
+            await self.release(attr.ino)
+
+    async def read_file(self, path: str) -> bytes:
+        attr = await self.resolve(path)
+        if stat.S_ISDIR(attr.mode):
+            raise error(errno.EISDIR, f"{path}: is a directory")
+        await self.open(attr.ino)
+        try:
+            st = self.files[attr.ino]
+            buf = bytearray(st.size)
+            await self.read_into(attr.ino, 0, memoryview(buf))
+            return bytes(buf)
+        finally:
+            await self.release(attr.ino)
+
+    # ------------------------------------------------------------------ open / release
+
+    async def open(self, ino: int, *, write: bool = False, truncate: bool = False) -> FileState:
+        """Open a regular file. The chunk map is refreshed on every first open (close-to-open)."""
+        st = self.files.get(ino)
+        if st is None or (st.opens == 0 and not st.modified):
+            reply = await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(ino))
+            if stat.S_ISDIR(reply.attr.mode):
+                raise error(errno.EISDIR, "is a directory")
+            chunks = {c.index: c for c in reply.chunks}
+            if st is None:
+                st = self.files[ino] = FileState(ino, reply.attr, chunks, size=reply.attr.size)
+            else:
+                if st.chunks != chunks or st.attr.size != reply.attr.size:
+                    st.cache.clear()
+                st.attr, st.chunks, st.size = reply.attr, chunks, reply.attr.size
+        if write and not st.writable:
+            await self.meta.request(P.META_OPEN_WRITE, P.OpenWrite(ino, self.client_id))
+            st.writable = True
+        st.opens += 1
+        if truncate:
+            await self._truncate_state(st, 0)
+        return st
+
+    async def release(self, ino: int) -> None:
+        """Close one handle: the last close commits pending writes and drops the write lease."""
+        st = self.files.get(ino)
+        if st is None:
+            return
+        st.opens -= 1
+        if st.opens > 0:
+            return
+        try:
+            if st.modified:
+                await self.flush(ino)
+        finally:
+            if st.opens <= 0:
+                if st.writable:
+                    st.writable = False
+                    try:
+                        await self.meta.request(P.META_RELEASE_WRITE, P.ReleaseWrite(ino, self.client_id))
+                    except OSError as exc:
+                        log.warning("releasing write lease of inode %d: %s", ino, exc)
+                if not st.modified:
+                    self.files.pop(ino, None)
+
+    def cached_state(self, ino: int) -> FileState | None:
+        return self.files.get(ino)
+
+    # ------------------------------------------------------------------ reads
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        st = self._state(ino)
+        end = min(offset + size, st.size)
+        if end <= offset:
+            return b""
+        buf = bytearray(end - offset)
+        await self._read_range(st, offset, memoryview(buf))
+        return bytes(buf)
+
+    async def read_into(self, ino: int, offset: int, into: memoryview) -> int:
+        """Read into ``into`` (any writable buffer); returns bytes read (short at end of file)."""
+        st = self._state(ino)
+        view = memoryview(into).cast("B")
+        n = max(0, min(len(view), st.size - offset))
+        if n:
+            await self._read_range(st, offset, view[:n])
+        return n
+
+    def _state(self, ino: int) -> FileState:
+        st = self.files.get(ino)
+        if st is None:
+            raise error(errno.EBADF, f"inode {ino} is not open")
+        return st
+
+    async def _read_range(self, st: FileState, offset: int, out: memoryview) -> None:
+        cs = self.chunk_size
+        end = offset + len(out)
+        pieces = []
+        pos = offset
+        while pos < end:
+            index = pos // cs
+            in_chunk = pos - index * cs
+            n = min(cs - in_chunk, end - pos)
+            pieces.append((index, in_chunk, out[pos - offset: pos - offset + n]))
+            pos += n
+        sequential = offset == st.last_read_end
+        st.last_read_end = end
+        if len(pieces) == 1:
+            # Whole-chunk fetch pays off for sequential small reads, not for random ones.
+            await self._read_piece(st, *pieces[0], small=len(out) < cs and (sequential or pieces[0][1] == 0))
+        else:
+            async with trio.open_nursery() as nursery:
+                for piece in pieces:
+                    nursery.start_soon(self._read_piece, st, *piece, False)
+        if sequential and self.options.prefetch and len(out) < cs and self._nursery is not None:
+            nxt = end // cs + (1 if end % cs else 0)
+            if nxt * cs < st.size and nxt not in st.cache and nxt not in st.prefetching and nxt not in st.dirty:
+                ref = st.ref(nxt)
+                if ref is not None:
+                    st.prefetching.add(nxt)
+                    self._nursery.start_soon(self._prefetch, st, nxt, ref)
+
+    async def _prefetch(self, st: FileState, index: int, ref: P.ChunkRef) -> None:
+        try:
+            data = bytearray(ref.length)
+            await self._fetch(ref, 0, memoryview(data))
+            if st.ref(index) is ref:
+                self._cache_put(st, index, bytes(data))
+        except OSError as exc:
+            log.debug("prefetch of chunk %d failed: %s", ref.chunk_id, exc)
+        finally:
+            st.prefetching.discard(index)
+
+    def _cache_put(self, st: FileState, index: int, data: bytes) -> None:
+        st.cache[index] = data
+        st.cache.move_to_end(index)
+        while len(st.cache) > self.options.read_cache_chunks:
+            st.cache.popitem(last=False)
+
+    async def _read_piece(self, st: FileState, index: int, in_chunk: int, out: memoryview, small: bool) -> None:
+        buf = st.dirty.get(index)
+        if buf is not None:
+            _copy_with_zeros(buf, in_chunk, out)
+            return
+        cached = st.cache.get(index)
+        if cached is not None:
+            _copy_with_zeros(cached, in_chunk, out)
+            return
+        ref = st.ref(index)
+        if ref is None or in_chunk >= ref.length:
+            out[:] = bytes(len(out))
+            return
+        if small:
+            # Small reads: fetch the whole chunk once, verified, and serve the following reads from it.
+            data = bytearray(ref.length)
+            await self._fetch(ref, 0, memoryview(data))
+            if st.ref(index) is ref:
+                self._cache_put(st, index, bytes(data))
+            _copy_with_zeros(data, in_chunk, out)
+            return
+        n = min(len(out), ref.length - in_chunk)
+        await self._fetch(ref, in_chunk, out[:n])
+        if n < len(out):
+            out[n:] = bytes(len(out) - n)
+
+    async def _fetch(self, ref: P.ChunkRef, offset: int, out: memoryview) -> None:
+        """Read ``len(out)`` bytes of a chunk at ``offset`` from some replica, verified."""
+        replicas = list(ref.replicas)
+        if not replicas:
+            replicas = await self._locate(ref.chunk_id)
+        last: OSError | None = None
+        for address in self._order_replicas(replicas):
+            try:
+                info = self._servers.get(address)
+                if info is not None and self._is_local(info):
+                    await self._fetch_local(info, ref, offset, out)
+                else:
+                    await self._fetch_remote(address, ref, offset, out)
+                return
+            except ChecksumError as exc:
+                log.error("%s", exc)
+                last = error(errno.EIO, str(exc))
+                try:
+                    await self.meta.request(P.META_REPORT_BAD_CHUNK, P.ReportBadChunk(ref.chunk_id, address, str(exc)))
+                except OSError:
+                    pass
+            except OSError as exc:
+                log.warning("reading chunk %x from %s: %s", ref.chunk_id, address, exc)
+                last = exc
+        raise last if last is not None else error(errno.EIO, f"chunk {ref.chunk_id:x}: no replica available")
+
+    async def _locate(self, chunk_id: int) -> list[str]:
+        """Replica addresses when meta has none yet (it restarted and servers are re-registering)."""
+        deadline = trio.current_time() + min(self.options.timeout, 15.0)
+        while True:
+            reply = await self.meta.request(P.META_CHUNK_LOCATIONS, P.ChunkLocations([chunk_id]))
+            if reply.replicas[0]:
+                await self.refresh_servers()
+                return reply.replicas[0]
+            if trio.current_time() > deadline:
+                raise error(errno.EIO, f"chunk {chunk_id:x}: no live replica")
+            await trio.sleep(0.25)
+
+    def _is_local(self, info: _ServerInfo) -> bool:
+        return self.options.local_reads and info.host_id == self._host_id and os.path.isdir(info.data_dir)
+
+    def _order_replicas(self, replicas: list[str]) -> list[str]:
+        local = [a for a in replicas if (i := self._servers.get(a)) is not None and self._is_local(i)]
+        return local + [a for a in replicas if a not in local]
+
+    async def _fetch_remote(self, address: str, ref: P.ChunkRef, offset: int, out: memoryview) -> None:
+        start = offset // BLOCK * BLOCK
+        aligned = start == offset and (len(out) % BLOCK == 0 or offset + len(out) >= ref.length)
+        into = out if aligned else memoryview(bytearray(offset + len(out) - start + BLOCK))
+        reply, data = await self._chunkserver(address).call(
+            P.CHUNK_READ, P.ReadChunk(ref.chunk_id, offset, len(out)), into=into)
+        data = data if data is not None else memoryview(b"")
+        _verify(ref.chunk_id, address, data, reply.data_offset, reply.checksums, reply.chunk_length)
+        skip = offset - reply.data_offset
+        if len(data) - skip < len(out):
+            raise error(errno.EIO, f"chunk {ref.chunk_id:x} on {address}: short read")
+        if not aligned:
+            out[:] = data[skip: skip + len(out)]
+
+    async def _fetch_local(self, info: _ServerInfo, ref: P.ChunkRef, offset: int, out: memoryview) -> None:
+        from kvfs.chunkserver.store import chunk_path, read_sums
+
+        path = chunk_path(info.data_dir, ref.chunk_id)
+        start = offset // BLOCK * BLOCK
+        end = min(offset + len(out), ref.length)
+        end_aligned = min((end + BLOCK - 1) // BLOCK * BLOCK, ref.length)
+
+        def work() -> None:
+            sums = read_sums(path)
+            aligned = start == offset and end_aligned == offset + len(out)
+            buf = out if aligned else memoryview(bytearray(end_aligned - start))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [buf], start)
+                chunk_len = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if got < end_aligned - start:
+                raise error(errno.EIO, f"chunk {ref.chunk_id:x}: local file short")
+            _verify(ref.chunk_id, info.address, buf[: end_aligned - start], start,
+                    sums[start // BLOCK: (end_aligned + BLOCK - 1) // BLOCK], chunk_len)
+            if not aligned:
+                out[:] = buf[offset - start: offset - start + len(out)]
+
+        try:
+            if len(out) >= 1 << 20:
+                await trio.to_thread.run_sync(work, limiter=self._io)
+            else:
+                work()
+        except FileNotFoundError:
+            raise error(errno.EIO, f"chunk {ref.chunk_id:x} missing from {info.data_dir}") from None
+
+    # ------------------------------------------------------------------ writes
+
+    async def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
+        st = self._state(ino)
+        if not st.writable:
+            raise error(errno.EBADF, "file not open for writing")
+        if st.upload_error is not None:
+            exc, st.upload_error = st.upload_error, None
+            raise exc
+        view = memoryview(data).cast("B")
+        cs = self.chunk_size
+        pos = offset
+        end = offset + len(view)
+        while pos < end:
+            index = pos // cs
+            in_chunk = pos - index * cs
+            n = min(cs - in_chunk, end - pos)
+            buf = await self._dirty_chunk(st, index, in_chunk == 0 and n == cs)
+            if len(buf) < in_chunk:
+                buf.extend(bytes(in_chunk - len(buf)))
+            buf[in_chunk: in_chunk + n] = view[pos - offset: pos - offset + n]
+            pos += n
+            st.size = max(st.size, pos)
+            if in_chunk + n == cs:
+                # The chunk is written to its end: upload it now so large writes stream.
+                await self._start_upload(st, index)
+        st.modified = True
+        st.cache.clear()
+        return len(view)
+
+    async def _dirty_chunk(self, st: FileState, index: int, whole: bool) -> bytearray:
+        buf = st.dirty.get(index)
+        if buf is not None:
+            return buf
+        while index in st.inflight:  # its new contents are being uploaded: build on them
+            await st.upload_done.wait()
+        buf = st.dirty.get(index)
+        if buf is not None:
+            return buf
+        buf = bytearray()
+        ref = st.ref(index)
+        if ref is not None and not whole and ref.length:
+            base = bytearray(min(ref.length, max(st.size - index * self.chunk_size, 0)))
+            if base:
+                await self._fetch(ref, 0, memoryview(base))
+            buf = base
+        st.dirty[index] = buf
+        return buf
+
+    async def _start_upload(self, st: FileState, index: int) -> None:
+        buf = st.dirty.pop(index)
+        st.inflight.add(index)
+        await self._upload_slots.acquire()
+        st.uploads += 1
+        if st.upload_done.is_set():
+            st.upload_done = trio.Event()
+
+        async def run() -> None:
+            try:
+                ref = await self._upload(st.ino, index, buf)
+                if index not in st.dirty and index * self.chunk_size < st.size:
+                    st.uploaded[index] = ref
+            except OSError as exc:
+                st.upload_error = exc
+                st.dirty.setdefault(index, buf)  # keep the data: a later flush retries
+            finally:
+                st.inflight.discard(index)
+                self._upload_slots.release()
+                st.uploads -= 1
+                if st.uploads == 0:
+                    st.upload_done.set()
+
+        assert self._nursery is not None, "Client.connect() was not called"
+        self._nursery.start_soon(run)
+
+    async def _upload(self, ino: int, index: int, data: bytearray | bytes) -> P.ChunkRef:
+        """Write one immutable chunk to a fresh replica chain; retries once on a new chain."""
+        from kvfs.chunkserver.store import block_checksums
+
+        sums = block_checksums(data)
+        last: OSError | None = None
+        for _attempt in range(3):
+            alloc = await self.meta.request(P.META_ALLOC_CHUNK, P.AllocChunk(ino, self.client_id, len(data)))
+            primary, chain = alloc.replicas[0], alloc.replicas[1:]
+            try:
+                await self._chunkserver(primary).call(P.CHUNK_WRITE, P.WriteChunk(alloc.chunk_id, sums, chain), data)
+                return P.ChunkRef(index, alloc.chunk_id, len(data), alloc.replicas)
+            except OSError as exc:
+                last = exc
+                if exc.errno == errno.ENOSPC:
+                    raise
+                log.warning("chunk upload to %s failed (%s); retrying on a new chain", alloc.replicas, exc)
+        assert last is not None
+        raise last
+
+    async def flush(self, ino: int) -> P.Attr:
+        """Upload buffered data and commit size + chunk map: afterwards every client sees it."""
+        st = self._state(ino)
+        if not st.modified:
+            return st.attr
+        while st.uploads:
+            await st.upload_done.wait()
+        for index in sorted(st.dirty):
+            if index * self.chunk_size < st.size:
+                await self._start_upload(st, index)
+            else:
+                del st.dirty[index]
+        while st.uploads:
+            await st.upload_done.wait()
+        if st.upload_error is not None:
+            exc, st.upload_error = st.upload_error, None
+            raise exc
+        refs = [P.ChunkRef(i, r.chunk_id, r.length, []) for i, r in sorted(st.uploaded.items())]
+        attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, time.time_ns()))
+        for i, r in st.uploaded.items():
+            st.chunks[i] = r
+        st.chunks = {i: r for i, r in st.chunks.items() if i * self.chunk_size < st.size}
+        st.uploaded.clear()
+        st.modified = False
+        st.attr = attr
+        return attr
+
+    fsync = flush
+
+    async def truncate(self, ino: int, size: int) -> P.Attr:
+        st = await self.open(ino, write=True)
+        try:
+            await self._truncate_state(st, size)
+            return await self.flush(ino)
+        finally:
+            await self.release(ino)
+
+    async def _truncate_state(self, st: FileState, size: int) -> None:
+        if size < 0:
+            raise error(errno.EINVAL, "negative size")
+        while st.uploads:
+            await st.upload_done.wait()
+        cs = self.chunk_size
+        if size < st.size and size % cs:
+            index = size // cs
+            if index in st.dirty:
+                del st.dirty[index][size - index * cs:]
+            elif st.ref(index) is not None:
+                # Zero the tail of the new last chunk, so a later extension reads zeros.
+                buf = await self._dirty_chunk(st, index, False)
+                del buf[size - index * cs:]
+        for index in [i for i in st.dirty if i * cs >= size]:
+            del st.dirty[index]
+        for index in [i for i in st.uploaded if i * cs >= size]:
+            del st.uploaded[index]
+        st.size = size
+        st.modified = True
+        st.cache.clear()
+
+
+class ChecksumError(OSError):
+    pass
+
+
+def _verify(chunk_id: int, address: str, data: memoryview, data_offset: int, checksums: list[int],
+            chunk_length: int) -> None:
+    if data_offset % BLOCK:
+        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {address}: unaligned reply")
+    for i, expected in enumerate(checksums):
+        block = data[i * BLOCK:(i + 1) * BLOCK]
+        if not block:
+            raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {address}: short data")
+        if xxhash.xxh3_64_intdigest(block) != expected:
+            raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {address}: checksum mismatch at block "
+                                           f"{data_offset // BLOCK + i} (corrupt replica)")
+    covered = len(checksums) * BLOCK
+    if len(data) > covered and data_offset + covered < chunk_length:
+        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {address}: data not covered by checksums")
+
+
+def _copy_with_zeros(src: bytes | bytearray, offset: int, out: memoryview) -> None:
+    avail = max(0, min(len(out), len(src) - offset))
+    if avail:
+        out[:avail] = memoryview(src)[offset: offset + avail]
+    if avail < len(out):
+        out[avail:] = bytes(len(out) - avail)
+
+
+# --------------------------------------------------------------------------- blocking facade
+
+
+class SyncClient:
+    """A Client driven from ordinary threads: a background thread runs trio; calls block.
+
+    Use as a context manager. Any ``Client`` coroutine method is available with the same name and
+    arguments, e.g. ``c.read_file("/a")``, ``c.mkdir("/d", parents=True)``.
+    """
+
+    def __init__(self, meta_address: str, options: ClientOptions | None = None, *, client_id: str | None = None):
+        self._client = Client(meta_address, options, client_id=client_id)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._ready = threading.Event()
+        self._stop: trio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvfs-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._client.connect(nursery)
+                except BaseException as exc:
+                    self._error = exc
+                    self._ready.set()
+                    nursery.cancel_scope.cancel()
+                    return
+                self._ready.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # pragma: no cover - surfaced via _error
+            self._error = exc
+            self._ready.set()
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        async def run() -> Any:
+            return await fn(*args, **kwargs)
+
+        return trio.from_thread.run(run, trio_token=self._token)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            return self.call(attr, *args, **kwargs)
+
+        return blocking
+
+    def close(self) -> None:
+        if self._stop is not None and self._token is not None and self._thread.is_alive():
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            self._thread.join(timeout=10)
+        self._client.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,489 @@
+"""The kvfs wire protocol: every message, method number and frame layout, in one place.
+
+Frame (both directions)::
+
+    Header (24 bytes, little endian)  |  msgpack payload  |  raw bulk data
+    magic u16, version u8, kind u8, method u16, status u16, request_id u32,
+    payload_len u32, data_len u64
+
+``status`` is 0 on success or an errno (replies only). Bulk data (chunk bytes) travels raw after the
+payload so it can be received with ``recv_into`` straight into its destination buffer and sent with
+``sendfile`` from a chunk file; it is never base64 or JSON.
+
+Method numbers are per service and never reused: retire a number by leaving a comment in its place.
+Each method maps to one request struct and one reply struct (``META_METHODS`` / ``CHUNK_METHODS``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAGIC = 0x4B56  # "KV"
+
+HEADER = struct.Struct("<HBBHHIIQ")
+HEADER_SIZE = HEADER.size
+
+KIND_REQUEST = 0
+KIND_REPLY = 1
+
+# Upper bounds that keep a malformed or hostile frame from making a server allocate without limit.
+MAX_PAYLOAD = 64 << 20
+MAX_DATA = 1 << 30
+
+# Checksums cover fixed blocks of a chunk so a ranged read verifies only the blocks it touches.
+CHECKSUM_BLOCK = 64 << 10
+
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+class Struct(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Base for wire structs: array-encoded (field order is the wire order; append new fields last)."""
+
+
+# --------------------------------------------------------------------------- shared types
+
+
+class Attr(Struct):
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+    generation: int = 0
+
+
+class DirEntry(Struct):
+    name: str
+    attr: Attr
+
+
+class ChunkRef(Struct):
+    """One chunk of a file: chunk ``index`` covers bytes [index*chunk_size, index*chunk_size+length)."""
+
+    index: int
+    chunk_id: int
+    length: int
+    replicas: list[str]  # chunkserver addresses "host:port"; the first is the write-chain primary
+
+
+class ChunkserverInfo(Struct):
+    server_id: int
+    address: str
+    data_dir: str
+    host_id: str  # identifies the machine, so a client can read that server's chunk files directly
+    capacity: int
+    used: int
+    chunks: int
+    alive: bool
+    last_heartbeat: float
+
+
+class Empty(Struct):
+    pass
+
+
+class ErrorReply(Struct):
+    """Payload of any reply whose header status is an errno."""
+
+    message: str
+
+
+# --------------------------------------------------------------------------- meta service
+
+
+class Lookup(Struct):
+    parent: int
+    name: str
+
+
+class GetAttr(Struct):
+    ino: int
+
+
+class SetAttr(Struct):
+    ino: int
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class MkNode(Struct):
+    parent: int
+    name: str
+    mode: int  # includes the file type bits (S_IFREG, S_IFDIR, ...)
+    uid: int = 0
+    gid: int = 0
+    rdev: int = 0
+    exclusive: bool = True  # False: return the existing regular file instead of EEXIST
+
+
+class Unlink(Struct):
+    parent: int
+    name: str
+
+
+class Rename(Struct):
+    parent: int
+    name: str
+    new_parent: int
+    new_name: str
+    flags: int = 0  # RENAME_NOREPLACE = 1, RENAME_EXCHANGE = 2 (as in renameat2)
+
+
+class RenameReply(Struct):
+    replaced_ino: int = 0  # inode whose last link the rename removed (the mount forgets it)
+
+
+class Link(Struct):
+    ino: int
+    new_parent: int
+    new_name: str
+
+
+class Symlink(Struct):
+    parent: int
+    name: str
+    target: str
+    uid: int = 0
+    gid: int = 0
+
+
+class ReadLinkReply(Struct):
+    target: str
+
+
+class ReadDir(Struct):
+    ino: int
+    after: str = ""  # resume after this name ("" = from the start)
+    limit: int = 1024
+
+
+class ReadDirReply(Struct):
+    entries: list[DirEntry]
+    more: bool
+
+
+class StatFsReply(Struct):
+    block_size: int
+    total_bytes: int
+    free_bytes: int
+    files: int
+
+
+class SetXattr(Struct):
+    ino: int
+    name: str
+    value: bytes
+    flags: int = 0  # XATTR_CREATE = 1, XATTR_REPLACE = 2
+
+
+class GetXattr(Struct):
+    ino: int
+    name: str
+
+
+class XattrValue(Struct):
+    value: bytes
+
+
+class ListXattrReply(Struct):
+    names: list[str]
+
+
+class ResolvePath(Struct):
+    path: str
+
+
+class ExistsMany(Struct):
+    paths: list[str]
+
+
+class ExistsManyReply(Struct):
+    exists: list[bool]
+    leading: int  # how many of the paths, from the first, exist without a gap (longest prefix)
+
+
+class OpenWrite(Struct):
+    ino: int
+    client_id: str
+
+
+class LeaseReply(Struct):
+    expires_in: float
+
+
+class ReleaseWrite(Struct):
+    ino: int
+    client_id: str
+
+
+class GetChunks(Struct):
+    ino: int
+    first: int = 0
+    count: int = 1 << 30
+
+
+class GetChunksReply(Struct):
+    attr: Attr
+    chunk_size: int
+    chunks: list[ChunkRef]
+
+
+class AllocChunk(Struct):
+    ino: int
+    client_id: str
+    size_hint: int = 0
+
+
+class AllocChunkReply(Struct):
+    chunk_id: int
+    replicas: list[str]
+
+
+class Commit(Struct):
+    """Publish a file's new length and changed chunks atomically (close-to-open consistency)."""
+
+    ino: int
+    client_id: str
+    size: int
+    chunks: list[ChunkRef]
+    mtime_ns: int = 0
+
+
+class Purge(Struct):
+    ino: int
+
+
+class RegisterChunkserver(Struct):
+    node_id: str  # stable identity kept in the chunkserver's data dir, so restarts keep the server id
+    address: str
+    data_dir: str
+    host_id: str
+    capacity: int
+    used: int
+    chunk_ids: list[int]
+
+
+class RegisterReply(Struct):
+    server_id: int
+    delete_chunk_ids: list[int]
+    chunk_size: int
+
+
+class Heartbeat(Struct):
+    server_id: int
+    capacity: int
+    used: int
+    chunks: int
+
+
+class HeartbeatReply(Struct):
+    delete_chunk_ids: list[int]
+    known: bool = True  # False: meta lost track of this server (restart): register again
+
+
+class ListChunkserversReply(Struct):
+    servers: list[ChunkserverInfo]
+    chunk_size: int
+    replication: int
+    files: int
+    used_bytes: int
+
+
+class ReportBadChunk(Struct):
+    chunk_id: int
+    address: str
+    reason: str
+
+
+class ChunkLocations(Struct):
+    chunk_ids: list[int]
+
+
+class ChunkLocationsReply(Struct):
+    replicas: list[list[str]]
+
+
+class Hello(Struct):
+    client_version: int
+
+
+class HelloReply(Struct):
+    server_version: int
+    chunk_size: int
+    cluster_id: str
+
+
+META_HELLO = 1
+META_LOOKUP = 2
+META_GETATTR = 3
+META_SETATTR = 4
+META_MKNODE = 5
+META_UNLINK = 6
+META_RMDIR = 7
+META_RENAME = 8
+META_LINK = 9
+META_SYMLINK = 10
+META_READLINK = 11
+META_READDIR = 12
+META_STATFS = 13
+META_SETXATTR = 14
+META_GETXATTR = 15
+META_LISTXATTR = 16
+META_REMOVEXATTR = 17
+META_RESOLVE = 18
+META_EXISTS_MANY = 19
+META_OPEN_WRITE = 20
+META_RELEASE_WRITE = 21
+META_GET_CHUNKS = 22
+META_ALLOC_CHUNK = 23
+META_COMMIT = 24
+META_PURGE = 25
+META_REGISTER = 40
+META_HEARTBEAT = 41
+META_LIST_CHUNKSERVERS = 42
+META_REPORT_BAD_CHUNK = 43
+META_CHUNK_LOCATIONS = 44
+
+META_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
+    META_HELLO: (Hello, HelloReply),
+    META_LOOKUP: (Lookup, Attr),
+    META_GETATTR: (GetAttr, Attr),
+    META_SETATTR: (SetAttr, Attr),
+    META_MKNODE: (MkNode, Attr),
+    META_UNLINK: (Unlink, Attr),
+    META_RMDIR: (Unlink, Empty),
+    META_RENAME: (Rename, RenameReply),
+    META_LINK: (Link, Attr),
+    META_SYMLINK: (Symlink, Attr),
+    META_READLINK: (GetAttr, ReadLinkReply),
+    META_READDIR: (ReadDir, ReadDirReply),
+    META_STATFS: (Empty, StatFsReply),
+    META_SETXATTR: (SetXattr, Empty),
+    META_GETXATTR: (GetXattr, XattrValue),
+    META_LISTXATTR: (GetAttr, ListXattrReply),
+    META_REMOVEXATTR: (GetXattr, Empty),
+    META_RESOLVE: (ResolvePath, Attr),
+    META_EXISTS_MANY: (ExistsMany, ExistsManyReply),
+    META_OPEN_WRITE: (OpenWrite, LeaseReply),
+    META_RELEASE_WRITE: (ReleaseWrite, Empty),
+    META_GET_CHUNKS: (GetChunks, GetChunksReply),
+    META_ALLOC_CHUNK: (AllocChunk, AllocChunkReply),
+    META_COMMIT: (Commit, Attr),
+    META_PURGE: (Purge, Empty),
+    META_REGISTER: (RegisterChunkserver, RegisterReply),
+    META_HEARTBEAT: (Heartbeat, HeartbeatReply),
+    META_LIST_CHUNKSERVERS: (Empty, ListChunkserversReply),
+    META_REPORT_BAD_CHUNK: (ReportBadChunk, Empty),
+    META_CHUNK_LOCATIONS: (ChunkLocations, ChunkLocationsReply),
+}
+
+# --------------------------------------------------------------------------- chunkserver service
+
+
+class WriteChunk(Struct):
+    """Store a whole immutable chunk; the data follows the payload.
+
+    ``chain`` lists the replicas still to receive it after this server (chain replication): the
+    reply comes only once every server in the chain holds the chunk durably.
+    """
+
+    chunk_id: int
+    checksums: list[int]  # xxh3_64 of each CHECKSUM_BLOCK of the data
+    chain: list[str]
+
+
+class ReadChunk(Struct):
+    chunk_id: int
+    offset: int
+    length: int
+
+
+class ReadChunkReply(Struct):
+    """The data follows, covering the checksum blocks that hold the asked range.
+
+    ``data_offset`` is where the data starts in the chunk (a multiple of CHECKSUM_BLOCK);
+    ``checksums`` are those blocks' checksums, for the client to verify end to end.
+    """
+
+    data_offset: int
+    checksums: list[int]
+    chunk_length: int
+
+
+class DeleteChunks(Struct):
+    chunk_ids: list[int]
+
+
+class ChunkserverStat(Struct):
+    capacity: int
+    used: int
+    chunks: int
+    data_dir: str
+    host_id: str
+
+
+CHUNK_WRITE = 1
+CHUNK_READ = 2
+CHUNK_DELETE = 3
+CHUNK_STAT = 4
+
+CHUNK_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
+    CHUNK_WRITE: (WriteChunk, Empty),
+    CHUNK_READ: (ReadChunk, ReadChunkReply),
+    CHUNK_DELETE: (DeleteChunks, Empty),
+    CHUNK_STAT: (Empty, ChunkserverStat),
+}
+
+
+# --------------------------------------------------------------------------- encoding
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def encode(msg: Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(kind: type[Struct], payload: bytes | memoryview) -> Struct:
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return decoder.decode(payload)
+
+
+def pack_header(kind: int, method: int, status: int, request_id: int, payload_len: int, data_len: int) -> bytes:
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, method, status, request_id, payload_len, data_len)
+
+
+class FrameHeader(msgspec.Struct):
+    kind: int
+    method: int
+    status: int
+    request_id: int
+    payload_len: int
+    data_len: int
+
+
+def unpack_header(raw: bytes | bytearray | memoryview) -> FrameHeader:
+    """Parse and validate a frame header. Error handling: ValueError on a malformed header."""
+    magic, version, kind, method, status, request_id, payload_len, data_len = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ValueError(f"bad frame magic {magic:#x}")
+    if version != PROTOCOL_VERSION:
+        raise ValueError(f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION})")
+    if payload_len > MAX_PAYLOAD or data_len > MAX_DATA:
+        raise ValueError(f"frame too large (payload {payload_len}, data {data_len})")
+    return FrameHeader(kind, method, status, request_id, payload_len, data_len)

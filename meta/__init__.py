@@ -1,0 +1,1 @@
+"""Metadata service: namespace, chunk maps and the chunkserver registry, persisted in RocksDB."""

@@ -1,0 +1,25 @@
+"""The metadata engine interface: a few primitives over an ordered byte-key store.
+
+Everything the namespace needs is ``get``, an atomic ``write`` of a batch and an ordered prefix
+``scan``. Adding a backend (etcd, FoundationDB, ...) is adding a file that implements these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+# A batch is applied atomically: every (key, value) is put, every (key, None) deleted.
+Batch = list[tuple[bytes, bytes | None]]
+
+
+class MetaEngine(Protocol):
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def write(self, batch: Batch) -> None:
+        """Apply the whole batch atomically and durably (per the engine's sync setting)."""
+
+    def scan(self, prefix: bytes, start: bytes | None = None, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Keys with ``prefix`` in byte order, from ``start`` (inclusive) when given."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,571 @@
+"""The namespace: inodes, directory entries, chunk maps, xattrs, leases, as a plain class.
+
+Every mutating operation builds one batch and applies it with a single ``engine.write``, so a crash
+leaves either the whole change or none of it. The service calls these methods from one trio thread,
+so operations never interleave (no locks needed). Errors are ``OSError(errno)``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+from kvfs import protocol as P
+from kvfs.errors import error
+from kvfs.meta import records as R
+from kvfs.meta.engine import Batch, MetaEngine
+from kvfs.meta.registry import Registry, new_cluster_id
+
+ROOT_INO = 1
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 64 << 10
+ID_BLOCK = 4096  # ids are reserved in blocks so allocation rarely writes the counters
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise error(errno.EINVAL, f"invalid file name {name!r}")
+    if len(name.encode("utf-8", "surrogateescape")) > P.NAME_MAX:
+        raise error(errno.ENAMETOOLONG, "file name too long")
+
+
+class Namespace:
+    def __init__(self, engine: MetaEngine, *, chunk_size: int = 4 << 20, replication: int = 1,
+                 lease_seconds: float = 60.0, registry: Registry | None = None, clock=time.monotonic):
+        self.engine = engine
+        self.chunk_size = chunk_size
+        self.replication = replication
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        raw = engine.get(R.COUNTERS_KEY)
+        self.counters = R.decode_counters(raw) if raw else R.Counters(cluster_id=new_cluster_id())
+        # Reserve id blocks ahead: after a crash, ids restart past everything ever handed out.
+        self._ino_limit = self.counters.next_ino
+        self._chunk_limit = self.counters.next_chunk_id
+        self.registry = registry or Registry(engine, self.counters)
+        self.leases: dict[int, tuple[str, float]] = {}
+        self.pending_chunks: dict[int, float] = {}  # allocated, not yet committed
+        if engine.get(R.inode_key(ROOT_INO)) is None:
+            t = now_ns()
+            root = R.Inode(stat.S_IFDIR | 0o755, 2, 0, 0, 0, t, t, t, parent=ROOT_INO)
+            engine.write([(R.inode_key(ROOT_INO), R.encode(root)), (R.COUNTERS_KEY, R.encode(self.counters))])
+        self.files = sum(1 for _ in engine.scan(b"A"))
+        self.used_bytes = 0
+        for _, raw in engine.scan(b"C"):
+            self.used_bytes += R.decode_chunk(raw).length
+
+    # ------------------------------------------------------------------ helpers
+
+    def _alloc_ino(self, batch: Batch) -> int:
+        ino = self.counters.next_ino
+        self.counters.next_ino += 1
+        if self.counters.next_ino > self._ino_limit:
+            self._ino_limit = self.counters.next_ino + ID_BLOCK
+            batch.append((R.COUNTERS_KEY, R.encode(self._reserved_counters())))
+        return ino
+
+    def _reserved_counters(self) -> R.Counters:
+        return R.Counters(self._ino_limit, self._chunk_limit, self.counters.next_server_id, self.counters.cluster_id)
+
+    def alloc_chunk_id(self) -> int:
+        chunk_id = self.counters.next_chunk_id
+        self.counters.next_chunk_id += 1
+        if self.counters.next_chunk_id > self._chunk_limit:
+            self._chunk_limit = self.counters.next_chunk_id + ID_BLOCK
+            self.engine.write([(R.COUNTERS_KEY, R.encode(self._reserved_counters()))])
+        return chunk_id
+
+    def inode(self, ino: int) -> R.Inode:
+        raw = self.engine.get(R.inode_key(ino))
+        if raw is None:
+            raise error(errno.ENOENT, f"no inode {ino}")
+        return R.decode_inode(raw)
+
+    def attr(self, ino: int, node: R.Inode | None = None) -> P.Attr:
+        n = node or self.inode(ino)
+        return P.Attr(ino, n.mode, n.nlink, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns, n.ctime_ns, n.rdev,
+                      n.generation)
+
+    def _dir(self, ino: int) -> R.Inode:
+        node = self.inode(ino)
+        if not stat.S_ISDIR(node.mode):
+            raise error(errno.ENOTDIR, "not a directory")
+        return node
+
+    def _child(self, parent: int, name: str) -> int | None:
+        raw = self.engine.get(R.dentry_key(parent, name))
+        return R.U64.unpack(raw)[0] if raw is not None else None
+
+    def _put(self, batch: Batch, ino: int, node: R.Inode) -> None:
+        batch.append((R.inode_key(ino), R.encode(node)))
+
+    def _dir_empty(self, ino: int) -> bool:
+        return next(iter(self.engine.scan(R.dentry_prefix(ino), limit=1)), None) is None
+
+    # ------------------------------------------------------------------ lookups
+
+    def lookup(self, parent: int, name: str) -> P.Attr:
+        self._dir(parent)
+        if name == ".":
+            return self.attr(parent)
+        if name == "..":
+            return self.attr(self.inode(parent).parent or ROOT_INO)
+        if len(name.encode("utf-8", "surrogateescape")) > P.NAME_MAX:
+            raise error(errno.ENAMETOOLONG, "file name too long")
+        ino = self._child(parent, name)
+        if ino is None:
+            raise error(errno.ENOENT, f"{name}: no such file or directory")
+        return self.attr(ino)
+
+    def resolve(self, path: str) -> P.Attr:
+        """Walk an absolute path (no symlink following) in one call."""
+        if len(path) > P.PATH_MAX:
+            raise error(errno.ENAMETOOLONG, "path too long")
+        ino = ROOT_INO
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            ino = self.lookup(ino, part).ino
+        return self.attr(ino)
+
+    def exists_many(self, paths: list[str]) -> P.ExistsManyReply:
+        exists = []
+        for path in paths:
+            try:
+                self.resolve(path)
+                exists.append(True)
+            except OSError:
+                exists.append(False)
+        leading = next((i for i, e in enumerate(exists) if not e), len(exists))
+        return P.ExistsManyReply(exists, leading)
+
+    def readdir(self, ino: int, after: str, limit: int) -> P.ReadDirReply:
+        self._dir(ino)
+        limit = max(1, min(limit, 4096))
+        prefix = R.dentry_prefix(ino)
+        start = prefix + after.encode("utf-8", "surrogateescape") + b"\0" if after else None
+        entries = []
+        more = False
+        for key, raw in self.engine.scan(prefix, start=start):
+            if len(entries) >= limit:
+                more = True
+                break
+            child = R.U64.unpack(raw)[0]
+            entries.append(P.DirEntry(key[len(prefix):].decode("utf-8", "surrogateescape"), self.attr(child)))
+        return P.ReadDirReply(entries, more)
+
+    def readlink(self, ino: int) -> str:
+        node = self.inode(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise error(errno.EINVAL, "not a symbolic link")
+        return node.target
+
+    # ------------------------------------------------------------------ creation
+
+    def mknode(self, parent: int, name: str, mode: int, uid: int, gid: int, rdev: int = 0,
+               exclusive: bool = True, target: str = "") -> P.Attr:
+        check_name(name)
+        pnode = self._dir(parent)
+        existing = self._child(parent, name)
+        if existing is not None:
+            node = self.inode(existing)
+            if not exclusive and stat.S_ISREG(node.mode) and stat.S_ISREG(mode):
+                return self.attr(existing, node)
+            raise error(errno.EEXIST, f"{name}: file exists")
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode) or stat.S_ISFIFO(mode)
+                or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            raise error(errno.EINVAL, "unsupported file type")
+        batch: Batch = []
+        ino = self._alloc_ino(batch)
+        t = now_ns()
+        is_dir = stat.S_ISDIR(mode)
+        node = R.Inode(mode, 2 if is_dir else 1, uid, gid, len(target.encode()) if target else 0, t, t, t, rdev,
+                       parent=parent if is_dir else 0, target=target)
+        self._put(batch, ino, node)
+        batch.append((R.dentry_key(parent, name), R.U64.pack(ino)))
+        pnode.mtime_ns = pnode.ctime_ns = t
+        if is_dir:
+            pnode.nlink += 1
+        self._put(batch, parent, pnode)
+        self.engine.write(batch)
+        self.files += 1
+        return self.attr(ino, node)
+
+    def symlink(self, parent: int, name: str, target: str, uid: int, gid: int) -> P.Attr:
+        if not target or len(target) > P.PATH_MAX:
+            raise error(errno.ENAMETOOLONG if target else errno.ENOENT, "bad symlink target")
+        return self.mknode(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def link(self, ino: int, new_parent: int, new_name: str) -> P.Attr:
+        check_name(new_name)
+        node = self.inode(ino)
+        if stat.S_ISDIR(node.mode):
+            raise error(errno.EPERM, "hard links to directories are not allowed")
+        pnode = self._dir(new_parent)
+        if self._child(new_parent, new_name) is not None:
+            raise error(errno.EEXIST, f"{new_name}: file exists")
+        t = now_ns()
+        node.nlink += 1
+        node.ctime_ns = t
+        pnode.mtime_ns = pnode.ctime_ns = t
+        batch: Batch = [(R.dentry_key(new_parent, new_name), R.U64.pack(ino)), (R.orphan_key(ino), None)]
+        self._put(batch, ino, node)
+        self._put(batch, new_parent, pnode)
+        self.engine.write(batch)
+        return self.attr(ino, node)
+
+    # ------------------------------------------------------------------ removal
+
+    def _drop_link(self, batch: Batch, ino: int, node: R.Inode, t: int) -> bool:
+        """Remove one link of a non-directory; returns True if that was the last one."""
+        node.nlink -= 1
+        node.ctime_ns = t
+        self._put(batch, ino, node)
+        if node.nlink <= 0:
+            batch.append((R.orphan_key(ino), R.U64.pack(t)))
+            return True
+        return False
+
+    def unlink(self, parent: int, name: str) -> P.Attr:
+        pnode = self._dir(parent)
+        ino = self._child(parent, name)
+        if ino is None:
+            raise error(errno.ENOENT, f"{name}: no such file or directory")
+        node = self.inode(ino)
+        if stat.S_ISDIR(node.mode):
+            raise error(errno.EISDIR, f"{name}: is a directory")
+        t = now_ns()
+        batch: Batch = [(R.dentry_key(parent, name), None)]
+        self._drop_link(batch, ino, node, t)
+        pnode.mtime_ns = pnode.ctime_ns = t
+        self._put(batch, parent, pnode)
+        self.engine.write(batch)
+        return self.attr(ino, node)
+
+    def rmdir(self, parent: int, name: str) -> None:
+        if name == ".":
+            raise error(errno.EINVAL, "cannot remove '.'")
+        if name == "..":
+            raise error(errno.ENOTEMPTY, "cannot remove '..'")
+        pnode = self._dir(parent)
+        ino = self._child(parent, name)
+        if ino is None:
+            raise error(errno.ENOENT, f"{name}: no such file or directory")
+        node = self.inode(ino)
+        if not stat.S_ISDIR(node.mode):
+            raise error(errno.ENOTDIR, f"{name}: not a directory")
+        if not self._dir_empty(ino):
+            raise error(errno.ENOTEMPTY, f"{name}: directory not empty")
+        t = now_ns()
+        pnode.nlink -= 1
+        pnode.mtime_ns = pnode.ctime_ns = t
+        batch: Batch = [(R.dentry_key(parent, name), None), (R.inode_key(ino), None)]
+        batch.extend((k, None) for k, _ in self.engine.scan(R.xattr_prefix(ino)))
+        self._put(batch, parent, pnode)
+        self.engine.write(batch)
+        self.files -= 1
+
+    def purge(self, ino: int) -> None:
+        """Delete an unlinked inode and its chunks once no client has it open any more."""
+        raw = self.engine.get(R.inode_key(ino))
+        if raw is None:
+            return
+        node = R.decode_inode(raw)
+        if node.nlink > 0 or stat.S_ISDIR(node.mode):
+            return
+        batch: Batch = [(R.inode_key(ino), None), (R.orphan_key(ino), None)]
+        dropped = []
+        for key, craw in self.engine.scan(R.chunk_prefix(ino)):
+            rec = R.decode_chunk(craw)
+            batch.append((key, None))
+            batch.append((R.live_chunk_key(rec.chunk_id), None))
+            dropped.append(rec)
+        batch.extend((k, None) for k, _ in self.engine.scan(R.xattr_prefix(ino)))
+        self.engine.write(batch)
+        self.files -= 1
+        for rec in dropped:
+            self.used_bytes -= rec.length
+            self.registry.drop_chunk(rec.chunk_id)
+        self.leases.pop(ino, None)
+
+    def purge_orphans(self, older_than_ns: int) -> int:
+        """Purge orphans left by crashed clients (called at startup)."""
+        victims = [R.U64.unpack(k[1:])[0] for k, v in self.engine.scan(b"O") if R.U64.unpack(v)[0] < older_than_ns]
+        for ino in victims:
+            self.purge(ino)
+        return len(victims)
+
+    # ------------------------------------------------------------------ rename
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        seen = 0
+        while ino != ROOT_INO and seen < 10000:
+            if ino == ancestor:
+                return True
+            ino = self.inode(ino).parent or ROOT_INO
+            seen += 1
+        return ancestor == ROOT_INO
+
+    def rename(self, parent: int, name: str, new_parent: int, new_name: str, flags: int) -> P.RenameReply:
+        check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise error(errno.EINVAL, "unsupported rename flags")
+        src_parent_node = self._dir(parent)
+        dst_parent_node = self._dir(new_parent) if new_parent != parent else src_parent_node
+        src = self._child(parent, name)
+        if src is None:
+            raise error(errno.ENOENT, f"{name}: no such file or directory")
+        snode = self.inode(src)
+        src_is_dir = stat.S_ISDIR(snode.mode)
+        dst = self._child(new_parent, new_name)
+        if src_is_dir and new_parent != parent and self._is_ancestor(src, new_parent):
+            raise error(errno.EINVAL, "cannot move a directory into itself")
+        if dst == src:
+            return P.RenameReply()
+        t = now_ns()
+        batch: Batch = []
+        replaced = 0
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise error(errno.ENOENT, f"{new_name}: no such file or directory")
+            dnode = self.inode(dst)
+            dst_is_dir = stat.S_ISDIR(dnode.mode)
+            if dst_is_dir and parent != new_parent and self._is_ancestor(dst, parent):
+                raise error(errno.EINVAL, "cannot move a directory into itself")
+            batch.append((R.dentry_key(parent, name), R.U64.pack(dst)))
+            batch.append((R.dentry_key(new_parent, new_name), R.U64.pack(src)))
+            if src_is_dir:
+                snode.parent = new_parent
+            if dst_is_dir:
+                dnode.parent = parent
+            if src_is_dir != dst_is_dir and parent != new_parent:
+                delta = 1 if dst_is_dir else -1
+                src_parent_node.nlink += delta
+                dst_parent_node.nlink -= delta
+            snode.ctime_ns = dnode.ctime_ns = t
+            self._put(batch, dst, dnode)
+        else:
+            if dst is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise error(errno.EEXIST, f"{new_name}: file exists")
+                dnode = self.inode(dst)
+                if stat.S_ISDIR(dnode.mode):
+                    if not src_is_dir:
+                        raise error(errno.EISDIR, f"{new_name}: is a directory")
+                    if not self._dir_empty(dst):
+                        raise error(errno.ENOTEMPTY, f"{new_name}: directory not empty")
+                    batch.append((R.inode_key(dst), None))
+                    dst_parent_node.nlink -= 1
+                    self.files -= 1
+                else:
+                    if src_is_dir:
+                        raise error(errno.ENOTDIR, f"{new_name}: not a directory")
+                    if self._drop_link(batch, dst, dnode, t):
+                        replaced = dst
+            batch.append((R.dentry_key(parent, name), None))
+            batch.append((R.dentry_key(new_parent, new_name), R.U64.pack(src)))
+            if src_is_dir:
+                snode.parent = new_parent
+                if parent != new_parent:
+                    src_parent_node.nlink -= 1
+                    dst_parent_node.nlink += 1
+            snode.ctime_ns = t
+        src_parent_node.mtime_ns = src_parent_node.ctime_ns = t
+        dst_parent_node.mtime_ns = dst_parent_node.ctime_ns = t
+        self._put(batch, src, snode)
+        self._put(batch, parent, src_parent_node)
+        if new_parent != parent:
+            self._put(batch, new_parent, dst_parent_node)
+        self.engine.write(batch)
+        return P.RenameReply(replaced)
+
+    # ------------------------------------------------------------------ attributes and xattrs
+
+    def setattr(self, req: P.SetAttr) -> P.Attr:
+        node = self.inode(req.ino)
+        if req.mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | (req.mode & 0o7777)
+        if req.uid is not None:
+            node.uid = req.uid
+        if req.gid is not None:
+            node.gid = req.gid
+        if req.atime_ns is not None:
+            node.atime_ns = req.atime_ns
+        if req.mtime_ns is not None:
+            node.mtime_ns = req.mtime_ns
+        node.ctime_ns = now_ns()
+        batch: Batch = []
+        self._put(batch, req.ino, node)
+        self.engine.write(batch)
+        return self.attr(req.ino, node)
+
+    def setxattr(self, ino: int, name: str, value: bytes, flags: int) -> None:
+        self.inode(ino)
+        if not name or len(name.encode()) > XATTR_NAME_MAX:
+            raise error(errno.ERANGE, "bad xattr name")
+        if len(value) > XATTR_SIZE_MAX:
+            raise error(errno.E2BIG, "xattr value too large")
+        exists = self.engine.get(R.xattr_key(ino, name)) is not None
+        if flags & XATTR_CREATE and exists:
+            raise error(errno.EEXIST, f"xattr {name} exists")
+        if flags & XATTR_REPLACE and not exists:
+            raise error(errno.ENODATA, f"no xattr {name}")
+        self.engine.write([(R.xattr_key(ino, name), bytes(value))])
+
+    def getxattr(self, ino: int, name: str) -> bytes:
+        self.inode(ino)
+        raw = self.engine.get(R.xattr_key(ino, name))
+        if raw is None:
+            raise error(errno.ENODATA, f"no xattr {name}")
+        return raw
+
+    def listxattr(self, ino: int) -> list[str]:
+        self.inode(ino)
+        prefix = R.xattr_prefix(ino)
+        return [k[len(prefix):].decode("utf-8", "surrogateescape") for k, _ in self.engine.scan(prefix)]
+
+    def removexattr(self, ino: int, name: str) -> None:
+        self.getxattr(ino, name)
+        self.engine.write([(R.xattr_key(ino, name), None)])
+
+    def statfs(self) -> P.StatFsReply:
+        live = self.registry.live_servers()
+        total = sum(s.capacity for s in live)
+        free = sum(max(s.capacity - s.used, 0) for s in live) // max(self.replication, 1)
+        return P.StatFsReply(4096, total // max(self.replication, 1), free, self.files)
+
+    # ------------------------------------------------------------------ file data: leases, chunks, commit
+
+    def _check_lease(self, ino: int, client_id: str) -> None:
+        holder = self.leases.get(ino)
+        if holder and holder[0] != client_id and holder[1] > self.clock():
+            raise error(errno.EBUSY, "file is being written by another client")
+        self.leases[ino] = (client_id, self.clock() + self.lease_seconds)
+
+    def open_write(self, ino: int, client_id: str) -> float:
+        node = self.inode(ino)
+        if not stat.S_ISREG(node.mode):
+            raise error(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL, "not a regular file")
+        self._check_lease(ino, client_id)
+        return self.lease_seconds
+
+    def release_write(self, ino: int, client_id: str) -> None:
+        holder = self.leases.get(ino)
+        if holder and holder[0] == client_id:
+            del self.leases[ino]
+
+    def chunks(self, ino: int, first: int, count: int) -> P.GetChunksReply:
+        node = self.inode(ino)
+        prefix = R.chunk_prefix(ino)
+        out = []
+        for key, raw in self.engine.scan(prefix, start=R.chunk_key(ino, first)):
+            index = R.U64.unpack(key[9:])[0]
+            if index >= first + count:
+                break
+            rec = R.decode_chunk(raw)
+            out.append(P.ChunkRef(index, rec.chunk_id, rec.length, self.registry.replicas_of(rec.chunk_id)))
+        return P.GetChunksReply(self.attr(ino, node), self.chunk_size, out)
+
+    def alloc_chunk(self, ino: int, client_id: str, size_hint: int) -> P.AllocChunkReply:
+        node = self.inode(ino)
+        if not stat.S_ISREG(node.mode):
+            raise error(errno.EINVAL, "not a regular file")
+        self._check_lease(ino, client_id)
+        servers = self.registry.place(self.replication, size_hint or self.chunk_size)
+        chunk_id = self.alloc_chunk_id()
+        self.registry.add_locations(chunk_id, [s.record.server_id for s in servers])
+        self.pending_chunks[chunk_id] = self.clock()
+        return P.AllocChunkReply(chunk_id, [s.record.address for s in servers])
+
+    def is_live_chunk(self, chunk_id: int) -> bool:
+        return chunk_id in self.pending_chunks or self.engine.get(R.live_chunk_key(chunk_id)) is not None
+
+    def commit(self, req: P.Commit) -> P.Attr:
+        """Publish new chunks and the new size in one batch; dereferenced chunks get deleted."""
+        node = self.inode(req.ino)
+        if not stat.S_ISREG(node.mode):
+            raise error(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL, "not a regular file")
+        if req.size < 0:
+            raise error(errno.EINVAL, "negative size")
+        self._check_lease(req.ino, req.client_id)
+        cs = self.chunk_size
+        new_count = (req.size + cs - 1) // cs
+        incoming: dict[int, P.ChunkRef] = {}
+        garbage: list[int] = []  # chunk ids that never get published
+        for ref in req.chunks:
+            if ref.index < 0 or not 0 <= ref.length <= cs:
+                raise error(errno.EINVAL, f"bad chunk ref {ref}")
+            if ref.index in incoming:
+                garbage.append(incoming[ref.index].chunk_id)
+            incoming[ref.index] = ref
+        # Records affected: the ones being replaced, and (truncation) the ones at or past the new end.
+        existing: dict[int, R.ChunkRecord] = {}
+        for index in incoming:
+            raw = self.engine.get(R.chunk_key(req.ino, index))
+            if raw is not None:
+                existing[index] = R.decode_chunk(raw)
+        for key, raw in self.engine.scan(R.chunk_prefix(req.ino), start=R.chunk_key(req.ino, max(new_count - 1, 0))):
+            existing[R.U64.unpack(key[9:])[0]] = R.decode_chunk(raw)
+        batch: Batch = []
+        dropped: list[int] = []
+        delta = 0
+        for index in sorted(set(existing) | set(incoming)):
+            old, ref = existing.get(index), incoming.get(index)
+            new = R.ChunkRecord(ref.chunk_id, ref.length) if ref else old
+            if index >= new_count:
+                new = None
+            elif new is not None and new.length > req.size - index * cs:
+                # Bytes past a chunk's recorded length are never read (they read as zeros), so
+                # shortening the record is the whole truncation.
+                new = R.ChunkRecord(new.chunk_id, req.size - index * cs)
+            if old is not None:
+                delta -= old.length
+                if new is None or new.chunk_id != old.chunk_id:
+                    dropped.append(old.chunk_id)
+                    batch.append((R.live_chunk_key(old.chunk_id), None))
+            if ref is not None and (new is None or new.chunk_id != ref.chunk_id):
+                garbage.append(ref.chunk_id)
+            key = R.chunk_key(req.ino, index)
+            if new is None:
+                batch.append((key, None))
+            else:
+                batch.append((key, R.encode(new)))
+                batch.append((R.live_chunk_key(new.chunk_id), b""))
+                delta += new.length
+        t = now_ns()
+        node.size = req.size
+        node.mtime_ns = req.mtime_ns or t
+        node.ctime_ns = t
+        self._put(batch, req.ino, node)
+        self.engine.write(batch)
+        for ref in req.chunks:
+            self.pending_chunks.pop(ref.chunk_id, None)
+        for chunk_id in dropped + garbage:
+            self.registry.drop_chunk(chunk_id)
+        self.used_bytes += delta
+        return self.attr(req.ino, node)
+
+    def expire_pending(self, older_than: float) -> None:
+        """Chunks allocated but never committed (a client died mid-write) become garbage."""
+        cutoff = self.clock() - older_than
+        for chunk_id, at in list(self.pending_chunks.items()):
+            if at < cutoff:
+                del self.pending_chunks[chunk_id]
+                if self.engine.get(R.live_chunk_key(chunk_id)) is None:
+                    self.registry.drop_chunk(chunk_id)
+
+
+def default_uid_gid() -> tuple[int, int]:
+    return os.getuid(), os.getgid()

@@ -1,0 +1,108 @@
+"""On-disk records and key layout of the metadata store (not wire types: those live in kvfs.protocol).
+
+Key layout (all integers big endian so byte order is numeric order)::
+
+    A <ino:8>                 -> Inode
+    D <parent:8> <name>       -> <ino:8>              directory entry
+    C <ino:8> <index:8>       -> ChunkRecord          file chunk map
+    K <chunk_id:8>            -> b""                  live chunk ids (garbage detection)
+    X <ino:8> <name>          -> value                extended attributes
+    O <ino:8>                 -> <unlinked_at_ns:8>   unlinked but maybe still open (orphans)
+    S <node_id>               -> ServerRecord         chunkserver identities
+    N                         -> Counters
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+U64 = struct.Struct(">Q")
+
+
+class Inode(msgspec.Struct, array_like=True):
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+    parent: int = 0  # directories only: their single parent (rename loop checks, "..")
+    target: str = ""  # symlinks only
+    generation: int = 0
+
+
+class ChunkRecord(msgspec.Struct, array_like=True):
+    chunk_id: int
+    length: int
+
+
+class ServerRecord(msgspec.Struct, array_like=True):
+    server_id: int
+    address: str
+    data_dir: str
+    host_id: str
+
+
+class Counters(msgspec.Struct, array_like=True):
+    next_ino: int = 2
+    next_chunk_id: int = 1
+    next_server_id: int = 1
+    cluster_id: str = ""
+
+
+def inode_key(ino: int) -> bytes:
+    return b"A" + U64.pack(ino)
+
+
+def dentry_prefix(parent: int) -> bytes:
+    return b"D" + U64.pack(parent)
+
+
+def dentry_key(parent: int, name: str) -> bytes:
+    return b"D" + U64.pack(parent) + name.encode("utf-8", "surrogateescape")
+
+
+def chunk_prefix(ino: int) -> bytes:
+    return b"C" + U64.pack(ino)
+
+
+def chunk_key(ino: int, index: int) -> bytes:
+    return b"C" + U64.pack(ino) + U64.pack(index)
+
+
+def live_chunk_key(chunk_id: int) -> bytes:
+    return b"K" + U64.pack(chunk_id)
+
+
+def xattr_prefix(ino: int) -> bytes:
+    return b"X" + U64.pack(ino)
+
+
+def xattr_key(ino: int, name: str) -> bytes:
+    return b"X" + U64.pack(ino) + name.encode("utf-8", "surrogateescape")
+
+
+def orphan_key(ino: int) -> bytes:
+    return b"O" + U64.pack(ino)
+
+
+def server_key(node_id: str) -> bytes:
+    return b"S" + node_id.encode()
+
+
+COUNTERS_KEY = b"N"
+
+encode = msgspec.msgpack.Encoder().encode
+_inode_decoder = msgspec.msgpack.Decoder(Inode)
+_chunk_decoder = msgspec.msgpack.Decoder(ChunkRecord)
+_server_decoder = msgspec.msgpack.Decoder(ServerRecord)
+_counters_decoder = msgspec.msgpack.Decoder(Counters)
+decode_inode = _inode_decoder.decode
+decode_chunk = _chunk_decoder.decode
+decode_server = _server_decoder.decode
+decode_counters = _counters_decoder.decode

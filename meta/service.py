@@ -1,0 +1,115 @@
+"""The metadata service: a thin trio server that forwards each RPC in one line to the Namespace."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from kvfs import protocol as P
+from kvfs.meta.namespace import Namespace
+from kvfs.rpc import RpcServer
+
+log = logging.getLogger("kvfs.meta")
+
+
+class MetaService:
+    def __init__(self, ns: Namespace):
+        self.ns = ns
+
+    def handlers(self):
+        ns = self.ns
+        E = P.Empty()
+
+        async def hello(r, _):
+            return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id)
+
+        async def setxattr(r, _):
+            ns.setxattr(r.ino, r.name, r.value, r.flags)
+            return E
+
+        async def removexattr(r, _):
+            ns.removexattr(r.ino, r.name)
+            return E
+
+        async def rmdir(r, _):
+            ns.rmdir(r.parent, r.name)
+            return E
+
+        async def release_write(r, _):
+            ns.release_write(r.ino, r.client_id)
+            return E
+
+        async def purge(r, _):
+            ns.purge(r.ino)
+            return E
+
+        async def report_bad(r, _):
+            log.warning("chunk %d on %s reported bad: %s", r.chunk_id, r.address, r.reason)
+            ns.registry.report_bad(r.chunk_id, r.address)
+            return E
+
+        async def list_servers(r, _):
+            return P.ListChunkserversReply(ns.registry.info(), ns.chunk_size, ns.replication, ns.files, ns.used_bytes)
+
+        return {
+            P.META_HELLO: hello,
+            P.META_LOOKUP: lambda r, _: _now(ns.lookup(r.parent, r.name)),
+            P.META_GETATTR: lambda r, _: _now(ns.attr(r.ino)),
+            P.META_SETATTR: lambda r, _: _now(ns.setattr(r)),
+            P.META_MKNODE: lambda r, _: _now(ns.mknode(r.parent, r.name, r.mode, r.uid, r.gid, r.rdev, r.exclusive)),
+            P.META_UNLINK: lambda r, _: _now(ns.unlink(r.parent, r.name)),
+            P.META_RMDIR: rmdir,
+            P.META_RENAME: lambda r, _: _now(ns.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags)),
+            P.META_LINK: lambda r, _: _now(ns.link(r.ino, r.new_parent, r.new_name)),
+            P.META_SYMLINK: lambda r, _: _now(ns.symlink(r.parent, r.name, r.target, r.uid, r.gid)),
+            P.META_READLINK: lambda r, _: _now(P.ReadLinkReply(ns.readlink(r.ino))),
+            P.META_READDIR: lambda r, _: _now(ns.readdir(r.ino, r.after, r.limit)),
+            P.META_STATFS: lambda r, _: _now(ns.statfs()),
+            P.META_SETXATTR: setxattr,
+            P.META_GETXATTR: lambda r, _: _now(P.XattrValue(ns.getxattr(r.ino, r.name))),
+            P.META_LISTXATTR: lambda r, _: _now(P.ListXattrReply(ns.listxattr(r.ino))),
+            P.META_REMOVEXATTR: removexattr,
+            P.META_RESOLVE: lambda r, _: _now(ns.resolve(r.path)),
+            P.META_EXISTS_MANY: lambda r, _: _now(ns.exists_many(r.paths)),
+            P.META_OPEN_WRITE: lambda r, _: _now(P.LeaseReply(ns.open_write(r.ino, r.client_id))),
+            P.META_RELEASE_WRITE: release_write,
+            P.META_GET_CHUNKS: lambda r, _: _now(ns.chunks(r.ino, r.first, r.count)),
+            P.META_ALLOC_CHUNK: lambda r, _: _now(ns.alloc_chunk(r.ino, r.client_id, r.size_hint)),
+            P.META_COMMIT: lambda r, _: _now(ns.commit(r)),
+            P.META_PURGE: purge,
+            P.META_REGISTER: lambda r, _: _now(_register(ns, r)),
+            P.META_HEARTBEAT: lambda r, _: _now(ns.registry.heartbeat(r, ns.is_live_chunk)),
+            P.META_LIST_CHUNKSERVERS: list_servers,
+            P.META_REPORT_BAD_CHUNK: report_bad,
+            P.META_CHUNK_LOCATIONS: lambda r, _: _now(
+                P.ChunkLocationsReply([ns.registry.replicas_of(c) for c in r.chunk_ids])),
+        }
+
+    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        server = RpcServer("meta", P.META_METHODS, self.handlers())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._housekeeping)
+            bound = await nursery.start(server.serve, host, port)
+            task_status.started(bound)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await trio.sleep(5)
+            self.ns.expire_pending(older_than=max(self.ns.lease_seconds * 2, 120))
+
+
+def _register(ns: Namespace, r: P.RegisterChunkserver) -> P.RegisterReply:
+    reply = ns.registry.register(r, ns.is_live_chunk)
+    reply.chunk_size = ns.chunk_size
+    log.info("chunkserver %d registered at %s (%d chunks)", reply.server_id, r.address, len(r.chunk_ids))
+    return reply
+
+
+async def _now(value):
+    return value
+
+
+def orphan_cutoff_ns(age_seconds: float = 3600) -> int:
+    return time.time_ns() - int(age_seconds * 1e9)
