@@ -757,6 +757,7 @@ class SyncClient:
                 self._ready.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
+            self._client.close()
 
         try:
             trio.run(main)
@@ -784,7 +785,6 @@ class SyncClient:
         if self._stop is not None and self._token is not None and self._thread.is_alive():
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
             self._thread.join(timeout=10)
-        self._client.close()
 
     def __enter__(self) -> SyncClient:
         return self

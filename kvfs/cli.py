@@ -1,0 +1,295 @@
+"""The ``kvfs`` command: start services (``up``, ``meta``, ``chunkserver``, ``mount``) and inspect them.
+
+Errors the user can act on (bad mountpoint, unreachable meta, read-only data dir) print one line
+``kvfs: error: ...`` and exit 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import trio
+
+from kvfs import config
+from kvfs.errors import one_line
+
+log = logging.getLogger("kvfs")
+
+
+class UsageError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- service starters
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    from kvfs.rpc import parse_address
+
+    try:
+        return parse_address(listen)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_writable_dir(path: str, what: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".kvfs-write-probe")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
+def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bool):
+    from kvfs.meta.engine_rocksdb import RocksEngine
+    from kvfs.meta.namespace import Namespace
+    from kvfs.meta.service import orphan_cutoff_ns
+
+    path = _check_writable_dir(data_dir, "meta data dir")
+    try:
+        engine = RocksEngine(os.path.join(path, "meta.rocksdb"), sync=sync)
+    except Exception as exc:  # rocksdict raises plain Exceptions (e.g. the LOCK is held by another meta)
+        raise UsageError(f"cannot open metadata store in {path}: {exc}") from None
+    ns = Namespace(engine, chunk_size=chunk_size, replication=replication)
+    purged = ns.purge_orphans(orphan_cutoff_ns())
+    if purged:
+        log.info("purged %d orphaned inodes left by crashed clients", purged)
+    return ns
+
+
+async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from kvfs.meta.service import MetaService
+
+    host, port = _split_listen(args.listen)
+    ns = open_namespace(args.data_dir, chunk_size=config.parse_size(args.chunk_size), replication=args.replication,
+                        sync=args.sync)
+    try:
+        await MetaService(ns).serve(host, port, task_status=task_status)
+    finally:
+        ns.engine.close()
+
+
+def open_store(args):
+    from kvfs.chunkserver.store import ChunkStore
+
+    path = _check_writable_dir(args.data_dir, "chunkserver data dir")
+    return ChunkStore(path, capacity=config.parse_size(args.capacity) if args.capacity else 0,
+                      fsync=args.fsync == "always")
+
+
+async def serve_chunkserver(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from kvfs.chunkserver.service import ChunkService
+
+    host, port = _split_listen(args.listen)
+    service = ChunkService(open_store(args), args.meta)
+    await service.serve(host, port, args.advertise, task_status=task_status)
+
+
+async def _until_signal(body: Callable, *a) -> None:
+    """Run ``body`` until SIGINT/SIGTERM, then cancel it (finally blocks unmount and close cleanly)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def run() -> None:
+                await body(*a)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(run)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_meta(args) -> None:
+    trio.run(_until_signal, serve_meta, args)
+
+
+def cmd_chunkserver(args) -> None:
+    trio.run(_until_signal, serve_chunkserver, args)
+
+
+def _client_options(args):
+    from kvfs.client import ClientOptions
+
+    return ClientOptions(timeout=args.timeout, local_reads=not args.no_local_reads)
+
+
+def cmd_mount(args) -> None:
+    from kvfs.mount.runner import check_mountpoint, run_mount
+
+    check_mountpoint(args.mountpoint)
+
+    async def body() -> None:
+        await run_mount(args.meta, args.mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
+                        entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache)
+
+    trio.run(_until_signal, body)
+
+
+def cmd_up(args) -> None:
+    """Meta, chunkserver(s) and the mount in one process, on one data dir."""
+    from kvfs.chunkserver.service import ChunkService
+    from kvfs.meta.service import MetaService
+    from kvfs.mount.runner import check_mountpoint, run_mount
+
+    data_dir = _check_writable_dir(args.data_dir, "data dir")
+    mountpoint = args.mountpoint
+    if mountpoint is None:
+        mountpoint = config.default_mountpoint()
+        os.makedirs(mountpoint, exist_ok=True)
+    mountpoint = check_mountpoint(mountpoint)
+    host, port = _split_listen(args.listen)
+    ns = open_namespace(os.path.join(data_dir, "meta"), chunk_size=config.parse_size(args.chunk_size),
+                        replication=args.replication, sync=False)
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            meta_port = await nursery.start(MetaService(ns).serve, host, port)
+            meta_address = f"{host}:{meta_port}"
+            servers = []
+            for i in range(args.chunkservers):
+                store_args = argparse.Namespace(data_dir=os.path.join(data_dir, f"chunkserver{i}"),
+                                                capacity=args.capacity, fsync=args.fsync)
+                service = ChunkService(open_store(store_args), meta_address, heartbeat_interval=0.5)
+                cs_port = await nursery.start(service.serve, host, 0)
+                servers.append(f"{host}:{cs_port}")
+            with trio.fail_after(10):
+                while len(ns.registry.live_servers()) < args.chunkservers:
+                    await trio.sleep(0.05)
+            await nursery.start(lambda task_status: run_mount(
+                meta_address, mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
+                entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache, task_status=task_status))
+            print(f"kvfs is up\n  mount:        {mountpoint}\n  meta:         {meta_address}\n"
+                  f"  chunkservers: {', '.join(servers)}\n  data dir:     {data_dir}\n"
+                  f"Use it with plain file tools; `kvfs status --meta {meta_address}` shows usage. Ctrl-C stops.",
+                  flush=True)
+
+    try:
+        trio.run(_until_signal, body)
+    finally:
+        ns.engine.close()
+
+
+def cmd_status(args) -> None:
+    from kvfs.client import SyncClient, ClientOptions
+
+    with SyncClient(args.meta, ClientOptions(timeout=args.timeout)) as c:
+        reply = c.refresh_servers()
+    from kvfs.config import format_size
+
+    rows = [("ID", "ADDRESS", "STATE", "CHUNKS", "USED", "CAPACITY", "USE%", "DATA DIR")]
+    for s in reply.servers:
+        pct = f"{100 * s.used / s.capacity:.1f}" if s.capacity else "-"
+        rows.append((str(s.server_id), s.address, "up" if s.alive else "DOWN", str(s.chunks), format_size(s.used),
+                     format_size(s.capacity), pct, s.data_dir))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"meta {args.meta}: {reply.files} inodes, {format_size(reply.used_bytes)} of file data, "
+          f"chunk size {format_size(reply.chunk_size)}, replication {reply.replication}")
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvfs", description="Distributed cache filesystem for LLM inference.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--timeout", type=float, default=30.0, help="seconds before a server call fails with EIO")
+        sp.add_argument("--no-local-reads", action="store_true", help="never read chunk files directly")
+
+    def mount_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--attr-timeout", type=float, default=1.0, help="kernel attribute/entry cache seconds")
+        sp.add_argument("--writeback-cache", action="store_true", help="let the kernel buffer writes (faster)")
+
+    sp = sub.add_parser("up", help="run meta, chunkserver(s) and the mount in one process")
+    sp.add_argument("mountpoint", nargs="?", help=f"default {config.default_mountpoint()} (created if missing)")
+    sp.add_argument("--data-dir", default=config.default_data_dir())
+    sp.add_argument("--listen", default=f"127.0.0.1:{config.DEFAULT_META_PORT}", help="meta address")
+    sp.add_argument("--chunkservers", type=int, default=1)
+    sp.add_argument("--replication", type=int, default=1)
+    sp.add_argument("--chunk-size", default="4M")
+    sp.add_argument("--capacity", default="", help="per-chunkserver capacity (default: the disk)")
+    sp.add_argument("--fsync", choices=["always", "never"], default="always")
+    client_flags(sp)
+    mount_flags(sp)
+    sp.set_defaults(func=cmd_up)
+
+    sp = sub.add_parser("meta", help="run the metadata service")
+    sp.add_argument("--listen", default=f"0.0.0.0:{config.DEFAULT_META_PORT}")
+    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--replication", type=int, default=3)
+    sp.add_argument("--chunk-size", default="4M")
+    sp.add_argument("--sync", action="store_true", help="fsync the metadata log on every change")
+    sp.set_defaults(func=cmd_meta)
+
+    sp = sub.add_parser("chunkserver", help="run a chunkserver")
+    sp.add_argument("--meta", default=config.default_meta_address())
+    sp.add_argument("--listen", default="0.0.0.0:9500")
+    sp.add_argument("--advertise", help="address clients use to reach this server (default: the listen address)")
+    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--capacity", default="")
+    sp.add_argument("--fsync", choices=["always", "never"], default="always")
+    sp.set_defaults(func=cmd_chunkserver)
+
+    sp = sub.add_parser("mount", help="mount the namespace with FUSE")
+    sp.add_argument("mountpoint")
+    sp.add_argument("--meta", default=config.default_meta_address())
+    client_flags(sp)
+    mount_flags(sp)
+    sp.set_defaults(func=cmd_mount)
+
+    sp = sub.add_parser("status", help="show chunkservers, capacity and usage")
+    sp.add_argument("--meta", default=config.default_meta_address())
+    sp.add_argument("--timeout", type=float, default=10.0)
+    sp.set_defaults(func=cmd_status)
+
+    for module in ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli"):
+        try:
+            ext = __import__(module, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        ext.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from kvfs.mount.runner import MountError
+
+    try:
+        args.func(args)
+    except (UsageError, MountError, ValueError) as exc:
+        print(f"kvfs: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"kvfs: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

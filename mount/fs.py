@@ -1,0 +1,316 @@
+"""pyfuse3 Operations for kvfs: decode kernel requests, call kvfs.Client, return attributes.
+
+No filesystem logic lives here. What the adapter must own itself (pyfuse3 leaves it to us):
+* kernel lookup counts per inode, so an unlinked file is purged only when the kernel forgets it;
+* file and directory handles;
+* which files may keep the kernel page cache on open (unchanged since this mount last saw them).
+Every OSError becomes ``FUSEError(errno)`` in one place (``_errors``).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pyfuse3
+
+from kvfs import protocol as P
+from kvfs.client import Client
+
+log = logging.getLogger("kvfs.mount")
+
+
+def _errors(fn):
+    """Translate errors at the one FUSE boundary: OSError -> its errno, anything else -> EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if code == errno.EIO:
+                log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class _Handle:
+    ino: int
+    writable: bool
+
+
+class KvfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+
+    def __init__(self, client: Client, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0,
+                 writeback_cache: bool = False):
+        super().__init__()
+        self.client = client
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.enable_writeback_cache = writeback_cache
+        self.lookups: defaultdict[int, int] = defaultdict(int)
+        self.unlinked: set[int] = set()  # nlink reached 0 while the kernel still knew the inode
+        self.handles: dict[int, _Handle] = {}
+        self.dir_handles: dict[int, list[P.DirEntry] | None] = {}
+        self.dir_inos: dict[int, int] = {}
+        self.open_counts: defaultdict[int, int] = defaultdict(int)
+        self.seen_version: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) last served
+        self._next_fh = 1
+
+    # ------------------------------------------------------------------ helpers
+
+    def _entry(self, attr: P.Attr, *, count: bool = True) -> pyfuse3.EntryAttributes:
+        if count:
+            self.lookups[attr.ino] += 1
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = attr.generation
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        e.st_size = attr.size
+        e.st_blksize = 128 << 10
+        e.st_blocks = (attr.size + 511) // 512
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    async def _maybe_purge(self, ino: int) -> None:
+        if ino in self.unlinked and self.lookups.get(ino, 0) <= 0 and self.open_counts.get(ino, 0) <= 0:
+            self.unlinked.discard(ino)
+            self.lookups.pop(ino, None)
+            self.seen_version.pop(ino, None)
+            await self.client.purge(ino)
+
+    async def _after_unlink(self, attr: P.Attr) -> None:
+        if attr.nlink <= 0:
+            self.unlinked.add(attr.ino)
+            await self._maybe_purge(attr.ino)
+
+    # ------------------------------------------------------------------ lookups and attributes
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._entry(await self.client.lookup(parent_inode, os.fsdecode(name)))
+
+    async def forget(self, inode_list):
+        for ino, nlookup in inode_list:
+            left = self.lookups.get(ino, 0) - nlookup
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            try:
+                await self._maybe_purge(ino)
+            except OSError as exc:  # forget cannot fail; meta purges orphans at startup too
+                log.warning("purging inode %d: %s", ino, exc)
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self.client.getattr(inode), count=False)
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        size = attr.st_size if fields.update_size else None
+        attr_out = await self.client.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            size=size,
+        )
+        return self._entry(attr_out, count=False)
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        return os.fsencode(await self.client.readlink(inode))
+
+    @_errors
+    async def statfs(self, ctx):
+        s = await self.client.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = s.block_size
+        out.f_blocks = s.total_bytes // s.block_size
+        out.f_bfree = out.f_bavail = s.free_bytes // s.block_size
+        out.f_files = s.files + 1_000_000_000
+        out.f_ffree = out.f_favail = 1_000_000_000
+        out.f_namemax = P.NAME_MAX
+        return out
+
+    # ------------------------------------------------------------------ namespace changes
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        attr = await self.client.mknode(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid, rdev)
+        return self._entry(attr)
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        attr = await self.client.mknode(parent_inode, os.fsdecode(name), stat.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
+        return self._entry(attr)
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        attr = await self.client.symlink_at(parent_inode, os.fsdecode(name), os.fsdecode(target), ctx.uid, ctx.gid)
+        return self._entry(attr)
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._entry(await self.client.link(inode, new_parent_inode, os.fsdecode(new_name)))
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self._after_unlink(await self.client.unlink_at(parent_inode, os.fsdecode(name)))
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.client.rmdir_at(parent_inode, os.fsdecode(name))
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        replaced = await self.client.rename_at(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
+                                               os.fsdecode(name_new), flags)
+        if replaced:
+            self.unlinked.add(replaced)
+            await self._maybe_purge(replaced)
+
+    # ------------------------------------------------------------------ files
+
+    async def _open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        st = await self.client.open(ino, write=writable, truncate=bool(flags & os.O_TRUNC) and writable)
+        self.open_counts[ino] += 1
+        fh = self._fh()
+        self.handles[fh] = _Handle(ino, writable)
+        version = (st.attr.mtime_ns, st.attr.size)
+        keep = self.seen_version.get(ino) == version and not st.modified
+        self.seen_version[ino] = version
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        return await self._open(inode, flags)
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        attr = await self.client.mknode(parent_inode, os.fsdecode(name), stat.S_IFREG | (mode & 0o7777), ctx.uid,
+                                        ctx.gid, exclusive=bool(flags & os.O_EXCL))
+        info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags)
+        return info, self._entry(attr)
+
+    @_errors
+    async def read(self, fh, off, size):
+        return await self.client.read(self.handles[fh].ino, off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        handle = self.handles[fh]
+        if not handle.writable:
+            raise OSError(errno.EBADF, "not open for writing")
+        return await self.client.write(handle.ino, off, buf)
+
+    @_errors
+    async def flush(self, fh):
+        handle = self.handles[fh]
+        if handle.writable:
+            attr = await self.client.flush(handle.ino)
+            # Our own writes are already in the kernel page cache: the next open may keep it.
+            self.seen_version[handle.ino] = (attr.mtime_ns, attr.size)
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        await self.flush(fh)
+
+    @_errors
+    async def release(self, fh):
+        handle = self.handles.pop(fh)
+        self.open_counts[handle.ino] -= 1
+        try:
+            await self.client.release(handle.ino)
+        finally:
+            if self.open_counts[handle.ino] <= 0:
+                self.open_counts.pop(handle.ino, None)
+                await self._maybe_purge(handle.ino)
+
+    # ------------------------------------------------------------------ directories
+
+    @_errors
+    async def opendir(self, inode, ctx):
+        attr = await self.client.getattr(inode)
+        if not stat.S_ISDIR(attr.mode):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        fh = self._fh()
+        self.dir_handles[fh] = None  # listed on first readdir, then served from this snapshot
+        self.dir_inos[fh] = inode
+        return fh
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        entries = self.dir_handles[fh]
+        if entries is None or start_id == 0:
+            entries = []
+            after = ""
+            while True:
+                reply = await self.client.readdir(self.dir_inos[fh], after, 4096)
+                entries.extend(reply.entries)
+                if not reply.more or not reply.entries:
+                    break
+                after = reply.entries[-1].name
+            self.dir_handles[fh] = entries
+        for index in range(start_id, len(entries)):
+            entry = entries[index]
+            if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), self._entry(entry.attr, count=False), index + 1):
+                return
+            self.lookups[entry.attr.ino] += 1
+
+    @_errors
+    async def releasedir(self, fh):
+        self.dir_handles.pop(fh, None)
+        self.dir_inos.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        return None
+
+    # ------------------------------------------------------------------ xattrs
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self.client.setxattr(inode, os.fsdecode(name), bytes(value))
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        return await self.client.getxattr(inode, os.fsdecode(name))
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        return [os.fsencode(n) for n in await self.client.listxattr(inode)]
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        await self.client.removexattr(inode, os.fsdecode(name))
