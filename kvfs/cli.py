@@ -50,7 +50,7 @@ def _check_writable_dir(path: str, what: str) -> str:
     return path
 
 
-def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bool):
+def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bool, heartbeat_timeout: float = 10.0):
     from kvfs.meta.engine_rocksdb import RocksEngine
     from kvfs.meta.namespace import Namespace
     from kvfs.meta.service import orphan_cutoff_ns
@@ -60,7 +60,10 @@ def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bo
         engine = RocksEngine(os.path.join(path, "meta.rocksdb"), sync=sync)
     except Exception as exc:  # rocksdict raises plain Exceptions (e.g. the LOCK is held by another meta)
         raise UsageError(f"cannot open metadata store in {path}: {exc}") from None
+    if chunk_size % (64 << 10) or chunk_size <= 0:
+        raise UsageError("chunk size must be a positive multiple of 64 KiB")
     ns = Namespace(engine, chunk_size=chunk_size, replication=replication)
+    ns.registry.heartbeat_timeout = heartbeat_timeout
     purged = ns.purge_orphans(orphan_cutoff_ns())
     if purged:
         log.info("purged %d orphaned inodes left by crashed clients", purged)
@@ -72,7 +75,7 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
 
     host, port = _split_listen(args.listen)
     ns = open_namespace(args.data_dir, chunk_size=config.parse_size(args.chunk_size), replication=args.replication,
-                        sync=args.sync)
+                        sync=args.sync, heartbeat_timeout=args.heartbeat_timeout)
     try:
         await MetaService(ns).serve(host, port, task_status=task_status)
     finally:
@@ -240,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--replication", type=int, default=3)
     sp.add_argument("--chunk-size", default="4M")
     sp.add_argument("--sync", action="store_true", help="fsync the metadata log on every change")
+    sp.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                    help="seconds without a heartbeat before a chunkserver counts as down")
     sp.set_defaults(func=cmd_meta)
 
     sp = sub.add_parser("chunkserver", help="run a chunkserver")

@@ -614,7 +614,9 @@ class Client:
 
         sums = block_checksums(data)
         last: OSError | None = None
-        for _attempt in range(3):
+        for attempt in range(5):
+            if attempt:
+                await trio.sleep(0.5 * attempt)  # let meta notice a dead server before re-placing
             alloc = await self.meta.request(P.META_ALLOC_CHUNK, P.AllocChunk(ino, self.client_id, len(data)))
             primary, chain = alloc.replicas[0], alloc.replicas[1:]
             try:

@@ -1,0 +1,210 @@
+"""The self-describing KV block file: a small header, then the raw tensor bytes.
+
+File layout (integers little endian)::
+
+    offset  size  field
+    0       8     magic b"KVFSBLK\\0"
+    8       2     format version (FORMAT_VERSION)
+    10      2     flags (0; reserved)
+    12      4     header_len: where the payload starts (a multiple of 4096, so it is page aligned)
+    16      4     meta_len: bytes of the JSON description at offset 48
+    20      4     reserved (0)
+    24      8     payload_len
+    32      8     xxh3_64 of the payload
+    40      8     xxh3_64 of bytes [0, 40) and the JSON description (the header's own checksum)
+    48      ...   JSON: {"hash", "layout" (KVLayout fields), "layout_name", "dtype", "shape"}
+    ...           zero padding up to header_len
+    header_len    payload: one C-contiguous array of ``layout.block_shape`` in ``layout.dtype``
+
+A reader checks, before it loads any tensor byte: the magic and version, the header checksum, that the
+layout and block hash are the ones it asked for, and that the file is as long as the header says; then
+the payload checksum once the bytes are in. Any failure is a ``ValueError`` naming what is wrong
+(``BlockError``, a ValueError subclass), never a silently wrong tensor.
+
+Tensors: a block is given (``put``) or received (``get(out=...)``) either as one tensor of
+``layout.block_shape`` or as a list of ``layout.num_planes`` tensors of ``layout.plane_shape``
+(L0.K, L0.V, L1.K, ...). Both must have the layout's dtype; ``out`` tensors must be contiguous CPU
+tensors (pinned or not) so the bytes land in them without a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from kvfs.kv.layout import KVLayout
+
+MAGIC = b"KVFSBLK\0"
+FORMAT_VERSION = 1
+ALIGN = 4096
+FIXED = struct.Struct("<8sHHIIIQQQ")  # 48 bytes
+MAX_HEADER = 1 << 20
+
+
+class BlockError(ValueError):
+    """A block file that must not be loaded: wrong layout, truncated, corrupt or not a block at all."""
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    version: int
+    header_len: int
+    payload_len: int
+    payload_checksum: int
+    block_hash: str
+    layout: KVLayout
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def encode_header(layout: KVLayout, block_hash: str, payload_checksum: int) -> bytes:
+    meta = json.dumps({"hash": block_hash, "layout": layout.to_dict(), "layout_name": layout.name,
+                       "dtype": layout.dtype, "shape": list(layout.block_shape)},
+                      sort_keys=True, separators=(",", ":")).encode()
+    header_len = _round_up(FIXED.size + len(meta), ALIGN)
+    head = FIXED.pack(MAGIC, FORMAT_VERSION, 0, header_len, len(meta), 0, layout.nbytes, payload_checksum, 0)
+    own = xxhash.xxh3_64_intdigest(head[:40] + meta)
+    head = head[:40] + struct.pack("<Q", own)
+    return head + meta + bytes(header_len - len(head) - len(meta))
+
+
+def fixed_header_len(raw: bytes | bytearray | memoryview) -> int:
+    """header_len from the first 48 bytes (to know how much more to read). Error handling: BlockError."""
+    if len(raw) < FIXED.size:
+        raise BlockError(f"truncated block: {len(raw)} bytes, less than the {FIXED.size}-byte fixed header")
+    magic, version, _flags, header_len, meta_len, _r, _pl, _pc, _hc = FIXED.unpack_from(raw)
+    if magic != MAGIC:
+        raise BlockError(f"not a kvfs KV block (magic {bytes(magic)!r})")
+    if version != FORMAT_VERSION:
+        raise BlockError(f"KV block format version {version} not supported (this reader knows {FORMAT_VERSION})")
+    if header_len % ALIGN or not FIXED.size + meta_len <= header_len <= MAX_HEADER:
+        raise BlockError(f"corrupt KV block header (header_len {header_len}, meta_len {meta_len})")
+    return int(header_len)
+
+
+def parse_header(raw: bytes | bytearray | memoryview, *, layout: KVLayout | None = None,
+                 block_hash: str | None = None, file_size: int | None = None) -> BlockHeader:
+    """Validate a header (at least ``header_len`` bytes of the file) against what the caller expects.
+
+    Error handling: ``BlockError`` (a ValueError) for a bad magic/version/checksum, a layout or hash other
+    than the expected one, or (given ``file_size``) a file shorter than header + payload.
+    """
+    header_len = fixed_header_len(raw)
+    if len(raw) < header_len:
+        raise BlockError(f"truncated block: {len(raw)} bytes, header says {header_len}")
+    _m, version, _f, _hl, meta_len, _r, payload_len, payload_sum, header_sum = FIXED.unpack_from(raw)
+    meta_raw = bytes(raw[FIXED.size:FIXED.size + meta_len])
+    if xxhash.xxh3_64_intdigest(bytes(raw[:40]) + meta_raw) != header_sum:
+        raise BlockError("corrupt KV block: header checksum mismatch")
+    try:
+        meta = json.loads(meta_raw)
+        got_layout = KVLayout.from_dict(meta["layout"])
+        shape = tuple(int(d) for d in meta["shape"])
+        got_hash = str(meta["hash"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BlockError(f"corrupt KV block header description: {exc}") from None
+    if layout is not None and got_layout != layout:
+        raise BlockError(f"KV block has layout {got_layout.name}, expected {layout.name}")
+    if block_hash is not None and got_hash != block_hash:
+        raise BlockError(f"KV block is for hash {got_hash}, expected {block_hash}")
+    if shape != got_layout.block_shape or payload_len != got_layout.nbytes:
+        raise BlockError(f"KV block shape {shape} / {payload_len} bytes do not match its layout {got_layout.name}")
+    if file_size is not None and file_size < header_len + payload_len:
+        raise BlockError(f"truncated KV block: file has {file_size} bytes, needs {header_len + payload_len}")
+    return BlockHeader(version, header_len, payload_len, payload_sum, got_hash, got_layout, shape, got_layout.dtype)
+
+
+def payload_checksum(views: Sequence[memoryview]) -> int:
+    if len(views) == 1:
+        return xxhash.xxh3_64_intdigest(views[0])
+    h = xxhash.xxh3_64()
+    for v in views:
+        h.update(v)
+    return h.intdigest()
+
+
+def verify_payload(header: BlockHeader, views: Sequence[memoryview]) -> None:
+    """Error handling: BlockError if the payload bytes read do not match the header's checksum."""
+    got = sum(len(v) for v in views)
+    if got != header.payload_len:
+        raise BlockError(f"truncated KV block {header.block_hash}: payload {got} bytes, expected {header.payload_len}")
+    if payload_checksum(views) != header.payload_checksum:
+        raise BlockError(f"corrupt KV block {header.block_hash}: payload checksum mismatch")
+
+
+# --------------------------------------------------------------------------- tensors <-> bytes
+
+
+def _byte_view(t: Any) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (works for bfloat16 and float8 too)."""
+    import torch
+
+    flat = t.detach().reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+def tensor_views(layout: KVLayout, tensors: Any, *, writable: bool = False) -> list[memoryview]:
+    """Byte views of a block's tensors in payload order, checked against ``layout``.
+
+    ``tensors``: one tensor of ``layout.block_shape`` or a sequence of ``layout.num_planes`` tensors of
+    ``layout.plane_shape``. For reading (``writable``) they must be contiguous CPU tensors; for writing
+    a non-contiguous or GPU tensor is first copied into a contiguous CPU one.
+
+    Error handling: ValueError for a wrong count, shape, dtype or (for ``out``) a non-CPU or
+    non-contiguous tensor.
+    """
+    import torch
+
+    want_dtype = layout.torch_dtype()
+    if isinstance(tensors, torch.Tensor):
+        items, shape = [tensors], layout.block_shape
+    else:
+        items, shape = list(tensors), layout.plane_shape
+        if len(items) != layout.num_planes:
+            raise ValueError(f"expected {layout.num_planes} tensors (layers x planes) for layout {layout.name}, "
+                             f"got {len(items)}")
+    views = []
+    for i, t in enumerate(items):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tensor {i} has shape {tuple(t.shape)}, layout {layout.name} needs {shape}")
+        if t.dtype != want_dtype:
+            raise ValueError(f"tensor {i} has dtype {t.dtype}, layout {layout.name} needs {want_dtype}")
+        if t.device.type != "cpu":
+            if writable:
+                raise ValueError(f"out tensor {i} is on {t.device}; pass CPU tensors (pinned for GPU transfers)")
+            t = t.to("cpu")
+        if not t.is_contiguous():
+            if writable:
+                raise ValueError(f"out tensor {i} is not contiguous")
+            t = t.contiguous()
+        views.append(_byte_view(t))
+    return views
+
+
+def encode_block(layout: KVLayout, block_hash: str, tensors: Any) -> tuple[bytes, list[memoryview]]:
+    """Header bytes and payload views (no copy of the payload) for writing one block."""
+    views = tensor_views(layout, tensors)
+    return encode_header(layout, block_hash, payload_checksum(views)), views
+
+
+def decode_block(raw: bytes | bytearray | memoryview, layout: KVLayout, block_hash: str | None = None) -> Any:
+    """A whole block file's bytes -> one tensor of ``layout.block_shape`` (a copy). For tests and tools."""
+    import torch
+
+    header = parse_header(raw, layout=layout, block_hash=block_hash, file_size=len(raw))
+    payload = memoryview(raw)[header.header_len:header.header_len + header.payload_len]
+    verify_payload(header, [payload])
+    out = torch.empty(layout.block_shape, dtype=layout.torch_dtype())
+    _byte_view(out)[:] = payload
+    return out

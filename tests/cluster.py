@@ -1,0 +1,176 @@
+"""Start real kvfs processes for tests and benchmarks: meta, chunkservers and FUSE mounts.
+
+Every service runs as its own ``python -m kvfs.cli ...`` process on loopback ports; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import kvfs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Proc:
+    args: list[str]
+    log_path: str
+    popen: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen([sys.executable, "-m", "kvfs.cli", *self.args], stdout=log, stderr=log,
+                                      start_new_session=True)
+        log.close()
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+@dataclass
+class Cluster:
+    root: str
+    chunkservers: int = 3
+    replication: int = 2
+    chunk_size: str = "1M"
+    heartbeat_timeout: float = 3.0
+    meta_port: int = field(default_factory=free_port)
+    meta: Proc | None = None
+    servers: list[Proc] = field(default_factory=list)
+    mounts: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def meta_address(self) -> str:
+        return f"127.0.0.1:{self.meta_port}"
+
+    def start(self) -> Cluster:
+        os.makedirs(self.root, exist_ok=True)
+        self.meta = Proc(["meta", "--listen", self.meta_address, "--data-dir", os.path.join(self.root, "meta"),
+                          "--replication", str(self.replication), "--chunk-size", self.chunk_size,
+                          "--heartbeat-timeout", str(self.heartbeat_timeout)],
+                         os.path.join(self.root, "meta.log"))
+        self.meta.start()
+        self.wait_meta()
+        for i in range(self.chunkservers):
+            port = free_port()
+            proc = Proc(["chunkserver", "--meta", self.meta_address, "--listen", f"127.0.0.1:{port}",
+                         "--data-dir", os.path.join(self.root, f"cs{i}")], os.path.join(self.root, f"cs{i}.log"))
+            proc.start()
+            self.servers.append(proc)
+        self.wait_servers(self.chunkservers)
+        return self
+
+    def wait_meta(self, timeout: float = 20) -> None:
+        def up() -> bool:
+            assert self.meta is not None
+            if not self.meta.alive():
+                raise RuntimeError(f"meta exited:\n{self.meta.log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.meta_port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, timeout, "meta to listen")
+
+    def live_servers(self) -> int:
+        with self.client() as c:
+            return sum(1 for s in c.refresh_servers().servers if s.alive)
+
+    def wait_servers(self, count: int, timeout: float = 20) -> None:
+        wait_for(lambda: self.live_servers() >= count, timeout, f"{count} live chunkservers", interval=0.2)
+
+    def client(self, **options) -> kvfs.SyncClient:
+        return kvfs.SyncClient(self.meta_address, kvfs.ClientOptions(timeout=options.pop("timeout", 10.0), **options))
+
+    # ------------------------------------------------------------------ faults
+
+    def kill_meta(self, sig: int = signal.SIGKILL) -> None:
+        assert self.meta is not None
+        self.meta.kill(sig)
+
+    def restart_meta(self) -> None:
+        self.kill_meta()
+        assert self.meta is not None
+        self.meta.start()
+        self.wait_meta()
+
+    def kill_chunkserver(self, i: int, sig: int = signal.SIGKILL) -> None:
+        self.servers[i].kill(sig)
+
+    def start_chunkserver(self, i: int) -> None:
+        self.servers[i].start()
+
+    # ------------------------------------------------------------------ mounts
+
+    def mount(self, mountpoint: str, *extra: str) -> str:
+        os.makedirs(mountpoint, exist_ok=True)
+        proc = Proc(["mount", mountpoint, "--meta", self.meta_address, "--timeout", "10", *extra],
+                     os.path.join(self.root, f"mount-{len(self.mounts)}.log"))
+        proc.start()
+        self.mounts[mountpoint] = proc
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"mount exited:\n{proc.log()}")
+            return is_mounted(mountpoint)
+
+        wait_for(ready, 20, f"mount at {mountpoint}")
+        return mountpoint
+
+    def unmount(self, mountpoint: str) -> None:
+        proc = self.mounts.pop(mountpoint, None)
+        if proc is not None:
+            proc.kill(signal.SIGTERM)
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+    def stop(self) -> None:
+        for mp in list(self.mounts):
+            self.unmount(mp)
+        for proc in self.servers:
+            proc.kill(signal.SIGTERM)
+        if self.meta is not None:
+            self.meta.kill(signal.SIGTERM)
