@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class Source(Protocol):
     def read_bytes(self, path: str) -> bytes: ...
 
     def join(self, *parts: str) -> str: ...
+
+    def dirname(self, path: str) -> str: ...
 
 
 def _short(name: str, offset: int, want: int, got: int) -> OSError:
@@ -129,6 +132,9 @@ class LocalSource:
     def join(self, *parts: str) -> str:
         return os.path.join(*parts)
 
+    def dirname(self, path: str) -> str:
+        return os.path.dirname(path)
+
 
 class ClientFileReader:
     """A kvfs file read through the client library (no mount). Thread-safe: each range is one call."""
@@ -137,6 +143,7 @@ class ClientFileReader:
         self.name = f"kvfs:{path}"
         self.local_path = None
         self._client = client
+        self._local = threading.local()
         attr = client.resolve(path)
         if stat.S_ISDIR(attr.mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
@@ -154,13 +161,16 @@ class ClientFileReader:
             if got != want:
                 raise _short(self.name, offset, want, got)
             return
+        # Several buffers: one read into a per-thread staging buffer, then copy out.
         want = sum(len(b) for b in bufs)
-        staging = bytearray(want)
-        got = self._client.read_into(self.ino, offset, memoryview(staging))
+        staging = getattr(self._local, "buf", None)
+        if staging is None or len(staging) < want:
+            staging = self._local.buf = bytearray(want)
+        view = memoryview(staging)[:want]
+        got = self._client.read_into(self.ino, offset, view)
         if got != want:
             raise _short(self.name, offset, want, got)
         pos = 0
-        view = memoryview(staging)
         for b in bufs:
             b[:] = view[pos: pos + len(b)]
             pos += len(b)
@@ -198,3 +208,6 @@ class ClientSource:
 
     def join(self, *parts: str) -> str:
         return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
+
+    def dirname(self, path: str) -> str:
+        return path.rstrip("/").rpartition("/")[0] or "/"

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian machine:
+#   ./dev.sh up [MOUNTPOINT] [kvfs up options]   install kvfs and run it embedded (meta + chunkserver + mount)
+#   ./dev.sh test [pytest args]                  install test needs and run the test suite
+#   ./dev.sh bench [args]                        install benchmark baselines (bindfs, redis, rclone, s3fs) and run bench/run.py
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "dev.sh: installing ${missing[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# fuse3 for the mount; libfuse3-dev, pkg-config and a compiler to build pyfuse3 where no wheel fits.
+BASE_APT=(fuse3 libfuse3-dev pkg-config gcc python3-dev attr)
+
+pip_install() {
+  $PY -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
+  $PY -c "import kvfs, pyfuse3" >/dev/null
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  up)
+    apt_install "${BASE_APT[@]}"
+    pip_install -e .
+    exec kvfs up "$@"
+    ;;
+  test)
+    apt_install "${BASE_APT[@]}" redis-server
+    pip_install -e ".[test]"
+    exec $PY -m pytest "$@"
+    ;;
+  bench)
+    apt_install "${BASE_APT[@]}" bindfs redis-server rclone s3fs
+    pip_install -e ".[test]"
+    exec $PY bench/run.py "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh up [MOUNTPOINT] | test [pytest args] | bench [args]" >&2
+    exit 2
+    ;;
+esac

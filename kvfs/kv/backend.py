@@ -1,0 +1,82 @@
+"""The few primitives a KV store needs from where the block files live, and one helper they share.
+
+``KVStore`` (store.py) holds the logic: paths, headers, checks, counters, batching. A backend only
+moves bytes and names; adding a place to keep blocks is adding a file:
+
+* ``native.py``: the kvfs client library (``kvfs.SyncClient``): one meta round trip for a whole
+  prompt's lookup, chunk reads straight into the caller's tensors.
+* ``posix.py``: any directory through plain os calls: the kvfs FUSE mount, or a local disk.
+
+Error handling: primitives raise ``OSError`` with an errno; ``read`` returns None for a missing block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+# A reader fetches the first SCRATCH bytes of a block into a scratch buffer (the header and the start
+# of the payload), and the rest of the payload straight into the caller's tensors from this offset,
+# which is a multiple of the client's 64 KiB checksum block so the chunk reads need no bounce buffer.
+SCRATCH = 64 << 10
+
+
+@dataclass
+class ReadResult:
+    head: memoryview  # the first min(size, SCRATCH) bytes of the file, or more if the header is larger
+    size: int  # file size
+    atime_ns: int
+    payload_done: bool  # False: the payload was not read (the size was not the expected one)
+
+
+class Backend(Protocol):
+    def put(self, directory: str, name: str, header: bytes, payload: Sequence[memoryview],
+            check_existing: bool) -> bool:
+        """Write a new file atomically under ``directory/name``; False if it already existed (not rewritten)."""
+
+    def read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview]) -> ReadResult | None:
+        """Read a block: its head, and (if the file has ``expect_size`` bytes) the payload at
+        ``header_len`` into ``out``. None if there is no such file."""
+
+    def exists_many(self, paths: list[str]) -> tuple[list[bool], int]:
+        """Which paths exist, and how many lead without a gap. ``exists`` may stop at the first miss
+        (entries after it are then False) when only the leading count is wanted."""
+
+    def touch(self, path: str, atime_ns: int) -> None:
+        """Record an access (the eviction engine's recency)."""
+
+    def remove(self, path: str) -> None: ...
+
+    def set_xattr(self, path: str, name: str, value: bytes) -> None: ...
+
+    def get_xattr(self, path: str, name: str) -> bytes | None: ...
+
+    def map(self, fn, items: Sequence) -> list:
+        """Run ``fn`` over ``items`` concurrently (bounded), results in order."""
+
+    def close(self) -> None: ...
+
+
+def split_into(views: Sequence[memoryview], skip: int) -> list[tuple[int, memoryview]]:
+    """Payload-relative (offset, view) pieces of ``views`` from byte ``skip`` on."""
+    out = []
+    pos = 0
+    for v in views:
+        end = pos + len(v)
+        if end > skip:
+            start = max(skip - pos, 0)
+            out.append((pos + start, v[start:]))
+        pos = end
+    return out
+
+
+def copy_into(views: Sequence[memoryview], src: memoryview) -> None:
+    """Copy ``src`` over the first ``len(src)`` bytes of the concatenation of ``views``."""
+    pos = 0
+    for v in views:
+        if pos >= len(src):
+            return
+        n = min(len(v), len(src) - pos)
+        v[:n] = src[pos:pos + n]
+        pos += n
