@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
 import trio
 
 from kvfs import protocol as P
-from kvfs.chunkserver.store import ChunkStore, host_id
+from kvfs.chunkserver.store import ChunkStore, block_checksums, host_id
 from kvfs.rpc import FileRange, RpcClient, RpcServer
 
 log = logging.getLogger("kvfs.chunkserver")
@@ -58,6 +59,26 @@ class ChunkService:
         rng = FileRange(os.dup(loc.fd), loc.data_offset, loc.data_length, owned=True)
         return P.ReadChunkReply(loc.data_offset, loc.checksums, loc.chunk_length), rng
 
+    async def replicate(self, req: P.ReplicateChunk, _data) -> P.Empty:
+        if not req.targets:
+            return P.Empty()
+
+        def load() -> tuple[bytes, list[int]]:
+            loc = self.store.locate(req.chunk_id, 0, 1 << 62)
+            fd = os.dup(loc.fd)
+            try:
+                data = os.pread(fd, loc.data_length, 0)
+            finally:
+                os.close(fd)
+            if block_checksums(data) != loc.checksums:
+                raise OSError(errno.EIO, f"chunk {req.chunk_id:x}: local copy is corrupt; not replicating it")
+            return data, loc.checksums
+
+        data, sums = await trio.to_thread.run_sync(load, limiter=self._disk)
+        await self._peer(req.targets[0]).call(
+            P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, sums, req.targets[1:]), data)
+        return P.Empty()
+
     async def delete(self, req: P.DeleteChunks, _data) -> P.Empty:
         await trio.to_thread.run_sync(self.store.delete, req.chunk_ids, limiter=self._disk)
         return P.Empty()
@@ -70,6 +91,7 @@ class ChunkService:
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
         server = RpcServer("chunkserver", P.CHUNK_METHODS, {
             P.CHUNK_WRITE: self.write, P.CHUNK_READ: self.read, P.CHUNK_DELETE: self.delete, P.CHUNK_STAT: self.stat,
+            P.CHUNK_REPLICATE: self.replicate,
         })
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)

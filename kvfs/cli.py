@@ -77,7 +77,7 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     ns = open_namespace(args.data_dir, chunk_size=config.parse_size(args.chunk_size), replication=args.replication,
                         sync=args.sync, heartbeat_timeout=args.heartbeat_timeout)
     try:
-        await MetaService(ns).serve(host, port, task_status=task_status)
+        await MetaService(ns, rereplicate_delay=args.rereplicate_delay).serve(host, port, task_status=task_status)
     finally:
         ns.engine.close()
 
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sync", action="store_true", help="fsync the metadata log on every change")
     sp.add_argument("--heartbeat-timeout", type=float, default=10.0,
                     help="seconds without a heartbeat before a chunkserver counts as down")
+    sp.add_argument("--rereplicate-delay", type=float, default=30.0,
+                    help="seconds a chunkserver must stay down before its chunks are copied elsewhere")
     sp.set_defaults(func=cmd_meta)
 
     sp = sub.add_parser("chunkserver", help="run a chunkserver")

@@ -203,6 +203,10 @@ class Client:
     async def purge(self, ino: int) -> None:
         await self.meta.request(P.META_PURGE, P.Purge(ino))
 
+    async def chunk_map(self, ino: int) -> P.GetChunksReply:
+        """The committed chunk map of a file, with live replica addresses (for tools and tests)."""
+        return await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(ino))
+
     async def exists_many(self, paths: list[str]) -> P.ExistsManyReply:
         return await self.meta.request(P.META_EXISTS_MANY, P.ExistsMany(paths))
 
@@ -338,7 +342,9 @@ class Client:
                         await self.meta.request(P.META_RELEASE_WRITE, P.ReleaseWrite(ino, self.client_id))
                     except OSError as exc:
                         log.warning("releasing write lease of inode %d: %s", ino, exc)
-                if not st.modified:
+                # Re-check after the awaits: the kernel sends release asynchronously, so the next
+                # open of this inode may have arrived meanwhile and must keep its state.
+                if not st.modified and st.opens <= 0 and self.files.get(ino) is st:
                     self.files.pop(ino, None)
 
     def cached_state(self, ino: int) -> FileState | None:

@@ -426,6 +426,13 @@ class DeleteChunks(Struct):
     chunk_ids: list[int]
 
 
+class ReplicateChunk(Struct):
+    """Copy a chunk this server holds to ``targets`` (a new replication chain): re-replication."""
+
+    chunk_id: int
+    targets: list[str]
+
+
 class ChunkserverStat(Struct):
     capacity: int
     used: int
@@ -438,12 +445,14 @@ CHUNK_WRITE = 1
 CHUNK_READ = 2
 CHUNK_DELETE = 3
 CHUNK_STAT = 4
+CHUNK_REPLICATE = 5
 
 CHUNK_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
     CHUNK_WRITE: (WriteChunk, Empty),
     CHUNK_READ: (ReadChunk, ReadChunkReply),
     CHUNK_DELETE: (DeleteChunks, Empty),
     CHUNK_STAT: (Empty, ChunkserverStat),
+    CHUNK_REPLICATE: (ReplicateChunk, Empty),
 }
 
 

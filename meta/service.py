@@ -9,14 +9,16 @@ import trio
 
 from kvfs import protocol as P
 from kvfs.meta.namespace import Namespace
+from kvfs.meta.replication import Replicator
 from kvfs.rpc import RpcServer
 
 log = logging.getLogger("kvfs.meta")
 
 
 class MetaService:
-    def __init__(self, ns: Namespace):
+    def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0):
         self.ns = ns
+        self.replicator = Replicator(ns.registry, ns.replication, ns.is_live_chunk, delay=rereplicate_delay)
 
     def handlers(self):
         ns = self.ns
@@ -91,6 +93,7 @@ class MetaService:
         server = RpcServer("meta", P.META_METHODS, self.handlers())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self.replicator.loop)
             bound = await nursery.start(server.serve, host, port)
             task_status.started(bound)
 

@@ -76,6 +76,7 @@ class Cluster:
     replication: int = 2
     chunk_size: str = "1M"
     heartbeat_timeout: float = 3.0
+    rereplicate_delay: float = 30.0
     meta_port: int = field(default_factory=free_port)
     meta: Proc | None = None
     servers: list[Proc] = field(default_factory=list)
@@ -89,7 +90,8 @@ class Cluster:
         os.makedirs(self.root, exist_ok=True)
         self.meta = Proc(["meta", "--listen", self.meta_address, "--data-dir", os.path.join(self.root, "meta"),
                           "--replication", str(self.replication), "--chunk-size", self.chunk_size,
-                          "--heartbeat-timeout", str(self.heartbeat_timeout)],
+                          "--heartbeat-timeout", str(self.heartbeat_timeout),
+                          "--rereplicate-delay", str(self.rereplicate_delay)],
                          os.path.join(self.root, "meta.log"))
         self.meta.start()
         self.wait_meta()
