@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import trio
 
-from kvfs import config
+from kvfs import config, metrics
 from kvfs.errors import one_line
 
 log = logging.getLogger("kvfs")
@@ -120,10 +120,12 @@ async def _until_signal(body: Callable, *a) -> None:
 
 
 def cmd_meta(args) -> None:
+    metrics.serve_metrics(args.metrics_port)
     trio.run(_until_signal, serve_meta, args)
 
 
 def cmd_chunkserver(args) -> None:
+    metrics.serve_metrics(args.metrics_port)
     trio.run(_until_signal, serve_chunkserver, args)
 
 
@@ -194,6 +196,9 @@ def cmd_status(args) -> None:
 
     with SyncClient(args.meta, ClientOptions(timeout=args.timeout)) as c:
         reply = c.refresh_servers()
+        from kvfs import protocol as P
+
+        bindings = c.call(c.client.meta.request, P.META_REMOTE_LIST, P.Empty()).bindings  # remote tier (issue 3)
     from kvfs.config import format_size
 
     rows = [("ID", "ADDRESS", "STATE", "CHUNKS", "USED", "CAPACITY", "USE%", "DATA DIR")]
@@ -206,6 +211,12 @@ def cmd_status(args) -> None:
           f"chunk size {format_size(reply.chunk_size)}, replication {reply.replication}")
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    if bindings:
+        from kvfs.remote.cli import binding_rows
+
+        print("remote bindings:")
+        for line in binding_rows(bindings):
+            print("  " + line)
 
 
 # --------------------------------------------------------------------------- parser
@@ -247,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds without a heartbeat before a chunkserver counts as down")
     sp.add_argument("--rereplicate-delay", type=float, default=30.0,
                     help="seconds a chunkserver must stay down before its chunks are copied elsewhere")
+    sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
     sp.set_defaults(func=cmd_meta)
 
     sp = sub.add_parser("chunkserver", help="run a chunkserver")
@@ -256,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data-dir", required=True)
     sp.add_argument("--capacity", default="")
     sp.add_argument("--fsync", choices=["always", "never"], default="always")
+    sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
     sp.set_defaults(func=cmd_chunkserver)
 
     sp = sub.add_parser("mount", help="mount the namespace with FUSE")

@@ -17,12 +17,14 @@ import logging
 import os
 import select
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from kvfs import metrics
 from kvfs import protocol as P
 from kvfs.errors import errno_of, error
 
@@ -193,6 +195,7 @@ class RpcServer:
         method = frame.method
         types = self.methods.get(method)
         bulk: Bulk = None
+        started = time.perf_counter()
         if frame.kind != P.KIND_REQUEST or types is None:
             status, reply = errno.ENOSYS, P.ErrorReply(f"{self.name}: unknown method {method}")
         else:
@@ -213,6 +216,13 @@ class RpcServer:
                 except Exception as exc:
                     log.exception("%s: method %d failed", self.name, method)
                     status, reply = errno.EIO, P.ErrorReply(f"{self.name}: internal error: {exc!r}")
+        name = metrics.method_name(self.name, method)
+        metrics.RPC_REQUESTS.labels(self.name, name, metrics.status_name(status)).inc()
+        metrics.RPC_SECONDS.labels(self.name, name).observe(time.perf_counter() - started)
+        if data is not None:
+            metrics.RPC_BYTES.labels(self.name, "in").inc(len(data))
+        if isinstance(bulk, FileRange):
+            metrics.RPC_BYTES.labels(self.name, "out").inc(bulk.length)
         try:
             await _send_frame(sock, P.KIND_REPLY, method, status, frame.request_id, reply, bulk)
         finally:

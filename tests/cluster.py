@@ -77,6 +77,7 @@ class Cluster:
     chunk_size: str = "1M"
     heartbeat_timeout: float = 3.0
     rereplicate_delay: float = 30.0
+    meta_metrics_port: int = 0
     meta_port: int = field(default_factory=free_port)
     meta: Proc | None = None
     servers: list[Proc] = field(default_factory=list)
@@ -91,7 +92,8 @@ class Cluster:
         self.meta = Proc(["meta", "--listen", self.meta_address, "--data-dir", os.path.join(self.root, "meta"),
                           "--replication", str(self.replication), "--chunk-size", self.chunk_size,
                           "--heartbeat-timeout", str(self.heartbeat_timeout),
-                          "--rereplicate-delay", str(self.rereplicate_delay)],
+                          "--rereplicate-delay", str(self.rereplicate_delay),
+                          "--metrics-port", str(self.meta_metrics_port)],
                          os.path.join(self.root, "meta.log"))
         self.meta.start()
         self.wait_meta()

@@ -1,0 +1,245 @@
+"""The Namespace against every metadata engine (one suite, every backend), plus a stateful model test."""
+
+from __future__ import annotations
+
+import errno
+import stat
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvfs import protocol as P
+from kvfs.meta.engine_memory import MemoryEngine
+from kvfs.meta.engine_rocksdb import RocksEngine
+from kvfs.meta.namespace import ROOT_INO, Namespace
+
+CS = 1 << 20
+
+
+@pytest.fixture(params=["memory", "rocksdb"])
+def engine_factory(request, tmp_path):
+    def make():
+        if request.param == "memory":
+            return MemoryEngine()
+        return RocksEngine(str(tmp_path / "db"))
+
+    return make
+
+
+@pytest.fixture
+def ns(engine_factory):
+    n = Namespace(engine_factory(), chunk_size=CS)
+    yield n
+    n.engine.close()
+
+
+def mkfile(ns, parent, name):
+    return ns.mknode(parent, name, stat.S_IFREG | 0o644, 0, 0)
+
+
+def mkdir(ns, parent, name):
+    return ns.mknode(parent, name, stat.S_IFDIR | 0o755, 0, 0)
+
+
+def errno_of(fn, *args):
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    return info.value.errno
+
+
+def test_create_lookup_and_errors(ns):
+    d = mkdir(ns, ROOT_INO, "d")
+    f = mkfile(ns, d.ino, "f")
+    assert ns.lookup(d.ino, "f").ino == f.ino
+    assert ns.resolve("/d/f").ino == f.ino
+    assert ns.inode(ROOT_INO).nlink == 3
+    assert errno_of(mkfile, ns, d.ino, "f") == errno.EEXIST
+    assert errno_of(ns.lookup, d.ino, "missing") == errno.ENOENT
+    assert errno_of(ns.lookup, f.ino, "x") == errno.ENOTDIR
+    assert errno_of(mkfile, ns, d.ino, "x" * 256) == errno.ENAMETOOLONG
+    assert errno_of(ns.rmdir, ROOT_INO, "d") == errno.ENOTEMPTY
+    assert errno_of(ns.unlink, ROOT_INO, "d") == errno.EISDIR
+    assert errno_of(ns.rmdir, d.ino, "f") == errno.ENOTDIR
+
+
+def test_rename_rules(ns):
+    a = mkdir(ns, ROOT_INO, "a")
+    b = mkdir(ns, a.ino, "b")
+    f = mkfile(ns, ROOT_INO, "f")
+    g = mkfile(ns, ROOT_INO, "g")
+    assert errno_of(ns.rename, ROOT_INO, "a", b.ino, "a2", 0) == errno.EINVAL  # into own subtree
+    assert errno_of(ns.rename, ROOT_INO, "f", ROOT_INO, "a", 0) == errno.EISDIR
+    assert errno_of(ns.rename, ROOT_INO, "a", ROOT_INO, "f", 0) == errno.ENOTDIR
+    assert errno_of(ns.rename, ROOT_INO, "f", ROOT_INO, "g", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    reply = ns.rename(ROOT_INO, "f", ROOT_INO, "g", 0)
+    assert reply.replaced_ino == g.ino
+    assert ns.lookup(ROOT_INO, "g").ino == f.ino
+    ns.rename(ROOT_INO, "g", ROOT_INO, "h", 0)
+    e = mkdir(ns, ROOT_INO, "e")
+    ns.rename(a.ino, "b", ROOT_INO, "e", 0)  # over an empty directory
+    assert ns.lookup(ROOT_INO, "e").ino == b.ino
+    assert ns.inode(a.ino).nlink == 2 and ns.inode(ROOT_INO).nlink == 4
+    assert e.ino != b.ino
+
+
+def test_rename_exchange(ns):
+    d = mkdir(ns, ROOT_INO, "d")
+    f = mkfile(ns, ROOT_INO, "f")
+    ns.rename(ROOT_INO, "d", ROOT_INO, "f", 2)
+    assert ns.lookup(ROOT_INO, "d").ino == f.ino
+    assert ns.lookup(ROOT_INO, "f").ino == d.ino
+
+
+def test_links_orphans_and_purge(ns):
+    f = mkfile(ns, ROOT_INO, "f")
+    ns.link(f.ino, ROOT_INO, "g")
+    assert ns.inode(f.ino).nlink == 2
+    ns.unlink(ROOT_INO, "f")
+    assert ns.lookup(ROOT_INO, "g").nlink == 1
+    attr = ns.unlink(ROOT_INO, "g")
+    assert attr.nlink == 0
+    assert ns.attr(f.ino).nlink == 0  # orphan: still readable by open handles
+    ns.purge(f.ino)
+    assert errno_of(ns.attr, f.ino) == errno.ENOENT
+
+
+def test_commit_truncate_and_chunk_garbage(ns):
+    f = mkfile(ns, ROOT_INO, "f")
+    ns.open_write(f.ino, "c1")
+    refs = [P.ChunkRef(i, 100 + i, CS, []) for i in range(3)]
+    assert ns.commit(P.Commit(f.ino, "c1", 3 * CS, refs)).size == 3 * CS
+    assert ns.used_bytes == 3 * CS
+    attr = ns.commit(P.Commit(f.ino, "c1", CS + 10, []))
+    chunks = ns.chunks(f.ino, 0, 10).chunks
+    assert attr.size == CS + 10
+    assert [(c.index, c.chunk_id, c.length) for c in chunks] == [(0, 100, CS), (1, 101, 10)]
+    assert not ns.is_live_chunk(102)
+    assert ns.used_bytes == CS + 10
+    # A second writer is refused while the lease is held.
+    assert errno_of(ns.open_write, f.ino, "c2") == errno.EBUSY
+    ns.release_write(f.ino, "c1")
+    ns.open_write(f.ino, "c2")
+
+
+def test_restart_keeps_state(tmp_path):
+    engine = RocksEngine(str(tmp_path / "db"))
+    ns = Namespace(engine, chunk_size=CS)
+    d = mkdir(ns, ROOT_INO, "d")
+    f = mkfile(ns, d.ino, "f")
+    ns.setxattr(f.ino, "user.k", b"v", 0)
+    engine.close()
+    ns2 = Namespace(RocksEngine(str(tmp_path / "db")), chunk_size=CS)
+    assert ns2.resolve("/d/f").ino == f.ino
+    assert ns2.getxattr(f.ino, "user.k") == b"v"
+    g = mkfile(ns2, d.ino, "g")
+    assert g.ino > f.ino  # ids are never reused after a restart
+    ns2.engine.close()
+
+
+def test_readdir_pages_cover_every_entry_once(ns):
+    d = mkdir(ns, ROOT_INO, "big")
+    names = {f"n{i:05d}" for i in range(2500)}
+    for n in names:
+        mkfile(ns, d.ino, n)
+    seen, after = [], ""
+    while True:
+        reply = ns.readdir(d.ino, after, 700)
+        seen += [e.name for e in reply.entries]
+        if not reply.more:
+            break
+        after = reply.entries[-1].name
+    assert sorted(seen) == sorted(names) and len(seen) == len(names)
+
+
+NAMES = st.sampled_from(["a", "b", "c", "d"])
+
+
+class NamespaceModel(RuleBasedStateMachine):
+    """Random namespace operations against a dict-of-paths model."""
+
+    def __init__(self):
+        super().__init__()
+        self.ns = Namespace(MemoryEngine(), chunk_size=CS)
+        self.model: dict[str, str] = {"": "dir"}  # path -> "dir" | "file"
+
+    def _ino(self, path):
+        return self.ns.resolve("/" + path).ino
+
+    def _dirs(self):
+        return sorted(p for p, k in self.model.items() if k == "dir")
+
+    @rule(data=st.data(), name=NAMES, is_dir=st.booleans())
+    def create(self, data, name, is_dir):
+        parent = data.draw(st.sampled_from(self._dirs()))
+        path = f"{parent}/{name}".lstrip("/")
+        mode = (stat.S_IFDIR | 0o755) if is_dir else (stat.S_IFREG | 0o644)
+        if path in self.model:
+            assert errno_of(self.ns.mknode, self._ino(parent), name, mode, 0, 0) == errno.EEXIST
+        else:
+            self.ns.mknode(self._ino(parent), name, mode, 0, 0)
+            self.model[path] = "dir" if is_dir else "file"
+
+    @precondition(lambda self: len(self.model) > 1)
+    @rule(data=st.data())
+    def remove(self, data):
+        path = data.draw(st.sampled_from(sorted(p for p in self.model if p)))
+        parent, _, name = path.rpartition("/")
+        children = [p for p in self.model if p.startswith(path + "/")]
+        if self.model[path] == "dir":
+            if children:
+                assert errno_of(self.ns.rmdir, self._ino(parent), name) == errno.ENOTEMPTY
+                return
+            self.ns.rmdir(self._ino(parent), name)
+        else:
+            attr = self.ns.unlink(self._ino(parent), name)
+            self.ns.purge(attr.ino)
+        del self.model[path]
+
+    @precondition(lambda self: len(self.model) > 1)
+    @rule(data=st.data(), name=NAMES)
+    def rename(self, data, name):
+        src = data.draw(st.sampled_from(sorted(p for p in self.model if p)))
+        dst_parent = data.draw(st.sampled_from(self._dirs()))
+        dst = f"{dst_parent}/{name}".lstrip("/")
+        sp, _, sn = src.rpartition("/")
+        args = (self._ino(sp), sn, self._ino(dst_parent), name, 0)
+        kind = self.model[src]
+        if dst == src:
+            self.ns.rename(*args)
+            return
+        if kind == "dir" and (dst_parent + "/").startswith(src + "/"):
+            assert errno_of(self.ns.rename, *args) == errno.EINVAL
+            return
+        if dst in self.model:
+            dkind = self.model[dst]
+            if dkind == "dir" and kind != "dir":
+                assert errno_of(self.ns.rename, *args) == errno.EISDIR
+                return
+            if dkind != "dir" and kind == "dir":
+                assert errno_of(self.ns.rename, *args) == errno.ENOTDIR
+                return
+            if dkind == "dir" and any(p.startswith(dst + "/") for p in self.model):
+                assert errno_of(self.ns.rename, *args) == errno.ENOTEMPTY
+                return
+        self.ns.rename(*args)
+        moved = {p: k for p, k in self.model.items() if p == src or p.startswith(src + "/")}
+        for p in moved:
+            del self.model[p]
+        self.model.pop(dst, None)
+        for p, k in moved.items():
+            self.model[dst + p[len(src):]] = k
+
+    @invariant()
+    def listing_matches(self):
+        for d in self._dirs():
+            want = sorted(p.rpartition("/")[2] for p in self.model if p and p.rpartition("/")[0] == d)
+            got = sorted(e.name for e in self.ns.readdir(self._ino(d), "", 4096).entries)
+            assert got == want, d
+            subdirs = sum(1 for p in want if self.model[f"{d}/{p}".lstrip("/")] == "dir")
+            assert self.ns.inode(self._ino(d)).nlink == 2 + subdirs
+
+
+TestNamespaceModel = NamespaceModel.TestCase
+TestNamespaceModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
