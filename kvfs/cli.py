@@ -222,7 +222,7 @@ def cmd_status(args) -> None:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvfs", description="Distributed cache filesystem for LLM inference.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -283,17 +283,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=10.0)
     sp.set_defaults(func=cmd_status)
 
-    for module in ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli"):
-        try:
-            ext = __import__(module, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        ext.add_parser(sub)
+    if with_extensions:
+        for module in EXTENSIONS:
+            try:
+                ext = __import__(module, fromlist=["add_parser"])
+            except ImportError:
+                continue
+            ext.add_parser(sub)
     return p
 
 
+# Feature modules that add subcommands. They may import torch, boto3 or pyarrow (seconds of start-up),
+# so the service commands, which start often (tests, restarts), do not load them.
+EXTENSIONS = ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli")
+CORE_COMMANDS = {"up", "meta", "chunkserver", "mount", "status"}
+
+
+def _needs_extensions(argv: list[str]) -> bool:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return command not in CORE_COMMANDS
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_needs_extensions(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from kvfs.mount.runner import MountError
