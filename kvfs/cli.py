@@ -142,7 +142,8 @@ def cmd_mount(args) -> None:
 
     async def body() -> None:
         await run_mount(args.meta, args.mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
-                        entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache)
+                        entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache,
+                        readahead_kb=config.parse_size(args.readahead) // 1024)
 
     trio.run(_until_signal, body)
 
@@ -179,7 +180,8 @@ def cmd_up(args) -> None:
                     await trio.sleep(0.05)
             await nursery.start(lambda task_status: run_mount(
                 meta_address, mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
-                entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache, task_status=task_status))
+                entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache,
+                readahead_kb=config.parse_size(args.readahead) // 1024, task_status=task_status))
             print(f"kvfs is up\n  mount:        {mountpoint}\n  meta:         {meta_address}\n"
                   f"  chunkservers: {', '.join(servers)}\n  data dir:     {data_dir}\n"
                   f"Use it with plain file tools; `kvfs status --meta {meta_address}` shows usage. Ctrl-C stops.",
@@ -234,6 +236,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     def mount_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--attr-timeout", type=float, default=1.0, help="kernel attribute/entry cache seconds")
         sp.add_argument("--writeback-cache", action="store_true", help="let the kernel buffer writes (faster)")
+        sp.add_argument("--readahead", default="4M", help="kernel readahead for the mount (sequential read size)")
 
     sp = sub.add_parser("up", help="run meta, chunkserver(s) and the mount in one process")
     sp.add_argument("mountpoint", nargs="?", help=f"default {config.default_mountpoint()} (created if missing)")

@@ -37,6 +37,31 @@ def _mounted(mountpoint: str) -> bool:
         return False
 
 
+def _device_of_mount(mountpoint: str) -> str | None:
+    """major:minor of the mount, read from mountinfo (a stat would send FUSE a request we can't serve yet)."""
+    real = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == real:
+                return fields[2]
+    return None
+
+
+def set_readahead(mountpoint: str, readahead_kb: int) -> None:
+    """Raise the kernel readahead of the mount, so sequential reads reach us as 1 MiB requests, not
+    128 KiB ones (the FUSE default). Best effort: needs root and sysfs."""
+    dev = _device_of_mount(mountpoint)
+    if not dev or readahead_kb <= 0:
+        return
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(readahead_kb))
+    except OSError as exc:
+        log.info("could not set readahead of %s to %d KiB (%s); sequential reads will use smaller requests",
+                 mountpoint, readahead_kb, exc.strerror)
+
+
 def unmount(mountpoint: str, lazy: bool = True) -> bool:
     for cmd in (["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint], ["umount", "-l", mountpoint]):
         try:
@@ -69,7 +94,7 @@ def check_mountpoint(mountpoint: str) -> str:
 
 async def run_mount(meta_address: str, mountpoint: str, *, options: ClientOptions | None = None,
                     attr_timeout: float = 1.0, entry_timeout: float = 1.0, writeback_cache: bool = False,
-                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    readahead_kb: int = 4096, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount until cancelled or the filesystem is unmounted; always unmounts on the way out."""
     path = check_mountpoint(mountpoint)
     client = Client(meta_address, options)
@@ -80,6 +105,7 @@ async def run_mount(meta_address: str, mountpoint: str, *, options: ClientOption
         fuse_options = set(pyfuse3.default_options)
         fuse_options.update({f"fsname=kvfs:{meta_address}", "subtype=kvfs", "allow_other"})
         pyfuse3.init(ops, path, fuse_options)
+        set_readahead(path, readahead_kb)
         log.info("mounted kvfs (meta %s) at %s", meta_address, path)
         try:
             task_status.started(path)

@@ -18,3 +18,11 @@ def test_mount_roundtrip(mnt):
     with open(path, "rb") as f:
         assert f.read() == data
     assert os.listdir(mnt) == ["f"]
+
+
+def test_mount_raises_kernel_readahead(mounted):
+    from kvfs.mount.runner import _device_of_mount
+
+    dev = _device_of_mount(mounted.mountpoint)
+    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+        assert int(f.read()) == 4096  # the default --readahead 4M: sequential reads arrive as 1 MiB requests
