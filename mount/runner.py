@@ -38,8 +38,10 @@ def _mounted(mountpoint: str) -> bool:
 
 
 def _device_of_mount(mountpoint: str) -> str | None:
-    """major:minor of the mount, read from mountinfo (a stat would send FUSE a request we can't serve yet)."""
-    real = os.path.realpath(mountpoint)
+    """major:minor of the mount, read from mountinfo (a stat would send FUSE a request we can't serve yet,
+    so only the parent directory is resolved)."""
+    head, tail = os.path.split(os.path.abspath(mountpoint))
+    real = os.path.join(os.path.realpath(head), tail)
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
@@ -60,6 +62,22 @@ def set_readahead(mountpoint: str, readahead_kb: int) -> None:
     except OSError as exc:
         log.info("could not set readahead of %s to %d KiB (%s); sequential reads will use smaller requests",
                  mountpoint, readahead_kb, exc.strerror)
+
+
+async def _raise_readahead_after_init(mountpoint: str, readahead_kb: int) -> None:
+    """The kernel sets the mount's readahead when it processes our INIT reply, which happens once
+    pyfuse3.main runs; set ours after that, and check that it stuck."""
+    dev = _device_of_mount(mountpoint)
+    for _ in range(100):
+        await trio.sleep(0.05)
+        set_readahead(mountpoint, readahead_kb)
+        await trio.sleep(0.05)
+        try:
+            with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+                if int(f.read()) == readahead_kb:
+                    return
+        except (OSError, ValueError):
+            return
 
 
 def unmount(mountpoint: str, lazy: bool = True) -> bool:
@@ -105,7 +123,7 @@ async def run_mount(meta_address: str, mountpoint: str, *, options: ClientOption
         fuse_options = set(pyfuse3.default_options)
         fuse_options.update({f"fsname=kvfs:{meta_address}", "subtype=kvfs", "allow_other"})
         pyfuse3.init(ops, path, fuse_options)
-        set_readahead(path, readahead_kb)
+        nursery.start_soon(_raise_readahead_after_init, path, readahead_kb)
         log.info("mounted kvfs (meta %s) at %s", meta_address, path)
         try:
             task_status.started(path)
