@@ -198,9 +198,7 @@ def cmd_status(args) -> None:
 
     with SyncClient(args.meta, ClientOptions(timeout=args.timeout)) as c:
         reply = c.refresh_servers()
-        from kvfs import protocol as P
-
-        bindings = c.call(c.client.meta.request, P.META_REMOTE_LIST, P.Empty()).bindings  # remote tier (issue 3)
+        extra_sections = _status_sections(c)
     from kvfs.config import format_size
 
     rows = [("ID", "ADDRESS", "STATE", "CHUNKS", "USED", "CAPACITY", "USE%", "DATA DIR")]
@@ -213,12 +211,25 @@ def cmd_status(args) -> None:
           f"chunk size {format_size(reply.chunk_size)}, replication {reply.replication}")
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    if bindings:
-        from kvfs.remote.cli import binding_rows
+    for section in extra_sections:
+        print()
+        print(section)
 
-        print("remote bindings:")
-        for line in binding_rows(bindings):
-            print("  " + line)
+
+def _status_sections(c) -> list[str]:
+    """Tables that feature modules add to `kvfs status` (KV cache counters, remote bindings)."""
+    sections = []
+    from kvfs.kv.policy import format_rows, kv_status_rows
+
+    rows = kv_status_rows(c)
+    if rows:
+        sections.append(format_rows(rows))
+    from kvfs.remote.cli import status_section
+
+    section = status_section(c)
+    if section:
+        sections.append(section)
+    return sections
 
 
 # --------------------------------------------------------------------------- parser

@@ -11,7 +11,7 @@ Data path:
 * Reads fetch block-aligned ranges from a replica and verify the per-block checksums end to end; a
   corrupt replica is reported to meta and the next one tried. When the replica is a chunkserver on
   this machine, its chunk file is read directly (short-circuit read), still checksum-verified.
-  Sequential reads keep the last chunks in a small per-file cache and prefetch the next chunk.
+  Sequential reads keep the last chunks in a small per-file cache and prefetch the next few chunks.
 
 Error handling: every method raises ``OSError`` with the right errno (ENOENT, EEXIST, ...); dead or
 slow servers raise ``OSError(EIO)`` after the configured timeout, never hang.
@@ -50,8 +50,9 @@ class ClientOptions:
     connect_timeout: float = 5.0
     local_reads: bool = True  # read chunk files directly when the chunkserver is on this machine
     max_upload_inflight: int = 8  # chunks being uploaded at once per client (write backpressure)
-    read_cache_chunks: int = 4  # verified chunks kept per open file for small sequential reads
+    read_cache_chunks: int = 8  # verified chunks kept per open file for small sequential reads
     prefetch: bool = True
+    prefetch_chunks: int = 4  # chunks fetched ahead of a sequential reader, concurrently (disk queue depth)
 
 
 @dataclass
@@ -79,8 +80,9 @@ class FileState:
     upload_done: trio.Event = field(default_factory=trio.Event)
     cache: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
     last_read_end: int = -1
-    prefetching: set[int] = field(default_factory=set)
+    prefetching: dict[int, trio.Event] = field(default_factory=dict)  # chunk index -> set once loaded
     inflight: set[int] = field(default_factory=set)  # chunk indexes being uploaded
+    truncated_to: int = -1  # smallest size truncated to since the last commit (-1: none)
 
     def ref(self, index: int) -> P.ChunkRef | None:
         return self.uploaded.get(index) or self.chunks.get(index)
@@ -134,7 +136,9 @@ class Client:
     # ------------------------------------------------------------------ namespace (inode level)
 
     async def lookup(self, parent: int, name: str) -> P.Attr:
-        return await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
+        # Overlaid like getattr: the kernel takes a lookup's attributes as the inode's too, and a
+        # committed size there would cut this client's own pending writes off (reads hit "EOF").
+        return self._overlay(await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name)))
 
     async def getattr(self, ino: int) -> P.Attr:
         attr = await self.meta.request(P.META_GETATTR, P.GetAttr(ino))
@@ -158,7 +162,8 @@ class Client:
 
     async def mknode(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
                      exclusive: bool = True) -> P.Attr:
-        return await self.meta.request(P.META_MKNODE, P.MkNode(parent, name, mode, uid, gid, rdev, exclusive))
+        return self._overlay(await self.meta.request(P.META_MKNODE, P.MkNode(parent, name, mode, uid, gid, rdev,
+                                                                             exclusive)))
 
     async def unlink_at(self, parent: int, name: str) -> P.Attr:
         return await self.meta.request(P.META_UNLINK, P.Unlink(parent, name))
@@ -171,7 +176,7 @@ class Client:
         return reply.replaced_ino
 
     async def link(self, ino: int, new_parent: int, new_name: str) -> P.Attr:
-        return await self.meta.request(P.META_LINK, P.Link(ino, new_parent, new_name))
+        return self._overlay(await self.meta.request(P.META_LINK, P.Link(ino, new_parent, new_name)))
 
     async def symlink_at(self, parent: int, name: str, target: str, uid: int = 0, gid: int = 0) -> P.Attr:
         return await self.meta.request(P.META_SYMLINK, P.Symlink(parent, name, target, uid, gid))
@@ -301,26 +306,41 @@ class Client:
 
     # ------------------------------------------------------------------ open / release
 
-    async def open(self, ino: int, *, write: bool = False, truncate: bool = False) -> FileState:
-        """Open a regular file. The chunk map is refreshed on every first open (close-to-open)."""
+    async def open(self, ino: int, *, write: bool = False, truncate: bool = False,
+                   created: P.Attr | None = None) -> FileState:
+        """Open a regular file. The chunk map is refreshed on every first open (close-to-open).
+        ``created``: the attributes of a file this client just created; empty, so no chunk map to fetch."""
         st = self.files.get(ino)
-        if st is None or (st.opens == 0 and not st.modified):
+        if st is None and created is not None and created.size == 0:
+            st = self.files[ino] = FileState(ino, created, {}, size=0)
+        elif st is None or (st.opens == 0 and not st.modified):
             reply = await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(ino))
             if stat.S_ISDIR(reply.attr.mode):
                 raise error(errno.EISDIR, "is a directory")
             chunks = {c.index: c for c in reply.chunks}
+            # Look again after the await: a concurrent release may have dropped the state, or a
+            # concurrent open created one (the kernel sends release asynchronously).
+            st = self.files.get(ino)
             if st is None:
                 st = self.files[ino] = FileState(ino, reply.attr, chunks, size=reply.attr.size)
-            else:
+            elif st.opens == 0 and not st.modified:
                 if st.chunks != chunks or st.attr.size != reply.attr.size:
                     st.cache.clear()
                 st.attr, st.chunks, st.size = reply.attr, chunks, reply.attr.size
-        if write and not st.writable:
-            await self.meta.request(P.META_OPEN_WRITE, P.OpenWrite(ino, self.client_id))
-            st.writable = True
-        st.opens += 1
-        if truncate:
-            await self._truncate_state(st, 0)
+        st.opens += 1  # counted before the next await, so a concurrent release keeps this state
+        try:
+            if write and not st.writable:
+                await self.meta.request(P.META_OPEN_WRITE, P.OpenWrite(ino, self.client_id))
+                st.writable = True
+            if truncate:
+                await self._truncate_state(st, 0)
+            elif write and not st.modified and st.size:
+                await self._fill_remote(st, 0, (st.size - 1) // self.chunk_size)  # writes build on the whole file
+        except BaseException:
+            st.opens -= 1
+            if st.opens <= 0 and not st.modified and self.files.get(ino) is st:
+                self.files.pop(ino, None)
+            raise
         return st
 
     async def release(self, ino: int) -> None:
@@ -344,7 +364,11 @@ class Client:
                         log.warning("releasing write lease of inode %d: %s", ino, exc)
                 # Re-check after the awaits: the kernel sends release asynchronously, so the next
                 # open of this inode may have arrived meanwhile and must keep its state.
-                if not st.modified and st.opens <= 0 and self.files.get(ino) is st:
+                if st.opens <= 0 and self.files.get(ino) is st:
+                    if st.modified:
+                        # The last handle is gone and its commit failed (close() got the error): drop
+                        # the uncommitted writes, so this client sees what every other client sees.
+                        log.warning("inode %d: discarding writes that could not be committed", ino)
                     self.files.pop(ino, None)
 
     def cached_state(self, ino: int) -> FileState | None:
@@ -376,9 +400,17 @@ class Client:
             raise error(errno.EBADF, f"inode {ino} is not open")
         return st
 
+    async def _fill_remote(self, st: FileState, first: int, last: int, sequential: bool = False) -> None:
+        """Chunks missing inside the file's size may live in a remote store: fetch them (kvfs.remote)."""
+        if not st.modified:
+            from kvfs.remote.fill import fill
+
+            await fill(self, st, first, last, sequential)
+
     async def _read_range(self, st: FileState, offset: int, out: memoryview) -> None:
         cs = self.chunk_size
         end = offset + len(out)
+        await self._fill_remote(st, offset // cs, (end - 1) // cs, offset == st.last_read_end)
         pieces = []
         pos = offset
         while pos < end:
@@ -397,23 +429,40 @@ class Client:
                 for piece in pieces:
                     nursery.start_soon(self._read_piece, st, *piece, False)
         if sequential and self.options.prefetch and len(out) < cs and self._nursery is not None:
-            nxt = end // cs + (1 if end % cs else 0)
-            if nxt * cs < st.size and nxt not in st.cache and nxt not in st.prefetching and nxt not in st.dirty:
-                ref = st.ref(nxt)
-                if ref is not None:
-                    st.prefetching.add(nxt)
-                    self._nursery.start_soon(self._prefetch, st, nxt, ref)
+            # Several chunks ahead at once: a cold chunk file is one synchronous disk read each, so
+            # sequential throughput comes from having a few in flight.
+            first = end // cs + (1 if end % cs else 0)
+            for nxt in range(first, min(first + self.options.prefetch_chunks, (st.size + cs - 1) // cs)):
+                if nxt not in st.cache and nxt not in st.prefetching and nxt not in st.dirty \
+                        and nxt not in st.inflight:
+                    ref = st.ref(nxt)
+                    if ref is not None:
+                        self._nursery.start_soon(self._prefetch, st, nxt, ref)
 
     async def _prefetch(self, st: FileState, index: int, ref: P.ChunkRef) -> None:
         try:
-            data = bytearray(ref.length)
-            await self._fetch(ref, 0, memoryview(data))
-            if st.ref(index) is ref:
-                self._cache_put(st, index, bytes(data))
+            await self._load_chunk(st, index, ref)
         except OSError as exc:
             log.debug("prefetch of chunk %d failed: %s", ref.chunk_id, exc)
+
+    async def _load_chunk(self, st: FileState, index: int, ref: P.ChunkRef) -> bytes | None:
+        """The whole chunk, verified and cached: one fetch however many readers (and the prefetcher)
+        want it at once. None when it changed meanwhile or the fetch another task was doing failed."""
+        loading = st.prefetching.get(index)
+        if loading is not None:
+            await loading.wait()
+            return st.cache.get(index)
+        done = st.prefetching[index] = trio.Event()
+        try:
+            data = bytearray(ref.length)
+            await self._fetch(ref, 0, memoryview(data))
+            if st.ref(index) is not ref:
+                return None
+            self._cache_put(st, index, data)  # cached buffers are only read, never resized: no copy
+            return data
         finally:
-            st.prefetching.discard(index)
+            del st.prefetching[index]
+            done.set()
 
     def _cache_put(self, st: FileState, index: int, data: bytes) -> None:
         st.cache[index] = data
@@ -422,6 +471,8 @@ class Client:
             st.cache.popitem(last=False)
 
     async def _read_piece(self, st: FileState, index: int, in_chunk: int, out: memoryview, small: bool) -> None:
+        while index in st.inflight:  # its new contents are being uploaded: neither dirty nor a ref yet
+            await st.upload_done.wait()
         buf = st.dirty.get(index)
         if buf is not None:
             _copy_with_zeros(buf, in_chunk, out)
@@ -434,18 +485,38 @@ class Client:
         if ref is None or in_chunk >= ref.length:
             out[:] = bytes(len(out))
             return
-        if small:
-            # Small reads: fetch the whole chunk once, verified, and serve the following reads from it.
-            data = bytearray(ref.length)
-            await self._fetch(ref, 0, memoryview(data))
-            if st.ref(index) is ref:
-                self._cache_put(st, index, bytes(data))
-            _copy_with_zeros(data, in_chunk, out)
+        try:
+            if small or index in st.prefetching:
+                # Small reads: fetch the whole chunk once, verified, and serve the following reads from it.
+                data = await self._load_chunk(st, index, ref)
+                if data is not None:
+                    _copy_with_zeros(data, in_chunk, out)
+                    return
+            n = min(len(out), ref.length - in_chunk)
+            await self._fetch(ref, in_chunk, out[:n])
+        except OSError:
+            if not await self._refresh_after_rewrite(st, index, ref):
+                raise
+            await self._read_piece(st, index, in_chunk, out, small)
             return
-        n = min(len(out), ref.length - in_chunk)
-        await self._fetch(ref, in_chunk, out[:n])
         if n < len(out):
             out[n:] = bytes(len(out) - n)
+
+    async def _refresh_after_rewrite(self, st: FileState, index: int, ref: P.ChunkRef) -> bool:
+        """A committed chunk could not be read. If another client replaced the file since this one
+        opened it (the old chunks get deleted), adopt the new chunk map and return True: a reader
+        then sees the newer version (close-to-open promises no snapshot), instead of EIO."""
+        if st.modified or st.chunks.get(index) is not ref:
+            return False
+        reply = await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(st.ino))
+        chunks = {c.index: c for c in reply.chunks}
+        new = chunks.get(index)
+        if (new is not None and new.chunk_id == ref.chunk_id) or st.modified or st.chunks.get(index) is not ref:
+            return False
+        log.info("inode %d changed under an open handle: reading the new version", st.ino)
+        st.attr, st.chunks, st.size = reply.attr, chunks, reply.attr.size
+        st.cache.clear()
+        return True
 
     async def _fetch(self, ref: P.ChunkRef, offset: int, out: memoryview) -> None:
         """Read ``len(out)`` bytes of a chunk at ``offset`` from some replica, verified."""
@@ -471,6 +542,8 @@ class Client:
             except OSError as exc:
                 log.warning("reading chunk %x from %s: %s", ref.chunk_id, address, exc)
                 last = exc
+        if last is not None and last.errno != errno.EIO:  # e.g. ENOENT: the chunk is gone from a server
+            last = error(errno.EIO, f"chunk {ref.chunk_id:x}: {last.strerror or last}")
         raise last if last is not None else error(errno.EIO, f"chunk {ref.chunk_id:x}: no replica available")
 
     async def _locate(self, chunk_id: int) -> list[str]:
@@ -584,6 +657,13 @@ class Client:
             base = bytearray(min(ref.length, max(st.size - index * self.chunk_size, 0)))
             if base:
                 await self._fetch(ref, 0, memoryview(base))
+                # A copy: a worker thread of the fetch may still hold a view of ``base`` for a moment,
+                # and a dirty buffer must stay resizable (BufferError on extend/truncate otherwise).
+                base = bytearray(base)
+                if index in st.dirty or index in st.inflight or st.ref(index) is not ref:
+                    # A concurrent write to this chunk (the kernel sends several at once with
+                    # --writeback-cache) loaded it meanwhile: build on its buffer, not on our stale base.
+                    return await self._dirty_chunk(st, index, whole)
             buf = base
         st.dirty[index] = buf
         return buf
@@ -601,6 +681,7 @@ class Client:
                 ref = await self._upload(st.ino, index, buf)
                 if index not in st.dirty and index * self.chunk_size < st.size:
                     st.uploaded[index] = ref
+                    st.cache.pop(index, None)  # a read during the upload may have cached the old chunk
             except OSError as exc:
                 st.upload_error = exc
                 st.dirty.setdefault(index, buf)  # keep the data: a later flush retries
@@ -654,7 +735,9 @@ class Client:
             exc, st.upload_error = st.upload_error, None
             raise exc
         refs = [P.ChunkRef(i, r.chunk_id, r.length, []) for i, r in sorted(st.uploaded.items())]
-        attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, time.time_ns()))
+        attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, time.time_ns(),
+                                                               st.truncated_to))
+        st.truncated_to = -1
         for i, r in st.uploaded.items():
             st.chunks[i] = r
         st.chunks = {i: r for i, r in st.chunks.items() if i * self.chunk_size < st.size}
@@ -691,6 +774,11 @@ class Client:
             del st.dirty[index]
         for index in [i for i in st.uploaded if i * cs >= size]:
             del st.uploaded[index]
+        if size < st.size:
+            st.truncated_to = size if st.truncated_to < 0 else min(st.truncated_to, size)
+            # Committed chunks past the new end read as zeros from now on; the commit drops them.
+            for index in [i for i in st.chunks if i * cs >= size]:
+                del st.chunks[index]
         st.size = size
         st.modified = True
         st.cache.clear()

@@ -259,6 +259,9 @@ class Commit(Struct):
     size: int
     chunks: list[ChunkRef]
     mtime_ns: int = 0
+    # The smallest size the file was truncated to since the last commit (-1: not shrunk). Chunks not in
+    # ``chunks`` lose their bytes past it, so shrinking then growing again reads zeros, not old data.
+    truncated_to: int = -1
 
 
 class Purge(Struct):
@@ -496,3 +499,162 @@ def unpack_header(raw: bytes | bytearray | memoryview) -> FrameHeader:
     if payload_len > MAX_PAYLOAD or data_len > MAX_DATA:
         raise ValueError(f"frame too large (payload {payload_len}, data {data_len})")
     return FrameHeader(kind, method, status, request_id, payload_len, data_len)
+
+
+# --------------------------------------------------------------------------- meta service: remote tier (issue 3)
+
+
+class RemoteBinding(Struct):
+    path: str  # the bound kvfs directory
+    url: str  # s3://bucket/prefix, hdfs://..., file://...
+    mode: str  # "writeback" | "writethrough" | "readonly"
+    root_ino: int = 0
+    dirty: int = 0  # files not yet uploaded (listing only)
+    queued_deletes: int = 0
+
+
+class RemoteAttach(Struct):
+    path: str
+    url: str
+    mode: str
+    uid: int = 0
+    gid: int = 0
+
+
+class RemotePath(Struct):
+    path: str
+
+
+class RemoteListReply(Struct):
+    bindings: list[RemoteBinding]
+
+
+class RemoteSyncReply(Struct):
+    added: int
+    updated: int
+    removed: int
+
+
+class RemoteInfo(Struct):
+    ino: int
+
+
+class RemoteInfoReply(Struct):
+    """A file's remote state. ``fillable``: its missing chunks may be fetched from ``url``/``key``."""
+
+    url: str
+    key: str
+    mode: str
+    state: str  # "dirty" | "uploading" | "clean" | "local" (in a binding but never uploaded, e.g. symlinks)
+    etag: str
+    size: int
+    mtime_ns: int
+    fillable: bool
+    error: str = ""  # the last upload error, if any
+
+
+class RemoteFillAlloc(Struct):
+    ino: int
+    count: int
+    size_hint: int = 0
+
+
+class RemoteFillAllocReply(Struct):
+    chunks: list[AllocChunkReply]
+
+
+class RemoteFillCommit(Struct):
+    """Record chunks fetched from the remote; refused (ESTALE) unless ``etag`` is still the file's version."""
+
+    ino: int
+    etag: str
+    chunks: list[ChunkRef]
+
+
+class RemoteFillCommitReply(Struct):
+    chunks: list[ChunkRef]  # the file's refs for those indexes (another client may have filled one first)
+
+
+class RemoteEvictReply(Struct):
+    files: int
+    bytes: int
+
+
+META_REMOTE_ATTACH = 80
+META_REMOTE_DETACH = 81
+META_REMOTE_LIST = 82
+META_REMOTE_SYNC = 83
+META_REMOTE_INFO = 84
+META_REMOTE_FILL_ALLOC = 85
+META_REMOTE_FILL_COMMIT = 86
+META_REMOTE_EVICT = 87
+
+META_METHODS.update({
+    META_REMOTE_ATTACH: (RemoteAttach, RemoteBinding),
+    META_REMOTE_DETACH: (RemotePath, Empty),
+    META_REMOTE_LIST: (Empty, RemoteListReply),
+    META_REMOTE_SYNC: (RemotePath, RemoteSyncReply),
+    META_REMOTE_INFO: (RemoteInfo, RemoteInfoReply),
+    META_REMOTE_FILL_ALLOC: (RemoteFillAlloc, RemoteFillAllocReply),
+    META_REMOTE_FILL_COMMIT: (RemoteFillCommit, RemoteFillCommitReply),
+    META_REMOTE_EVICT: (RemotePath, RemoteEvictReply),
+})
+
+
+# --------------------------------------------------------------------------- meta service: KV-cache blocks (issue 5)
+
+
+class KVExists(Struct):
+    """Which of ``names`` (paths relative to directory ``base``) exist: a whole prompt's block lookup in
+    one round trip. ``leading_only``: stop at the first missing one (``exists`` is False after it)."""
+
+    base: str
+    names: list[str]
+    leading_only: bool = False
+
+
+class KVDirStatus(Struct):
+    """One KV directory: its cache policy (0 = none), usage and counters (clients' hits and misses,
+    meta's evictions) for ``kvfs status``."""
+
+    path: str
+    quota: int
+    ttl: float
+    window: float
+    used_bytes: int
+    blocks: int
+    get_hits: int
+    get_misses: int
+    lookup_hit_blocks: int
+    lookup_miss_blocks: int
+    evicted_blocks: int
+    evicted_bytes: int
+    expired_blocks: int
+
+
+class KVStatusReply(Struct):
+    dirs: list[KVDirStatus]
+    passes: int  # eviction passes run since meta started
+
+
+class KVChunks(Struct):
+    """Resolve files and return their chunk maps in one round trip (a batch of block reads)."""
+
+    paths: list[str]
+
+
+class KVChunksReply(Struct):
+    files: list[GetChunksReply | None]  # None: no such regular file
+
+
+META_KV_EXISTS = 60
+META_KV_STATUS = 61
+META_KV_EVICT = 62  # run one eviction pass now (tests, `kvfs policy evict`)
+META_KV_CHUNKS = 63
+
+META_METHODS.update({
+    META_KV_EXISTS: (KVExists, ExistsManyReply),
+    META_KV_STATUS: (Empty, KVStatusReply),
+    META_KV_EVICT: (Empty, KVStatusReply),
+    META_KV_CHUNKS: (KVChunks, KVChunksReply),
+})

@@ -502,6 +502,7 @@ class Namespace:
         self._check_lease(req.ino, req.client_id)
         cs = self.chunk_size
         new_count = (req.size + cs - 1) // cs
+        cut = req.size if req.truncated_to < 0 else min(req.truncated_to, req.size)
         incoming: dict[int, P.ChunkRef] = {}
         garbage: list[int] = []  # chunk ids that never get published
         for ref in req.chunks:
@@ -516,7 +517,8 @@ class Namespace:
             raw = self.engine.get(R.chunk_key(req.ino, index))
             if raw is not None:
                 existing[index] = R.decode_chunk(raw)
-        for key, raw in self.engine.scan(R.chunk_prefix(req.ino), start=R.chunk_key(req.ino, max(new_count - 1, 0))):
+        first_cut = max((cut + cs - 1) // cs - 1, 0)
+        for key, raw in self.engine.scan(R.chunk_prefix(req.ino), start=R.chunk_key(req.ino, first_cut)):
             existing[R.U64.unpack(key[9:])[0]] = R.decode_chunk(raw)
         batch: Batch = []
         dropped: list[int] = []
@@ -524,6 +526,9 @@ class Namespace:
         for index in sorted(set(existing) | set(incoming)):
             old, ref = existing.get(index), incoming.get(index)
             new = R.ChunkRecord(ref.chunk_id, ref.length) if ref else old
+            if ref is None and new is not None and new.length > cut - index * cs:
+                # Truncated to ``cut`` since the last commit (and maybe extended again): those bytes are gone.
+                new = R.ChunkRecord(new.chunk_id, cut - index * cs) if index * cs < cut else None
             if index >= new_count:
                 new = None
             elif new is not None and new.length > req.size - index * cs:
@@ -552,6 +557,7 @@ class Namespace:
         self.engine.write(batch)
         for ref in req.chunks:
             self.pending_chunks.pop(ref.chunk_id, None)
+            self.registry.adopt(ref.chunk_id)
         for chunk_id in dropped + garbage:
             self.registry.drop_chunk(chunk_id)
         self.used_bytes += delta

@@ -62,7 +62,13 @@ class Registry:
             self.counters.next_server_id += 1
             self.by_node[req.node_id] = server_id
         record = R.ServerRecord(server_id, req.address, req.data_dir, req.host_id)
-        self.engine.write([(R.server_key(req.node_id), R.encode(record)), (R.COUNTERS_KEY, R.encode(self.counters))])
+        # Persist only the server id counter. The stored inode/chunk counters are the namespace's
+        # reserved limits, ahead of the in-memory ones: writing those back would let a restarted
+        # meta hand out inode and chunk ids again (overwriting files and chunks).
+        raw = self.engine.get(R.COUNTERS_KEY)
+        stored = R.decode_counters(raw) if raw else R.Counters(cluster_id=self.counters.cluster_id)
+        stored.next_server_id = max(stored.next_server_id, self.counters.next_server_id)
+        self.engine.write([(R.server_key(req.node_id), R.encode(record)), (R.COUNTERS_KEY, R.encode(stored))])
         state = self.servers.get(server_id)
         if state is None:
             state = self.servers[server_id] = ServerState(record)
@@ -94,6 +100,8 @@ class Registry:
             del self.suspects[key]
             if not is_live_chunk(key[1]):
                 state.pending_deletes.add(key[1])
+            else:
+                self.locations.setdefault(key[1], set()).add(key[0])
         deletes = sorted(state.pending_deletes)[:10000]
         state.pending_deletes.difference_update(deletes)
         return P.HeartbeatReply(deletes)
@@ -121,6 +129,15 @@ class Registry:
             pick = random.choices(range(len(pool)), weights=weights)[0]
             chosen.append(pool.pop(pick))
         return chosen
+
+    def adopt(self, chunk_id: int) -> None:
+        """``chunk_id`` was just committed: servers that reported it while no file referenced it (a client
+        wrote it before meta restarted, committed after) hold it, so they become its locations."""
+        if not self.suspects:
+            return
+        for key in [k for k in self.suspects if k[1] == chunk_id]:
+            del self.suspects[key]
+            self.locations.setdefault(chunk_id, set()).add(key[0])
 
     def add_locations(self, chunk_id: int, server_ids: list[int]) -> None:
         self.locations.setdefault(chunk_id, set()).update(server_ids)

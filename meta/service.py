@@ -8,6 +8,7 @@ import time
 import trio
 
 from kvfs import protocol as P
+from kvfs.meta.eviction import KVCache
 from kvfs.meta.namespace import Namespace
 from kvfs.meta.replication import Replicator
 from kvfs.rpc import RpcServer
@@ -19,6 +20,7 @@ class MetaService:
     def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0):
         self.ns = ns
         self.replicator = Replicator(ns.registry, ns.replication, ns.is_live_chunk, delay=rereplicate_delay)
+        self.kv = KVCache(ns)
 
     def handlers(self):
         ns = self.ns
@@ -87,20 +89,29 @@ class MetaService:
             P.META_REPORT_BAD_CHUNK: report_bad,
             P.META_CHUNK_LOCATIONS: lambda r, _: _now(
                 P.ChunkLocationsReply([ns.registry.replicas_of(c) for c in r.chunk_ids])),
+            P.META_KV_EXISTS: lambda r, _: _now(self.kv.exists_under(r.base, r.names, r.leading_only)),
+            P.META_KV_STATUS: lambda r, _: _now(self.kv.status()),
+            P.META_KV_EVICT: lambda r, _: _now(self.kv.run_once()),
+            P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths)),
         }
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        server = RpcServer("meta", P.META_METHODS, self.handlers())
+        from kvfs.meta.remote import RemoteTier
+
+        tier = RemoteTier(self.ns)  # remote capacity tier (issue 3): layers over the namespace handlers
+        server = RpcServer("meta", P.META_METHODS, tier.wrap(self.handlers()))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._housekeeping)
             nursery.start_soon(self.replicator.loop)
             bound = await nursery.start(server.serve, host, port)
+            nursery.start_soon(tier.run, f"{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{bound}")
             task_status.started(bound)
 
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(5)
             self.ns.expire_pending(older_than=max(self.ns.lease_seconds * 2, 120))
+            self.kv.tick()
 
 
 def _register(ns: Namespace, r: P.RegisterChunkserver) -> P.RegisterReply:

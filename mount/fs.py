@@ -24,6 +24,11 @@ from kvfs.client import Client
 
 log = logging.getLogger("kvfs.mount")
 
+# The kernel asks for this xattr before every write to a file and caches no answer: answering here,
+# without a round trip to meta, keeps it off the write path. kvfs has no file capabilities, so
+# setting it fails with ENOTSUP instead of being stored and silently ignored.
+_CAPABILITY = b"security.capability"
+
 
 def _errors(fn):
     """Translate errors at the one FUSE boundary: OSError -> its errno, anything else -> EIO."""
@@ -69,11 +74,13 @@ class KvfsOperations(pyfuse3.Operations):
         self.dir_inos: dict[int, int] = {}
         self.open_counts: defaultdict[int, int] = defaultdict(int)
         self.seen_version: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) last served
+        self.sent_attrs: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) in the last attributes sent
         self._next_fh = 1
 
     # ------------------------------------------------------------------ helpers
 
     def _entry(self, attr: P.Attr, *, count: bool = True) -> pyfuse3.EntryAttributes:
+        self.sent_attrs[attr.ino] = (attr.mtime_ns, attr.size)
         if count:
             self.lookups[attr.ino] += 1
         e = pyfuse3.EntryAttributes()
@@ -124,6 +131,7 @@ class KvfsOperations(pyfuse3.Operations):
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
+            self.sent_attrs.pop(ino, None)
             try:
                 await self._maybe_purge(ino)
             except OSError as exc:  # forget cannot fail; meta purges orphans at startup too
@@ -202,15 +210,24 @@ class KvfsOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
 
-    async def _open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+    async def _open(self, ino: int, flags: int, created: P.Attr | None = None) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        st = await self.client.open(ino, write=writable, truncate=bool(flags & os.O_TRUNC) and writable)
+        st = await self.client.open(ino, write=writable, truncate=bool(flags & os.O_TRUNC) and writable,
+                                    created=created)
         self.open_counts[ino] += 1
         fh = self._fh()
         self.handles[fh] = _Handle(ino, writable)
         version = (st.attr.mtime_ns, st.attr.size)
         keep = self.seen_version.get(ino) == version and not st.modified
         self.seen_version[ino] = version
+        if not st.modified and self.sent_attrs.get(ino, version) != version:
+            # Close-to-open: the kernel may still hold (for attr_timeout) attributes of an older
+            # version, and would cut reads at that size. Make it fetch them again.
+            self.sent_attrs.pop(ino, None)
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError:  # the kernel no longer caches the inode: nothing to invalidate
+                pass
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_errors
@@ -221,7 +238,7 @@ class KvfsOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = await self.client.mknode(parent_inode, os.fsdecode(name), stat.S_IFREG | (mode & 0o7777), ctx.uid,
                                         ctx.gid, exclusive=bool(flags & os.O_EXCL))
-        info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags)
+        info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags, attr)
         return info, self._entry(attr)
 
     @_errors
@@ -301,10 +318,14 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode, name, value, ctx):
+        if name == _CAPABILITY:
+            raise OSError(errno.ENOTSUP, "kvfs has no file capabilities")
         await self.client.setxattr(inode, os.fsdecode(name), bytes(value))
 
     @_errors
     async def getxattr(self, inode, name, ctx):
+        if name == _CAPABILITY:
+            raise OSError(errno.ENODATA, "kvfs has no file capabilities")
         return await self.client.getxattr(inode, os.fsdecode(name))
 
     @_errors

@@ -77,6 +77,7 @@ class Cluster:
     chunk_size: str = "1M"
     heartbeat_timeout: float = 3.0
     rereplicate_delay: float = 30.0
+    chunkserver_args: tuple[str, ...] = ()  # extra `kvfs chunkserver` flags, e.g. ("--capacity", "3M")
     meta_metrics_port: int = 0
     meta_port: int = field(default_factory=free_port)
     meta: Proc | None = None
@@ -100,7 +101,8 @@ class Cluster:
         for i in range(self.chunkservers):
             port = free_port()
             proc = Proc(["chunkserver", "--meta", self.meta_address, "--listen", f"127.0.0.1:{port}",
-                         "--data-dir", os.path.join(self.root, f"cs{i}")], os.path.join(self.root, f"cs{i}.log"))
+                         "--data-dir", os.path.join(self.root, f"cs{i}"), *self.chunkserver_args],
+                        os.path.join(self.root, f"cs{i}.log"))
             proc.start()
             self.servers.append(proc)
         self.wait_servers(self.chunkservers)

@@ -35,16 +35,15 @@ class Backend(Protocol):
             check_existing: bool) -> bool:
         """Write a new file atomically under ``directory/name``; False if it already existed (not rewritten)."""
 
-    def read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview]) -> ReadResult | None:
+    def read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview],
+             touch_before_ns: int) -> ReadResult | None:
         """Read a block: its head, and (if the file has ``expect_size`` bytes) the payload at
-        ``header_len`` into ``out``. None if there is no such file."""
+        ``header_len`` into ``out``. None if there is no such file. If the file's atime is older than
+        ``touch_before_ns``, set it to now (the eviction engine's recency; best effort)."""
 
-    def exists_many(self, paths: list[str]) -> tuple[list[bool], int]:
-        """Which paths exist, and how many lead without a gap. ``exists`` may stop at the first miss
-        (entries after it are then False) when only the leading count is wanted."""
-
-    def touch(self, path: str, atime_ns: int) -> None:
-        """Record an access (the eviction engine's recency)."""
+    def exists_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[bool], int]:
+        """Which of ``names`` (paths relative to directory ``base``) exist, and how many lead without a
+        gap. ``leading_only``: the caller only wants the count; the backend may stop at the first miss."""
 
     def remove(self, path: str) -> None: ...
 
@@ -52,8 +51,11 @@ class Backend(Protocol):
 
     def get_xattr(self, path: str, name: str) -> bytes | None: ...
 
-    def map(self, fn, items: Sequence) -> list:
-        """Run ``fn`` over ``items`` concurrently (bounded), results in order."""
+    def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
+        """``put(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot."""
+
+    def read_many(self, jobs: Sequence[tuple]) -> list[ReadResult | None | OSError]:
+        """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot."""
 
     def close(self) -> None: ...
 

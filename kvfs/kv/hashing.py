@@ -21,6 +21,7 @@ Error handling: ``ValueError`` for a token id outside [0, 2**32) or a non-positi
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -72,12 +73,28 @@ def block_hashes(token_ids: Iterable[int] | Any, block_tokens: int, *, salt: byt
     return out
 
 
-_HEX = frozenset("0123456789abcdef")
+_HASH_RE = re.compile(r"[0-9a-f]{16,128}")
+_HEX_RE = re.compile(r"[0-9a-f]*")
 
 
 def check_hash(block_hash: str) -> str:
     """Validate a block hash before it becomes a file name: 16 to 128 lowercase hex characters (ours
     are 32; an engine may bring its own, e.g. a SHA-256). Error handling: ValueError if malformed."""
-    if not isinstance(block_hash, str) or not 16 <= len(block_hash) <= 128 or not _HEX.issuperset(block_hash):
+    if not isinstance(block_hash, str) or _HASH_RE.fullmatch(block_hash) is None:
         raise ValueError(f"not a block hash (want 16-128 lowercase hex characters): {block_hash!r}")
     return block_hash
+
+
+def check_hashes(hashes: Sequence[str]) -> None:
+    """``check_hash`` for a whole prompt at once (one regex over the joined hashes when they all have
+    the same length, as a prompt's do). Error handling: ValueError naming the first bad hash."""
+    if hashes and isinstance(hashes[0], str) and 16 <= len(hashes[0]) <= 128:
+        n = len(hashes[0])
+        try:
+            joined = "".join(hashes)
+        except TypeError:
+            joined = ""
+        if len(joined) == n * len(hashes) and all(len(h) == n for h in hashes) and _HEX_RE.fullmatch(joined):
+            return
+    for h in hashes:
+        check_hash(h)

@@ -17,6 +17,7 @@ import ctypes
 import errno
 import os
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,12 @@ class PosixBackend:
         if check_existing and os.path.exists(final):
             return False
         tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:  # the directory was removed since we created it
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, flags, 0o644)
         published = False
         try:
             try:
@@ -83,42 +89,49 @@ class PosixBackend:
                 except FileNotFoundError:
                     pass
 
-    def read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview]) -> ReadResult | None:
+    def read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview],
+             touch_before_ns: int) -> ReadResult | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            st = os.fstat(fd)
-            if st.st_size == expect_size:
-                head = memoryview(bytearray(header_len))
-                got = _read_all(fd, [head, *out], 0)
-                if got != expect_size:  # the file shrank under us: report what the header says
-                    head = memoryview(os.pread(fd, SCRATCH, 0))
-                    return ReadResult(head, os.fstat(fd).st_size, st.st_atime_ns, False)
-                return ReadResult(head, st.st_size, st.st_atime_ns, True)
-            head = memoryview(os.pread(fd, SCRATCH, 0))
-            return ReadResult(head, st.st_size, st.st_atime_ns, False)
+            res = self._read_fd(fd, expect_size, header_len, out)
+            if res.payload_done and res.atime_ns < touch_before_ns:
+                try:
+                    os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
+                except OSError:
+                    pass  # a read-only mount, or evicted meanwhile: recency is best effort
+            return res
+        except OSError as exc:
+            # EIO on a block evicted while we read it (its chunks are gone): a miss, not an error.
+            if exc.errno in (errno.EIO, errno.ENOENT) and not os.path.exists(path):
+                return None
+            raise
         finally:
             os.close(fd)
 
-    def exists_many(self, paths: list[str]) -> tuple[list[bool], int]:
-        exists = [os.path.exists(p) for p in paths]
-        leading = next((i for i, e in enumerate(exists) if not e), len(exists))
+    @staticmethod
+    def _read_fd(fd: int, expect_size: int, header_len: int, out: Sequence[memoryview]) -> ReadResult:
+        st = os.fstat(fd)
+        if st.st_size == expect_size:
+            head = memoryview(bytearray(header_len))
+            got = _read_all(fd, [head, *out], 0)
+            if got == expect_size:
+                return ReadResult(head, st.st_size, st.st_atime_ns, True)
+            st = os.fstat(fd)  # the file changed under us: report what its header says
+        return ReadResult(memoryview(os.pread(fd, SCRATCH, 0)), st.st_size, st.st_atime_ns, False)
+
+    def exists_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[bool], int]:
+        exists = [False] * len(names)
+        leading = len(names)
+        for i, name in enumerate(names):
+            exists[i] = os.path.exists(os.path.join(base, name))
+            if not exists[i] and leading == len(names):
+                leading = i
+                if leading_only:
+                    break
         return exists, leading
-
-    def leading(self, paths: list[str]) -> int:
-        for i, p in enumerate(paths):
-            if not os.path.exists(p):
-                return i
-        return len(paths)
-
-    def touch(self, path: str, atime_ns: int) -> None:
-        try:
-            st = os.stat(path)
-            os.utime(path, ns=(atime_ns, st.st_mtime_ns))
-        except OSError:
-            pass  # evicted meanwhile, or a read-only mount: recency is best effort
 
     def remove(self, path: str) -> None:
         os.unlink(path)
@@ -134,10 +147,22 @@ class PosixBackend:
                 return None
             raise
 
-    def map(self, fn, items: Sequence) -> list:
-        if len(items) <= 1:
-            return [fn(i) for i in items]
-        return list(self._pool.map(fn, items))
+    def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
+        return self._gather(self.put, jobs)
+
+    def read_many(self, jobs: Sequence[tuple]) -> list[ReadResult | None | OSError]:
+        return self._gather(self.read, jobs)
+
+    def _gather(self, fn, jobs: Sequence[tuple]) -> list:
+        def one(args: tuple):
+            try:
+                return fn(*args)
+            except OSError as exc:
+                return exc
+
+        if len(jobs) <= 1:
+            return [one(j) for j in jobs]
+        return list(self._pool.map(one, jobs))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

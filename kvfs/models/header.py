@@ -145,10 +145,9 @@ def parse_header(path: str, raw: bytes, file_size: int) -> Header:
     data_start = PREFIX + n
     data_len = file_size - data_start
     metadata = doc.pop("__metadata__", None)
-    if metadata is not None:
-        if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
+    if metadata is not None and (not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
 
     entries: list[tuple[int, int, str, TensorInfo]] = []
     for name, info in doc.items():

@@ -12,11 +12,12 @@ How a load runs:
 
    * CPU: one ``preadv`` per span scatters the bytes straight into the tensors' storage (gaps such as
      the header go to a scratch buffer): no copy after the read.
-   * CUDA, pinned pipeline (the default): each span is read into one of ``pinned_buffers`` pinned host
+   * CUDA, pinned pipeline (``use_kvikio=False``, or kvikio not importable): each span is read into one of ``pinned_buffers`` pinned host
      buffers, then copied to the tensors with ``cudaMemcpyAsync`` (``copy_(non_blocking=True)``) on the
      thread's own stream; a buffer is reused once its copy event has completed. Pinned host memory is
      bounded by ``pinned_buffers * span_bytes``.
-   * CUDA, kvikio (``use_kvikio``; local paths only): ``kvikio.CuFile.pread`` reads spans straight into
+   * CUDA, kvikio (the default when kvikio imports and every path is local or mounted; not through the
+     client library): ``kvikio.CuFile.pread`` reads spans straight into
      device staging buffers (GPUDirect Storage where the system has it, kvikio's POSIX compat mode
      elsewhere, always on a FUSE mount), then device-to-device copies slice the tensors out.
 
@@ -27,7 +28,10 @@ problem; I/O failures raise ``OSError``; a missing tensor raises ``KeyError``.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
+import logging
+import mmap
 import os
 import queue
 import threading
@@ -35,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
@@ -45,6 +49,8 @@ from kvfs.models.reader import PAGE, ClientSource, LocalSource, RangeReader, Sou
 if TYPE_CHECKING:
     from kvfs.client import SyncClient
 
+log = logging.getLogger("kvfs.models")
+
 INDEX_SUFFIX = ".safetensors.index.json"
 MiB = 1 << 20
 
@@ -53,18 +59,24 @@ MiB = 1 << 20
 class LoadOptions:
     """Tuning knobs. The defaults suit a local NVMe/page cache and a kvfs mount."""
 
-    span_bytes: int = 64 * MiB  # one read; rounded up to the reader's alignment
+    span_bytes: int = 16 * MiB  # one read; rounded up to the reader's alignment
     threads: int = field(default_factory=lambda: min(16, max(4, os.cpu_count() or 4)))
-    pinned_buffers: int = 8  # GPU pipeline: pinned host memory is at most pinned_buffers * span_bytes
+    # GPU pipeline: pinned host memory is at most pinned_buffers * span_bytes (256 MiB by default). Buffers
+    # are pinned on first use, and pinning costs about 0.5 s per GiB, so a first load favours small spans.
+    pinned_buffers: int = 16
+    # CPU target: back tensors of 2 MiB and more with transparent huge pages (private anonymous mmap +
+    # MADV_HUGEPAGE): fewer page faults while filling fresh memory (1.2-1.7x faster CPU loads measured,
+    # docs/benchmarks.md). Off by default: where the kernel must compact memory first, faults can stall.
+    hugepages: bool = False
     use_kvikio: bool | None = None  # None: use kvikio for CUDA targets when importable and the path is local
     # kvikio knobs, set for the duration of a load (its defaults: 1 thread, 4 MiB tasks, 1 MiB GDS
     # threshold, 16 MiB bounce buffers).
     kvikio_threads: int = 16
     kvikio_task_size: int = 16 * MiB
     kvikio_gds_threshold: int = 1 * MiB  # reads smaller than this always use the POSIX path
-    kvikio_bounce_buffer_size: int = 32 * MiB
+    kvikio_bounce_buffer_size: int = 16 * MiB  # pinned, one per kvikio thread in compat mode
     kvikio_span_bytes: int = 256 * MiB  # a kvikio pread is split into task_size tasks over its threads
-    kvikio_inflight: int = 3  # device staging buffers of kvikio_span_bytes
+    kvikio_inflight: int = 2  # device staging buffers of kvikio_span_bytes (512 MiB of GPU memory in a load)
     kvikio_compat_mode: str | None = None  # "on" | "off" | "auto"; None: "on" for FUSE paths, else "auto"
 
 
@@ -276,10 +288,25 @@ def _load_cuda_pinned(spans: list[_Span], out: dict[str, torch.Tensor], device: 
     dst = {name: _byte_view(t) for name, t in out.items()}
     size = max(s.length for s in spans)
     nbuf = max(1, min(opts.pinned_buffers, len(spans)))
+    # Buffers are pinned lazily by the workers that need one, so pinning (a few GB/s) overlaps other
+    # workers' reads and copies instead of delaying the first read.
     pool: queue.Queue[tuple[torch.Tensor, memoryview, torch.cuda.Event | None]] = queue.Queue()
-    for _ in range(nbuf):
+    created = [0]
+    pool_lock = threading.Lock()
+
+    def take() -> tuple[torch.Tensor, memoryview, torch.cuda.Event | None]:
+        try:
+            return pool.get_nowait()
+        except queue.Empty:
+            pass
+        with pool_lock:
+            make = created[0] < nbuf
+            created[0] += make
+        if not make:
+            return pool.get()
         host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        pool.put((host, _memview(host), None))
+        return host, _memview(host), None
+
     local = threading.local()
     streams: list[torch.cuda.Stream] = []
     lock = threading.Lock()
@@ -293,7 +320,7 @@ def _load_cuda_pinned(spans: list[_Span], out: dict[str, torch.Tensor], device: 
         return s
 
     def one(span: _Span) -> None:
-        host, view, done = pool.get()
+        host, view, done = take()
         try:
             if done is not None:
                 done.synchronize()  # the last copies out of this buffer have finished
@@ -319,7 +346,7 @@ def _load_cuda_pinned(spans: list[_Span], out: dict[str, torch.Tensor], device: 
 def kvikio_available() -> bool:
     try:
         import kvikio  # noqa: F401
-    except Exception:  # ImportError, or a missing libcufile/libcudart underneath
+    except Exception:  # noqa: BLE001  (ImportError, or a missing libcufile/libcudart underneath)
         return False
     return True
 
@@ -357,38 +384,43 @@ def kvikio_config(opts: LoadOptions, path: str) -> dict[str, Any]:
 
 def _load_cuda_kvikio(files: list[_File], out: dict[str, torch.Tensor], names: dict[str, list[str]],
                       device: torch.device, opts: LoadOptions, progress: Progress | None) -> None:
-    import kvikio
-    import kvikio.defaults
-
     dst = {name: _byte_view(t) for name, t in out.items()}
     for f in files:
         if f.reader.local_path is None:
             raise ValueError(f"{f.path}: kvikio needs a local or mounted path, not a client reader")
         spans = plan_spans(f, (f.header.tensors[n] for n in names[f.path]), opts.kvikio_span_bytes)
-        if not spans:
-            continue
-        size = max(s.length for s in spans)
-        k = max(1, min(opts.kvikio_inflight, len(spans)))
-        staging = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(k)]
-        copied: list[torch.cuda.Event | None] = [None] * k
-        stream = torch.cuda.Stream(device)
-        with kvikio.defaults.set(kvikio_config(opts, f.reader.local_path)), \
-                kvikio.CuFile(f.reader.local_path, "r") as cf:
-            inflight: list[Any] = []
+        if spans:
+            _kvikio_file(f.path, f.reader.local_path, spans, dst, device, opts, progress)
 
-            def submit(i: int) -> None:
-                ev = copied[i % k]
-                if ev is not None:
-                    ev.synchronize()
-                s = spans[i]
-                inflight.append(cf.pread(staging[i % k][: s.length], s.length, s.offset))
 
+def _kvikio_file(name: str, path: str, spans: list[_Span], dst: dict[str, torch.Tensor], device: torch.device,
+                 opts: LoadOptions, progress: Progress | None) -> None:
+    """Read ``spans`` of one file with kvikio into rotating device staging buffers, slice tensors out."""
+    import kvikio
+    import kvikio.defaults
+
+    size = max(s.length for s in spans)
+    k = max(1, min(opts.kvikio_inflight, len(spans)))
+    staging = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(k)]
+    copied: list[torch.cuda.Event | None] = [None] * k
+    stream = torch.cuda.Stream(device)
+    inflight: list[Any] = []
+    with kvikio.defaults.set(kvikio_config(opts, path)), kvikio.CuFile(path, "r") as cf:
+
+        def submit(i: int) -> None:
+            ev = copied[i % k]
+            if ev is not None:
+                ev.synchronize()  # the copies out of this staging buffer are done
+            s = spans[i]
+            inflight.append(cf.pread(staging[i % k][: s.length], s.length, s.offset))
+
+        try:
             for i in range(k):
                 submit(i)
             for i, s in enumerate(spans):
                 got = inflight.pop(0).get()
                 if got != s.length:
-                    raise OSError(5, f"{f.path}: short read at offset {s.offset} ({got} of {s.length} bytes)")
+                    raise OSError(errno.EIO, f"{name}: short read at offset {s.offset} ({got} of {s.length} bytes)")
                 buf = staging[i % k]
                 with torch.cuda.stream(stream):
                     stream.wait_stream(torch.cuda.current_stream(device))
@@ -400,8 +432,14 @@ def _load_cuda_kvikio(files: list[_File], out: dict[str, torch.Tensor], names: d
                 if i + k < len(spans):
                     submit(i + k)
                 if progress is not None:
-                    progress.advance(f.path, sum(p.n for p in s.pieces))
-        stream.synchronize()
+                    progress.advance(name, sum(p.n for p in s.pieces))
+        finally:
+            for fut in inflight:  # never free a staging buffer that a read still writes into
+                try:
+                    fut.get()
+                except Exception as exc:  # noqa: BLE001  (the first error is already propagating)
+                    log.debug("kvikio read after an error: %s", exc)
+            stream.synchronize()
 
 
 # --------------------------------------------------------------------------- the public entry points
@@ -423,6 +461,21 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
+HUGE_PAGE = 2 * MiB
+
+
+def _empty(t: TensorInfo, device: torch.device, hugepages: bool) -> torch.Tensor:
+    """Storage for one tensor; with ``hugepages``, large CPU tensors get 2 MiB-aligned THP memory."""
+    if not (hugepages and device.type == "cpu" and t.nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")):
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+    mm = mmap.mmap(-1, t.nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm.madvise(mmap.MADV_HUGEPAGE)
+    pad = -ctypes.addressof(ctypes.c_char.from_buffer(mm)) % HUGE_PAGE
+    # The tensor keeps ``mm`` alive; the mapping is unmapped when the tensor's storage is freed.
+    raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes, offset=pad)
+    return raw.view(t.dtype).reshape(t.shape)
+
+
 def _convert(out: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Cast floating-point tensors to ``dtype``; integer and bool tensors keep theirs."""
     if dtype is None:
@@ -436,7 +489,7 @@ def _load(files: list[_File], names: dict[str, list[str]], device: torch.device,
     for f in files:
         for n in names[f.path]:
             t = f.header.tensors[n]
-            out[n] = torch.empty(t.shape, dtype=t.dtype, device=device)
+            out[n] = _empty(t, device, opts.hugepages)
     if progress is not None:
         progress.start([(f.path, sum(f.header.tensors[n].nbytes for n in names[f.path])) for f in files])
     try:
@@ -538,7 +591,7 @@ class safe_open:
             f.reader.close()
         self._files = []
 
-    def __enter__(self) -> safe_open:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -554,5 +607,5 @@ def timed_load(path: str, **kwargs: Any) -> tuple[dict[str, torch.Tensor], float
     return out, time.perf_counter() - t0, sum(t.numel() * t.element_size() for t in out.values())
 
 
-__all__ = ["INDEX_SUFFIX", "LoadOptions", "Progress", "load_safetensors", "safe_open", "read_header",
-           "resolve_files", "plan_spans", "kvikio_available", "kvikio_config", "timed_load", "PAGE"]
+__all__ = ["INDEX_SUFFIX", "PAGE", "LoadOptions", "Progress", "kvikio_available", "kvikio_config", "load_safetensors",
+           "plan_spans", "read_header", "resolve_files", "safe_open", "timed_load"]

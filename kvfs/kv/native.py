@@ -1,0 +1,246 @@
+"""KV block files through the kvfs client library (``kvfs.SyncClient``): the fast path.
+
+Every primitive runs as one coroutine in the client's trio thread; batches (``map``) run there
+concurrently under a limiter, so 16 block reads are 16 overlapping RPC sequences, not 16 threads.
+
+* put: create ``.<hash>.<random>.tmp`` in the block's directory, write, commit, then
+  ``rename(RENAME_NOREPLACE)`` into place: meta applies the rename atomically, so a reader resolves
+  either nothing or the whole committed block. The loser of a race removes its temp file.
+* read: one META_KV_CHUNKS round trip resolves a whole batch of blocks to their chunk maps; then the
+  chunk ranges are fetched concurrently, the first 64 KiB into a scratch buffer (header + start of
+  payload) and the rest straight into the caller's tensor memory (verified per 64 KiB by the client as
+  always; a chunkserver on this host is read from its files directly).
+* exists_many: one META_KV_EXISTS round trip for a whole prompt (meta resolves the layout directory
+  once, then one directory-entry lookup per block).
+
+Error handling: OSErrors with errnos from the client; a missing block reads as None. A block evicted
+between resolve and the chunk reads surfaces as a miss (the caller re-checks), never as partial data.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from kvfs import protocol as P
+from kvfs.kv.backend import SCRATCH, ReadResult, copy_into, split_into
+
+RENAME_NOREPLACE = 1
+
+
+class NativeBackend:
+    def __init__(self, sync_client: Any, concurrency: int = 8):
+        self.sync = sync_client
+        self.c = sync_client.client  # the async kvfs.Client driven by sync_client's trio thread
+        self.concurrency = concurrency
+        self._dirs: dict[str, int] = {}  # directory path -> inode
+
+    def _run(self, fn, *args):
+        return self.sync.call(fn, *args)
+
+    # ------------------------------------------------------------------ helpers (trio thread)
+
+    async def _dir(self, path: str, create: bool) -> int:
+        ino = self._dirs.get(path)
+        if ino is None:
+            if create:
+                attr = await self.c.mkdir(path, parents=True, exist_ok=True)
+            else:
+                attr = await self.c.resolve(path)
+            ino = self._dirs[path] = attr.ino
+        return ino
+
+    async def _unlink(self, parent: int, name: str) -> None:
+        try:
+            attr = await self.c.unlink_at(parent, name)
+        except FileNotFoundError:
+            return
+        if attr.nlink <= 0 and self.c.cached_state(attr.ino) is None:
+            await self.c.purge(attr.ino)
+
+    # ------------------------------------------------------------------ put
+
+    def put(self, directory: str, name: str, header: bytes, payload: Sequence[memoryview],
+            check_existing: bool) -> bool:
+        return self._run(self._put, directory, name, header, payload, check_existing)
+
+    async def _put(self, directory: str, name: str, header: bytes, payload: Sequence[memoryview],
+                   check_existing: bool) -> bool:
+        try:
+            return await self._put_once(directory, name, header, payload, check_existing)
+        except FileNotFoundError:
+            # The cached directory inode went away (someone removed the directory): look it up again.
+            self._dirs.pop(directory, None)
+            return await self._put_once(directory, name, header, payload, check_existing)
+
+    async def _put_once(self, directory: str, name: str, header: bytes, payload: Sequence[memoryview],
+                        check_existing: bool) -> bool:
+        d = await self._dir(directory, True)
+        if check_existing:
+            try:
+                await self.c.lookup(d, name)
+                return False
+            except FileNotFoundError:
+                pass
+        tmp = f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+        attr = await self.c.mknode(d, tmp, stat.S_IFREG | 0o644, os.getuid(), os.getgid(), exclusive=True)
+        published = False
+        try:
+            await self.c.open(attr.ino, write=True)
+            try:
+                await self.c.write(attr.ino, 0, header)
+                pos = len(header)
+                for view in payload:
+                    await self.c.write(attr.ino, pos, view)
+                    pos += len(view)
+                await self.c.flush(attr.ino)
+            finally:
+                await self.c.release(attr.ino)
+            try:
+                await self.c.rename_at(d, tmp, d, name, RENAME_NOREPLACE)
+                published = True
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            if not published:
+                with trio.CancelScope(shield=True):
+                    await self._unlink(d, tmp)
+
+    # ------------------------------------------------------------------ read
+
+    def read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview],
+             touch_before_ns: int) -> ReadResult | None:
+        res = self.read_many([(path, expect_size, header_len, out, touch_before_ns)])[0]
+        if isinstance(res, OSError):
+            raise res
+        return res
+
+    def read_many(self, jobs: Sequence[tuple]) -> list[ReadResult | None | OSError]:
+        return self._run(self._read_many, jobs)
+
+    async def _read_many(self, jobs: Sequence[tuple]) -> list[ReadResult | None | OSError]:
+        if not jobs:
+            return []
+        # One meta round trip for every block's attributes and chunk map, then only chunk reads.
+        reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks([j[0] for j in jobs]))
+        return await self._gather(self._read_file, [(info, *job) for info, job in zip(reply.files, jobs)])
+
+    async def _read_file(self, info: P.GetChunksReply | None, path: str, expect_size: int, header_len: int,
+                         out: Sequence[memoryview], touch_before_ns: int) -> ReadResult | None:
+        if info is None:
+            return None
+        attr, size = info.attr, info.attr.size
+        head = memoryview(bytearray(min(size, max(SCRATCH, header_len))))
+        ranges: list[tuple[int, memoryview]] = [(0, head)]
+        full = size == expect_size and len(head) >= header_len
+        if full:
+            ranges += [(header_len + off, v) for off, v in split_into(out, len(head) - header_len)]
+        try:
+            await self._fetch_ranges(info, ranges)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.ENOENT):
+                # A chunk deleted under us means the block was evicted (or is being): a miss.
+                try:
+                    await self.c.resolve(path)
+                except FileNotFoundError:
+                    return None
+            raise
+        if full:
+            copy_into(out, head[header_len:])  # the payload bytes that came in with the scratch read
+            if attr.atime_ns < touch_before_ns:
+                try:
+                    await self.c.setattr(attr.ino, atime_ns=time.time_ns())
+                except OSError:
+                    pass  # evicted meanwhile: recency is best effort
+        return ReadResult(head, size, attr.atime_ns, full)
+
+    async def _fetch_ranges(self, info: P.GetChunksReply, ranges: list[tuple[int, memoryview]]) -> None:
+        """Fetch file byte ranges into views, split at chunk boundaries, all concurrently."""
+        cs = info.chunk_size
+        refs = {c.index: c for c in info.chunks}
+        pieces = []
+        for offset, view in ranges:
+            pos = 0
+            while pos < len(view):
+                index, in_chunk = divmod(offset + pos, cs)
+                n = min(cs - in_chunk, len(view) - pos)
+                pieces.append((refs.get(index), in_chunk, view[pos:pos + n]))
+                pos += n
+
+        async def one(ref: P.ChunkRef | None, in_chunk: int, dest: memoryview) -> None:
+            if ref is None or in_chunk >= ref.length:
+                dest[:] = bytes(len(dest))
+                return
+            n = min(len(dest), ref.length - in_chunk)
+            # Client._fetch: one verified ranged read of a chunk from the best replica (its file, when
+            # the chunkserver is on this host), straight into ``dest`` when the range is aligned.
+            await self.c._fetch(ref, in_chunk, dest[:n])
+            if n < len(dest):
+                dest[n:] = bytes(len(dest) - n)
+
+        if len(pieces) == 1:
+            await one(*pieces[0])
+            return
+        async with trio.open_nursery() as nursery:
+            for piece in pieces:
+                nursery.start_soon(one, *piece)
+
+    # ------------------------------------------------------------------ namespace
+
+    def exists_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[bool], int]:
+        if not names:
+            return [], 0
+        reply = self._run(self.c.meta.request, P.META_KV_EXISTS, P.KVExists(base, names, leading_only))
+        return list(reply.exists), reply.leading
+
+    def remove(self, path: str) -> None:
+        self._run(self.c.unlink, path)
+
+    def set_xattr(self, path: str, name: str, value: bytes) -> None:
+        async def run() -> None:
+            attr = await self.c.resolve(path)
+            await self.c.setxattr(attr.ino, name, value)
+
+        self._run(run)
+
+    def get_xattr(self, path: str, name: str) -> bytes | None:
+        async def run() -> bytes | None:
+            try:
+                attr = await self.c.resolve(path)
+                return await self.c.getxattr(attr.ino, name)
+            except OSError as exc:
+                if exc.errno in (errno.ENODATA, errno.ENOENT):
+                    return None
+                raise
+
+        return self._run(run)
+
+    def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
+        return self._run(self._gather, self._put, jobs)
+
+    async def _gather(self, fn, jobs: Sequence[tuple]) -> list:
+        results: list[Any] = [None] * len(jobs)
+        limiter = trio.CapacityLimiter(self.concurrency)
+
+        async def one(i: int, args: tuple) -> None:
+            async with limiter:
+                try:
+                    results[i] = await fn(*args)
+                except OSError as exc:
+                    results[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i, args in enumerate(jobs):
+                nursery.start_soon(one, i, args)
+        return results
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,352 @@
+"""The meta side of the KV cache (issue 5): eviction under per-directory policies, status, prefix lookup.
+
+``KVCache`` is a plain class over the Namespace; the service calls ``tick`` from its housekeeping
+loop and forwards META_KV_EXISTS / META_KV_STATUS / META_KV_EVICT to it.
+
+Policies are xattrs (``kvfs.policy``, see kvfs/kv/policy.py) on directories; only files under a
+policy directory are ever evicted, and the nearest policy directory above a file governs it. A pass:
+
+1. TTL: a file not accessed for ``ttl`` seconds is deleted (counted as *expired*).
+2. Quota: while a directory's files exceed ``quota`` bytes, the least valuable are deleted until they
+   fit in ``quota_low`` (90%) of it.
+3. Chunkserver pressure: when any live chunkserver is above ``high_watermark`` (90%) of its capacity,
+   the least valuable files of *all* policy directories are deleted until the logical data would fill
+   at most ``low_watermark`` (80%) of the cluster (``used_bytes * replication / capacity``; chunkservers
+   report their freed space only once the deletions reach them, so the logical size is the target).
+
+Value (windowed LRU): files are ordered by their last access (max of atime and mtime) cut into
+``window``-second windows, least recent window first; within a window the most recently *written*
+(mtime) go first. Blocks of one prompt are written parent first, so inside a window a chain loses its tail
+before its head, and what stays is still a usable prefix.
+
+Recency: meta records an access when a client sets the atime; ``KVStore.get`` does that on a hit at
+most once per ``touch_interval`` (60 s) per block. Plain reads through the mount or the client do
+not update atime, so a block only ever read that way ages from its creation time.
+
+Deleting a block is unlink + purge in meta: it leaves the namespace at once (a lookup misses), and its
+chunks are deleted on the chunkservers with the next heartbeat. A reader that already holds the chunk
+map either gets the whole verified block or an error that the KV store turns into a miss, never
+partial data. Temp files of writers (``.<name>.<random>.tmp``) count towards usage but are never
+evicted while written; ones older than an hour with no write lease are removed (crashed writers).
+
+Cost: a pass walks every policy directory's tree in the meta thread (a few microseconds per file);
+the pass interval grows with the pass duration so eviction takes at most ~5% of meta's time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+import time
+from dataclasses import dataclass, field
+
+from kvfs.meta import records as R
+from kvfs.meta.namespace import ROOT_INO, Namespace
+
+from kvfs import protocol as P
+from kvfs.kv.policy import EVICTIONS_XATTR, POLICY_XATTRS, STATS_PREFIXES, Policy
+
+log = logging.getLogger("kvfs.meta.eviction")
+
+STAT_FIELDS = ("get_hits", "get_misses", "lookup_hit_blocks", "lookup_miss_blocks")
+
+
+@dataclass
+class _File:
+    ino: int
+    parent: int
+    name: str
+    size: int
+    last_access_ns: int
+    written_ns: int  # mtime: set when the file was committed; atime-only updates keep it
+    tmp: bool
+
+
+@dataclass
+class _DirState:
+    used_bytes: int = 0
+    blocks: int = 0
+    scanned_at: float = 0.0
+    evicted_blocks: int = 0
+    evicted_bytes: int = 0
+    expired_blocks: int = 0
+    loaded: bool = False
+    dirty: bool = False
+    files: list[_File] = field(default_factory=list)
+
+
+class KVCache:
+    def __init__(self, ns: Namespace, *, high_watermark: float = 0.90, low_watermark: float = 0.80,
+                 quota_low: float = 0.90, interval: float = 5.0, tmp_max_age: float = 3600.0, clock=time.time):
+        self.ns = ns
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self.quota_low = quota_low
+        self.interval = interval
+        self.tmp_max_age = tmp_max_age
+        self.clock = clock
+        self.passes = 0
+        self._dirs: dict[int, _DirState] = {}
+        self._last_pass = 0.0
+        self._next_interval = interval
+
+    # ------------------------------------------------------------------ policy and counters discovery
+
+    def _xattr_dirs(self) -> tuple[dict[int, Policy], dict[int, dict[str, int]]]:
+        """Policy directories and per-directory client counters, from one scan of all xattrs."""
+        policies: dict[int, Policy] = {}
+        stats: dict[int, dict[str, int]] = {}
+        for key, value in self.ns.engine.scan(b"X"):
+            ino = R.U64.unpack(key[1:9])[0]
+            name = key[9:].decode("utf-8", "surrogateescape")
+            if name in POLICY_XATTRS:
+                try:
+                    policies[ino] = Policy.decode(value)
+                except ValueError as exc:
+                    log.warning("inode %d: ignoring %s", ino, exc)
+            elif name.startswith(STATS_PREFIXES):
+                try:
+                    counters = json.loads(value)
+                except ValueError:
+                    continue
+                acc = stats.setdefault(ino, dict.fromkeys(STAT_FIELDS, 0))
+                for f in STAT_FIELDS:
+                    acc[f] += int(counters.get(f, 0))
+        return policies, stats
+
+    def _state(self, ino: int) -> _DirState:
+        st = self._dirs.get(ino)
+        if st is None:
+            st = self._dirs[ino] = _DirState()
+        if not st.loaded:
+            st.loaded = True
+            raw = self.ns.engine.get(R.xattr_key(ino, EVICTIONS_XATTR))
+            if raw:
+                try:
+                    d = json.loads(raw)
+                    st.evicted_blocks, st.evicted_bytes = int(d["evicted_blocks"]), int(d["evicted_bytes"])
+                    st.expired_blocks = int(d["expired_blocks"])
+                except (ValueError, KeyError):
+                    pass
+        return st
+
+    def _save(self, ino: int, st: _DirState) -> None:
+        if st.dirty and self.ns.engine.get(R.inode_key(ino)) is not None:
+            value = json.dumps({"evicted_blocks": st.evicted_blocks, "evicted_bytes": st.evicted_bytes,
+                                "expired_blocks": st.expired_blocks}).encode()
+            self.ns.engine.write([(R.xattr_key(ino, EVICTIONS_XATTR), value)])
+            st.dirty = False
+
+    # ------------------------------------------------------------------ walking
+
+    def _walk(self, top: int, skip: set[int]) -> list[_File]:
+        """Regular files under directory ``top``, not descending into directories in ``skip``."""
+        engine = self.ns.engine
+        out: list[_File] = []
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            prefix = R.dentry_prefix(d)
+            for key, raw in engine.scan(prefix):
+                child = R.U64.unpack(raw)[0]
+                node_raw = engine.get(R.inode_key(child))
+                if node_raw is None:
+                    continue
+                node = R.decode_inode(node_raw)
+                if stat.S_ISDIR(node.mode):
+                    if child not in skip:
+                        stack.append(child)
+                elif stat.S_ISREG(node.mode):
+                    name = key[len(prefix):].decode("utf-8", "surrogateescape")
+                    out.append(_File(child, d, name, node.size, max(node.atime_ns, node.mtime_ns), node.mtime_ns,
+                                     name.startswith(".") and name.endswith(".tmp")))
+        return out
+
+    def path_of(self, ino: int) -> str:
+        parts = []
+        seen = 0
+        while ino != ROOT_INO and seen < 4096:
+            parent = self.ns.inode(ino).parent or ROOT_INO
+            name = next((k[9:].decode("utf-8", "surrogateescape") for k, v in
+                         self.ns.engine.scan(R.dentry_prefix(parent)) if R.U64.unpack(v)[0] == ino), f"#{ino}")
+            parts.append(name)
+            ino = parent
+            seen += 1
+        return "/" + "/".join(reversed(parts))
+
+    # ------------------------------------------------------------------ eviction
+
+    def _leased(self, ino: int) -> bool:
+        holder = self.ns.leases.get(ino)
+        return holder is not None and holder[1] > self.ns.clock()
+
+    def _delete(self, f: _File) -> bool:
+        """Unlink + purge one file, if it is still the same file under the same name."""
+        if self.ns._child(f.parent, f.name) != f.ino or self._leased(f.ino):
+            return False
+        try:
+            attr = self.ns.unlink(f.parent, f.name)
+            if attr.nlink <= 0:
+                self.ns.purge(f.ino)
+        except OSError as exc:
+            log.warning("evicting %s: %s", f.name, exc)
+            return False
+        return True
+
+    @staticmethod
+    def _value_key(f: _File, window_ns: int) -> tuple[int, int]:
+        return (f.last_access_ns // window_ns, -f.written_ns)
+
+    def run_once(self) -> P.KVStatusReply:
+        """One eviction pass over every policy directory; returns the status after it."""
+        started = time.monotonic()
+        now_ns = int(self.clock() * 1e9)
+        policies, stats = self._xattr_dirs()
+        pool: list[tuple[tuple[int, int], int, _File]] = []
+        for ino, policy in policies.items():
+            if self.ns.engine.get(R.inode_key(ino)) is None:
+                continue
+            st = self._state(ino)
+            files = self._walk(ino, set(policies) - {ino})
+            window_ns = max(int(policy.window * 1e9), 1)
+            kept: list[_File] = []
+            for f in files:
+                age_ns = now_ns - f.last_access_ns
+                if f.tmp:
+                    if age_ns > self.tmp_max_age * 1e9 and self._delete(f):
+                        continue
+                elif policy.ttl and age_ns > policy.ttl * 1e9 and self._delete(f):
+                    st.expired_blocks += 1
+                    st.dirty = True
+                    continue
+                kept.append(f)
+            used = sum(f.size for f in kept)
+            if policy.quota and used > policy.quota:
+                target = policy.quota * self.quota_low
+                for f in sorted((f for f in kept if not f.tmp), key=lambda f: self._value_key(f, window_ns)):
+                    if used <= target:
+                        break
+                    if self._delete(f):
+                        used -= f.size
+                        st.evicted_blocks += 1
+                        st.evicted_bytes += f.size
+                        st.dirty = True
+                        f.size = -1  # gone
+                kept = [f for f in kept if f.size >= 0]
+            st.files = kept
+            st.used_bytes = sum(f.size for f in kept)
+            st.blocks = sum(1 for f in kept if not f.tmp)
+            st.scanned_at = self.clock()
+            pool.extend((self._value_key(f, window_ns), ino, f) for f in kept if not f.tmp)
+        self._relieve_pressure(pool)
+        for ino in policies:
+            if ino in self._dirs:
+                self._dirs[ino].files = []
+                self._save(ino, self._dirs[ino])
+        self.passes += 1
+        took = time.monotonic() - started
+        self._next_interval = max(self.interval, 20 * took)
+        return self._status(policies, stats)
+
+    def _relieve_pressure(self, pool: list[tuple[tuple[int, int], int, _File]]) -> None:
+        live = self.ns.registry.live_servers()
+        if not pool or not any(s.capacity and s.used >= self.high_watermark * s.capacity for s in live):
+            return
+        capacity = sum(s.capacity for s in live) / max(self.ns.replication, 1)
+        to_free = self.ns.used_bytes - self.low_watermark * capacity
+        if to_free <= 0:
+            return
+        log.info("chunkserver above %.0f%% full: evicting %d bytes of KV blocks", 100 * self.high_watermark, to_free)
+        pool.sort(key=lambda item: item[0])
+        for _key, ino, f in pool:
+            if to_free <= 0:
+                break
+            if self._delete(f):
+                to_free -= f.size
+                st = self._dirs[ino]
+                st.evicted_blocks += 1
+                st.evicted_bytes += f.size
+                st.used_bytes -= f.size
+                st.blocks -= 1
+                st.dirty = True
+
+    def tick(self) -> None:
+        """Called from the service's housekeeping loop: run a pass when one is due. Never raises."""
+        if self.clock() - self._last_pass < self._next_interval:
+            return
+        self._last_pass = self.clock()
+        try:
+            self.run_once()
+        except Exception:  # a bug here must not stop meta's housekeeping
+            log.exception("KV eviction pass failed")
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> P.KVStatusReply:
+        policies, stats = self._xattr_dirs()
+        return self._status(policies, stats)
+
+    def _status(self, policies: dict[int, Policy], stats: dict[int, dict[str, int]]) -> P.KVStatusReply:
+        rows = []
+        for ino in sorted(set(policies) | set(stats)):
+            if self.ns.engine.get(R.inode_key(ino)) is None:
+                continue
+            st = self._state(ino)
+            if ino not in policies or self.clock() - st.scanned_at > 2 * self._next_interval:
+                files = self._walk(ino, set(policies) - {ino})
+                st.used_bytes = sum(f.size for f in files)
+                st.blocks = sum(1 for f in files if not f.tmp)
+                st.scanned_at = self.clock() if ino in policies else 0.0
+            policy = policies.get(ino)
+            s = stats.get(ino) or dict.fromkeys(STAT_FIELDS, 0)
+            rows.append(P.KVDirStatus(self.path_of(ino), policy.quota if policy else 0, policy.ttl if policy else 0.0,
+                                      policy.window if policy else 0.0, st.used_bytes, st.blocks,
+                                      s["get_hits"], s["get_misses"], s["lookup_hit_blocks"], s["lookup_miss_blocks"],
+                                      st.evicted_blocks, st.evicted_bytes, st.expired_blocks))
+        return P.KVStatusReply(rows, self.passes)
+
+    # ------------------------------------------------------------------ lookups
+
+    def chunks_many(self, paths: list[str]) -> P.KVChunksReply:
+        """Attributes and chunk maps (with replica addresses) of several files in one call: a batch
+        of block reads needs no other meta round trip. None for a path that is not a regular file."""
+        out: list[P.GetChunksReply | None] = []
+        for path in paths:
+            try:
+                attr = self.ns.resolve(path)
+            except OSError:
+                out.append(None)
+                continue
+            out.append(self.ns.chunks(attr.ino, 0, 1 << 30) if stat.S_ISREG(attr.mode) else None)
+        return P.KVChunksReply(out)
+
+    def exists_under(self, base: str, names: list[str], leading_only: bool = False) -> P.ExistsManyReply:
+        """Which of ``names`` (relative paths under directory ``base``) exist, in one call: a prompt's
+        block lookup. Resolves ``base`` once and each intermediate directory once."""
+        exists = [False] * len(names)
+        try:
+            base_ino = self.ns.resolve(base).ino
+        except OSError:
+            return P.ExistsManyReply(exists, 0)
+        get = self.ns.engine.get
+        child = self.ns._child
+        # directory (relative path) -> its dentry key prefix, None if missing; only existence matters,
+        # so a block is one engine get of b"D" <dir ino> <name>, nothing decoded.
+        prefixes: dict[str, bytes | None] = {"": R.dentry_prefix(base_ino)}
+        leading = -1
+        for i, name in enumerate(names):
+            head, _, leaf = name.rpartition("/")
+            prefix = prefixes.get(head, b"")
+            if prefix == b"":
+                d: int | None = base_ino
+                for part in head.split("/") if head else ():
+                    d = child(d, part) if d is not None else None
+                prefix = prefixes[head] = R.dentry_prefix(d) if d is not None else None
+            found = prefix is not None and get(prefix + leaf.encode("utf-8", "surrogateescape")) is not None
+            exists[i] = found
+            if not found and leading < 0:
+                leading = i
+                if leading_only:
+                    break
+        return P.ExistsManyReply(exists, len(names) if leading < 0 else leading)

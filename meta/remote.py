@@ -1,0 +1,1019 @@
+"""The remote capacity tier on the meta side: bindings, per-file remote state, the durable upload queue,
+the write-back uploader, listing sync, staleness checks and eviction of clean data.
+
+A binding ties a kvfs directory to a remote location (``kvfs.remote.open_store``). Under it, every
+regular file has a ``FileRecord``: its remote key, state (dirty / uploading / clean) and the version
+(etag, size, mtime) of the remote object it matches. Files listed from the remote start *clean* with
+no chunks: clients fetch missing chunks from the remote and record them (``fill_alloc`` /
+``fill_commit``). Local changes make a file *dirty* and put it in the upload queue; the uploader,
+a trio task in the meta process, reads the file through ``kvfs.Client`` and uploads it.
+
+``RemoteTier.wrap`` layers the tier over the plain namespace handlers: it syncs listings before
+lookups, refuses writes in read-only bindings (EROFS), and marks files dirty after commits. The
+namespace itself knows nothing about remotes.
+
+Key layout (own ``r`` prefix; records.py owns the upper-case ones)::
+
+    rb <path>        -> BindingRecord
+    rf <ino:8>       -> FileRecord
+    ru <ino:8>       -> b""              upload queue (one entry per dirty file)
+    rd <seq:8>       -> DeleteJob        remote deletes still to do
+
+Error handling: remote failures never fail a local write; they are retried with exponential
+backoff and shown as the file's ``error``. Attach validates the location and fails with one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+from kvfs import protocol as P
+from kvfs.errors import error
+from kvfs.meta import records as R
+from kvfs.meta.engine import Batch
+from kvfs.meta.namespace import ROOT_INO, Namespace, check_name, now_ns
+
+log = logging.getLogger("kvfs.meta.remote")
+
+MODES = ("writeback", "writethrough", "readonly")
+STATE_XATTR = "user.kvfs.state"
+DIRTY, UPLOADING, CLEAN = "dirty", "uploading", "clean"
+
+
+def _env(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass
+class TierOptions:
+    """Tunables; each can be set from the environment of the meta process (``KVFS_REMOTE_*``)."""
+
+    ttl: float = field(default_factory=lambda: _env("KVFS_REMOTE_TTL", 30.0))  # listing/validation freshness
+    sync_wait: float = field(default_factory=lambda: _env("KVFS_REMOTE_SYNC_WAIT", 3.0))  # lookup waits this long
+    remote_timeout: float = field(default_factory=lambda: _env("KVFS_REMOTE_TIMEOUT", 60.0))
+    max_backoff: float = field(default_factory=lambda: _env("KVFS_REMOTE_MAX_BACKOFF", 30.0))
+    uploads: int = field(default_factory=lambda: int(_env("KVFS_REMOTE_UPLOADS", 4)))
+    writethrough_timeout: float = field(default_factory=lambda: _env("KVFS_REMOTE_WRITETHROUGH_TIMEOUT", 25.0))
+    high_watermark: float = field(default_factory=lambda: _env("KVFS_REMOTE_HIGH_WATERMARK", 0.90))
+    low_watermark: float = field(default_factory=lambda: _env("KVFS_REMOTE_LOW_WATERMARK", 0.80))
+    evict_min_age: float = field(default_factory=lambda: _env("KVFS_REMOTE_EVICT_MIN_AGE", 60.0))
+
+
+class BindingRecord(msgspec.Struct, array_like=True):
+    path: str
+    url: str
+    mode: str
+    root_ino: int
+    uid: int = 0
+    gid: int = 0
+
+
+class FileRecord(msgspec.Struct, array_like=True):
+    binding: str  # binding path
+    key: str  # object key relative to the binding's URL
+    state: str
+    etag: str = ""  # version of the remote object this file matches ("" = never uploaded)
+    size: int = 0
+    mtime_ns: int = 0
+    version: int = 0  # bumped by every local change; an upload only cleans the version it read
+    error: str = ""
+
+
+class DeleteJob(msgspec.Struct, array_like=True):
+    url: str
+    key: str
+
+
+_enc = msgspec.msgpack.Encoder().encode
+_dec_binding = msgspec.msgpack.Decoder(BindingRecord).decode
+_dec_file = msgspec.msgpack.Decoder(FileRecord).decode
+_dec_delete = msgspec.msgpack.Decoder(DeleteJob).decode
+
+
+def binding_key(path: str) -> bytes:
+    return b"rb" + path.encode("utf-8", "surrogateescape")
+
+
+def file_key(ino: int) -> bytes:
+    return b"rf" + R.U64.pack(ino)
+
+
+def upload_key(ino: int) -> bytes:
+    return b"ru" + R.U64.pack(ino)
+
+
+def delete_key(seq: int) -> bytes:
+    return b"rd" + R.U64.pack(seq)
+
+
+def norm_path(path: str) -> str:
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise error(errno.EINVAL, f"{path}: '..' not allowed")
+    return "/" + "/".join(parts)
+
+
+class RemoteTier:
+    def __init__(self, ns: Namespace, options: TierOptions | None = None):
+        self.ns = ns
+        self.opts = options or TierOptions()
+        self.bindings: dict[str, BindingRecord] = {}
+        for _, raw in ns.engine.scan(b"rb"):
+            b = _dec_binding(raw)
+            self.bindings[b.path] = b
+        self._dir_cache: dict[int, tuple[str, str] | None] = {}  # dir ino -> (binding path, rel) or None
+        self._synced: dict[int, float] = {}  # dir ino -> monotonic time of the last listing
+        self._syncing: dict[int, trio.Event] = {}
+        self._validated: dict[int, float] = {}  # file ino -> last remote HEAD
+        self._access: dict[int, float] = {}  # file ino -> last open (eviction order)
+        self._backoff: dict[int, tuple[float, int]] = {}  # ino (or -seq for deletes) -> (retry at, attempts)
+        self._active: set[int] = set()
+        self._changed: dict[int, trio.Event] = {}  # ino -> set when an upload attempt ends
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._client = None
+        last = next(iter(reversed(list(ns.engine.scan(b"rd")))), None)
+        self._delete_seq = R.U64.unpack(last[0][2:])[0] + 1 if last else 1
+        # An upload in flight when meta stopped is simply dirty again.
+        batch: Batch = []
+        for key, raw in ns.engine.scan(b"rf"):
+            rec = _dec_file(raw)
+            if rec.state == UPLOADING:
+                rec.state = DIRTY
+                batch.append((key, _enc(rec)))
+        if batch:
+            ns.engine.write(batch)
+
+    # ------------------------------------------------------------------ records
+
+    def file(self, ino: int) -> FileRecord | None:
+        raw = self.ns.engine.get(file_key(ino))
+        return _dec_file(raw) if raw is not None else None
+
+    def binding_of_file(self, ino: int) -> tuple[BindingRecord, FileRecord] | None:
+        rec = self.file(ino)
+        if rec is None:
+            return None
+        b = self.bindings.get(rec.binding)
+        return (b, rec) if b is not None else None
+
+    def _name_in(self, parent: int, child: int) -> str | None:
+        prefix = R.dentry_prefix(parent)
+        for key, raw in self.ns.engine.scan(prefix):
+            if R.U64.unpack(raw)[0] == child:
+                return key[len(prefix):].decode("utf-8", "surrogateescape")
+        return None
+
+    def locate_dir(self, ino: int) -> tuple[BindingRecord, str] | None:
+        """The binding a directory lies in and its path relative to the binding root."""
+        if not self.bindings:
+            return None
+        if ino in self._dir_cache:
+            hit = self._dir_cache[ino]
+            return (self.bindings[hit[0]], hit[1]) if hit and hit[0] in self.bindings else None
+        roots = {b.root_ino: b for b in self.bindings.values()}
+        chain = [ino]  # ino and its ancestors, up to a binding root or the filesystem root
+        found: BindingRecord | None = None
+        for _ in range(4096):
+            cur = chain[-1]
+            if cur in roots:
+                found = roots[cur]
+                break
+            if cur == ROOT_INO:
+                break
+            try:
+                chain.append(self.ns.inode(cur).parent or ROOT_INO)
+            except OSError:
+                break
+        if found is None:
+            self._dir_cache[ino] = None
+            return None
+        names = []  # only inside a binding: find each name (bound trees are model repos, small dirs)
+        for child, parent in itertools.pairwise(chain):
+            name = self._name_in(parent, child)
+            if name is None:
+                return None
+            names.append(name)
+        rel = "/".join(reversed(names))
+        self._dir_cache[ino] = (found.path, rel)
+        return found, rel
+
+    def _forget_dirs(self) -> None:
+        self._dir_cache.clear()
+
+    def _enqueue(self, batch: Batch, ino: int, rec: FileRecord) -> None:
+        rec.state = DIRTY
+        rec.version += 1
+        batch.append((file_key(ino), _enc(rec)))
+        batch.append((upload_key(ino), b""))
+
+    def _queue_delete(self, batch: Batch, url: str, key: str) -> None:
+        batch.append((delete_key(self._delete_seq), _enc(DeleteJob(url, key))))
+        self._delete_seq += 1
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ bindings
+
+    async def attach(self, r: P.RemoteAttach) -> P.RemoteBinding:
+        from kvfs.remote import open_store
+
+        if r.mode not in MODES:
+            raise error(errno.EINVAL, f"mode must be one of {', '.join(MODES)}")
+        path = norm_path(r.path)
+        if path == "/":
+            raise error(errno.EINVAL, "cannot bind the root directory")
+        for b in self.bindings.values():
+            if path == b.path or path.startswith(b.path + "/") or b.path.startswith(path + "/"):
+                raise error(errno.EBUSY, f"{path} overlaps the existing binding {b.path} -> {b.url}")
+        store = open_store(r.url, cached=False)
+        try:
+            with trio.fail_after(self.opts.remote_timeout):
+                await trio.to_thread.run_sync(store.check, cancellable=True)
+        except trio.TooSlowError:
+            raise error(errno.ETIMEDOUT, f"{r.url}: no answer within {self.opts.remote_timeout:g}s") from None
+        # Create the directory (and parents) if needed.
+        ino = ROOT_INO
+        for part in path.strip("/").split("/"):
+            try:
+                attr = self.ns.lookup(ino, part)
+            except FileNotFoundError:
+                attr = self.ns.mknode(ino, part, stat.S_IFDIR | 0o755, r.uid, r.gid)
+            if not stat.S_ISDIR(attr.mode):
+                raise error(errno.ENOTDIR, f"{path}: not a directory")
+            ino = attr.ino
+        rec = BindingRecord(path, r.url.rstrip("/"), r.mode, ino, r.uid, r.gid)
+        batch: Batch = [(binding_key(path), _enc(rec))]
+        self.bindings[path] = rec
+        self._forget_dirs()
+        if r.mode != "readonly":
+            self._adopt_local(batch, rec, ino, "")
+        self.ns.engine.write(batch)
+        self._kick()
+        log.info("bound %s to %s (%s)", path, rec.url, rec.mode)
+        await self.sync_dir(ino, force=True, wait=self.opts.sync_wait)
+        return self._binding_reply(rec)
+
+    def _adopt_local(self, batch: Batch, b: BindingRecord, dir_ino: int, rel: str) -> None:
+        """Files already in a directory when it gets bound are uploaded (writable modes)."""
+        prefix = R.dentry_prefix(dir_ino)
+        for key, raw in self.ns.engine.scan(prefix):
+            name = key[len(prefix):].decode("utf-8", "surrogateescape")
+            child = R.U64.unpack(raw)[0]
+            node = self.ns.inode(child)
+            sub = f"{rel}/{name}" if rel else name
+            if stat.S_ISDIR(node.mode):
+                self._adopt_local(batch, b, child, sub)
+            elif stat.S_ISREG(node.mode) and self.file(child) is None:
+                self._enqueue(batch, child, FileRecord(b.path, sub, DIRTY))
+
+    def _binding_reply(self, b: BindingRecord) -> P.RemoteBinding:
+        dirty = 0
+        for _, raw in self.ns.engine.scan(b"rf"):
+            rec = _dec_file(raw)
+            if rec.binding == b.path and rec.state != CLEAN:
+                dirty += 1
+        deletes = sum(1 for _ in self.ns.engine.scan(b"rd"))
+        return P.RemoteBinding(b.path, b.url, b.mode, b.root_ino, dirty, deletes)
+
+    def detach(self, path: str) -> None:
+        """Forget a binding. Refused while files wait for upload; files that came from the remote
+        leave the namespace (the remote keeps them), local-only entries stay."""
+        path = norm_path(path)
+        b = self.bindings.get(path)
+        if b is None:
+            raise error(errno.ENOENT, f"{path}: not bound to a remote")
+        mine = [(R.U64.unpack(k[2:])[0], _dec_file(v)) for k, v in self.ns.engine.scan(b"rf")]
+        mine = [(ino, rec) for ino, rec in mine if rec.binding == path]
+        pending = [rec.key for _, rec in mine if rec.state != CLEAN]
+        if pending:
+            raise error(errno.EBUSY, f"{path}: {len(pending)} file(s) not uploaded yet (e.g. {pending[0]}); "
+                                     f"run `kvfs flush {path}` first")
+        del self.bindings[path]
+        self.ns.engine.write([(binding_key(path), None)] + [(file_key(ino), None) for ino, _ in mine]
+                             + [(upload_key(ino), None) for ino, _ in mine])
+        self._forget_dirs()
+        for ino, rec in mine:
+            self._remove_file(ino, b.root_ino, rec.key)
+        log.info("unbound %s from %s", path, b.url)
+
+    def _remove_file(self, ino: int, root_ino: int, key: str) -> None:
+        """Drop one remote-backed file from the namespace (detach, or deleted remotely)."""
+        parent = root_ino
+        *dirs, name = key.split("/")
+        try:
+            for d in dirs:
+                parent = self.ns.lookup(parent, d).ino
+            if self.ns._child(parent, name) == ino:
+                self.ns.unlink(parent, name)
+                self.ns.purge(ino)
+        except OSError as exc:
+            log.debug("removing %s: %s", key, exc)
+
+    def list(self) -> P.RemoteListReply:
+        return P.RemoteListReply([self._binding_reply(b) for b in sorted(self.bindings.values(), key=lambda b: b.path)])
+
+    # ------------------------------------------------------------------ listing sync (read-through namespace)
+
+    async def sync_dir(self, ino: int, *, force: bool = False, wait: float | None = None) -> P.RemoteSyncReply:
+        """Bring a bound directory's entries in line with the remote listing (at most every TTL).
+
+        The listing runs as a task of the tier; callers wait at most ``wait`` seconds for it, so a
+        slow or unreachable remote delays a lookup by a bounded time and then the local view answers.
+        """
+        loc = self.locate_dir(ino)
+        if loc is None:
+            return P.RemoteSyncReply(0, 0, 0)
+        if not force and trio.current_time() - self._synced.get(ino, -1e9) < self.opts.ttl:
+            return P.RemoteSyncReply(0, 0, 0)
+        done = self._syncing.get(ino)
+        result: list[P.RemoteSyncReply] = []
+        if done is None:
+            done = self._syncing[ino] = trio.Event()
+
+            async def run() -> None:
+                try:
+                    result.append(await self._sync_now(ino, *loc))
+                except (OSError, trio.TooSlowError) as exc:
+                    log.warning("listing %s/%s failed: %s", loc[0].url, loc[1], exc)
+                finally:
+                    self._synced[ino] = trio.current_time()
+                    del self._syncing[ino]
+                    done.set()
+
+            if self._nursery is None:  # background tasks not started yet: list inline
+                await run()
+            else:
+                self._nursery.start_soon(run)
+        with trio.move_on_after(self.opts.sync_wait if wait is None else wait):
+            await done.wait()
+        return result[0] if result else P.RemoteSyncReply(0, 0, 0)
+
+    async def _sync_now(self, ino: int, b: BindingRecord, rel: str) -> P.RemoteSyncReply:
+        from kvfs.remote import open_store
+
+        store = open_store(b.url)
+        started = trio.current_time()
+        with trio.fail_after(self.opts.remote_timeout):
+            entries = await trio.to_thread.run_sync(lambda: list(store.list(rel)), cancellable=True)
+        added = updated = removed = 0
+        if self.bindings.get(b.path) is not b:
+            return P.RemoteSyncReply(0, 0, 0)  # detached while listing
+
+        def newer_than_listing(child: int) -> bool:
+            """Uploaded or re-validated after the listing started: the listing is the stale side."""
+            return self._validated.get(child, -1e9) >= started
+        prefix = R.dentry_prefix(ino)
+        local = {k[len(prefix):].decode("utf-8", "surrogateescape"): R.U64.unpack(v)[0]
+                 for k, v in self.ns.engine.scan(prefix)}
+        seen: set[str] = set()
+        for e in entries:
+            name = e.key.rsplit("/", 1)[-1]
+            try:
+                check_name(name)
+            except OSError:
+                log.warning("skipping remote object %r: not a valid file name", e.key)
+                continue
+            seen.add(name)
+            child = self.ns._child(ino, name)  # re-read: the namespace may have changed while listing
+            if e.is_dir:
+                if child is None:
+                    self.ns.mknode(ino, name, stat.S_IFDIR | 0o755, b.uid, b.gid)
+                    added += 1
+                continue
+            if child is None:
+                attr = self.ns.mknode(ino, name, stat.S_IFREG | 0o644, b.uid, b.gid)
+                self._set_remote_version(attr.ino, FileRecord(b.path, e.key, CLEAN), e, drop_chunks=False)
+                added += 1
+                continue
+            node = self.ns.inode(child)
+            if not stat.S_ISREG(node.mode):
+                continue
+            rec = self.file(child)
+            if rec is None:
+                if node.size == 0 and not any(True for _ in self.ns.engine.scan(R.chunk_prefix(child), limit=1)):
+                    self._set_remote_version(child, FileRecord(b.path, e.key, CLEAN), e, drop_chunks=False)
+                    updated += 1
+                continue
+            if rec.state == CLEAN and (rec.etag != e.etag or rec.size != e.size) and not newer_than_listing(child):
+                log.info("%s changed remotely (etag %s -> %s): dropping the cached copy", e.key, rec.etag, e.etag)
+                self._set_remote_version(child, rec, e, drop_chunks=True)
+                updated += 1
+        for name, child in local.items():
+            if name in seen:
+                continue
+            rec = self.file(child)
+            if (rec is not None and rec.state == CLEAN and rec.etag and self.ns._child(ino, name) == child
+                    and not newer_than_listing(child)):
+                log.info("%s was deleted remotely: removing it", rec.key)
+                self.ns.engine.write([(file_key(child), None)])
+                self.ns.unlink(ino, name)
+                self.ns.purge(child)
+                removed += 1
+        return P.RemoteSyncReply(added, updated, removed)
+
+    def _set_remote_version(self, ino: int, rec: FileRecord, e, *, drop_chunks: bool) -> None:
+        """Make ``ino`` a clean copy of remote entry ``e`` (size, mtime), dropping stale chunks."""
+        node = self.ns.inode(ino)
+        batch: Batch = []
+        dropped = self._drop_chunks(batch, ino) if drop_chunks else []
+        node.size = e.size
+        node.mtime_ns = e.mtime_ns or now_ns()
+        node.ctime_ns = now_ns()
+        self.ns._put(batch, ino, node)
+        rec.state, rec.etag, rec.size, rec.mtime_ns, rec.error = CLEAN, e.etag, e.size, e.mtime_ns, ""
+        batch.append((file_key(ino), _enc(rec)))
+        batch.append((upload_key(ino), None))
+        self.ns.engine.write(batch)
+        self._release_chunks(dropped)
+        self._validated[ino] = trio.current_time()
+
+    def _drop_chunks(self, batch: Batch, ino: int) -> list[R.ChunkRecord]:
+        dropped = []
+        for key, raw in self.ns.engine.scan(R.chunk_prefix(ino)):
+            rec = R.decode_chunk(raw)
+            batch.append((key, None))
+            batch.append((R.live_chunk_key(rec.chunk_id), None))
+            dropped.append(rec)
+        return dropped
+
+    def _release_chunks(self, dropped: list[R.ChunkRecord]) -> None:
+        for rec in dropped:
+            self.ns.used_bytes -= rec.length
+            self.ns.registry.drop_chunk(rec.chunk_id)
+
+    async def sync_path(self, path: str) -> P.RemoteSyncReply:
+        """``kvfs remote sync``/``kvfs flush``: re-list a directory tree now, and retry its pending uploads."""
+        attr = await self.resolve(path)
+        total = P.RemoteSyncReply(0, 0, 0)
+        if not stat.S_ISDIR(attr.mode):
+            self._backoff.pop(attr.ino, None)
+            self._kick()
+            return total
+        stack = [attr.ino]
+        while stack:
+            d = stack.pop()
+            r = await self.sync_dir(d, force=True, wait=self.opts.remote_timeout)
+            total.added += r.added
+            total.updated += r.updated
+            total.removed += r.removed
+            prefix = R.dentry_prefix(d)
+            for _, raw in self.ns.engine.scan(prefix):
+                child = R.U64.unpack(raw)[0]
+                if stat.S_ISDIR(self.ns.inode(child).mode):
+                    stack.append(child)
+                else:
+                    self._backoff.pop(child, None)
+        self._backoff = {k: v for k, v in self._backoff.items() if k >= 0}
+        self._kick()
+        return total
+
+    async def resolve(self, path: str) -> P.Attr:
+        ino = ROOT_INO
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            await self.sync_dir(ino)
+            ino = self.ns.lookup(ino, part).ino
+        return self.ns.attr(ino)
+
+    # ------------------------------------------------------------------ staleness (open)
+
+    async def validate(self, ino: int) -> None:
+        """On open of a clean remote-backed file, re-check the remote version at most every TTL."""
+        found = self.binding_of_file(ino)
+        if found is None:
+            return
+        self._access[ino] = trio.current_time()
+        b, rec = found
+        if rec.state != CLEAN or not rec.etag:
+            return
+        if trio.current_time() - self._validated.get(ino, -1e9) < self.opts.ttl:
+            return
+        from kvfs.remote import open_store
+
+        store = open_store(b.url)
+        with trio.move_on_after(self.opts.sync_wait):
+            try:
+                e = await trio.to_thread.run_sync(store.head, rec.key, cancellable=True)
+            except OSError as exc:
+                # Unreachable: serve what is cached. Deleted remotely: the next listing removes it.
+                log.debug("validating %s: %s", rec.key, exc)
+                return
+            self._validated[ino] = trio.current_time()
+            cur = self.file(ino)
+            if cur is not None and cur.state == CLEAN and cur.etag == rec.etag and e.etag != rec.etag:
+                log.info("%s changed remotely (etag %s -> %s): dropping the cached copy", rec.key, rec.etag, e.etag)
+                self._set_remote_version(ino, cur, e, drop_chunks=True)
+
+    # ------------------------------------------------------------------ read-through fills
+
+    def info(self, ino: int) -> P.RemoteInfoReply:
+        found = self.binding_of_file(ino)
+        if found is None:
+            raise error(errno.ENODATA, f"inode {ino} is not backed by a remote store")
+        b, rec = found
+        node = self.ns.inode(ino)
+        fillable = rec.state == CLEAN and bool(rec.etag) and node.size == rec.size
+        return P.RemoteInfoReply(b.url, rec.key, b.mode, rec.state, rec.etag, rec.size, rec.mtime_ns, fillable,
+                                 rec.error)
+
+    def fill_alloc(self, r: P.RemoteFillAlloc) -> P.RemoteFillAllocReply:
+        if not self.info(r.ino).fillable:
+            raise error(errno.ESTALE, f"inode {r.ino}: no clean remote copy to fill from")
+        out = []
+        for _ in range(max(1, min(r.count, 1024))):
+            servers = self.ns.registry.place(self.ns.replication, r.size_hint or self.ns.chunk_size)
+            chunk_id = self.ns.alloc_chunk_id()
+            self.ns.registry.add_locations(chunk_id, [s.record.server_id for s in servers])
+            self.ns.pending_chunks[chunk_id] = self.ns.clock()
+            out.append(P.AllocChunkReply(chunk_id, [s.record.address for s in servers]))
+        return P.RemoteFillAllocReply(out)
+
+    def fill_commit(self, r: P.RemoteFillCommit) -> P.RemoteFillCommitReply:
+        info = self.info(r.ino)
+        for ref in r.chunks:
+            self.ns.pending_chunks.pop(ref.chunk_id, None)
+        if not info.fillable or info.etag != r.etag:
+            for ref in r.chunks:
+                self.ns.registry.drop_chunk(ref.chunk_id)
+            raise error(errno.ESTALE, f"{info.key}: the remote object changed while it was being fetched")
+        cs = self.ns.chunk_size
+        batch: Batch = []
+        out = []
+        garbage = []
+        for ref in r.chunks:
+            raw = self.ns.engine.get(R.chunk_key(r.ino, ref.index))
+            expect = min(cs, info.size - ref.index * cs)
+            if raw is not None or ref.length != expect or expect <= 0:
+                garbage.append(ref.chunk_id)  # filled by someone else first, or bogus
+                if raw is not None:
+                    rec = R.decode_chunk(raw)
+                    out.append(P.ChunkRef(ref.index, rec.chunk_id, rec.length, self.ns.registry.replicas_of(rec.chunk_id)))
+                continue
+            batch.append((R.chunk_key(r.ino, ref.index), R.encode(R.ChunkRecord(ref.chunk_id, ref.length))))
+            batch.append((R.live_chunk_key(ref.chunk_id), b""))
+            self.ns.used_bytes += ref.length
+            out.append(P.ChunkRef(ref.index, ref.chunk_id, ref.length, self.ns.registry.replicas_of(ref.chunk_id)))
+        if batch:
+            self.ns.engine.write(batch)
+        for chunk_id in garbage:
+            self.ns.registry.drop_chunk(chunk_id)
+        return P.RemoteFillCommitReply(out)
+
+    # ------------------------------------------------------------------ eviction
+
+    def evict_file(self, ino: int) -> int:
+        """Drop the local chunks of a clean file (they are re-fetched on demand). Dirty data never goes."""
+        rec = self.file(ino)
+        if rec is None or rec.state != CLEAN or not rec.etag or self.ns.inode(ino).size != rec.size:
+            return 0
+        batch: Batch = []
+        dropped = self._drop_chunks(batch, ino)
+        if not dropped:
+            return 0
+        self.ns.engine.write(batch)
+        self._release_chunks(dropped)
+        return sum(c.length for c in dropped)
+
+    async def evict_path(self, path: str) -> P.RemoteEvictReply:
+        attr = await self.resolve(path)
+        files = freed = 0
+        stack = [attr.ino]
+        while stack:
+            ino = stack.pop()
+            if stat.S_ISDIR(self.ns.inode(ino).mode):
+                stack.extend(R.U64.unpack(v)[0] for _, v in self.ns.engine.scan(R.dentry_prefix(ino)))
+                continue
+            n = self.evict_file(ino)
+            if n:
+                files += 1
+                freed += n
+        return P.RemoteEvictReply(files, freed)
+
+    def _over_watermark(self) -> int:
+        """Bytes to free so every chunkserver above the high watermark gets under the low one."""
+        need = 0
+        for s in self.ns.registry.live_servers():
+            if s.capacity and s.used > self.opts.high_watermark * s.capacity:
+                need += int(s.used - self.opts.low_watermark * s.capacity)
+        return need
+
+    async def _evictor(self) -> None:
+        while True:
+            await trio.sleep(2.0)
+            need = self._over_watermark()
+            if need <= 0 or not self.bindings:
+                continue
+            now = trio.current_time()
+            candidates = []
+            for key, raw in self.ns.engine.scan(b"rf"):
+                rec = _dec_file(raw)
+                ino = R.U64.unpack(key[2:])[0]
+                last = self._access.get(ino, 0.0)
+                if rec.state == CLEAN and rec.etag and now - last >= self.opts.evict_min_age:
+                    candidates.append((last, ino))
+            candidates.sort()
+            freed = 0
+            # Replicated chunks free `replication` times their length across servers.
+            for _, ino in candidates:
+                if freed >= need:
+                    break
+                freed += self.evict_file(ino) * max(self.ns.replication, 1)
+            if freed:
+                log.info("capacity above %.0f%%: evicted %d bytes of clean remote-backed data",
+                         self.opts.high_watermark * 100, freed)
+                await trio.sleep(5.0)  # let chunkservers delete and report before judging again
+
+    # ------------------------------------------------------------------ write-back uploader
+
+    async def run(self, meta_address: str) -> None:
+        """The tier's background tasks: uploader, remote deletes, eviction. Owned by the meta service."""
+        from kvfs.client import Client, ClientOptions
+
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            client = Client(meta_address, ClientOptions(timeout=30.0), client_id=f"meta-uploader-{os.getpid()}")
+            while True:
+                try:
+                    await client.connect(nursery)
+                    break
+                except OSError as exc:
+                    log.debug("uploader: connecting to meta: %s", exc)
+                    await trio.sleep(0.5)
+            self._client = client
+            nursery.start_soon(self._evictor)
+            try:
+                await self._dispatch_loop(nursery)
+            finally:
+                client.close()
+
+    async def _dispatch_loop(self, nursery: trio.Nursery) -> None:
+        slots = trio.Semaphore(max(1, self.opts.uploads))
+        while True:
+            self._wake = trio.Event()
+            now = trio.current_time()
+            next_due = now + 5.0
+            for key, _ in list(self.ns.engine.scan(b"ru")):
+                ino = R.U64.unpack(key[2:])[0]
+                due = self._backoff.get(ino, (0.0, 0))[0]
+                if ino in self._active:
+                    continue
+                if due > now:
+                    next_due = min(next_due, due)
+                    continue
+                if self._being_written(ino):
+                    next_due = min(next_due, now + 0.5)  # upload what the writer closes, not a half-written file
+                    continue
+                if slots.value == 0:
+                    break
+                await slots.acquire()
+                self._active.add(ino)
+                nursery.start_soon(self._upload_task, ino, slots)
+            for key, raw in list(self.ns.engine.scan(b"rd")):
+                seq = R.U64.unpack(key[2:])[0]
+                due = self._backoff.get(-seq, (0.0, 0))[0]
+                if -seq in self._active:
+                    continue
+                if due > now:
+                    next_due = min(next_due, due)
+                    continue
+                if slots.value == 0:
+                    break
+                await slots.acquire()
+                self._active.add(-seq)
+                nursery.start_soon(self._delete_task, seq, _dec_delete(raw), slots)
+            with trio.move_on_after(max(0.05, next_due - trio.current_time())):
+                await self._wake.wait()
+
+    def _being_written(self, ino: int) -> bool:
+        """A write-back file whose writer still holds the write lease (write-through never waits)."""
+        holder = self.ns.leases.get(ino)
+        if holder is None or holder[1] <= self.ns.clock() or ino in self._changed:
+            return False
+        found = self.binding_of_file(ino)
+        return found is not None and found[0].mode == "writeback"
+
+    def _failed(self, job: int, what: str, exc: BaseException) -> float:
+        _, attempts = self._backoff.get(job, (0.0, 0))
+        delay = min(self.opts.max_backoff, 0.5 * 2 ** attempts)
+        self._backoff[job] = (trio.current_time() + delay, attempts + 1)
+        log.warning("%s failed (attempt %d, retrying in %.1fs): %s", what, attempts + 1, delay, exc)
+        return delay
+
+    def _notify(self, ino: int) -> None:
+        ev = self._changed.pop(ino, None)
+        if ev is not None:
+            ev.set()
+
+    async def _upload_task(self, ino: int, slots: trio.Semaphore) -> None:
+        try:
+            await self._upload(ino)
+            self._backoff.pop(ino, None)
+        except (OSError, trio.TooSlowError) as exc:
+            self._failed(ino, f"upload of inode {ino}", exc)
+            rec = self.file(ino)
+            if rec is not None and rec.state == UPLOADING:
+                rec.state = DIRTY
+                rec.error = str(exc)
+                self.ns.engine.write([(file_key(ino), _enc(rec))])
+        finally:
+            self._active.discard(ino)
+            slots.release()
+            self._notify(ino)
+            self._kick()
+
+    async def _upload(self, ino: int) -> None:
+        from kvfs.remote import open_store
+
+        found = self.binding_of_file(ino)
+        if found is None or found[1].state == CLEAN:
+            self.ns.engine.write([(upload_key(ino), None)])
+            return
+        b, rec = found
+        if b.mode == "readonly":
+            self.ns.engine.write([(upload_key(ino), None)])
+            return
+        version, key = rec.version, rec.key
+        rec.state = UPLOADING
+        self.ns.engine.write([(file_key(ino), _enc(rec))])
+        store = open_store(b.url)
+        client = self._client
+        assert client is not None
+        t0 = time.monotonic()
+        st = await client.open(ino)
+        try:
+            size = st.size
+            upload = await trio.to_thread.run_sync(store.begin_upload, key, size)
+            try:
+                step = client.chunk_size
+                # Read the next chunk while the previous one is sent.
+                send, recv = trio.open_memory_channel(2)
+
+                async def reader() -> None:
+                    async with send:
+                        for off in range(0, size, step):
+                            buf = bytearray(min(step, size - off))
+                            with trio.fail_after(self.opts.remote_timeout):
+                                await client.read_into(ino, off, memoryview(buf))
+                            await send.send(buf)
+
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(reader)
+                    async with recv:
+                        async for buf in recv:
+                            with trio.fail_after(self.opts.remote_timeout):
+                                await trio.to_thread.run_sync(upload.write, buf, cancellable=True)
+                with trio.fail_after(self.opts.remote_timeout * 4):
+                    entry = await trio.to_thread.run_sync(upload.complete, cancellable=True)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(upload.abort)
+                raise
+        finally:
+            await client.release(ino)
+        cur = self.file(ino)
+        if cur is None or cur.key != key or cur.binding != b.path:
+            # Unlinked or renamed while uploading: the object under the old key must not linger.
+            batch: Batch = []
+            self._queue_delete(batch, b.url, key)
+            self.ns.engine.write(batch)
+            return
+        if cur.version != version:
+            cur.state = DIRTY  # changed while uploading: the queue entry stays, the next round sends it
+            self.ns.engine.write([(file_key(ino), _enc(cur))])
+            return
+        cur.state, cur.etag, cur.size, cur.mtime_ns, cur.error = CLEAN, entry.etag, entry.size, entry.mtime_ns, ""
+        self.ns.engine.write([(file_key(ino), _enc(cur)), (upload_key(ino), None)])
+        self._validated[ino] = trio.current_time()
+        log.info("uploaded %s/%s (%d bytes in %.2fs)", b.url, key, size, time.monotonic() - t0)
+
+    async def _delete_task(self, seq: int, job: DeleteJob, slots: trio.Semaphore) -> None:
+        from kvfs.remote import open_store
+
+        try:
+            store = open_store(job.url)
+            with trio.fail_after(self.opts.remote_timeout):
+                await trio.to_thread.run_sync(store.delete, job.key, cancellable=True)
+            self.ns.engine.write([(delete_key(seq), None)])
+            self._backoff.pop(-seq, None)
+        except (OSError, trio.TooSlowError) as exc:
+            self._failed(-seq, f"remote delete of {job.url}/{job.key}", exc)
+        finally:
+            self._active.discard(-seq)
+            slots.release()
+
+    async def wait_clean(self, ino: int, timeout: float) -> None:
+        """Write-through: wait until the upload of ``ino`` lands; EIO (data kept, retried) if it fails."""
+        with trio.move_on_after(timeout):
+            while True:
+                rec = self.file(ino)
+                if rec is None or rec.state == CLEAN:
+                    return
+                if rec.error and ino not in self._active:
+                    raise error(errno.EIO, f"write-through upload of {rec.key} failed: {rec.error} "
+                                           f"(kept locally; retrying in the background)")
+                ev = self._changed.setdefault(ino, trio.Event())
+                await ev.wait()
+        raise error(errno.EIO, f"write-through upload not finished within {timeout:g}s "
+                               f"(kept locally; continuing in the background)")
+
+    # ------------------------------------------------------------------ layering over the namespace handlers
+
+    def _readonly_dir(self, ino: int) -> BindingRecord | None:
+        loc = self.locate_dir(ino)
+        return loc[0] if loc is not None else None
+
+    def _check_dir_writable(self, ino: int) -> None:
+        b = self._readonly_dir(ino)
+        if b is not None and b.mode == "readonly":
+            raise error(errno.EROFS, f"{b.path} is bound read-only to {b.url}")
+
+    def _check_file_writable(self, ino: int) -> None:
+        found = self.binding_of_file(ino)
+        if found is not None and found[0].mode == "readonly":
+            raise error(errno.EROFS, f"{found[0].path} is bound read-only to {found[0].url}")
+
+    def wrap(self, handlers: dict) -> dict:
+        """Layer the tier over the namespace handlers and add the remote RPCs."""
+        ns = self.ns
+        h = dict(handlers)
+        orig = handlers
+
+        def before(method, check):
+            async def handler(r, data):
+                await check(r)
+                return await orig[method](r, data)
+            h[method] = handler
+
+        async def lookup(r):
+            await self.sync_dir(r.parent)
+
+        async def readdir(r):
+            if not r.after:
+                await self.sync_dir(r.ino)
+
+        async def resolve(r):
+            await self.resolve(r.path)
+
+        async def get_chunks(r):
+            await self.validate(r.ino)
+
+        async def dir_writable(r):
+            self._check_dir_writable(r.parent)
+
+        async def file_writable(r):
+            self._check_file_writable(r.ino)
+
+        async def link(r):
+            self._check_file_writable(r.ino)
+            if self.binding_of_file(r.ino) is not None or self.locate_dir(r.new_parent) is not None:
+                raise error(errno.EXDEV, "hard links into or out of a remote-bound directory are not supported")
+
+        before(P.META_LOOKUP, lookup)
+        before(P.META_READDIR, readdir)
+        before(P.META_RESOLVE, resolve)
+        before(P.META_GET_CHUNKS, get_chunks)
+        before(P.META_SYMLINK, dir_writable)
+        before(P.META_LINK, link)
+        for m in (P.META_SETATTR, P.META_OPEN_WRITE, P.META_ALLOC_CHUNK, P.META_SETXATTR, P.META_REMOVEXATTR):
+            before(m, file_writable)
+
+        async def mknode(r, data):
+            self._check_dir_writable(r.parent)
+            attr = await orig[P.META_MKNODE](r, data)
+            loc = self.locate_dir(r.parent)
+            if loc is not None and stat.S_ISREG(attr.mode) and self.file(attr.ino) is None:
+                b, rel = loc
+                batch: Batch = []
+                self._enqueue(batch, attr.ino, FileRecord(b.path, f"{rel}/{r.name}" if rel else r.name, DIRTY))
+                ns.engine.write(batch)
+                self._kick()
+            return attr
+
+        async def commit(r, data):
+            self._check_file_writable(r.ino)
+            attr = await orig[P.META_COMMIT](r, data)
+            found = self.binding_of_file(r.ino)
+            if found is not None:
+                b, rec = found
+                rec.error = ""
+                batch: Batch = []
+                self._enqueue(batch, r.ino, rec)
+                ns.engine.write(batch)
+                self._backoff.pop(r.ino, None)
+                self._kick()
+                if b.mode == "writethrough":
+                    await self.wait_clean(r.ino, self.opts.writethrough_timeout)
+            return attr
+
+        async def unlink(r, data):
+            self._check_dir_writable(r.parent)
+            child = ns._child(r.parent, r.name)
+            attr = await orig[P.META_UNLINK](r, data)
+            if child is not None and attr.nlink <= 0:
+                found = self.binding_of_file(child)
+                if found is not None:
+                    b, rec = found
+                    batch: Batch = [(file_key(child), None), (upload_key(child), None)]
+                    self._queue_delete(batch, b.url, rec.key)
+                    ns.engine.write(batch)
+                    self._kick()
+            return attr
+
+        async def rename(r, data):
+            self._check_dir_writable(r.parent)
+            self._check_dir_writable(r.new_parent)
+            src = ns._child(r.parent, r.name)
+            src_loc, dst_loc = self.locate_dir(r.parent), self.locate_dir(r.new_parent)
+            if src is not None and stat.S_ISDIR(ns.inode(src).mode):
+                if src_loc is not None or dst_loc is not None:
+                    raise error(errno.EXDEV, "renaming directories inside a remote-bound tree is not supported")
+                if any(ns._is_ancestor(src, b.root_ino) for b in self.bindings.values()):
+                    raise error(errno.EBUSY, "the directory holds a remote binding: detach it first")
+            replaced = ns._child(r.new_parent, r.new_name)
+            reply = await orig[P.META_RENAME](r, data)
+            if src is not None and stat.S_ISDIR(ns.inode(src).mode):
+                self._forget_dirs()  # directory paths changed (file renames leave them alone)
+            if src is None or (src_loc is None and dst_loc is None):
+                return reply
+            batch: Batch = []
+            if replaced is not None and replaced != src and self.file(replaced) is not None:
+                batch += [(file_key(replaced), None), (upload_key(replaced), None)]
+            rec = self.file(src)
+            if rec is not None and rec.binding in self.bindings:
+                self._queue_delete(batch, self.bindings[rec.binding].url, rec.key)
+            if dst_loc is not None and stat.S_ISREG(ns.inode(src).mode):
+                b, rel = dst_loc
+                new = FileRecord(b.path, f"{rel}/{r.new_name}" if rel else r.new_name, DIRTY,
+                                 version=rec.version if rec else 0)
+                self._enqueue(batch, src, new)
+            elif rec is not None:
+                batch += [(file_key(src), None), (upload_key(src), None)]
+            ns.engine.write(batch)
+            self._kick()
+            return reply
+
+        async def getxattr(r, data):
+            if r.name == STATE_XATTR:
+                rec = self.file(r.ino)
+                if rec is not None:
+                    return P.XattrValue(rec.state.encode())
+            return await orig[P.META_GETXATTR](r, data)
+
+        async def listxattr(r, data):
+            reply = await orig[P.META_LISTXATTR](r, data)
+            if self.file(r.ino) is not None:
+                reply.names.append(STATE_XATTR)
+            return reply
+
+        async def rmdir(r, data):
+            self._check_dir_writable(r.parent)
+            return await orig[P.META_RMDIR](r, data)
+
+        async def attach(r, _):
+            return await self.attach(r)
+
+        async def detach(r, _):
+            self.detach(r.path)
+            return P.Empty()
+
+        async def list_(r, _):
+            return self.list()
+
+        async def sync(r, _):
+            return await self.sync_path(r.path)
+
+        async def info(r, _):
+            return self.info(r.ino)
+
+        async def fill_alloc(r, _):
+            return self.fill_alloc(r)
+
+        async def fill_commit(r, _):
+            return self.fill_commit(r)
+
+        async def evict(r, _):
+            return await self.evict_path(r.path)
+
+        h.update({
+            P.META_MKNODE: mknode, P.META_COMMIT: commit, P.META_UNLINK: unlink, P.META_RENAME: rename,
+            P.META_GETXATTR: getxattr, P.META_LISTXATTR: listxattr, P.META_RMDIR: rmdir,
+            P.META_REMOTE_ATTACH: attach, P.META_REMOTE_DETACH: detach, P.META_REMOTE_LIST: list_,
+            P.META_REMOTE_SYNC: sync, P.META_REMOTE_INFO: info, P.META_REMOTE_FILL_ALLOC: fill_alloc,
+            P.META_REMOTE_FILL_COMMIT: fill_commit, P.META_REMOTE_EVICT: evict,
+        })
+        return h
