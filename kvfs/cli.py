@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvfs.mount.runner import MountError
 
     try:
-        args.func(args)
+        status = args.func(args)
     except (UsageError, MountError, ValueError) as exc:
         print(f"kvfs: error: {exc}", file=sys.stderr)
         return 1
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
