@@ -11,7 +11,8 @@ One run, one machine, three kinds of target on the same disk:
 Every target runs the same plain-Python loops: a sequential write of ``--size`` bytes in ``--block``
 requests with one fsync at the end, page caches dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``),
 a first read, a re-read; then create, stat (caches dropped first) and unlink of ``--files`` empty files.
-The data read back is checked against what was written, outside the timed loops.
+The data read back is checked against what was written, outside the timed loops. ``--repeat N`` runs
+the targets round robin N times (a change in machine load hits all of them) and reports medians.
 
     python bench/run.py                          # 1 GiB, 10,000 files
     python bench/run.py --size 256M --files 2000 # quick
@@ -313,7 +314,8 @@ def machine_facts(root: str) -> str:
     import pyfuse3
 
     return (f"{os.cpu_count()} cores ({cpu}), {format_size(mem)} RAM, Linux {platform.release()}, "
-            f"disk {' '.join(fstype) or '?'}, Python {platform.python_version()}, pyfuse3 {pyfuse3.__version__}, "
+            f"disk {' '.join(fstype) or '?'}, Python {platform.python_version()}, "
+            f"pyfuse3 {pyfuse3.__version__}, "
             f"{bindfs}")
 
 
@@ -379,18 +381,21 @@ def main(argv: list[str] | None = None) -> int:
     loads = [os.getloadavg()[0]]
     profile_dir = args.profile
     try:
-        for _, name, make in plan:
-            runs = []
-            for _ in range(args.repeat):
+        runs: dict[str, list[dict[str, float]]] = {name: [] for _, name, _ in plan}
+        for rep in range(args.repeat):  # round robin: a change in machine load hits every target alike
+            for _, name, make in plan:
                 with make() as target:
-                    runs.append(run_target(target, args, pool, digest, profile_dir if target.pids else None))
+                    profile = profile_dir if target.pids else None
+                    runs[name].append(run_target(target, args, pool, digest, profile))
                 if target.pids:
                     profile_dir = None  # profile one kvfs run only
-            results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            results[name]["verified"] = float(all(r["verified"] for r in runs))
-            loads.append(os.getloadavg()[0])
-            print(f"  {name}: " + ", ".join(f"{lbl} {fmt(results[name][m])} {u}" for m, lbl, u in METRICS)
-                  + f" (load {loads[-1]:.1f})", flush=True)
+                loads.append(os.getloadavg()[0])
+                r = runs[name][-1]
+                cells = ", ".join(f"{lbl} {fmt(r[m])} {u}" for m, lbl, u in METRICS)
+                print(f"  run {rep + 1} {name}: {cells} (load {loads[-1]:.1f})", flush=True)
+        for name, done in runs.items():
+            results[name] = {k: statistics.median(r[k] for r in done) for k in done[0]}
+            results[name]["verified"] = float(all(r["verified"] for r in done))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"at the end; page caches dropped before the first read; re-read from the page cache; "
                 f"{args.files} empty files created, stat'ed (caches dropped first) and unlinked. Plain "
                 f"Python os.write/os.readv/os.stat loops, the same for every target; median of "
-                f"{args.repeat} run(s). MB = 10^6 bytes. kvfs rN/Mcs: replication N on M chunkservers "
+                f"{args.repeat} run(s), targets run round robin. MB = 10^6 bytes. kvfs rN/Mcs: replication N on M chunkservers "
                 f"(chunk size {args.chunk_size}, "
                 f"chunkserver fsync on every chunk), each a separate process, mounted with `kvfs mount`.\n\n"
                 f"{table}\n")

@@ -11,6 +11,7 @@ import trio
 from kvfs import protocol as P
 from kvfs.chunkserver.store import ChunkStore, block_checksums, host_id
 from kvfs.rpc import FileRange, RpcClient, RpcServer
+from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.chunkserver")
 
@@ -44,7 +45,7 @@ class ChunkService:
             await local()
             return P.Empty()
         # Chain replication: store locally while forwarding to the next replica; ack when both have it.
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(local)
             nursery.start_soon(self._forward, req, data)
         return P.Empty()
@@ -93,7 +94,7 @@ class ChunkService:
             P.CHUNK_WRITE: self.write, P.CHUNK_READ: self.read, P.CHUNK_DELETE: self.delete, P.CHUNK_STAT: self.stat,
             P.CHUNK_REPLICATE: self.replicate,
         })
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
             self.address = advertise or f"{host}:{bound}"
             nursery.start_soon(self._heartbeat_loop)

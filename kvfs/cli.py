@@ -17,6 +17,7 @@ import trio
 
 from kvfs import config, metrics
 from kvfs.errors import one_line
+from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs")
 
@@ -101,7 +102,7 @@ async def serve_chunkserver(args, *, task_status=trio.TASK_STATUS_IGNORED) -> No
 async def _until_signal(body: Callable, *a) -> None:
     """Run ``body`` until SIGINT/SIGTERM, then cancel it (finally blocks unmount and close cleanly)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             async def watch() -> None:
                 async for signum in signals:
                     log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -165,7 +166,7 @@ def cmd_up(args) -> None:
                         replication=args.replication, sync=False)
 
     async def body() -> None:
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             meta_port = await nursery.start(MetaService(ns).serve, host, port)
             meta_address = f"{host}:{meta_port}"
             servers = []

@@ -37,6 +37,7 @@ import xxhash
 from kvfs import protocol as P
 from kvfs.errors import error
 from kvfs.rpc import RpcClient
+from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.client")
 
@@ -75,6 +76,7 @@ class FileState:
     dirty: dict[int, bytearray] = field(default_factory=dict)  # chunk index -> whole chunk contents
     uploaded: dict[int, P.ChunkRef] = field(default_factory=dict)  # written to chunkservers, not committed
     modified: bool = False
+    version: int = 0  # bumped by every write/truncate, so a flush knows whether writes raced its commit
     uploads: int = 0
     upload_error: OSError | None = None
     upload_done: trio.Event = field(default_factory=trio.Event)
@@ -425,7 +427,7 @@ class Client:
             # Whole-chunk fetch pays off for sequential small reads, not for random ones.
             await self._read_piece(st, *pieces[0], small=len(out) < cs and (sequential or pieces[0][1] == 0))
         else:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 for piece in pieces:
                     nursery.start_soon(self._read_piece, st, *piece, False)
         if sequential and self.options.prefetch and len(out) < cs and self._nursery is not None:
@@ -639,6 +641,7 @@ class Client:
                 # The chunk is written to its end: upload it now so large writes stream.
                 await self._start_upload(st, index)
         st.modified = True
+        st.version += 1
         st.cache.clear()
         return len(view)
 
@@ -734,15 +737,21 @@ class Client:
         if st.upload_error is not None:
             exc, st.upload_error = st.upload_error, None
             raise exc
-        refs = [P.ChunkRef(i, r.chunk_id, r.length, []) for i, r in sorted(st.uploaded.items())]
+        # Writes may arrive while the commit is in flight (another handle): commit a snapshot and
+        # stay dirty unless nothing changed meanwhile.
+        version, cut, committed = st.version, st.truncated_to, dict(st.uploaded)
+        refs = [P.ChunkRef(i, r.chunk_id, r.length, []) for i, r in sorted(committed.items())]
         attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, time.time_ns(),
-                                                               st.truncated_to))
-        st.truncated_to = -1
-        for i, r in st.uploaded.items():
+                                                               cut))
+        if st.truncated_to == cut:
+            st.truncated_to = -1
+        for i, r in committed.items():
             st.chunks[i] = r
+            if st.uploaded.get(i) is r:
+                del st.uploaded[i]
         st.chunks = {i: r for i, r in st.chunks.items() if i * self.chunk_size < st.size}
-        st.uploaded.clear()
-        st.modified = False
+        if st.version == version and not st.dirty and not st.uploaded and not st.uploads:
+            st.modified = False
         st.attr = attr
         return attr
 
@@ -781,6 +790,7 @@ class Client:
                 del st.chunks[index]
         st.size = size
         st.modified = True
+        st.version += 1
         st.cache.clear()
 
 
@@ -842,7 +852,7 @@ class SyncClient:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             self._stop = trio.Event()
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 try:
                     await self._client.connect(nursery)
                 except BaseException as exc:

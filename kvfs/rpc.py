@@ -27,6 +27,7 @@ import trio
 from kvfs import metrics
 from kvfs import protocol as P
 from kvfs.errors import errno_of, error
+from kvfs.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class RpcServer:
         listener.listen(512)
         bound_port = listener.getsockname()[1]
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 task_status.started(bound_port)
                 while True:
                     try:

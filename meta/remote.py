@@ -41,6 +41,7 @@ from kvfs.errors import error
 from kvfs.meta import records as R
 from kvfs.meta.engine import Batch
 from kvfs.meta.namespace import ROOT_INO, Namespace, check_name, now_ns
+from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.meta.remote")
 
@@ -644,7 +645,7 @@ class RemoteTier:
         """The tier's background tasks: uploader, remote deletes, eviction. Owned by the meta service."""
         from kvfs.client import Client, ClientOptions
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             self._nursery = nursery
             client = Client(meta_address, ClientOptions(timeout=30.0), client_id=f"meta-uploader-{os.getpid()}")
             while True:
@@ -771,7 +772,7 @@ class RemoteTier:
                                 await client.read_into(ino, off, memoryview(buf))
                             await send.send(buf)
 
-                async with trio.open_nursery() as inner:
+                async with open_nursery() as inner:
                     inner.start_soon(reader)
                     async with recv:
                         async for buf in recv:

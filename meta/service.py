@@ -12,6 +12,7 @@ from kvfs.meta.eviction import KVCache
 from kvfs.meta.namespace import Namespace
 from kvfs.meta.replication import Replicator
 from kvfs.rpc import RpcServer
+from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.meta")
 
@@ -100,7 +101,7 @@ class MetaService:
 
         tier = RemoteTier(self.ns)  # remote capacity tier (issue 3): layers over the namespace handlers
         server = RpcServer("meta", P.META_METHODS, tier.wrap(self.handlers()))
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(self._housekeeping)
             nursery.start_soon(self.replicator.loop)
             bound = await nursery.start(server.serve, host, port)

@@ -12,6 +12,7 @@ import trio
 
 from kvfs.client import Client, ClientOptions
 from kvfs.mount.fs import KvfsOperations
+from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.mount")
 
@@ -116,7 +117,7 @@ async def run_mount(meta_address: str, mountpoint: str, *, options: ClientOption
     """Mount until cancelled or the filesystem is unmounted; always unmounts on the way out."""
     path = check_mountpoint(mountpoint)
     client = Client(meta_address, options)
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         await client.connect(nursery)
         ops = KvfsOperations(client, attr_timeout=attr_timeout, entry_timeout=entry_timeout,
                              writeback_cache=writeback_cache)

@@ -31,6 +31,7 @@ import trio
 
 from kvfs import protocol as P
 from kvfs.kv.backend import SCRATCH, ReadResult, copy_into, split_into
+from kvfs.tasks import open_nursery
 
 RENAME_NOREPLACE = 1
 
@@ -189,7 +190,7 @@ class NativeBackend:
         if len(pieces) == 1:
             await one(*pieces[0])
             return
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for piece in pieces:
                 nursery.start_soon(one, *piece)
 
@@ -237,7 +238,7 @@ class NativeBackend:
                 except OSError as exc:
                     results[i] = exc
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for i, args in enumerate(jobs):
                 nursery.start_soon(one, i, args)
         return results

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 
 from kvfs.errors import error
-from kvfs.remote.store import RemoteEntry, join_key, read_range
+from kvfs.remote.store import RemoteEntry, join_key
 
 log = logging.getLogger("kvfs.remote")
 
@@ -103,9 +103,6 @@ class ArrowStore:
             return _ArrowStream(self._path(key), self.fs.open_input_file(self._path(key)), offset, length)
         except _errors() as exc:
             raise _fail(exc, self._path(key)) from None
-
-    def get_range(self, key: str, offset: int, into: memoryview, etag: str = "") -> int:
-        return read_range(self, key, offset, into, etag)
 
     def begin_upload(self, key: str, size_hint: int = 0) -> _ArrowUpload:
         return _ArrowUpload(self, key)

@@ -16,6 +16,7 @@ import trio
 
 from kvfs import config
 from kvfs import protocol as P
+from kvfs.tasks import open_nursery
 
 
 def _kvfs_mounts() -> list[tuple[str, str]]:
@@ -50,7 +51,7 @@ async def _with_client(meta: str, fn, timeout: float = 30.0):
     from kvfs.client import Client, ClientOptions
 
     client = Client(meta, ClientOptions(timeout=timeout))
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         try:
             await client.connect(nursery)
             return await fn(client)

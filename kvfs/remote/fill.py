@@ -23,6 +23,7 @@ import trio
 
 from kvfs import protocol as P
 from kvfs.errors import error
+from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.remote")
 
@@ -60,6 +61,7 @@ class _Filler:
     async def fetch(self, st, info: P.RemoteInfoReply, indexes: list[int], *, cache: bool) -> None:
         from kvfs.chunkserver.store import block_checksums
         from kvfs.remote import open_store
+        from kvfs.remote.store import read_range
 
         client = self.client
         cs = client.chunk_size
@@ -89,12 +91,12 @@ class _Filler:
                 try:
                     async with self.gets:
                         with trio.fail_after(client.options.timeout):
-                            n = await trio.to_thread.run_sync(store.get_range, info.key, start, buf, info.etag,
+                            n = await trio.to_thread.run_sync(read_range, store, info.key, start, buf, info.etag,
                                                               cancellable=True)
                     if n != length:
                         raise error(errno.EIO, f"{info.url}/{info.key}: short read at {start} "
                                                f"({n} of {length} bytes): the object changed?")
-                    async with trio.open_nursery() as writes:
+                    async with open_nursery() as writes:
                         for index, a in run:
                             off = index * cs - start
                             writes.start_soon(store_chunk, index, a, buf[off: off + min(cs, length - off)])
@@ -111,7 +113,7 @@ class _Filler:
                     runs[-1].append((index, a))
                 else:
                     runs.append([(index, a)])
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 for run in runs:
                     nursery.start_soon(one_get, run)
             if got:
@@ -203,7 +205,7 @@ class _Filler:
                     allocs.extend(reply.chunks)
                 return allocs.pop(0)
 
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
 
                 async def land_one(index: int, a: P.AllocChunkReply, data: bytearray) -> None:
                     try:

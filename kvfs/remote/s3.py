@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from botocore.exceptions import BotoCoreError, ClientError
 
 from kvfs.errors import error
-from kvfs.remote.store import RemoteEntry, join_key, read_range
+from kvfs.remote.store import RemoteEntry, join_key
 
 log = logging.getLogger("kvfs.remote")
 
@@ -130,9 +130,6 @@ class S3Store:
             return _S3Stream(self, key, self._s3.get_object(**kwargs)["Body"])
         except BOTO_ERRORS as exc:
             raise self._fail(exc, self._key(key)) from None
-
-    def get_range(self, key: str, offset: int, into: memoryview, etag: str = "") -> int:
-        return read_range(self, key, offset, into, etag)
 
     def begin_upload(self, key: str, size_hint: int = 0) -> _S3Upload:
         return _S3Upload(self, key)

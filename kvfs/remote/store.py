@@ -65,9 +65,6 @@ class RemoteStore(Protocol):
         """Start reading ``length`` bytes at ``offset``. With ``etag``, raise ESTALE instead of
         returning data of a different version."""
 
-    def get_range(self, key: str, offset: int, into: memoryview, etag: str = "") -> int:
-        """Fill ``into`` from ``offset`` (short only at the end of the object); returns bytes read.
-        Backends implement it as ``read_range(self, ...)``."""
 
     def begin_upload(self, key: str, size_hint: int = 0) -> Upload: ...
 
@@ -91,7 +88,8 @@ def read_full(stream: RangeStream, into: memoryview) -> int:
 
 
 def read_range(store: RemoteStore, key: str, offset: int, into: memoryview, etag: str = "") -> int:
-    """``get_range`` derived from ``open_range``: one request for the whole buffer."""
+    """Fill ``into`` from ``offset`` with one request (short only at the end of the object); returns
+    bytes read. Derived from ``open_range``, so backends implement only that."""
     if not len(into):
         return 0
     stream = store.open_range(key, offset, len(into), etag)
