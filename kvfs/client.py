@@ -163,9 +163,10 @@ class Client:
         return await self.getattr(ino)
 
     async def mknode(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
-                     exclusive: bool = True) -> P.Attr:
-        return self._overlay(await self.meta.request(P.META_MKNODE, P.MkNode(parent, name, mode, uid, gid, rdev,
-                                                                             exclusive)))
+                     exclusive: bool = True, lease: bool = False) -> P.Attr:
+        """Create a node; ``lease`` also takes the write lease (a create that is about to be written)."""
+        return self._overlay(await self.meta.request(P.META_MKNODE, P.MkNode(
+            parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else "")))
 
     async def unlink_at(self, parent: int, name: str) -> P.Attr:
         return await self.meta.request(P.META_UNLINK, P.Unlink(parent, name))
@@ -311,7 +312,8 @@ class Client:
     async def open(self, ino: int, *, write: bool = False, truncate: bool = False,
                    created: P.Attr | None = None) -> FileState:
         """Open a regular file. The chunk map is refreshed on every first open (close-to-open).
-        ``created``: the attributes of a file this client just created; empty, so no chunk map to fetch."""
+        ``created``: the attributes of a file this client just created with ``mknode(lease=True)``: no
+        chunk map to fetch if it is empty, and the write lease is already held."""
         st = self.files.get(ino)
         if st is None and created is not None and created.size == 0:
             st = self.files[ino] = FileState(ino, created, {}, size=0)
@@ -330,6 +332,8 @@ class Client:
                     st.cache.clear()
                 st.attr, st.chunks, st.size = reply.attr, chunks, reply.attr.size
         st.opens += 1  # counted before the next await, so a concurrent release keeps this state
+        if write and created is not None:
+            st.writable = True  # mknode(lease=True) took the lease
         try:
             if write and not st.writable:
                 await self.meta.request(P.META_OPEN_WRITE, P.OpenWrite(ino, self.client_id))

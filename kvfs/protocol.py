@@ -126,6 +126,7 @@ class MkNode(Struct):
     gid: int = 0
     rdev: int = 0
     exclusive: bool = True  # False: return the existing regular file instead of EEXIST
+    lease_client: str = ""  # non-empty: also take the write lease for this client (create + open in one call)
 
 
 class Unlink(Struct):

@@ -173,13 +173,15 @@ class Namespace:
     # ------------------------------------------------------------------ creation
 
     def mknode(self, parent: int, name: str, mode: int, uid: int, gid: int, rdev: int = 0,
-               exclusive: bool = True, target: str = "") -> P.Attr:
+               exclusive: bool = True, target: str = "", lease_client: str = "") -> P.Attr:
         check_name(name)
         pnode = self._dir(parent)
         existing = self._child(parent, name)
         if existing is not None:
             node = self.inode(existing)
             if not exclusive and stat.S_ISREG(node.mode) and stat.S_ISREG(mode):
+                if lease_client:
+                    self._check_lease(existing, lease_client)
                 return self.attr(existing, node)
             raise error(errno.EEXIST, f"{name}: file exists")
         if stat.S_IFMT(mode) == 0:
@@ -201,6 +203,8 @@ class Namespace:
         self._put(batch, parent, pnode)
         self.engine.write(batch)
         self.files += 1
+        if lease_client and stat.S_ISREG(mode):
+            self._check_lease(ino, lease_client)
         return self.attr(ino, node)
 
     def symlink(self, parent: int, name: str, target: str, uid: int, gid: int) -> P.Attr:

@@ -237,7 +237,7 @@ class KvfsOperations(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = await self.client.mknode(parent_inode, os.fsdecode(name), stat.S_IFREG | (mode & 0o7777), ctx.uid,
-                                        ctx.gid, exclusive=bool(flags & os.O_EXCL))
+                                        ctx.gid, exclusive=bool(flags & os.O_EXCL), lease=True)
         info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags, attr)
         return info, self._entry(attr)
 
