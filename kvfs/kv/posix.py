@@ -168,16 +168,20 @@ class PosixBackend:
         self._pool.shutdown(wait=True)
 
 
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes from a list of buffers (after a short writev/preadv)."""
+    while n:
+        if n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][n:]
+            n = 0
+
+
 def _write_all(fd: int, views: list[memoryview]) -> None:
     while views:
-        n = os.writev(fd, views[:1024])
-        while n:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
+        _consume(views, os.writev(fd, views[:1024]))
 
 
 def _read_all(fd: int, views: list[memoryview], offset: int) -> int:
@@ -189,11 +193,5 @@ def _read_all(fd: int, views: list[memoryview], offset: int) -> int:
         if n == 0:
             break
         total += n
-        while n:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
+        _consume(views, n)
     return total
