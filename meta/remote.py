@@ -243,7 +243,7 @@ class RemoteTier:
         store = open_store(r.url, cached=False)
         try:
             with trio.fail_after(self.opts.remote_timeout):
-                await trio.to_thread.run_sync(store.check, cancellable=True)
+                await trio.to_thread.run_sync(store.check, abandon_on_cancel=True)
         except trio.TooSlowError:
             raise error(errno.ETIMEDOUT, f"{r.url}: no answer within {self.opts.remote_timeout:g}s") from None
         # Create the directory (and parents) if needed.
@@ -369,7 +369,7 @@ class RemoteTier:
         store = open_store(b.url)
         started = trio.current_time()
         with trio.fail_after(self.opts.remote_timeout):
-            entries = await trio.to_thread.run_sync(lambda: list(store.list(rel)), cancellable=True)
+            entries = await trio.to_thread.run_sync(lambda: list(store.list(rel)), abandon_on_cancel=True)
         added = updated = removed = 0
         if self.bindings.get(b.path) is not b:
             return P.RemoteSyncReply(0, 0, 0)  # detached while listing
@@ -509,7 +509,7 @@ class RemoteTier:
         store = open_store(b.url)
         with trio.move_on_after(self.opts.sync_wait):
             try:
-                e = await trio.to_thread.run_sync(store.head, rec.key, cancellable=True)
+                e = await trio.to_thread.run_sync(store.head, rec.key, abandon_on_cancel=True)
             except OSError as exc:
                 # Unreachable: serve what is cached. Deleted remotely: the next listing removes it.
                 log.debug("validating %s: %s", rec.key, exc)
@@ -777,9 +777,9 @@ class RemoteTier:
                     async with recv:
                         async for buf in recv:
                             with trio.fail_after(self.opts.remote_timeout):
-                                await trio.to_thread.run_sync(upload.write, buf, cancellable=True)
+                                await trio.to_thread.run_sync(upload.write, buf, abandon_on_cancel=True)
                 with trio.fail_after(self.opts.remote_timeout * 4):
-                    entry = await trio.to_thread.run_sync(upload.complete, cancellable=True)
+                    entry = await trio.to_thread.run_sync(upload.complete, abandon_on_cancel=True)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(upload.abort)
@@ -808,7 +808,7 @@ class RemoteTier:
         try:
             store = open_store(job.url)
             with trio.fail_after(self.opts.remote_timeout):
-                await trio.to_thread.run_sync(store.delete, job.key, cancellable=True)
+                await trio.to_thread.run_sync(store.delete, job.key, abandon_on_cancel=True)
             self.ns.engine.write([(delete_key(seq), None)])
             self._backoff.pop(-seq, None)
         except (OSError, trio.TooSlowError) as exc:

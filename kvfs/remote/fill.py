@@ -92,7 +92,7 @@ class _Filler:
                     async with self.gets:
                         with trio.fail_after(client.options.timeout):
                             n = await trio.to_thread.run_sync(read_range, store, info.key, start, buf, info.etag,
-                                                              cancellable=True)
+                                                              abandon_on_cancel=True)
                     if n != length:
                         raise error(errno.EIO, f"{info.url}/{info.key}: short read at {start} "
                                                f"({n} of {length} bytes): the object changed?")
@@ -234,7 +234,7 @@ class _Filler:
                     finally:
                         body.close()
 
-                await trio.to_thread.run_sync(worker, cancellable=True)
+                await trio.to_thread.run_sync(worker, abandon_on_cancel=True)
             if failures:
                 raise failures[0]
         except (OSError, trio.RunFinishedError) as exc:
