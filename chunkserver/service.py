@@ -39,7 +39,8 @@ class ChunkService:
         data = data if data is not None else memoryview(b"")
 
         async def local() -> None:
-            await trio.to_thread.run_sync(self.store.write, req.chunk_id, data, req.checksums, limiter=self._disk)
+            await trio.to_thread.run_sync(self.store.write, req.chunk_id, data, req.checksums, req.durable,
+                                          limiter=self._disk)
 
         if not req.chain:
             await local()
@@ -52,7 +53,7 @@ class ChunkService:
 
     async def _forward(self, req: P.WriteChunk, data: memoryview) -> None:
         nxt, rest = req.chain[0], req.chain[1:]
-        await self._peer(nxt).call(P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, req.checksums, rest), data)
+        await self._peer(nxt).call(P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, req.checksums, rest, req.durable), data)
 
     async def read(self, req: P.ReadChunk, _data) -> tuple[P.ReadChunkReply, FileRange]:
         loc = self.store.locate(req.chunk_id, req.offset, req.length)

@@ -146,8 +146,9 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ write / read / delete
 
-    def write(self, chunk_id: int, data: memoryview, checksums: list[int]) -> None:
-        """Store a chunk durably. Error handling: EINVAL on checksum mismatch (corrupted in flight),
+    def write(self, chunk_id: int, data: memoryview, checksums: list[int], durable: bool = True) -> None:
+        """Store a chunk, durably unless ``durable`` is False (a re-fetchable cache copy: no fsyncs; the
+        page cache writes it back, and a copy torn by a machine crash fails its checksums). Error handling: EINVAL on checksum mismatch (corrupted in flight),
         ENOSPC when the disk or the configured capacity is full; nothing partial is left behind."""
         if block_checksums(data) != list(checksums):
             raise error(errno.EINVAL, f"chunk {chunk_id:x}: checksum mismatch on receive")
@@ -160,11 +161,12 @@ class ChunkStore:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp_data, tmp_sum = path + TMP_SUFFIX, path + SUM_SUFFIX + TMP_SUFFIX
         try:
-            self._write_file(tmp_sum, b"".join(c.to_bytes(8, "little") for c in checksums))
-            self._write_file(tmp_data, data)
+            sync = self.fsync and durable
+            self._write_file(tmp_sum, b"".join(c.to_bytes(8, "little") for c in checksums), sync)
+            self._write_file(tmp_data, data, sync)
             os.rename(tmp_sum, path + SUM_SUFFIX)
             os.rename(tmp_data, path)
-            if self.fsync:
+            if sync:
                 dfd = os.open(os.path.dirname(path), os.O_RDONLY)
                 try:
                     os.fsync(dfd)
@@ -182,14 +184,14 @@ class ChunkStore:
         with self._lock:
             self._lengths[chunk_id] = length
 
-    def _write_file(self, path: str, data: bytes | memoryview) -> None:
+    def _write_file(self, path: str, data: bytes | memoryview, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             view = memoryview(data).cast("B")
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            if self.fsync:
+            if sync:
                 os.fsync(fd)
         finally:
             os.close(fd)

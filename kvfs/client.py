@@ -476,7 +476,16 @@ class Client:
         while len(st.cache) > self.options.read_cache_chunks:
             st.cache.popitem(last=False)
 
-    async def _read_piece(self, st: FileState, index: int, in_chunk: int, out: memoryview, small: bool) -> None:
+    async def _refill_remote(self, st: FileState, index: int, ref: P.ChunkRef) -> bool:
+        """A fetched copy of a remote object's chunk could not be read: fetch it again (kvfs.remote)."""
+        if st.modified:
+            return False
+        from kvfs.remote.fill import refill
+
+        return await refill(self, st, index, ref)
+
+    async def _read_piece(self, st: FileState, index: int, in_chunk: int, out: memoryview, small: bool,
+                          retry: bool = True) -> None:
         while index in st.inflight:  # its new contents are being uploaded: neither dirty nor a ref yet
             await st.upload_done.wait()
         buf = st.dirty.get(index)
@@ -501,9 +510,10 @@ class Client:
             n = min(len(out), ref.length - in_chunk)
             await self._fetch(ref, in_chunk, out[:n])
         except OSError:
-            if not await self._refresh_after_rewrite(st, index, ref):
+            if not retry or not (await self._refresh_after_rewrite(st, index, ref)
+                                 or await self._refill_remote(st, index, ref)):
                 raise
-            await self._read_piece(st, index, in_chunk, out, small)
+            await self._read_piece(st, index, in_chunk, out, small, retry=False)
             return
         if n < len(out):
             out[n:] = bytes(len(out) - n)

@@ -401,11 +401,15 @@ class WriteChunk(Struct):
 
     ``chain`` lists the replicas still to receive it after this server (chain replication): the
     reply comes only once every server in the chain holds the chunk durably.
+
+    ``durable=False``: skip the fsyncs (the chunk is a cache of data that lives elsewhere, e.g. a
+    remote object: a copy torn by a machine crash is detected by its checksums and fetched again).
     """
 
     chunk_id: int
     checksums: list[int]  # xxh3_64 of each CHECKSUM_BLOCK of the data
     chain: list[str]
+    durable: bool = True
 
 
 class ReadChunk(Struct):
@@ -581,6 +585,16 @@ class RemoteEvictReply(Struct):
     bytes: int
 
 
+class RemoteRefill(Struct):
+    """A client found fetched chunks of a clean remote-backed file unreadable (torn by a crash,
+    corrupt, lost with their server): forget them so they are fetched from the remote again.
+    Only the listed chunk ids are dropped, and only while ``etag`` is still the file's version."""
+
+    ino: int
+    etag: str
+    chunks: list[ChunkRef]
+
+
 META_REMOTE_ATTACH = 80
 META_REMOTE_DETACH = 81
 META_REMOTE_LIST = 82
@@ -589,6 +603,7 @@ META_REMOTE_INFO = 84
 META_REMOTE_FILL_ALLOC = 85
 META_REMOTE_FILL_COMMIT = 86
 META_REMOTE_EVICT = 87
+META_REMOTE_REFILL = 88
 
 META_METHODS.update({
     META_REMOTE_ATTACH: (RemoteAttach, RemoteBinding),
@@ -598,6 +613,7 @@ META_METHODS.update({
     META_REMOTE_INFO: (RemoteInfo, RemoteInfoReply),
     META_REMOTE_FILL_ALLOC: (RemoteFillAlloc, RemoteFillAllocReply),
     META_REMOTE_FILL_COMMIT: (RemoteFillCommit, RemoteFillCommitReply),
+    META_REMOTE_REFILL: (RemoteRefill, Empty),
     META_REMOTE_EVICT: (RemotePath, RemoteEvictReply),
 })
 

@@ -575,6 +575,29 @@ class RemoteTier:
             self.ns.registry.drop_chunk(chunk_id)
         return P.RemoteFillCommitReply(out)
 
+    def refill(self, r: P.RemoteRefill) -> None:
+        """Forget fetched chunks a client could not read, so the next read fetches them again."""
+        info = self.info(r.ino)
+        if not info.fillable or info.etag != r.etag:
+            raise error(errno.ESTALE, f"{info.key}: not a clean copy of this remote version")
+        batch: Batch = []
+        dropped = []
+        for ref in r.chunks:
+            raw = self.ns.engine.get(R.chunk_key(r.ino, ref.index))
+            if raw is None:
+                continue
+            rec = R.decode_chunk(raw)
+            if rec.chunk_id != ref.chunk_id:
+                continue  # already refilled by another client
+            batch.append((R.chunk_key(r.ino, ref.index), None))
+            batch.append((R.live_chunk_key(rec.chunk_id), None))
+            dropped.append(rec)
+        if batch:
+            self.ns.engine.write(batch)
+            self._release_chunks(dropped)
+            log.warning("%s/%s: %d fetched chunk(s) unreadable; fetching them again", info.url, info.key,
+                        len(dropped))
+
     # ------------------------------------------------------------------ eviction
 
     def evict_file(self, ino: int) -> int:
@@ -1010,11 +1033,16 @@ class RemoteTier:
         async def evict(r, _):
             return await self.evict_path(r.path)
 
+        async def refill(r, _):
+            self.refill(r)
+            return P.Empty()
+
         h.update({
             P.META_MKNODE: mknode, P.META_COMMIT: commit, P.META_UNLINK: unlink, P.META_RENAME: rename,
             P.META_GETXATTR: getxattr, P.META_LISTXATTR: listxattr, P.META_RMDIR: rmdir,
             P.META_REMOTE_ATTACH: attach, P.META_REMOTE_DETACH: detach, P.META_REMOTE_LIST: list_,
             P.META_REMOTE_SYNC: sync, P.META_REMOTE_INFO: info, P.META_REMOTE_FILL_ALLOC: fill_alloc,
             P.META_REMOTE_FILL_COMMIT: fill_commit, P.META_REMOTE_EVICT: evict,
+            P.META_REMOTE_REFILL: refill,
         })
         return h

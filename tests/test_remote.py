@@ -258,6 +258,39 @@ def test_warm_then_evict_and_refetch(rmounted, backend):
     assert cached_bytes(rmounted, kpath + "/w/blob") == len(data)
 
 
+def test_unreadable_fetched_chunks_are_fetched_again(rmounted, backend):
+    """Fetched chunks are written without fsync (they are a cache of the remote object): a copy that
+    is torn or corrupt on the chunkserver fails its checksums and is fetched again, never served."""
+    import kvfs.protocol as P
+    from kvfs.chunkserver.store import chunk_path
+
+    data = os.urandom(3 * MiB + 5)
+    backend.put("torn/blob", data)
+    kpath = unique("torn")
+    kvfs(rmounted.meta_address, "remote", "attach", kpath, backend.url, "--mode", "readonly")
+    kvfs(rmounted.meta_address, "warm", kpath)
+    with rmounted.client() as c:
+        ino = c.resolve(kpath + "/torn/blob").ino
+        before = {ch.index: ch.chunk_id for ch in c.call(c.client.meta.request, P.META_GET_CHUNKS,
+                                                           P.GetChunks(ino)).chunks}
+    assert len(before) >= 3
+    damaged = 0
+    for i in range(rmounted.chunkservers):
+        path = chunk_path(os.path.join(rmounted.root, f"cs{i}"), before[1])
+        if os.path.exists(path):
+            with open(path, "r+b") as f:  # flip bytes in the middle, as a torn write-back would leave them
+                f.seek(300_000)
+                f.write(bytes(b ^ 0xFF for b in f.read(4096)))
+            damaged += 1
+    assert damaged >= 1
+    with rmounted.client() as c:  # a fresh client: no cached bytes, reads the damaged replicas first
+        assert c.read_file(kpath + "/torn/blob") == data
+        after = {ch.index: ch.chunk_id for ch in c.call(c.client.meta.request, P.META_GET_CHUNKS,
+                                                          P.GetChunks(ino)).chunks}
+    assert all(after[i] == before[i] for i in before if i != 1)
+    assert after[1] != before[1]  # the damaged chunk was replaced by a fresh fetch
+
+
 def test_remote_change_is_detected(rmounted, backend):
     backend.put("f", b"version one " * 1000)
     kpath = unique("stale")

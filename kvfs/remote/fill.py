@@ -32,6 +32,9 @@ PARALLEL_GETS = int(os.environ.get("KVFS_REMOTE_PARALLEL_GETS", "8"))
 STREAM_IDLE = 10.0  # seconds a readahead stream waits for its reader before closing
 LANDING = 4  # chunks of one readahead stream being written to chunkservers at once
 GET_BYTES = int(os.environ.get("KVFS_REMOTE_GET_BYTES", str(16 << 20)))  # consecutive chunks per ranged GET
+# Fetched chunks are a cache of the remote object: written without fsync unless asked. A copy torn by
+# a machine crash fails its checksums on read and is fetched again (``refill``).
+FILL_FSYNC = os.environ.get("KVFS_REMOTE_FILL_FSYNC", "0") == "1"
 
 
 class _Filler:
@@ -78,7 +81,7 @@ class _Filler:
                 try:
                     sums = block_checksums(data)
                     await client._chunkserver(a.replicas[0]).call(
-                        P.CHUNK_WRITE, P.WriteChunk(a.chunk_id, sums, a.replicas[1:]), data)
+                        P.CHUNK_WRITE, P.WriteChunk(a.chunk_id, sums, a.replicas[1:], FILL_FSYNC), data)
                     got[index] = (P.ChunkRef(index, a.chunk_id, len(data), a.replicas), data)
                 except OSError as exc:
                     failures.append(exc)
@@ -182,12 +185,17 @@ class _Filler:
             try:
                 if st.ref(index) is None:
                     await client._chunkserver(a.replicas[0]).call(
-                        P.CHUNK_WRITE, P.WriteChunk(a.chunk_id, block_checksums(data), a.replicas[1:]), data)
+                        P.CHUNK_WRITE, P.WriteChunk(a.chunk_id, block_checksums(data), a.replicas[1:], FILL_FSYNC),
+                        data)
                     reply = await client.meta.request(P.META_REMOTE_FILL_COMMIT, P.RemoteFillCommit(
                         st.ino, info.etag, [P.ChunkRef(index, a.chunk_id, len(data), a.replicas)]))
                     for ref in reply.chunks:
                         if not st.modified and st.ref(ref.index) is None:
                             st.chunks[ref.index] = ref
+                            if ref.chunk_id == a.chunk_id and index <= seq.reader + client.options.read_cache_chunks // 2:
+                                # The reader is waiting for this chunk (or nearly): hand it the bytes in
+                                # hand instead of reading them back from the chunkserver.
+                                client._cache_put(st, index, data)
             finally:
                 done(index)
 
@@ -309,6 +317,27 @@ async def fill(client, st, first: int, last: int, sequential: bool) -> None:
         if not need:
             return
     raise error(errno.EIO, f"{info.url}/{info.key}: chunks {need[:4]} could not be fetched")
+
+
+async def refill(client, st, index: int, ref: P.ChunkRef) -> bool:
+    """Chunk ``index`` of clean remote-backed file ``st`` could not be read from any replica: have meta
+    forget it and fetch it from the remote again. False when the file is not a clean remote copy."""
+    f = _filler(client)
+    try:
+        info = await f.remote_info(st)
+    except OSError:
+        return False
+    if info is None or st.chunks.get(index) is not ref:
+        return False
+    log.warning("%s/%s: cached chunk %d unreadable; fetching it from the remote again", info.url, info.key, index)
+    try:
+        await client.meta.request(P.META_REMOTE_REFILL, P.RemoteRefill(st.ino, info.etag, [ref]))
+    except OSError:
+        return False
+    st.chunks.pop(index, None)
+    st.cache.pop(index, None)
+    await fill(client, st, index, index, False)
+    return st.ref(index) is not None
 
 
 def _filler(client) -> _Filler:
