@@ -16,6 +16,9 @@ Batch = list[tuple[bytes, bytes | None]]
 class MetaEngine(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
 
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """``get`` of each key, in order (one call: a prompt's block lookup is thousands of keys)."""
+
     def write(self, batch: Batch) -> None:
         """Apply the whole batch atomically and durably (per the engine's sync setting)."""
 

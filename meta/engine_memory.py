@@ -16,6 +16,9 @@ class MemoryEngine:
     def get(self, key: bytes) -> bytes | None:
         return self._data.get(key)
 
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        return list(map(self._data.get, keys))
+
     def write(self, batch: Batch) -> None:
         for key, value in batch:
             if value is None:

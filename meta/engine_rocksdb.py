@@ -22,6 +22,10 @@ class RocksEngine:
     def get(self, key: bytes) -> bytes | None:
         return self._db.get(key)
 
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        # Point gets in a C-level map: faster here than rocksdict's multi-get for thousands of keys.
+        return list(map(self._db.get, keys))
+
     def write(self, batch: Batch) -> None:
         wb = WriteBatch(raw_mode=True)
         for key, value in batch:

@@ -49,6 +49,8 @@ from kvfs.kv.policy import EVICTIONS_XATTR, POLICY_XATTRS, STATS_PREFIXES, Polic
 
 log = logging.getLogger("kvfs.meta.eviction")
 
+MISSING_DIR = b""  # the key prefix of a directory that does not exist: b"" + name is never a stored key
+
 STAT_FIELDS = ("get_hits", "get_misses", "lookup_hit_blocks", "lookup_miss_blocks")
 
 
@@ -80,6 +82,9 @@ class KVCache:
     def __init__(self, ns: Namespace, *, high_watermark: float = 0.90, low_watermark: float = 0.80,
                  quota_low: float = 0.90, interval: float = 5.0, tmp_max_age: float = 3600.0, clock=time.time):
         self.ns = ns
+        # exists_under's cache: base path -> (inode, subdirectory -> dentry key prefix)
+        self._lookup_dirs: dict[str, tuple[int, dict[str, bytes]]] = {}
+        self._lookup_epoch = -1
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self.quota_low = quota_low
@@ -323,30 +328,55 @@ class KVCache:
 
     def exists_under(self, base: str, names: list[str], leading_only: bool = False) -> P.ExistsManyReply:
         """Which of ``names`` (relative paths under directory ``base``) exist, in one call: a prompt's
-        block lookup. Resolves ``base`` once and each intermediate directory once."""
-        exists = [False] * len(names)
-        try:
-            base_ino = self.ns.resolve(base).ino
-        except OSError:
-            return P.ExistsManyReply(exists, 0)
-        get = self.ns.engine.get
+        block lookup.
+
+        Directories are resolved once and cached until a rmdir or rename (``ns.dir_epoch``); then the
+        blocks are engine point gets of their directory-entry keys, nothing decoded, in slices so a
+        ``leading_only`` lookup stops soon after the first miss."""
+        n = len(names)
+        exists = [False] * n
+        if self._lookup_epoch != self.ns.dir_epoch:
+            self._lookup_dirs.clear()
+            self._lookup_epoch = self.ns.dir_epoch
+        cached = self._lookup_dirs.get(base)
+        if cached is None:
+            try:
+                base_ino = self.ns.resolve(base).ino
+            except OSError:
+                return P.ExistsManyReply(exists, 0)
+            if len(self._lookup_dirs) > 1024:
+                self._lookup_dirs.clear()
+            cached = self._lookup_dirs[base] = (base_ino, {"": R.dentry_prefix(base_ino)})
+        base_ino, dirs = cached
         child = self.ns._child
-        # directory (relative path) -> its dentry key prefix, None if missing; only existence matters,
-        # so a block is one engine get of b"D" <dir ino> <name>, nothing decoded.
-        prefixes: dict[str, bytes | None] = {"": R.dentry_prefix(base_ino)}
-        leading = -1
-        for i, name in enumerate(names):
-            head, _, leaf = name.rpartition("/")
-            prefix = prefixes.get(head, b"")
-            if prefix == b"":
+
+        def prefix_of(head: str) -> bytes:
+            prefix = dirs.get(head)
+            if prefix is None:
                 d: int | None = base_ino
-                for part in head.split("/") if head else ():
+                for part in head.split("/"):
                     d = child(d, part) if d is not None else None
-                prefix = prefixes[head] = R.dentry_prefix(d) if d is not None else None
-            found = prefix is not None and get(prefix + leaf.encode("utf-8", "surrogateescape")) is not None
-            exists[i] = found
-            if not found and leading < 0:
-                leading = i
-                if leading_only:
-                    break
-        return P.ExistsManyReply(exists, len(names) if leading < 0 else leading)
+                if d is None:
+                    return MISSING_DIR  # not cached: the directory may be created any time
+                prefix = dirs[head] = R.dentry_prefix(d)
+            return prefix
+
+        keys = []
+        for name in names:
+            head, _, leaf = name.rpartition("/")
+            keys.append(prefix_of(head) + leaf.encode("utf-8", "surrogateescape"))
+        get_many = self.ns.engine.get_many
+        step = 256 if leading_only else max(n, 1)
+        leading = n
+        for start in range(0, n, step):
+            got = get_many(keys[start:start + step])
+            for i, raw in enumerate(got, start):
+                if raw is not None:
+                    exists[i] = True
+                elif leading == n:
+                    leading = i
+            if leading_only and leading < n:
+                for i in range(leading + 1, min(n, start + step)):
+                    exists[i] = False  # only the count is asked for: nothing after the first miss
+                break
+        return P.ExistsManyReply(exists, leading)

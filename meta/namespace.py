@@ -43,6 +43,9 @@ class Namespace:
     def __init__(self, engine: MetaEngine, *, chunk_size: int = 4 << 20, replication: int = 1,
                  lease_seconds: float = 60.0, registry: Registry | None = None, clock=time.monotonic):
         self.engine = engine
+        # Bumped by every rmdir and rename: whoever caches path -> directory inode (KVCache's block
+        # lookups) drops its cache when this changes. Creating directories needs no bump.
+        self.dir_epoch = 0
         self.chunk_size = chunk_size
         self.replication = replication
         self.lease_seconds = lease_seconds
@@ -280,6 +283,7 @@ class Namespace:
         self._put(batch, parent, pnode)
         self.engine.write(batch)
         self.files -= 1
+        self.dir_epoch += 1
 
     def purge(self, ino: int) -> None:
         """Delete an unlinked inode and its chunks once no client has it open any more."""
@@ -324,6 +328,7 @@ class Namespace:
 
     def rename(self, parent: int, name: str, new_parent: int, new_name: str, flags: int) -> P.RenameReply:
         check_name(new_name)
+        self.dir_epoch += 1  # a directory may move: path -> directory caches start over
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise error(errno.EINVAL, "unsupported rename flags")
         src_parent_node = self._dir(parent)

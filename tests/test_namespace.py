@@ -243,3 +243,40 @@ class NamespaceModel(RuleBasedStateMachine):
 
 TestNamespaceModel = NamespaceModel.TestCase
 TestNamespaceModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_kv_lookup_follows_directory_changes(ns):
+    """KVCache.exists_under caches path -> directory; rmdir and rename must invalidate it."""
+    from kvfs.meta.eviction import KVCache
+
+    kv = KVCache(ns)
+    base = mkdir(ns, ROOT_INO, "kv").ino
+    sub = mkdir(ns, base, "ab").ino
+    mkfile(ns, sub, "ab01")
+    mkfile(ns, sub, "ab02")
+    names = ["ab/ab01", "ab/ab02", "cd/cd01"]
+    r = kv.exists_under("/kv", names)
+    assert (r.exists, r.leading) == ([True, True, False], 2)
+    # A directory appearing after a lookup that missed it is seen at once (misses are not cached).
+    mkfile(ns, mkdir(ns, base, "cd").ino, "cd01")
+    assert kv.exists_under("/kv", names).exists == [True, True, True]
+    # Replace "ab" by another directory holding only ab02: the old directory's inode must not be used.
+    ns.rename(base, "ab", base, "old", 0)
+    new = mkdir(ns, base, "ab").ino
+    mkfile(ns, new, "ab02")
+    r = kv.exists_under("/kv", names)
+    assert (r.exists, r.leading) == ([False, True, True], 0)
+    # The subdirectory removed: nothing leads any more.
+    ns.unlink(new, "ab02")
+    ns.rmdir(base, "ab")
+    assert kv.exists_under("/kv", names, leading_only=True).leading == 0
+    # leading_only stops at the first miss across the lookup's internal slices.
+    many = mkdir(ns, base, "ef").ino
+    for i in range(600):
+        mkfile(ns, many, f"ef{i:04d}")
+    ns.unlink(many, "ef0300")
+    probe = [f"ef/ef{i:04d}" for i in range(600)]
+    r = kv.exists_under("/kv", probe, leading_only=True)
+    assert r.leading == 300 and all(r.exists[:300]) and not any(r.exists[300:])
+    r = kv.exists_under("/kv", probe)
+    assert r.leading == 300 and r.exists.count(False) == 1
