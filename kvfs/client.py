@@ -713,7 +713,14 @@ class Client:
         self._nursery.start_soon(run)
 
     async def _upload(self, ino: int, index: int, data: bytearray | bytes) -> P.ChunkRef:
-        """Write one immutable chunk to a fresh replica chain; retries once on a new chain."""
+        """Write one immutable chunk of open file ``ino`` to a fresh replica chain."""
+        return await self.upload_chunk(index, data, P.META_ALLOC_CHUNK, P.AllocChunk(ino, self.client_id, len(data)))
+
+    async def upload_chunk(self, index: int, data: bytearray | bytes | memoryview, alloc_method: int,
+                           alloc_request: Any) -> P.ChunkRef:
+        """Allocate a chunk with ``alloc_method`` (META_ALLOC_CHUNK for an open file, META_KV_ALLOC for
+        a file published later) and write ``data`` to its replica chain; on a failure, retries on a
+        new chain (a few times, backing off). Error handling: ENOSPC at once; else the last OSError."""
         from kvfs.chunkserver.store import block_checksums
 
         sums = block_checksums(data)
@@ -721,7 +728,7 @@ class Client:
         for attempt in range(5):
             if attempt:
                 await trio.sleep(0.5 * attempt)  # let meta notice a dead server before re-placing
-            alloc = await self.meta.request(P.META_ALLOC_CHUNK, P.AllocChunk(ino, self.client_id, len(data)))
+            alloc = await self.meta.request(alloc_method, alloc_request)
             primary, chain = alloc.replicas[0], alloc.replicas[1:]
             try:
                 await self._chunkserver(primary).call(P.CHUNK_WRITE, P.WriteChunk(alloc.chunk_id, sums, chain), data)

@@ -664,14 +664,45 @@ class KVChunksReply(Struct):
     files: list[GetChunksReply | None]  # None: no such regular file
 
 
+class KVAlloc(Struct):
+    """A chunk for a file that does not exist yet (a block being put): pending until KV_PUBLISH
+    names it, garbage-collected if never published."""
+
+    size_hint: int = 0
+
+
+class KVPublish(Struct):
+    """Create regular file ``name`` in directory ``parent`` with its whole content in one step: the
+    chunks (from KV_ALLOC, already written) and the size. Never replaces: if ``name`` exists the
+    chunks are dropped and ``created`` is False. A block put is lookup + alloc + chunk write + this,
+    instead of create/open/alloc/commit/release/rename."""
+
+    parent: int
+    name: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    chunks: list[ChunkRef]
+
+
+class KVPublishReply(Struct):
+    created: bool
+    attr: Attr
+
+
 META_KV_EXISTS = 60
 META_KV_STATUS = 61
 META_KV_EVICT = 62  # run one eviction pass now (tests, `kvfs policy evict`)
 META_KV_CHUNKS = 63
+META_KV_ALLOC = 64
+META_KV_PUBLISH = 65
 
 META_METHODS.update({
     META_KV_EXISTS: (KVExists, ExistsManyReply),
     META_KV_STATUS: (Empty, KVStatusReply),
     META_KV_EVICT: (Empty, KVStatusReply),
     META_KV_CHUNKS: (KVChunks, KVChunksReply),
+    META_KV_ALLOC: (KVAlloc, AllocChunkReply),
+    META_KV_PUBLISH: (KVPublish, KVPublishReply),
 })

@@ -498,6 +498,53 @@ class Namespace:
         self.pending_chunks[chunk_id] = self.clock()
         return P.AllocChunkReply(chunk_id, [s.record.address for s in servers])
 
+    def alloc_pending_chunk(self, size_hint: int) -> P.AllocChunkReply:
+        """A chunk for a file that does not exist yet (KV_PUBLISH, remote fills): pending until
+        published, garbage after ``expire_pending``."""
+        servers = self.registry.place(self.replication, size_hint or self.chunk_size)
+        chunk_id = self.alloc_chunk_id()
+        self.registry.add_locations(chunk_id, [s.record.server_id for s in servers])
+        self.pending_chunks[chunk_id] = self.clock()
+        return P.AllocChunkReply(chunk_id, [s.record.address for s in servers])
+
+    def publish(self, r: P.KVPublish) -> P.KVPublishReply:
+        """Create a whole regular file at once from pending chunks; never replaces an existing name
+        (its chunks are then dropped). Error handling: EINVAL for chunks that are not this file's
+        exact, pending content; ENOENT/ENOTDIR for a bad parent."""
+        check_name(r.name)
+        pnode = self._dir(r.parent)
+        cs = self.chunk_size
+        count = (r.size + cs - 1) // cs if r.size > 0 else 0
+        refs = sorted(r.chunks, key=lambda c: c.index)
+        if r.size < 0 or [c.index for c in refs] != list(range(count)) or any(
+                c.length != min(cs, r.size - c.index * cs) or c.chunk_id not in self.pending_chunks for c in refs):
+            raise error(errno.EINVAL, f"{r.name}: chunks do not make up {r.size} bytes of fresh, unpublished chunks")
+        existing = self._child(r.parent, r.name)
+        if existing is not None:
+            for c in refs:
+                self.pending_chunks.pop(c.chunk_id, None)
+                self.registry.drop_chunk(c.chunk_id)
+            return P.KVPublishReply(False, self.attr(existing))
+        batch: Batch = []
+        ino = self._alloc_ino(batch)
+        t = now_ns()
+        mode = stat.S_IFREG | (r.mode & 0o7777)
+        node = R.Inode(mode, 1, r.uid, r.gid, r.size, t, t, t, 0, parent=0, target="")
+        self._put(batch, ino, node)
+        batch.append((R.dentry_key(r.parent, r.name), R.U64.pack(ino)))
+        for c in refs:
+            batch.append((R.chunk_key(ino, c.index), R.encode(R.ChunkRecord(c.chunk_id, c.length))))
+            batch.append((R.live_chunk_key(c.chunk_id), b""))
+        pnode.mtime_ns = pnode.ctime_ns = t
+        self._put(batch, r.parent, pnode)
+        self.engine.write(batch)
+        for c in refs:
+            self.pending_chunks.pop(c.chunk_id, None)
+            self.registry.adopt(c.chunk_id)
+        self.files += 1
+        self.used_bytes += r.size
+        return P.KVPublishReply(True, self.attr(ino, node))
+
     def is_live_chunk(self, chunk_id: int) -> bool:
         return chunk_id in self.pending_chunks or self.engine.get(R.live_chunk_key(chunk_id)) is not None
 

@@ -535,14 +535,8 @@ class RemoteTier:
     def fill_alloc(self, r: P.RemoteFillAlloc) -> P.RemoteFillAllocReply:
         if not self.info(r.ino).fillable:
             raise error(errno.ESTALE, f"inode {r.ino}: no clean remote copy to fill from")
-        out = []
-        for _ in range(max(1, min(r.count, 1024))):
-            servers = self.ns.registry.place(self.ns.replication, r.size_hint or self.ns.chunk_size)
-            chunk_id = self.ns.alloc_chunk_id()
-            self.ns.registry.add_locations(chunk_id, [s.record.server_id for s in servers])
-            self.ns.pending_chunks[chunk_id] = self.ns.clock()
-            out.append(P.AllocChunkReply(chunk_id, [s.record.address for s in servers]))
-        return P.RemoteFillAllocReply(out)
+        return P.RemoteFillAllocReply([self.ns.alloc_pending_chunk(r.size_hint)
+                                       for _ in range(max(1, min(r.count, 1024)))])
 
     def fill_commit(self, r: P.RemoteFillCommit) -> P.RemoteFillCommitReply:
         info = self.info(r.ino)
@@ -907,8 +901,14 @@ class RemoteTier:
             if self.binding_of_file(r.ino) is not None or self.locate_dir(r.new_parent) is not None:
                 raise error(errno.EXDEV, "hard links into or out of a remote-bound directory are not supported")
 
+        async def publish(r):
+            if self.locate_dir(r.parent) is not None:
+                # A file born whole would skip the upload queue: writers use create/write/commit there.
+                raise error(errno.EXDEV, "one-step publish into a remote-bound directory is not supported")
+
         before(P.META_LOOKUP, lookup)
         before(P.META_READDIR, readdir)
+        before(P.META_KV_PUBLISH, publish)
         before(P.META_RESOLVE, resolve)
         before(P.META_GET_CHUNKS, get_chunks)
         before(P.META_SYMLINK, dir_writable)

@@ -95,6 +95,8 @@ class MetaService:
             P.META_KV_STATUS: lambda r, _: _now(self.kv.status()),
             P.META_KV_EVICT: lambda r, _: _now(self.kv.run_once()),
             P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths)),
+            P.META_KV_ALLOC: lambda r, _: _now(ns.alloc_pending_chunk(r.size_hint)),
+            P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
         }
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -20,8 +20,10 @@ import time
 import pytest
 import torch
 
+from kvfs.gds import is_kvfs_mount, kvikio_available
 from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
 from kvfs.kv.block import decode_block, encode_block, parse_header
+from kvfs.kv.device import choose_route
 from kvfs.kv.hashing import HASH_BYTES, check_hash, check_hashes, hash_block, root_hash
 from kvfs.kv.policy import Policy, evict_now, get_policy, kv_status, kv_status_rows, set_policy
 
@@ -332,6 +334,210 @@ def test_native_and_mount_see_the_same_files(mounted):
         assert row.quota == 1 << 30
 
 
+# --------------------------------------------------------------------------- out tensors on a GPU (kvfs.kv.device)
+# The staged route is the same code with or without a GPU (device_io="staged" stages CPU outs too), so
+# CI runs it on every backend; the CUDA-only tests at the end run where a GPU is (bench/gpu_kv.py).
+
+BIG = KVLayout("float16", block_tokens=16, num_layers=20, num_kv_heads=8, head_dim=64)  # 2.5 MiB: 3 chunks
+needs_cuda = pytest.mark.gpu  # deselected by default; `pytest -m gpu` on a GPU machine (bench/gpu_kv.py's run)
+
+
+def _outs(layout: KVLayout, n: int, device: str = "cpu") -> list:
+    """n out arguments, alternately one block tensor and a list of plane tensors, filled with junk."""
+    dt = layout.torch_dtype()
+    return [torch.full(layout.block_shape, 7, dtype=dt, device=device) if i % 2 == 0 else
+            [torch.full(layout.plane_shape, 7, dtype=dt, device=device) for _ in range(layout.num_planes)]
+            for i in range(n)]
+
+
+def _as_block(out, layout: KVLayout) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else torch.stack(out).reshape(layout.block_shape)
+
+
+def _plant_bad_blocks(s: KVStore, layout: KVLayout, hs: list[str]) -> None:
+    """hs[0]: a block of another layout of the same byte size; hs[1]: truncated; hs[2]: payload corrupted."""
+    other = KVLayout(layout.dtype, layout.block_tokens, layout.num_layers, layout.num_kv_heads * 2,
+                     layout.head_dim // 2)
+    _write_raw(s, hs[0], _file(other, hs[0], block_for(other, hs[0])))
+    _write_raw(s, hs[1], _file(layout, hs[1], block_for(layout, hs[1]))[:-100])
+    bad = bytearray(_file(layout, hs[2], block_for(layout, hs[2])))
+    bad[-3] ^= 0x10
+    _write_raw(s, hs[2], bytes(bad))
+
+
+def test_staged_route_batches_verifies_and_reuses_buffers(kv):
+    """device_io="staged": payload into a host staging buffer, verified there, copied into out."""
+    s = kv("staged", MID, device_io="staged", concurrency=2)
+    hs = block_hashes(range(4 * 12), 4, salt="staged")
+    s.put_many([(h, block_for(MID, h)) for h in hs[:7]])
+    # 9 blocks with 2 misses among them: 5 windows of 2 over 4 staging buffers, each reused
+    want = hs[:3] + [hs[8]] + hs[3:7] + [hs[7]]
+    outs = _outs(MID, len(want))
+    got = s.get_many(want, outs)
+    for h, out, g in zip(want, outs, got):
+        if h in (hs[7], hs[8]):
+            assert g is None
+        else:
+            assert g is out and torch.equal(_as_block(out, MID), block_for(MID, h))
+    assert len(s.device_io.pool) == 4  # at most 2 x concurrency buffers, back in the pool
+    got = s.get_many(hs[:7], _outs(MID, 7))
+    assert all(torch.equal(_as_block(g, MID), block_for(MID, h)) for g, h in zip(got, hs))
+    assert len(s.device_io.pool) == 4  # reused, not grown
+    assert (s.stats["get_hits"], s.stats["get_misses"]) == (14, 2)
+    assert s.get(hs[8]) is None
+
+    big = kv("staged-big", BIG, device_io="staged")
+    assert big.put(hs[0], block_for(BIG, hs[0]))
+    out = torch.empty(BIG.block_shape, dtype=torch.float16)
+    assert big.get(hs[0], out=out) is out and torch.equal(out, block_for(BIG, hs[0]))
+
+    # Bad blocks are refused exactly as on the host route; a batch raises, its good blocks still load.
+    bad = hs[9:12]
+    _plant_bad_blocks(s, MID, bad)
+    with pytest.raises(BlockError, match="layout"):
+        s.get(bad[0], out=_outs(MID, 1)[0])
+    with pytest.raises(BlockError, match="truncated|bytes"):
+        s.get(bad[1])
+    with pytest.raises(BlockError, match="checksum"):
+        s.get(bad[2], out=_outs(MID, 2)[1])
+    with pytest.raises(BlockError, match="checksum"):
+        s.get_many([hs[0], bad[2], hs[1]])
+    assert torch.equal(s.get(hs[1]), block_for(MID, hs[1]))
+    # verify=False turns off the payload checksum (and nothing else): the corrupted payload loads
+    unverified = kv("staged", MID, device_io="staged", verify=False)
+    loaded = unverified.get(bad[2])
+    assert loaded is not None and not torch.equal(loaded, block_for(MID, bad[2]))
+    with pytest.raises(BlockError, match="layout"):
+        unverified.get(bad[0])
+
+
+@pytest.mark.parametrize("device_io", ["auto", "staged"])
+def test_out_tensors_are_checked(tmp_path, device_io):
+    s = KVStore(str(tmp_path), SMALL, device_io=device_io)
+    h = block_hashes(range(4), 4)[0]
+    s.put(h, block_for(SMALL, h))
+    dt, plane = torch.bfloat16, SMALL.plane_shape
+    planes = [torch.empty(plane, dtype=dt) for _ in range(SMALL.num_planes)]
+    bad = {
+        "dtype": torch.empty(SMALL.block_shape, dtype=torch.float32),
+        "shape": torch.empty(SMALL.nbytes // 2, dtype=dt),
+        "expected 4 tensors": planes[:3],
+        "not contiguous": torch.empty(SMALL.block_shape[:3] + SMALL.block_shape[:2:-1], dtype=dt).transpose(3, 4),
+        "CPU or CUDA": torch.empty(SMALL.block_shape, dtype=dt, device="meta"),
+        "share a device": planes[:-1] + [torch.empty(plane, dtype=dt, device="meta")],
+    }
+    planes_nc = list(planes)
+    planes_nc[3] = torch.empty(plane[::-1], dtype=dt).transpose(0, 2)
+    bad["tensor 3 is not contiguous"] = planes_nc
+    for match, out in bad.items():
+        with pytest.raises(ValueError, match=match):
+            s.get(h, out=out)
+    with pytest.raises(TypeError, match="not a torch.Tensor"):
+        s.get(h, out=[None] * SMALL.num_planes)
+    assert s.stats["get_hits"] == 0 and s.stats["get_misses"] == 0  # refused before any read
+    assert torch.equal(s.get(h, out=planes)[0], block_for(SMALL, h)[0, 0])
+    s.close()
+
+
+def test_choose_route():
+    def route(mode: str, device: str, directory: bool = True, kvikio_ok: bool = True, verify: bool = True,
+              in_transit: bool = True) -> str:
+        return choose_route(mode, device, directory=directory, kvikio_ok=kvikio_ok, verify=verify,
+                            verified_in_transit=in_transit)
+
+    assert [route(m, "cpu") for m in ("auto", "kvikio", "staged")] == ["host", "host", "staged"]
+    assert route("auto", "cuda") == "kvikio"  # on the kvfs mount: its client checks every byte
+    assert route("auto", "cuda", in_transit=False) == "staged"  # local disk: the payload checksum is the only check
+    assert route("auto", "cuda", in_transit=False, verify=False) == "kvikio"
+    assert route("auto", "cuda", kvikio_ok=False) == "staged"
+    assert route("auto", "cuda", directory=False, kvikio_ok=False, in_transit=False) == "staged"  # native client
+    assert route("kvikio", "cuda", in_transit=False) == "kvikio"
+    assert route("staged", "cuda") == "staged"
+
+
+def test_device_io_options(cluster, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="device_io must be one of"):
+        KVStore(str(tmp_path), SMALL, device_io="gds")
+    with cluster.client() as c:
+        with pytest.raises(ValueError, match="directory store"):
+            KVStore("/kvopt/m", SMALL, client=c, device_io="kvikio")
+        native = KVStore("/kvopt/m", SMALL, client=c)
+        assert native.device_io.route_for("cuda") == "staged" and native.device_io.route_for("cpu") == "host"
+        native.close()
+    monkeypatch.setitem(sys.modules, "kvikio", None)  # kvikio not importable, even where it is installed
+    assert not kvikio_available()
+    with pytest.raises(ImportError, match="needs the kvikio package"):
+        KVStore(str(tmp_path), SMALL, device_io="kvikio")
+    auto = KVStore(str(tmp_path), SMALL, verify=False)
+    assert auto.device_io.route_for("cuda") == "staged"  # auto falls back to staging without kvikio
+    h = block_hashes(range(4), 4)[0]
+    auto.put(h, block_for(SMALL, h))
+    assert torch.equal(auto.get(h), block_for(SMALL, h))
+    auto.close()
+
+
+def test_auto_knows_the_kvfs_mount(mounted, tmp_path):
+    assert is_kvfs_mount(mounted.mountpoint) and is_kvfs_mount(f"{mounted.mountpoint}/kv/not/there/yet")
+    assert not is_kvfs_mount(str(tmp_path)) and not is_kvfs_mount("/proc/self")
+    on_mount = KVStore(f"{mounted.mountpoint}/kvauto/m", SMALL)
+    local = KVStore(str(tmp_path), SMALL)
+    assert on_mount.device_io.verified_in_transit and not local.device_io.verified_in_transit
+    on_mount.close()
+    local.close()
+
+
+@needs_cuda
+@pytest.mark.parametrize("device_io", ["staged", "kvikio", "auto"])
+def test_gpu_get(kv, request, device_io):
+    backend = request.node.callspec.params["kv"]
+    if device_io == "kvikio" and not kvikio_available():
+        pytest.skip("kvikio does not import here")
+    if device_io == "kvikio" and backend == "native":
+        pytest.skip("kvikio reads files by path (refused with a client: test_device_io_options)")
+    s = kv("gpu", MID, device_io=device_io, concurrency=2)
+    route = s.device_io.route_for("cuda")
+    if device_io == "auto":
+        on_mount = backend == "mount" and kvikio_available()
+        assert route == ("kvikio" if on_mount else "staged")
+    else:
+        assert route == device_io
+    hs = block_hashes(range(4 * 12), 4, salt=f"gpu-{device_io}")
+    s.put_many([(h, block_for(MID, h)) for h in hs[:7]])
+    want = hs[:3] + [hs[8]] + hs[3:7] + [hs[7]]
+    outs = _outs(MID, len(want), "cuda")
+    ptrs = [o.data_ptr() if isinstance(o, torch.Tensor) else o[0].data_ptr() for o in outs]
+    torch.cuda._sleep(50_000_000)  # a busy current stream: get must not write out before it is done
+    for o in outs:
+        for t in [o] if isinstance(o, torch.Tensor) else o:
+            t.fill_(5)
+    got = s.get_many(want, outs)
+    for h, out, g, ptr in zip(want, outs, got, ptrs):
+        if h in (hs[7], hs[8]):
+            assert g is None
+            continue
+        assert g is out
+        assert (out.data_ptr() if isinstance(out, torch.Tensor) else out[0].data_ptr()) == ptr
+        assert torch.equal(_as_block(out, MID), block_for(MID, h).cuda())
+    big = kv("gpu-big", BIG, device_io=device_io)
+    big.put(hs[0], block_for(BIG, hs[0]))
+    out = torch.empty(BIG.block_shape, dtype=torch.float16, device="cuda")
+    assert big.get(hs[0], out=out) is out and torch.equal(out, block_for(BIG, hs[0]).cuda())
+    # Headers and sizes are checked on every route; the payload checksum wherever it passes the host.
+    bad = hs[9:12]
+    _plant_bad_blocks(s, MID, bad)
+    with pytest.raises(BlockError, match="layout"):
+        s.get(bad[0], out=_outs(MID, 1, "cuda")[0])
+    with pytest.raises(BlockError, match="truncated|bytes"):
+        s.get(bad[1], out=_outs(MID, 2, "cuda")[1])
+    corrupted = _outs(MID, 1, "cuda")[0]
+    if route == "kvikio":
+        s.get(bad[2], out=corrupted)  # documented: not re-verified on this route
+        assert not torch.equal(corrupted, block_for(MID, bad[2]).cuda())
+    else:
+        with pytest.raises(BlockError, match="checksum"):
+            s.get(bad[2], out=corrupted)
+
+
 # --------------------------------------------------------------------------- concurrency across processes
 
 WORKER = r"""
@@ -517,9 +723,8 @@ def _ns():
 
 
 def _mkfile(ns, parent: int, name: str, size: int, access_s: float, written_s: float) -> int:
-    from kvfs.meta import records as R
-
     from kvfs import protocol as P
+    from kvfs.meta import records as R
 
     attr = ns.mknode(parent, name, stat.S_IFREG | 0o644, 0, 0)
     node = ns.inode(attr.ino)
@@ -558,9 +763,8 @@ def test_windowed_lru_order_in_process():
 
 
 def test_chunkserver_watermark_eviction_in_process():
-    from kvfs.meta.eviction import KVCache
-
     from kvfs import protocol as P
+    from kvfs.meta.eviction import KVCache
 
     ns = _ns()
     now = 5_000.0

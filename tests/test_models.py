@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open as st_safe_open
 from safetensors.torch import load_file, save_file
 
+from kvfs.gds import is_fuse
 from kvfs.models import DTYPES, LoadOptions, SafetensorsError, load_safetensors, safe_open
 from kvfs.models.cli import main as cli_main
 from kvfs.models.header import MAX_HEADER
-from kvfs.models.loader import _is_fuse
 
 # Tiny spans force many spans per file, tensors straddling span edges and scatter reads with gaps.
 SMALL = LoadOptions(span_bytes=4096, threads=4)
@@ -322,4 +322,4 @@ def test_fuse_mount_bit_exact(mounted: Any, tmp_path: Path) -> None:
     write_sharded(shard_dir, [{k: full[k] for k in names[i::3]} for i in range(3)])
     assert_same(load_safetensors(shard_dir, options=SMALL), ref)
     # kvikio must run in compat mode on a FUSE path: the loader tells a mount path from a local one.
-    assert _is_fuse(str(remote)) and not _is_fuse(str(local))
+    assert is_fuse(str(remote)) and not is_fuse(str(local))

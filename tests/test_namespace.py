@@ -280,3 +280,28 @@ def test_kv_lookup_follows_directory_changes(ns):
     assert r.leading == 300 and all(r.exists[:300]) and not any(r.exists[300:])
     r = kv.exists_under("/kv", probe)
     assert r.leading == 300 and r.exists.count(False) == 1
+
+
+def test_publish_creates_whole_files_from_pending_chunks_only(ns):
+    """META_KV_PUBLISH: a file born whole, never replacing one, only from fresh unpublished chunks."""
+    d = mkdir(ns, ROOT_INO, "kv").ino
+    for chunk_id in (7, 8, 9):
+        ns.pending_chunks[chunk_id] = ns.clock()  # as alloc_pending_chunk leaves them
+    size = CS + 100
+    refs = [P.ChunkRef(0, 7, CS, []), P.ChunkRef(1, 8, 100, [])]
+    r = ns.publish(P.KVPublish(d, "blk", 0o644, 0, 0, size, refs))
+    assert r.created and r.attr.size == size and stat.S_ISREG(r.attr.mode)
+    assert ns.lookup(d, "blk").ino == r.attr.ino
+    assert [(c.index, c.chunk_id, c.length) for c in ns.chunks(r.attr.ino, 0, 10).chunks] == [(0, 7, CS), (1, 8, 100)]
+    assert ns.used_bytes == size and 7 not in ns.pending_chunks and ns.is_live_chunk(7)
+    # The same chunks again (already published: no longer pending), a gap, a wrong length: EINVAL.
+    for bad in ([P.ChunkRef(0, 9, CS, []), P.ChunkRef(1, 8, 100, [])],
+                [P.ChunkRef(1, 9, 100, [])],
+                [P.ChunkRef(0, 9, CS - 1, []), P.ChunkRef(1, 8, 100, [])]):
+        assert errno_of(ns.publish, P.KVPublish(d, "other", 0o644, 0, 0, size, bad)) == errno.EINVAL
+    assert errno_of(ns.lookup, d, "other") == errno.ENOENT
+    # A second writer of the same name: not replaced, its chunk dropped.
+    r2 = ns.publish(P.KVPublish(d, "blk", 0o644, 0, 0, 50, [P.ChunkRef(0, 9, 50, [])]))
+    assert not r2.created and r2.attr.ino == r.attr.ino and r2.attr.size == size
+    assert 9 not in ns.pending_chunks and not ns.is_live_chunk(9)
+    assert errno_of(ns.publish, P.KVPublish(12345, "x", 0o644, 0, 0, 0, [])) == errno.ENOENT

@@ -3,8 +3,9 @@
 Layout: ``hashing`` (token ids -> chained prefix block hashes), ``layout`` (what makes blocks
 compatible, and its directory name), ``block`` (the self-describing block file), ``store`` (``KVStore``:
 put/get/exists/longest_prefix) over a ``backend``: ``native`` (kvfs client library) or ``posix`` (any
-directory, e.g. the FUSE mount), and ``policy`` (per-directory cache policy, ``kvfs status`` rows).
-Importing this package does not import torch; tensors are only touched by ``block`` and ``store``.
+directory, e.g. the FUSE mount), ``device`` (``get`` into GPU tensors: kvikio or staged through pinned
+memory), and ``policy`` (per-directory cache policy, ``kvfs status`` rows). Importing this package does
+not import torch or kvikio; tensors are only touched by ``block``, ``device`` and ``store``.
 """
 
 from kvfs.kv.block import BlockError as BlockError

@@ -23,8 +23,8 @@ the payload checksum once the bytes are in. Any failure is a ``ValueError`` nami
 
 Tensors: a block is given (``put``) or received (``get(out=...)``) either as one tensor of
 ``layout.block_shape`` or as a list of ``layout.num_planes`` tensors of ``layout.plane_shape``
-(L0.K, L0.V, L1.K, ...). Both must have the layout's dtype; ``out`` tensors must be contiguous CPU
-tensors (pinned or not) so the bytes land in them without a copy.
+(L0.K, L0.V, L1.K, ...). Both must have the layout's dtype; ``out`` tensors must be contiguous, on
+the CPU (the bytes land in them without a copy) or a CUDA device (``kvfs.kv.device``).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def verify_payload(header: BlockHeader, views: Sequence[memoryview]) -> None:
 # --------------------------------------------------------------------------- tensors <-> bytes
 
 
-def _byte_view(t: Any) -> memoryview:
+def byte_view(t: Any) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (works for bfloat16 and float8 too)."""
     import torch
 
@@ -154,15 +154,11 @@ def _byte_view(t: Any) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-def tensor_views(layout: KVLayout, tensors: Any, *, writable: bool = False) -> list[memoryview]:
-    """Byte views of a block's tensors in payload order, checked against ``layout``.
+def check_tensors(layout: KVLayout, tensors: Any) -> list[Any]:
+    """The block's tensors in payload order, checked for count, shape and dtype against ``layout``.
 
     ``tensors``: one tensor of ``layout.block_shape`` or a sequence of ``layout.num_planes`` tensors of
-    ``layout.plane_shape``. For reading (``writable``) they must be contiguous CPU tensors; for writing
-    a non-contiguous or GPU tensor is first copied into a contiguous CPU one.
-
-    Error handling: ValueError for a wrong count, shape, dtype or (for ``out``) a non-CPU or
-    non-contiguous tensor.
+    ``layout.plane_shape``. Error handling: ValueError naming the tensor and what is wrong.
     """
     import torch
 
@@ -174,21 +170,27 @@ def tensor_views(layout: KVLayout, tensors: Any, *, writable: bool = False) -> l
         if len(items) != layout.num_planes:
             raise ValueError(f"expected {layout.num_planes} tensors (layers x planes) for layout {layout.name}, "
                              f"got {len(items)}")
-    views = []
     for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor {i} is a {type(t).__name__}, not a torch.Tensor")
         if tuple(t.shape) != shape:
             raise ValueError(f"tensor {i} has shape {tuple(t.shape)}, layout {layout.name} needs {shape}")
         if t.dtype != want_dtype:
             raise ValueError(f"tensor {i} has dtype {t.dtype}, layout {layout.name} needs {want_dtype}")
+    return items
+
+
+def tensor_views(layout: KVLayout, tensors: Any) -> list[memoryview]:
+    """Byte views of a block's tensors in payload order for writing, checked by ``check_tensors``; a GPU
+    or non-contiguous tensor is first copied into a contiguous CPU one.
+
+    Error handling: ValueError for a wrong count, shape or dtype.
+    """
+    views = []
+    for t in check_tensors(layout, tensors):
         if t.device.type != "cpu":
-            if writable:
-                raise ValueError(f"out tensor {i} is on {t.device}; pass CPU tensors (pinned for GPU transfers)")
             t = t.to("cpu")
-        if not t.is_contiguous():
-            if writable:
-                raise ValueError(f"out tensor {i} is not contiguous")
-            t = t.contiguous()
-        views.append(_byte_view(t))
+        views.append(byte_view(t.contiguous()))
     return views
 
 
@@ -206,5 +208,5 @@ def decode_block(raw: bytes | bytearray | memoryview, layout: KVLayout, block_ha
     payload = memoryview(raw)[header.header_len:header.header_len + header.payload_len]
     verify_payload(header, [payload])
     out = torch.empty(layout.block_shape, dtype=layout.torch_dtype())
-    _byte_view(out)[:] = payload
+    byte_view(out)[:] = payload
     return out

@@ -6,7 +6,8 @@ the file system does not support that flag, ``link`` + ``unlink`` gives the same
 semantics. The loser of a race removes its temp file and reports the block as already present.
 
 Reads: one ``preadv`` scatters the header into a small buffer and the payload straight into the
-caller's tensors.
+caller's tensors; for CUDA tensors read with kvikio, the header is read here and the payload by a
+``land`` callback (kvfs.kv.device, which checks that kvikio opened the same inode).
 
 Error handling: OSErrors from the file system pass through; a missing block reads as None.
 """
@@ -19,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kvfs.kv.backend import SCRATCH, ReadResult
@@ -27,6 +28,9 @@ from kvfs.kv.backend import SCRATCH, ReadResult
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 USER_PREFIX = "user."  # Linux only passes namespaced xattr names through a mount
+
+# (fd of the open block file, payload offset) -> payload bytes put in place (kvfs.kv.device's kvikio route)
+Land = Callable[[int, int], int]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
@@ -90,13 +94,16 @@ class PosixBackend:
                     pass
 
     def read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview],
-             touch_before_ns: int) -> ReadResult | None:
+             touch_before_ns: int, land: Land | None = None) -> ReadResult | None:
+        """``Backend.read``. ``land`` (kvfs.kv.device's kvikio route): read only the head into host memory
+        here and leave the payload to ``land(fd, header_len)``, which returns the bytes it put in place
+        (``out`` is then unused). An OSError from ``land`` is handled like one from a read."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            res = self._read_fd(fd, expect_size, header_len, out)
+            res = self._read_fd(fd, expect_size, header_len, out, land)
             if res.payload_done and res.atime_ns < touch_before_ns:
                 try:
                     os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
@@ -112,11 +119,17 @@ class PosixBackend:
             os.close(fd)
 
     @staticmethod
-    def _read_fd(fd: int, expect_size: int, header_len: int, out: Sequence[memoryview]) -> ReadResult:
+    def _read_fd(fd: int, expect_size: int, header_len: int, out: Sequence[memoryview],
+                 land: Land | None) -> ReadResult:
         st = os.fstat(fd)
         if st.st_size == expect_size:
             head = memoryview(bytearray(header_len))
-            got = _read_all(fd, [head, *out], 0)
+            if land is None:
+                got = _read_all(fd, [head, *out], 0)
+            else:
+                got = _read_all(fd, [head], 0)
+                if got == header_len:
+                    got += land(fd, header_len)
             if got == expect_size:
                 return ReadResult(head, st.st_size, st.st_atime_ns, True)
             st = os.fstat(fd)  # the file changed under us: report what its header says

@@ -10,8 +10,11 @@ of the hash (256-way fan-out keeps directories small). The same files are reacha
 * ``KVStore("/kv/llama", layout, client=kvfs.SyncClient(meta))``: the native client library.
 * ``KVStore("/mnt/kvfs/kv/llama", layout)``: any directory (the kvfs FUSE mount) through os calls.
 
-Blocks are immutable and published atomically (temp file + no-replace rename): a reader finds either
-nothing or the whole block; of two writers of one block one publishes, the other gets success
+``get`` reads into CPU or CUDA tensors; how a payload reaches GPU memory (kvikio straight into it, or
+staged through pinned host memory) is ``device_io`` (``kvfs.kv.device``).
+
+Blocks are immutable and published atomically (native: meta creates the file whole in one step;
+a directory: temp file + no-replace rename): a reader finds either nothing or the whole block; of two writers of one block one publishes, the other gets success
 (``put`` returns False: "already there") without rewriting it.
 
 Cache semantics: a block can disappear at any time (eviction, TTL): ``get`` then returns None (a
@@ -38,7 +41,8 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 from kvfs.kv.backend import Backend, ReadResult
-from kvfs.kv.block import BlockError, encode_block, encode_header, parse_header, tensor_views, verify_payload
+from kvfs.kv.block import BlockError, encode_block, encode_header, parse_header, verify_payload
+from kvfs.kv.device import DeviceIO, ReadJob
 from kvfs.kv.hashing import check_hash, check_hashes
 from kvfs.kv.layout import KVLayout
 
@@ -50,14 +54,20 @@ COUNTERS = ("get_hits", "get_misses", "lookup_hit_blocks", "lookup_miss_blocks",
 class KVStore:
     def __init__(self, root: str, layout: KVLayout, *, client: Any = None, concurrency: int = 8,
                  verify: bool = True, check_existing: bool = True, touch_interval: float = 60.0,
-                 stats_interval: float = 5.0):
+                 stats_interval: float = 5.0, device_io: str = "auto"):
         """``client``: a ``kvfs.SyncClient`` (root is then a kvfs path), or None (root is a local
-        directory, e.g. under the kvfs mount). ``verify``: check the payload checksum on every read.
-        ``check_existing``: ``put`` first looks whether the block is there and skips writing it."""
+        directory, e.g. under the kvfs mount). ``verify``: check the payload checksum on every read
+        that passes through host memory (not the kvikio route: ``kvfs.kv.device``).
+        ``check_existing``: ``put`` first looks whether the block is there and skips writing it.
+        ``device_io``: how ``get`` fills CUDA ``out`` tensors: "auto", "kvikio" or "staged"
+        (``kvfs.kv.device``). Error handling: ValueError for an unknown ``device_io`` or "kvikio" with a
+        client; ImportError for "kvikio" where kvikio does not import."""
         self.root = root.rstrip("/") or "/"
         self.layout = layout
         self.dir = f"{self.root}/{layout.name}"
         self.verify = verify
+        self.device_io = DeviceIO(device_io, self.root, layout, directory=client is None, verify=verify,
+                                  concurrency=concurrency)
         self.check_existing = check_existing
         self.touch_interval = touch_interval
         self.stats_interval = stats_interval
@@ -123,11 +133,14 @@ class KVStore:
     def get(self, block_hash: str, out: Any = None) -> Any:
         """Load one block into ``out`` (allocated when None) and return it; None on a miss.
 
-        ``out``: one contiguous CPU tensor of ``layout.block_shape`` or a list of ``layout.num_planes``
-        contiguous CPU tensors of ``layout.plane_shape`` (pinned memory is fine); the bytes are read
-        into them without an intermediate copy. On an error the contents of ``out`` are undefined.
+        ``out``: one contiguous tensor of ``layout.block_shape`` or a list of ``layout.num_planes``
+        contiguous tensors of ``layout.plane_shape``, all on the CPU (pinned or not: the bytes are read
+        into them without an intermediate copy) or all on one CUDA device (kvikio straight into them,
+        or staged through pinned host memory: ``device_io``; CUDA work is complete when this returns).
+        None allocates a CPU tensor. On an error the contents of ``out`` are undefined.
 
-        Error handling: BlockError for a block of another layout, truncated or corrupt."""
+        Error handling: BlockError for a block of another layout, truncated or corrupt; ValueError for
+        ``out`` tensors that do not fit the layout or are on another device (``kvfs.kv.device``)."""
         return self.get_many([block_hash], [out])[0]
 
     def get_many(self, hashes: Sequence[str], outs: Sequence[Any] | None = None) -> list[Any]:
@@ -136,7 +149,6 @@ class KVStore:
             outs = [None] * len(hashes)
         if len(outs) != len(hashes):
             raise ValueError("get_many: one out per hash")
-        targets = []
         jobs = []
         touch_before = time.time_ns() - int(self.touch_interval * 1e9) if self.touch_interval >= 0 else 0
         for block_hash, out in zip(hashes, outs):
@@ -144,29 +156,18 @@ class KVStore:
                 import torch
 
                 out = torch.empty(self.layout.block_shape, dtype=self.layout.torch_dtype())
-            views = tensor_views(self.layout, out, writable=True)
-            targets.append((out, views))
+            target = self.device_io.target(out)
             header_len = self._header_len_for(check_hash(block_hash))
-            jobs.append((self.path(block_hash), header_len + self.layout.nbytes, header_len, views, touch_before))
-        results = self.backend.read_many(jobs)
+            jobs.append(ReadJob(block_hash, self.path(block_hash), header_len + self.layout.nbytes, header_len,
+                                target, touch_before))
         loaded: list[Any] = []
         first_error: BaseException | None = None
         errors = 0
-        for block_hash, (out, views), res in zip(hashes, targets, results):
+        for res in self.device_io.read_many(self.backend, jobs, self._check):
             if isinstance(res, BaseException):
                 first_error, errors = first_error or res, errors + 1
-                loaded.append(None)
-                continue
-            if res is None:
-                loaded.append(None)
-                continue
-            try:
-                self._check(block_hash, res, views)
-            except BlockError as exc:
-                first_error, errors = first_error or exc, errors + 1
-                loaded.append(None)
-                continue
-            loaded.append(out)
+                res = None
+            loaded.append(res)
         hits = sum(x is not None for x in loaded)
         self._count(get_hits=hits, get_misses=len(loaded) - hits - errors,
                     get_bytes=hits * self.layout.nbytes)
@@ -174,12 +175,14 @@ class KVStore:
             raise first_error
         return loaded
 
-    def _check(self, block_hash: str, res: ReadResult, views: list[memoryview]) -> None:
+    def _check(self, block_hash: str, res: ReadResult, views: list[memoryview] | None) -> None:
+        """Check a read block's header (every route) and, given its payload's host ``views``, the payload
+        checksum (``verify``). Error handling: BlockError."""
         header = parse_header(res.head, layout=self.layout, block_hash=block_hash, file_size=res.size)
         if not res.payload_done or res.size != header.header_len + header.payload_len:
             raise BlockError(f"KV block {block_hash}: file has {res.size} bytes, header says "
                              f"{header.header_len + header.payload_len}")
-        if self.verify:
+        if self.verify and views is not None:
             verify_payload(header, views)
 
     # ------------------------------------------------------------------ lookups
@@ -236,6 +239,7 @@ class KVStore:
     def close(self) -> None:
         self.flush_stats()
         self.backend.close()
+        self.device_io.close()
 
     def __enter__(self) -> Self:
         return self

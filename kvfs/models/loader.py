@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
+from kvfs.gds import kvikio_available, kvikio_settings
 from kvfs.models.header import PREFIX, Header, SafetensorsError, TensorInfo, header_length, parse_header
 from kvfs.models.reader import PAGE, ClientSource, LocalSource, RangeReader, Source
 
@@ -343,43 +344,11 @@ def _load_cuda_pinned(spans: list[_Span], out: dict[str, torch.Tensor], device: 
             s.synchronize()
 
 
-def kvikio_available() -> bool:
-    try:
-        import kvikio  # noqa: F401
-    except Exception:  # noqa: BLE001  (ImportError, or a missing libcufile/libcudart underneath)
-        return False
-    return True
-
-
-def _is_fuse(path: str) -> bool:
-    """True when ``path`` lies on a FUSE file system (kvikio must use compat mode there)."""
-    try:
-        real = os.path.realpath(path)
-        best, fstype = "", ""
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3:
-                    mnt = parts[1].replace("\\040", " ")
-                    if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                        best, fstype = mnt, parts[2]
-        return fstype.startswith("fuse")
-    except OSError:
-        return False
-
-
 def kvikio_config(opts: LoadOptions, path: str) -> dict[str, Any]:
-    import kvikio
-
-    mode = opts.kvikio_compat_mode or ("on" if _is_fuse(path) else "auto")
-    return {
-        "compat_mode": {"on": kvikio.CompatMode.ON, "off": kvikio.CompatMode.OFF,
-                        "auto": kvikio.CompatMode.AUTO}[mode],
-        "num_threads": opts.kvikio_threads,
-        "task_size": opts.kvikio_task_size,
-        "gds_threshold": opts.kvikio_gds_threshold,
-        "bounce_buffer_size": opts.kvikio_bounce_buffer_size,
-    }
+    """The ``kvikio.defaults.set`` settings for loading ``path`` with ``opts`` (kvfs.gds)."""
+    return kvikio_settings(path, compat_mode=opts.kvikio_compat_mode, num_threads=opts.kvikio_threads,
+                           task_size=opts.kvikio_task_size, gds_threshold=opts.kvikio_gds_threshold,
+                           bounce_buffer_size=opts.kvikio_bounce_buffer_size)
 
 
 def _load_cuda_kvikio(files: list[_File], out: dict[str, torch.Tensor], names: dict[str, list[str]],
