@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--record", help="write the results section into this markdown file")
     ap.add_argument("--skip", default="", help="comma list of targets to skip (kvfs,rclone,s3fs,boto3)")
+    ap.add_argument("--keep", action="store_true", help="keep the working directory (logs) and print it")
     ap.add_argument("--reps", type=int, default=3, help="rounds of kvfs and rclone, alternating (medians reported)")
     ap.add_argument("--chunkserver-args", default="", help="extra `kvfs chunkserver` flags for the kvfs target")
     args = ap.parse_args(argv)
@@ -159,23 +160,6 @@ def main(argv: list[str] | None = None) -> int:
             if digest != expect:
                 raise SystemExit(f"{path}: data mismatch")
             return t
-
-        if "boto3" not in skip:
-            sink = Sink()
-            t0 = time.perf_counter()
-            s3.download_fileobj(BUCKET, KEY, sink)
-            t = time.perf_counter() - t0
-            assert sink.total == size
-            record("boto3", t, None, "download_fileobj, s3transfer defaults (10 threads, 8 MiB ranges)")
-            h = xxhash.xxh3_64()
-            t0 = time.perf_counter()
-            body = s3.get_object(Bucket=BUCKET, Key=KEY)["Body"]
-            for piece in body.iter_chunks(BLOCK):
-                h.update(piece)
-            t = time.perf_counter() - t0
-            if h.hexdigest() != expect:
-                raise SystemExit("boto3 get_object: data mismatch")
-            record("boto3-1", t, None, "one get_object of the whole object, read in 1 MiB pieces")
 
         def kvfs_round(rep: int) -> tuple[float, float]:
             nonlocal cluster
@@ -223,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in (("kvfs", kvfs_round), ("rclone", rclone_round)):
                 if name in skip or (name == "rclone" and not shutil.which("rclone")):
                     continue
+                os.sync()  # the previous round's cache writes must not be flushed during this one
+                time.sleep(1)
                 cold, warm = fn(rep)
                 rounds.setdefault(name, []).append((cold, warm))
                 print(f"  round {rep + 1}: {name:6s} cold {mbps(size, cold):6.0f} MB/s  warm {mbps(size, warm):6.0f} MB/s",
@@ -237,6 +223,25 @@ def main(argv: list[str] | None = None) -> int:
             each = ", ".join(f"{mbps(size, c):.0f}" for c, _ in pairs)
             record(name, colds[len(colds) // 2], warms[len(warms) // 2],
                    notes[name] + (f"; median of {len(pairs)} rounds, cold MB/s per round: {each}" if len(pairs) > 1 else ""))
+
+        # The ceilings last: s3transfer's many ranged GETs make moto allocate the whole object per
+        # request, which leaves the server slower for a while after.
+        if "boto3" not in skip:
+            sink = Sink()
+            t0 = time.perf_counter()
+            s3.download_fileobj(BUCKET, KEY, sink)
+            t = time.perf_counter() - t0
+            assert sink.total == size
+            record("boto3", t, None, "download_fileobj, s3transfer defaults (10 threads, 8 MiB ranges)")
+            h = xxhash.xxh3_64()
+            t0 = time.perf_counter()
+            body = s3.get_object(Bucket=BUCKET, Key=KEY)["Body"]
+            for piece in body.iter_chunks(BLOCK):
+                h.update(piece)
+            t = time.perf_counter() - t0
+            if h.hexdigest() != expect:
+                raise SystemExit("boto3 get_object: data mismatch")
+            record("boto3-1", t, None, "one get_object of the whole object, read in 1 MiB pieces")
 
         if "s3fs" not in skip and shutil.which("s3fs"):
             mp = os.path.join(root, "mnt-s3fs")
@@ -265,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
     if args.record:
         write_record(args.record, size, results, argv)

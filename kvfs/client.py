@@ -510,8 +510,10 @@ class Client:
             n = min(len(out), ref.length - in_chunk)
             await self._fetch(ref, in_chunk, out[:n])
         except OSError:
-            if not retry or not (await self._refresh_after_rewrite(st, index, ref)
-                                 or await self._refill_remote(st, index, ref)):
+            # A clean copy of a remote object re-fetches what it cannot read (evicted, torn, lost);
+            # any other file may have been rewritten by another client meanwhile.
+            if not retry or not (await self._refill_remote(st, index, ref)
+                                 or await self._refresh_after_rewrite(st, index, ref)):
                 raise
             await self._read_piece(st, index, in_chunk, out, small, retry=False)
             return

@@ -291,6 +291,32 @@ def test_unreadable_fetched_chunks_are_fetched_again(rmounted, backend):
     assert after[1] != before[1]  # the damaged chunk was replaced by a fresh fetch
 
 
+def test_eviction_under_an_open_reader_refetches(rmounted, backend):
+    """A clean file evicted while a client holds its chunk map: that client's next reads fail over to
+    the remote (the chunks are gone from every chunkserver) instead of returning EIO."""
+    import kvfs.protocol as P
+    from kvfs.chunkserver.store import chunk_path
+
+    data = os.urandom(4 * MiB + 17)
+    backend.put("ev/blob", data)
+    kpath = unique("evr")
+    kvfs(rmounted.meta_address, "remote", "attach", kpath, backend.url, "--mode", "readonly")
+    kvfs(rmounted.meta_address, "warm", kpath)
+    with rmounted.client() as c:
+        ino = c.resolve(kpath + "/ev/blob").ino
+        ids = [ch.chunk_id for ch in c.call(c.client.meta.request, P.META_GET_CHUNKS, P.GetChunks(ino)).chunks]
+        c.open(ino)
+        try:
+            assert c.read(ino, 0, 1000) == data[:1000]  # the chunk map is now held by this client
+            kvfs(rmounted.meta_address, "remote", "evict", kpath)
+            files = [chunk_path(os.path.join(rmounted.root, f"cs{i}"), cid)
+                     for i in range(rmounted.chunkservers) for cid in ids]
+            wait_for(lambda: not any(os.path.exists(f) for f in files), 20, "evicted chunks deleted")
+            assert c.read(ino, MiB, len(data)) == data[MiB:]
+        finally:
+            c.release(ino)
+
+
 def test_remote_change_is_detected(rmounted, backend):
     backend.put("f", b"version one " * 1000)
     kpath = unique("stale")

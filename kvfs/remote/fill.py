@@ -246,7 +246,8 @@ class _Filler:
             if failures:
                 raise failures[0]
         except (OSError, trio.RunFinishedError) as exc:
-            log.debug("remote readahead of %s/%s failed: %s", info.url, info.key, exc)  # readers fetch on demand
+            # Readers fetch what they need on demand (slower: ranged GETs); say so once per stream.
+            log.warning("remote readahead of %s/%s stopped: %s", info.url, info.key, exc)
         finally:
             seq.alive = False
             for i in list(events):
@@ -327,15 +328,17 @@ async def refill(client, st, index: int, ref: P.ChunkRef) -> bool:
         info = await f.remote_info(st)
     except OSError:
         return False
-    if info is None or st.chunks.get(index) is not ref:
+    if info is None:
         return False
-    log.warning("%s/%s: cached chunk %d unreadable; fetching it from the remote again", info.url, info.key, index)
-    try:
-        await client.meta.request(P.META_REMOTE_REFILL, P.RemoteRefill(st.ino, info.etag, [ref]))
-    except OSError:
-        return False
-    st.chunks.pop(index, None)
-    st.cache.pop(index, None)
+    if st.chunks.get(index) is ref:  # else: replaced meanwhile (by a fill); just read again
+        log.warning("%s/%s: cached chunk %d unreadable; fetching it from the remote again", info.url, info.key,
+                    index)
+        try:
+            await client.meta.request(P.META_REMOTE_REFILL, P.RemoteRefill(st.ino, info.etag, [ref]))
+        except OSError:
+            return False
+        st.chunks.pop(index, None)
+        st.cache.pop(index, None)
     await fill(client, st, index, index, False)
     return st.ref(index) is not None
 
