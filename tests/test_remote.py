@@ -376,6 +376,31 @@ def test_writeback_visible_to_plain_tools(rmounted, backend):
         assert f.read() == expect
 
 
+def test_kv_blocks_in_a_writeback_binding_are_uploaded(rmounted, backend):
+    """A KV store under a remote-bound directory: meta refuses the one-step publish (EXDEV), the native
+    store falls back to temp file + rename, and the blocks reach the remote like any file."""
+    import torch
+
+    from kvfs.kv import KVLayout, KVStore, block_hashes
+
+    kpath = unique("kvwb")
+    kvfs(rmounted.meta_address, "remote", "attach", kpath, backend.url, "--mode", "writeback")
+    lay = KVLayout("float16", block_tokens=4, num_layers=2, num_kv_heads=2, head_dim=8)
+    hashes = block_hashes(list(range(12)), lay.block_tokens)
+    blocks = [torch.randn(lay.block_shape).to(torch.float16) for _ in hashes]
+    with rmounted.client() as c:
+        store = KVStore(kpath + "/m", lay, client=c)
+        assert store.put_many(list(zip(hashes, blocks))) == [True] * len(hashes)
+        assert store.put(hashes[0], blocks[0]) is False
+        assert all(torch.equal(got, want) for got, want in zip(store.get_many(hashes), blocks))
+        store.close()
+    kvfs(rmounted.meta_address, "flush", kpath, "--wait", "60")
+    rel = store.path(hashes[1])[len(kpath) + 1:]
+    raw = backend.get(rel)
+    assert raw is not None and raw.endswith(blocks[1].numpy().tobytes())
+    assert not any(".tmp" in name for name in os.listdir(rmounted.mountpoint + kpath + "/m/" + lay.name + "/" + hashes[1][:2]))
+
+
 def test_writethrough_close_returns_after_upload(rmounted, backend):
     kpath = unique("wt")
     kvfs(rmounted.meta_address, "remote", "attach", kpath, backend.url, "--mode", "writethrough")
