@@ -35,6 +35,7 @@ import trio
 import xxhash
 
 from kvfs import protocol as P
+from kvfs.dircache import ListingCache
 from kvfs.errors import error
 from kvfs.rpc import RpcClient
 from kvfs.tasks import open_nursery
@@ -54,6 +55,10 @@ class ClientOptions:
     read_cache_chunks: int = 8  # verified chunks kept per open file for small sequential reads
     prefetch: bool = True
     prefetch_chunks: int = 4  # chunks fetched ahead of a sequential reader, concurrently (disk queue depth)
+    # Lookup bursts in one directory are answered from one listing for this long (kvfs.dircache);
+    # 0 turns it off. Same staleness bound as the mount's attribute cache.
+    dir_cache_ttl: float = 1.0
+    dir_cache_burst: int = 16  # lookups in one directory within the ttl before it is listed
 
 
 @dataclass
@@ -98,6 +103,8 @@ class Client:
         self.client_id = client_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.chunk_size = 4 << 20
         self.files: dict[int, FileState] = {}
+        self.listings = ListingCache(self.options.dir_cache_ttl, self.options.dir_cache_burst)
+        self._ns_changes = 0  # this client's namespace changes: a listing fetched across one is not kept
         self._servers: dict[str, _ServerInfo] = {}
         self._chunk_clients: dict[str, RpcClient] = {}
         self._upload_slots = trio.Semaphore(self.options.max_upload_inflight)
@@ -140,7 +147,36 @@ class Client:
     async def lookup(self, parent: int, name: str) -> P.Attr:
         # Overlaid like getattr: the kernel takes a lookup's attributes as the inode's too, and a
         # committed size there would cut this client's own pending writes off (reads hit "EOF").
-        return self._overlay(await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name)))
+        attr = self.listings.get(parent, name)
+        if attr is None:
+            attr = await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
+            if self.listings.wants_listing(parent):
+                await self._list_dir(parent)
+        return self._overlay(attr)
+
+    async def _list_dir(self, parent: int) -> None:
+        """Fetch a whole directory listing (attributes included) for ``self.listings``."""
+        loaded, changes = self.listings.clock(), self._ns_changes
+        entries: list[P.DirEntry] = []
+        after = ""
+        try:
+            while True:
+                reply = await self.meta.request(P.META_READDIR, P.ReadDir(parent, after, 4096))
+                entries.extend(reply.entries)
+                if len(entries) > self.listings.max_entries:
+                    self.listings.store(parent, loaded, None)
+                    return
+                if not reply.more or not reply.entries:
+                    break
+                after = reply.entries[-1].name
+        except OSError:
+            return  # only an optimisation: lookups go on to meta
+        if changes == self._ns_changes:
+            self.listings.store(parent, loaded, entries)
+
+    def _changed(self, ino: int) -> None:
+        self._ns_changes += 1
+        self.listings.changed(ino)
 
     async def getattr(self, ino: int) -> P.Attr:
         attr = await self.meta.request(P.META_GETATTR, P.GetAttr(ino))
@@ -155,6 +191,7 @@ class Client:
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None, size: int | None = None) -> P.Attr:
+        self._changed(ino)
         if size is not None:
             await self.truncate(ino, size)
         if any(v is not None for v in (mode, uid, gid, atime_ns, mtime_ns)):
@@ -165,24 +202,44 @@ class Client:
     async def mknode(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
                      exclusive: bool = True, lease: bool = False) -> P.Attr:
         """Create a node; ``lease`` also takes the write lease (a create that is about to be written)."""
-        return self._overlay(await self.meta.request(P.META_MKNODE, P.MkNode(
-            parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else "")))
+        self._ns_changes += 1
+        attr = await self.meta.request(P.META_MKNODE, P.MkNode(
+            parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else ""))
+        self.listings.added(parent, name, attr)
+        return self._overlay(attr)
 
-    async def unlink_at(self, parent: int, name: str) -> P.Attr:
-        return await self.meta.request(P.META_UNLINK, P.Unlink(parent, name))
+    async def unlink_at(self, parent: int, name: str, keep_open: list[int] | None = None) -> P.Attr:
+        """Remove a name; ``keep_open``: see P.Unlink (None: the caller purges the inode later)."""
+        self._ns_changes += 1
+        self.listings.removed(parent, name)
+        attr = await self.meta.request(P.META_UNLINK, P.Unlink(parent, name, keep_open))
+        if attr.nlink > 0:
+            self.listings.changed(attr.ino)  # other names of it: their link count changed
+        return attr
 
     async def rmdir_at(self, parent: int, name: str) -> None:
+        self._ns_changes += 1
+        self.listings.removed(parent, name)
         await self.meta.request(P.META_RMDIR, P.Unlink(parent, name))
 
     async def rename_at(self, parent: int, name: str, new_parent: int, new_name: str, flags: int = 0) -> int:
+        self._ns_changes += 1
+        self.listings.forget_dir(parent)
+        self.listings.forget_dir(new_parent)
         reply = await self.meta.request(P.META_RENAME, P.Rename(parent, name, new_parent, new_name, flags))
         return reply.replaced_ino
 
     async def link(self, ino: int, new_parent: int, new_name: str) -> P.Attr:
-        return self._overlay(await self.meta.request(P.META_LINK, P.Link(ino, new_parent, new_name)))
+        self._changed(ino)
+        attr = await self.meta.request(P.META_LINK, P.Link(ino, new_parent, new_name))
+        self.listings.added(new_parent, new_name, attr)
+        return self._overlay(attr)
 
     async def symlink_at(self, parent: int, name: str, target: str, uid: int = 0, gid: int = 0) -> P.Attr:
-        return await self.meta.request(P.META_SYMLINK, P.Symlink(parent, name, target, uid, gid))
+        self._ns_changes += 1
+        attr = await self.meta.request(P.META_SYMLINK, P.Symlink(parent, name, target, uid, gid))
+        self.listings.added(parent, name, attr)
+        return attr
 
     async def readlink(self, ino: int) -> str:
         return (await self.meta.request(P.META_READLINK, P.GetAttr(ino))).target
@@ -265,9 +322,7 @@ class Client:
 
     async def unlink(self, path: str) -> None:
         parent, name = await self._parent_of(path)
-        attr = await self.unlink_at(parent, name)
-        if attr.nlink <= 0 and attr.ino not in self.files:
-            await self.purge(attr.ino)
+        await self.unlink_at(parent, name, keep_open=list(self.files))  # purged at once unless open here
 
     async def rmdir(self, path: str) -> None:
         parent, name = await self._parent_of(path)
@@ -314,6 +369,8 @@ class Client:
         """Open a regular file. The chunk map is refreshed on every first open (close-to-open).
         ``created``: the attributes of a file this client just created with ``mknode(lease=True)``: no
         chunk map to fetch if it is empty, and the write lease is already held."""
+        if write:
+            self._changed(ino)  # its size and times are about to change
         st = self.files.get(ino)
         if st is None and created is not None and created.size == 0:
             st = self.files[ino] = FileState(ino, created, {}, size=0)
@@ -766,6 +823,7 @@ class Client:
         refs = [P.ChunkRef(i, r.chunk_id, r.length, []) for i, r in sorted(committed.items())]
         attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, time.time_ns(),
                                                                cut))
+        self._changed(ino)
         if st.truncated_to == cut:
             st.truncated_to = -1
         for i, r in committed.items():

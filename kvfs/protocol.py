@@ -130,8 +130,15 @@ class MkNode(Struct):
 
 
 class Unlink(Struct):
+    """UNLINK (and RMDIR, which ignores ``keep_open``).
+
+    ``keep_open``: None leaves an inode whose last name went for an explicit PURGE (when the caller
+    closes it); a list (the caller's open inodes) purges it in the same call unless it is listed:
+    one round trip for the common unlink of a closed file."""
+
     parent: int
     name: str
+    keep_open: list[int] | None = None
 
 
 class Rename(Struct):

@@ -245,7 +245,9 @@ class Namespace:
             return True
         return False
 
-    def unlink(self, parent: int, name: str) -> P.Attr:
+    def unlink(self, parent: int, name: str, keep_open: list[int] | None = None) -> P.Attr:
+        """Remove a name. The inode outlives its last name as an orphan until ``purge``, which happens
+        here at once when ``keep_open`` is a list that does not hold it (P.Unlink)."""
         pnode = self._dir(parent)
         ino = self._child(parent, name)
         if ino is None:
@@ -259,7 +261,10 @@ class Namespace:
         pnode.mtime_ns = pnode.ctime_ns = t
         self._put(batch, parent, pnode)
         self.engine.write(batch)
-        return self.attr(ino, node)
+        attr = self.attr(ino, node)
+        if node.nlink <= 0 and keep_open is not None and ino not in keep_open:
+            self.purge(ino)
+        return attr
 
     def rmdir(self, parent: int, name: str) -> None:
         if name == ".":

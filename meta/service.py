@@ -65,7 +65,7 @@ class MetaService:
             P.META_SETATTR: lambda r, _: _now(ns.setattr(r)),
             P.META_MKNODE: lambda r, _: _now(ns.mknode(r.parent, r.name, r.mode, r.uid, r.gid, r.rdev, r.exclusive,
                                                                lease_client=r.lease_client)),
-            P.META_UNLINK: lambda r, _: _now(ns.unlink(r.parent, r.name)),
+            P.META_UNLINK: lambda r, _: _now(ns.unlink(r.parent, r.name, r.keep_open)),
             P.META_RMDIR: rmdir,
             P.META_RENAME: lambda r, _: _now(ns.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags)),
             P.META_LINK: lambda r, _: _now(ns.link(r.ino, r.new_parent, r.new_name)),

@@ -194,7 +194,11 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
-        await self._after_unlink(await self.client.unlink_at(parent_inode, os.fsdecode(name)))
+        # Meta purges the inode in the same call unless one of ours has it open (then release does).
+        keep = list(set(self.open_counts) | set(self.client.files))
+        attr = await self.client.unlink_at(parent_inode, os.fsdecode(name), keep_open=keep)
+        if attr.ino in keep:
+            await self._after_unlink(attr)
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):

@@ -305,3 +305,16 @@ def test_publish_creates_whole_files_from_pending_chunks_only(ns):
     assert not r2.created and r2.attr.ino == r.attr.ino and r2.attr.size == size
     assert 9 not in ns.pending_chunks and not ns.is_live_chunk(9)
     assert errno_of(ns.publish, P.KVPublish(12345, "x", 0o644, 0, 0, 0, [])) == errno.ENOENT
+
+
+def test_unlink_purges_in_the_same_call_unless_kept_open(ns):
+    a, b, c = (mkfile(ns, ROOT_INO, n).ino for n in ("a", "b", "c"))
+    ns.link(c, ROOT_INO, "c2")
+    ns.unlink(ROOT_INO, "a", keep_open=[])  # closed everywhere the caller knows of: gone at once
+    assert errno_of(ns.inode, a) == errno.ENOENT
+    ns.unlink(ROOT_INO, "b", keep_open=[b])  # open by the caller: an orphan until it purges
+    assert ns.inode(b).nlink == 0
+    ns.purge(b)
+    assert errno_of(ns.inode, b) == errno.ENOENT
+    ns.unlink(ROOT_INO, "c", keep_open=[])  # another name left: nothing purged
+    assert ns.inode(c).nlink == 1 and ns.lookup(ROOT_INO, "c2").ino == c

@@ -63,11 +63,9 @@ class NativeBackend:
 
     async def _unlink(self, parent: int, name: str) -> None:
         try:
-            attr = await self.c.unlink_at(parent, name)
+            await self.c.unlink_at(parent, name, keep_open=list(self.c.files))  # purged in the same call
         except FileNotFoundError:
             return
-        if attr.nlink <= 0 and self.c.cached_state(attr.ino) is None:
-            await self.c.purge(attr.ino)
 
     # ------------------------------------------------------------------ put
 
