@@ -179,7 +179,10 @@ class Client:
         self.listings.changed(ino)
 
     async def getattr(self, ino: int) -> P.Attr:
-        attr = await self.meta.request(P.META_GETATTR, P.GetAttr(ino))
+        attr = self.listings.dir_attr(ino)
+        if attr is None:
+            attr = await self.meta.request(P.META_GETATTR, P.GetAttr(ino))
+            self.listings.saw_dir_attr(attr)
         return self._overlay(attr)
 
     def _overlay(self, attr: P.Attr) -> P.Attr:
@@ -206,6 +209,7 @@ class Client:
         attr = await self.meta.request(P.META_MKNODE, P.MkNode(
             parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else ""))
         self.listings.added(parent, name, attr)
+        self.listings.dir_touched(parent, 1 if stat.S_ISDIR(attr.mode) else 0)
         return self._overlay(attr)
 
     async def unlink_at(self, parent: int, name: str, keep_open: list[int] | None = None) -> P.Attr:
@@ -213,6 +217,7 @@ class Client:
         self._ns_changes += 1
         self.listings.removed(parent, name)
         attr = await self.meta.request(P.META_UNLINK, P.Unlink(parent, name, keep_open))
+        self.listings.dir_touched(parent)
         if attr.nlink > 0:
             self.listings.changed(attr.ino)  # other names of it: their link count changed
         return attr
@@ -221,11 +226,13 @@ class Client:
         self._ns_changes += 1
         self.listings.removed(parent, name)
         await self.meta.request(P.META_RMDIR, P.Unlink(parent, name))
+        self.listings.dir_touched(parent, -1)
 
     async def rename_at(self, parent: int, name: str, new_parent: int, new_name: str, flags: int = 0) -> int:
         self._ns_changes += 1
-        self.listings.forget_dir(parent)
-        self.listings.forget_dir(new_parent)
+        for d in (parent, new_parent):
+            self.listings.forget_dir(d)
+            self.listings.changed(d)  # its attributes too (a moved directory changes link counts)
         reply = await self.meta.request(P.META_RENAME, P.Rename(parent, name, new_parent, new_name, flags))
         return reply.replaced_ino
 
@@ -233,12 +240,14 @@ class Client:
         self._changed(ino)
         attr = await self.meta.request(P.META_LINK, P.Link(ino, new_parent, new_name))
         self.listings.added(new_parent, new_name, attr)
+        self.listings.dir_touched(new_parent)
         return self._overlay(attr)
 
     async def symlink_at(self, parent: int, name: str, target: str, uid: int = 0, gid: int = 0) -> P.Attr:
         self._ns_changes += 1
         attr = await self.meta.request(P.META_SYMLINK, P.Symlink(parent, name, target, uid, gid))
         self.listings.added(parent, name, attr)
+        self.listings.dir_touched(parent)
         return attr
 
     async def readlink(self, ino: int) -> str:

@@ -11,10 +11,17 @@ answers come from a listing; a name it does not hold goes to meta, so a file ano
 created is found at once. This client's own changes update the listing at once (``added``,
 ``removed``, ``changed``), and the caller overlays its own uncommitted sizes as for any lookup.
 Directories of more than ``max_entries`` are not listed.
+
+Directory attributes: the kernel drops a directory's attributes after every change made in it and
+asks again (GETATTR) before the next permission check, so a loop of creates or unlinks pays an extra
+round trip per file. A directory's attributes fetched by this client are kept for ``ttl``; this
+client's own changes in it update them in place (mtime/ctime to now, link count for subdirectories),
+as the meta service does; another client's changes show within ``ttl``, as with the kernel's cache.
 """
 
 from __future__ import annotations
 
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +46,7 @@ class ListingCache:
         self._parent_of: dict[int, int] = {}  # inode -> directory whose listing holds it
         self._streaks: dict[int, tuple[float, int]] = {}  # directory -> (window start, lookups)
         self._too_big: dict[int, float] = {}  # directory -> when it was found too big to list
+        self._dir_attrs: dict[int, tuple[float, P.Attr]] = {}  # directory -> (fetched, attributes)
 
     @property
     def enabled(self) -> bool:
@@ -96,10 +104,36 @@ class ListingCache:
                 del self._parent_of[attr.ino]
 
     def changed(self, ino: int) -> None:
-        """An inode's attributes changed (size, times, mode, links): drop the listing that holds it."""
+        """An inode's attributes changed (size, times, mode, links): drop what holds them."""
+        self._dir_attrs.pop(ino, None)
         parent = self._parent_of.get(ino)
         if parent is not None:
             self.forget_dir(parent)
+
+    # ------------------------------------------------------------------ directory attributes
+
+    def dir_attr(self, ino: int) -> P.Attr | None:
+        hit = self._dir_attrs.get(ino)
+        if hit is None:
+            return None
+        if self.clock() - hit[0] >= self.ttl:
+            del self._dir_attrs[ino]
+            return None
+        return msgspec.structs.replace(hit[1])
+
+    def saw_dir_attr(self, attr: P.Attr) -> None:
+        if self.enabled and stat.S_ISDIR(attr.mode):
+            if len(self._dir_attrs) > self.max_entries:
+                self._dir_attrs.clear()
+            self._dir_attrs[attr.ino] = (self.clock(), msgspec.structs.replace(attr))
+
+    def dir_touched(self, ino: int, nlink_delta: int = 0) -> None:
+        """This client changed an entry of directory ``ino``: meta set its mtime/ctime to now."""
+        hit = self._dir_attrs.get(ino)
+        if hit is not None:
+            attr = hit[1]
+            attr.mtime_ns = attr.ctime_ns = max(time.time_ns(), attr.mtime_ns + 1)
+            attr.nlink += nlink_delta
 
     def forget_dir(self, parent: int) -> None:
         listing = self._listings.pop(parent, None)
@@ -109,6 +143,7 @@ class ListingCache:
                     del self._parent_of[attr.ino]
 
     def clear(self) -> None:
+        self._dir_attrs.clear()
         self._listings.clear()
         self._parent_of.clear()
         self._streaks.clear()

@@ -74,3 +74,23 @@ def test_other_clients_changes_show_within_the_ttl(two_clients):
         a.lookup(parent, "f3")
     assert exc.value.errno == errno.ENOENT
     assert a.lookup(parent, "f4").size == 200
+
+
+def test_directory_attributes_follow_own_changes(two_clients):
+    a, b = two_clients
+    d = f"/da{time.monotonic_ns()}"
+    a.mkdir(d)
+    ino = a.resolve(d).ino
+    first = a.getattr(ino)  # fetched from meta, then kept for the ttl
+    assert a.getattr(ino).mtime_ns == first.mtime_ns
+    a.write_file(f"{d}/f", b"x")
+    after_create = a.getattr(ino)
+    assert after_create.mtime_ns > first.mtime_ns  # a's own change is reflected without asking meta
+    a.mkdir(f"{d}/sub")
+    assert a.getattr(ino).nlink == first.nlink + 1
+    a.rmdir(f"{d}/sub")
+    assert a.getattr(ino).nlink == first.nlink
+    # b's change: visible to a once the ttl has passed, and then exactly as meta has it.
+    b.unlink(f"{d}/f")
+    time.sleep(a.client.listings.ttl + 0.05)
+    assert a.getattr(ino) == b.getattr(ino)
