@@ -37,10 +37,12 @@ class _Listing:
 
 
 class ListingCache:
-    def __init__(self, ttl: float = 1.0, burst: int = 16, max_entries: int = 16384, clock=time.monotonic):
+    def __init__(self, ttl: float = 1.0, burst: int = 16, max_entries: int = 16384, max_dirs: int = 64,
+                 clock=time.monotonic):
         self.ttl = ttl
         self.burst = burst
-        self.max_entries = max_entries
+        self.max_entries = max_entries  # per listed directory
+        self.max_dirs = max_dirs  # listings kept at once (a tree walk must not grow memory without bound)
         self.clock = clock
         self._listings: dict[int, _Listing] = {}
         self._parent_of: dict[int, int] = {}  # inode -> directory whose listing holds it
@@ -70,6 +72,8 @@ class ListingCache:
         now = self.clock()
         if now - self._too_big.get(parent, -1e18) < self.ttl * 10:
             return False
+        if len(self._streaks) > 4096:
+            self._streaks.clear()
         start, count = self._streaks.get(parent, (now, 0))
         if now - start >= self.ttl:
             start, count = now, 0
@@ -81,8 +85,13 @@ class ListingCache:
         """Install a listing fetched from ``loaded`` on (None: the directory was too big to list)."""
         self._streaks.pop(parent, None)
         if entries is None:
+            if len(self._too_big) > 4096:
+                self._too_big.clear()
             self._too_big[parent] = loaded
             return
+        self.forget_dir(parent)
+        while len(self._listings) >= self.max_dirs:
+            self.forget_dir(next(iter(self._listings)))  # the oldest
         listing = self._listings[parent] = _Listing(loaded)
         for e in entries:
             listing.entries[e.name] = e.attr

@@ -39,6 +39,10 @@ def test_listing_cache_rules():
     c.store(8, now[0], None)  # too big: not tried again for a while
     assert not any(c.wants_listing(8) for _ in range(5))
     assert not ListingCache(ttl=0).wants_listing(1)
+    few = ListingCache(max_dirs=2)
+    for d in (1, 2, 3):
+        few.store(d, 0.0 + few.clock(), [P.DirEntry(f"n{d}", attr(100 + d))])
+    assert few.get(1, "n1") is None and few.get(3, "n3").ino == 103  # the oldest listing made room
 
 
 @pytest.fixture
