@@ -62,6 +62,8 @@ class KVStore:
         ``device_io``: how ``get`` fills CUDA ``out`` tensors: "auto", "kvikio" or "staged"
         (``kvfs.kv.device``). Error handling: ValueError for an unknown ``device_io`` or "kvikio" with a
         client; ImportError for "kvikio" where kvikio does not import."""
+        if client is None:
+            root = os.path.expanduser(root)
         self.root = root.rstrip("/") or "/"
         self.layout = layout
         self.dir = f"{self.root}/{layout.name}"
