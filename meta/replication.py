@@ -1,8 +1,12 @@
-"""Re-replication: bring chunks that lost replicas (dead chunkservers) back to R copies.
+"""Re-replication: bring chunks that lost replicas (dead chunkservers) back to R copies, and trim the
+extra copies once such a server comes back.
 
 Runs from the meta service's housekeeping loop. A chunk is repaired once a holder has been down for
 ``delay`` seconds past the heartbeat timeout (a quick restart should not trigger copies): meta picks new
 servers with the usual placement and asks one live holder to copy the chunk to them (CHUNK_REPLICATE).
+When the dead server returns, its report (registration) makes those chunks R+1 copies: with every
+holder alive, the copies beyond R on the fullest servers are deleted (heartbeat delete lists), so
+capacity is not leaked to failures that healed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Replicator:
         self.batch = batch
         self.clock = clock
         self.repaired = 0
+        self.trimmed = 0
         self._clients: dict[str, RpcClient] = {}
 
     def plan(self) -> list[tuple[int, str, list[str]]]:
@@ -59,7 +64,35 @@ class Replicator:
             out.append((chunk_id, live[live_holders[0]].record.address, targets))
         return out
 
+    def plan_trims(self) -> list[tuple[int, int]]:
+        """(chunk id, server id) copies to delete: committed chunks held by more than R live servers,
+        only while every holder is alive (a dead holder may come back; a new copy may be in flight)."""
+        reg = self.registry
+        out = []
+        for chunk_id, holders in reg.locations.items():
+            if len(holders) <= self.replication:
+                continue
+            states = [reg.servers.get(sid) for sid in holders]
+            if any(s is None or not reg.is_alive(s) for s in states) or not self.is_live_chunk(chunk_id):
+                continue
+            fullest_first = sorted((s for s in states if s is not None), key=lambda s: s.capacity - s.used)
+            out += [(chunk_id, s.record.server_id) for s in fullest_first[:len(holders) - self.replication]]
+            if len(out) >= self.batch:
+                break
+        return out
+
+    def trim(self) -> int:
+        trims = self.plan_trims()
+        for chunk_id, server_id in trims:
+            self.registry.locations[chunk_id].discard(server_id)
+            self.registry.servers[server_id].pending_deletes.add(chunk_id)
+        if trims:
+            self.trimmed += len(trims)
+            log.info("trimmed %d extra chunk copies", len(trims))
+        return len(trims)
+
     async def run_once(self) -> int:
+        self.trim()
         done = 0
         for chunk_id, source, targets in self.plan():
             client = self._clients.get(source)

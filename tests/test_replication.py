@@ -20,20 +20,43 @@ def test_every_chunk_written_to_r_replicas(cluster):
     assert all(len(h) == cluster.replication for h in holders)
 
 
-def test_dead_chunkserver_chunks_are_rereplicated(make_cluster):
+def _write_then_lose_a_holder(make_cluster, path: str, size: int):
+    """A 3-server R=2 cluster holding ``path``; a server holding its first chunk is killed and every
+    chunk is back to 2 live copies. Returns (cluster, data, server addresses, index of the dead one)."""
     cl = make_cluster(chunkservers=3, replication=2, heartbeat_timeout=1.5, rereplicate_delay=0.5)
-    data = os.urandom(4 * 1024 * 1024 + 1)
+    data = os.urandom(size)
     with cl.client() as c:
-        c.write_file("/f", data)
+        c.write_file(path, data)
     addresses = [f"127.0.0.1:{p.args[p.args.index('--listen') + 1].split(':')[1]}" for p in cl.servers]
-    # Kill a server that holds the first chunk, wait until every chunk has 2 live replicas again.
-    victim = addresses.index(sorted(_holders(cl, "/f")[0])[0])
+    victim = addresses.index(min(_holders(cl, path)[0]))
     cl.kill_chunkserver(victim)
-    wait_for(lambda: all(len(h - {addresses[victim]}) >= 2 for h in _holders(cl, "/f")), 30,
+    wait_for(lambda: all(len(h - {addresses[victim]}) >= 2 for h in _holders(cl, path)), 30,
              "re-replication to 2 live copies")
+    return cl, data, addresses, victim
+
+
+def test_dead_chunkserver_chunks_are_rereplicated(make_cluster):
+    cl, data, _, victim = _write_then_lose_a_holder(make_cluster, "/f", 4 * 1024 * 1024 + 1)
     # Kill one more original holder: the data must still be readable from the new copies.
     survivors = [i for i in range(3) if i != victim]
     cl.kill_chunkserver(survivors[0])
     time.sleep(2)  # let meta mark it down so reads go to the live copy first
     with cl.client() as c:
         assert c.read_file("/f") == data
+
+
+def test_returning_server_extra_copies_are_trimmed(make_cluster):
+    """After re-replication, the dead server's return makes R+1 copies: meta deletes the extras (no leak)."""
+    cl, data, _, victim = _write_then_lose_a_holder(make_cluster, "/t", 3 * 1024 * 1024 + 5)
+    cl.start_chunkserver(victim)  # comes back with its old copies
+
+    def chunk_files() -> int:
+        return sum(len([f for f in files if not f.endswith((".sum", ".tmp"))])
+                   for i in range(3) for _, _, files in os.walk(os.path.join(cl.root, f"cs{i}", "chunks")))
+
+    with cl.client() as c:
+        chunks = len(c.chunk_map(c.stat("/t").ino).chunks)
+    wait_for(lambda: chunk_files() == 2 * chunks and all(len(h) == 2 for h in _holders(cl, "/t")), 30,
+             "extra copies trimmed to R=2")
+    with cl.client() as c:
+        assert c.read_file("/t") == data
