@@ -522,7 +522,7 @@ class Namespace:
         count = (r.size + cs - 1) // cs if r.size > 0 else 0
         refs = sorted(r.chunks, key=lambda c: c.index)
         if r.size < 0 or [c.index for c in refs] != list(range(count)) or any(
-                c.length != min(cs, r.size - c.index * cs) or c.chunk_id not in self.pending_chunks for c in refs):
+                c.length != min(cs, r.size - c.index * cs) or not self._unpublished(c.chunk_id) for c in refs):
             raise error(errno.EINVAL, f"{r.name}: chunks do not make up {r.size} bytes of fresh, unpublished chunks")
         existing = self._child(r.parent, r.name)
         if existing is not None:
@@ -549,6 +549,13 @@ class Namespace:
         self.files += 1
         self.used_bytes += r.size
         return P.KVPublishReply(True, self.attr(ino, node))
+
+    def _unpublished(self, chunk_id: int) -> bool:
+        """Allocated and referenced by no file: pending, or handed out before a meta restart (which
+        forgets what is pending; the chunkservers still hold it). Never another file's chunk."""
+        if chunk_id in self.pending_chunks:
+            return True
+        return 0 < chunk_id < self.counters.next_chunk_id and self.engine.get(R.live_chunk_key(chunk_id)) is None
 
     def is_live_chunk(self, chunk_id: int) -> bool:
         return chunk_id in self.pending_chunks or self.engine.get(R.live_chunk_key(chunk_id)) is not None

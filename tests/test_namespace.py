@@ -305,6 +305,12 @@ def test_publish_creates_whole_files_from_pending_chunks_only(ns):
     assert not r2.created and r2.attr.ino == r.attr.ino and r2.attr.size == size
     assert 9 not in ns.pending_chunks and not ns.is_live_chunk(9)
     assert errno_of(ns.publish, P.KVPublish(12345, "x", 0o644, 0, 0, 0, [])) == errno.ENOENT
+    # Allocated before a meta restart (no longer pending, referenced by no file): accepted; a chunk id
+    # never handed out is not.
+    ns.counters.next_chunk_id = max(ns.counters.next_chunk_id, 50)
+    assert ns.publish(P.KVPublish(d, "after-restart", 0o644, 0, 0, 10, [P.ChunkRef(0, 40, 10, [])])).created
+    never = ns.counters.next_chunk_id + 1000
+    assert errno_of(ns.publish, P.KVPublish(d, "bogus", 0o644, 0, 0, 10, [P.ChunkRef(0, never, 10, [])])) == errno.EINVAL
 
 
 def test_unlink_purges_in_the_same_call_unless_kept_open(ns):
