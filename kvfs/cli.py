@@ -133,7 +133,9 @@ def cmd_chunkserver(args) -> None:
 def _client_options(args):
     from kvfs.client import ClientOptions
 
-    return ClientOptions(timeout=args.timeout, local_reads=not args.no_local_reads)
+    # A mount's client caches directory listings/attributes no longer than the kernel caches entries.
+    ttl = getattr(args, "attr_timeout", ClientOptions.dir_cache_ttl)
+    return ClientOptions(timeout=args.timeout, local_reads=not args.no_local_reads, dir_cache_ttl=ttl)
 
 
 def cmd_mount(args) -> None:
@@ -246,7 +248,8 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
         sp.add_argument("--no-local-reads", action="store_true", help="never read chunk files directly")
 
     def mount_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--attr-timeout", type=float, default=1.0, help="kernel attribute/entry cache seconds")
+        sp.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel (and the mount's client: directory listings "
+                        "and attributes) may answer from cache; 0 asks meta every time")
         sp.add_argument("--writeback-cache", action="store_true", help="let the kernel buffer writes (faster)")
         sp.add_argument("--readahead", default="4M", help="kernel readahead for the mount (sequential read size)")
 
