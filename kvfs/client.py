@@ -151,7 +151,11 @@ class Client:
         if attr is None:
             attr = await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
             if self.listings.wants_listing(parent):
-                await self._list_dir(parent)
+                self.listings.loading.add(parent)
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._list_dir, parent)  # this lookup need not wait for it
+                else:
+                    await self._list_dir(parent)
         return self._overlay(attr)
 
     async def _list_dir(self, parent: int) -> None:
@@ -169,10 +173,12 @@ class Client:
                 if not reply.more or not reply.entries:
                     break
                 after = reply.entries[-1].name
+            if changes == self._ns_changes:
+                self.listings.store(parent, loaded, entries)
         except OSError:
-            return  # only an optimisation: lookups go on to meta
-        if changes == self._ns_changes:
-            self.listings.store(parent, loaded, entries)
+            pass  # only an optimisation: lookups go on to meta
+        finally:
+            self.listings.loading.discard(parent)
 
     def _changed(self, ino: int) -> None:
         self._ns_changes += 1

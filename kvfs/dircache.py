@@ -49,6 +49,7 @@ class ListingCache:
         self._streaks: dict[int, tuple[float, int]] = {}  # directory -> (window start, lookups)
         self._too_big: dict[int, float] = {}  # directory -> when it was found too big to list
         self._dir_attrs: dict[int, tuple[float, P.Attr]] = {}  # directory -> (fetched, attributes)
+        self.loading: set[int] = set()  # directories whose listing is being fetched
 
     @property
     def enabled(self) -> bool:
@@ -67,7 +68,7 @@ class ListingCache:
 
     def wants_listing(self, parent: int) -> bool:
         """Count a lookup that went to meta; True once ``parent`` has seen a burst worth listing."""
-        if not self.enabled or parent in self._listings:
+        if not self.enabled or parent in self._listings or parent in self.loading:
             return False
         now = self.clock()
         if now - self._too_big.get(parent, -1e18) < self.ttl * 10:
