@@ -614,14 +614,37 @@ class Client:
         if not replicas:
             replicas = await self._locate(ref.chunk_id)
         last: OSError | None = None
-        for address in self._order_replicas(replicas):
+        tried: set[str] = set()
+        while True:
+            last = await self._fetch_from(ref, offset, out, [a for a in self._order_replicas(replicas)
+                                                             if a not in tried], tried, last)
+            if last is None:
+                return
+            # Every replica this client knew failed. The chunk map may be older than meta's view (a
+            # holder came back, a copy was re-replicated elsewhere): ask meta where it is now.
+            try:
+                reply = await self.meta.request(P.META_CHUNK_LOCATIONS, P.ChunkLocations([ref.chunk_id]))
+            except OSError:
+                break
+            replicas = [a for a in reply.replicas[0] if a not in tried]
+            if not replicas:
+                break
+        if last is not None and last.errno != errno.EIO:  # e.g. ENOENT: the chunk is gone from a server
+            last = error(errno.EIO, f"chunk {ref.chunk_id:x}: {last.strerror or last}")
+        raise last if last is not None else error(errno.EIO, f"chunk {ref.chunk_id:x}: no replica available")
+
+    async def _fetch_from(self, ref: P.ChunkRef, offset: int, out: memoryview, replicas: list[str], tried: set[str],
+                          last: OSError | None) -> OSError | None:
+        """Try ``replicas`` in order; None once one served the range, else the last error."""
+        for address in replicas:
+            tried.add(address)
             try:
                 info = self._servers.get(address)
                 if info is not None and self._is_local(info):
                     await self._fetch_local(info, ref, offset, out)
                 else:
                     await self._fetch_remote(address, ref, offset, out)
-                return
+                return None
             except ChecksumError as exc:
                 log.error("%s", exc)
                 last = error(errno.EIO, str(exc))
@@ -632,9 +655,7 @@ class Client:
             except OSError as exc:
                 log.warning("reading chunk %x from %s: %s", ref.chunk_id, address, exc)
                 last = exc
-        if last is not None and last.errno != errno.EIO:  # e.g. ENOENT: the chunk is gone from a server
-            last = error(errno.EIO, f"chunk {ref.chunk_id:x}: {last.strerror or last}")
-        raise last if last is not None else error(errno.EIO, f"chunk {ref.chunk_id:x}: no replica available")
+        return last if last is not None else error(errno.EIO, f"chunk {ref.chunk_id:x}: no replica available")
 
     async def _locate(self, chunk_id: int) -> list[str]:
         """Replica addresses when meta has none yet (it restarted and servers are re-registering)."""

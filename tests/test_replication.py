@@ -60,3 +60,24 @@ def test_returning_server_extra_copies_are_trimmed(make_cluster):
              "extra copies trimmed to R=2")
     with cl.client() as c:
         assert c.read_file("/t") == data
+
+
+def test_open_file_follows_chunks_that_moved(make_cluster):
+    """A client that opened a file before its replicas moved (one holder died, the chunk was copied
+    elsewhere, then the other holder died too) asks meta where the chunk is now instead of failing."""
+    cl = make_cluster(chunkservers=3, replication=2, heartbeat_timeout=1.5, rereplicate_delay=0.5)
+    data = os.urandom(1024 * 1024 - 7)  # one chunk
+    with cl.client() as c:
+        c.write_file("/moved", data)
+    addresses = [f"127.0.0.1:{p.args[p.args.index('--listen') + 1].split(':')[1]}" for p in cl.servers]
+    first, second = sorted(_holders(cl, "/moved")[0])
+    with cl.client(local_reads=False) as reader:  # over TCP: a dead server's files are not read behind its back
+        ino = reader.resolve("/moved").ino
+        reader.open(ino)  # chunk map with replicas [first, second]
+        try:
+            cl.kill_chunkserver(addresses.index(first))
+            wait_for(lambda: len(_holders(cl, "/moved")[0] - {first}) >= 2, 30, "re-replication")
+            cl.kill_chunkserver(addresses.index(second))
+            assert reader.read(ino, 0, len(data)) == data
+        finally:
+            reader.release(ino)
