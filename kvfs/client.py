@@ -151,7 +151,6 @@ class Client:
         if attr is None:
             attr = await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
             if self.listings.wants_listing(parent):
-                self.listings.loading.add(parent)
                 if self._nursery is not None:
                     self._nursery.start_soon(self._list_dir, parent)  # this lookup need not wait for it
                 else:
@@ -613,11 +612,10 @@ class Client:
         replicas = list(ref.replicas)
         if not replicas:
             replicas = await self._locate(ref.chunk_id)
-        last: OSError | None = None
         tried: set[str] = set()
         while True:
             last = await self._fetch_from(ref, offset, out, [a for a in self._order_replicas(replicas)
-                                                             if a not in tried], tried, last)
+                                                             if a not in tried], tried)
             if last is None:
                 return
             # Every replica this client knew failed. The chunk map may be older than meta's view (a
@@ -629,13 +627,14 @@ class Client:
             replicas = [a for a in reply.replicas[0] if a not in tried]
             if not replicas:
                 break
-        if last is not None and last.errno != errno.EIO:  # e.g. ENOENT: the chunk is gone from a server
+        if last.errno != errno.EIO:  # e.g. ENOENT: the chunk is gone from a server
             last = error(errno.EIO, f"chunk {ref.chunk_id:x}: {last.strerror or last}")
-        raise last if last is not None else error(errno.EIO, f"chunk {ref.chunk_id:x}: no replica available")
+        raise last
 
-    async def _fetch_from(self, ref: P.ChunkRef, offset: int, out: memoryview, replicas: list[str], tried: set[str],
-                          last: OSError | None) -> OSError | None:
+    async def _fetch_from(self, ref: P.ChunkRef, offset: int, out: memoryview, replicas: list[str],
+                          tried: set[str]) -> OSError | None:
         """Try ``replicas`` in order; None once one served the range, else the last error."""
+        last: OSError | None = None
         for address in replicas:
             tried.add(address)
             try:
@@ -811,6 +810,15 @@ class Client:
         """Write one immutable chunk of open file ``ino`` to a fresh replica chain."""
         return await self.upload_chunk(index, data, P.META_ALLOC_CHUNK, P.AllocChunk(ino, self.client_id, len(data)))
 
+    async def write_chunk(self, alloc: P.AllocChunkReply, data: bytearray | bytes | memoryview,
+                          sums: list[int] | None = None, durable: bool = True) -> None:
+        """Write an allocated chunk down its replica chain (acked once every replica has it);
+        ``durable=False`` for a cache of data that lives elsewhere (P.WriteChunk)."""
+        from kvfs.chunkserver.store import block_checksums
+
+        await self._chunkserver(alloc.replicas[0]).call(P.CHUNK_WRITE, P.WriteChunk(
+            alloc.chunk_id, block_checksums(data) if sums is None else sums, alloc.replicas[1:], durable), data)
+
     async def upload_chunk(self, index: int, data: bytearray | bytes | memoryview, alloc_method: int,
                            alloc_request: Any) -> P.ChunkRef:
         """Allocate a chunk with ``alloc_method`` (META_ALLOC_CHUNK for an open file, META_KV_ALLOC for
@@ -824,9 +832,8 @@ class Client:
             if attempt:
                 await trio.sleep(0.5 * attempt)  # let meta notice a dead server before re-placing
             alloc = await self.meta.request(alloc_method, alloc_request)
-            primary, chain = alloc.replicas[0], alloc.replicas[1:]
             try:
-                await self._chunkserver(primary).call(P.CHUNK_WRITE, P.WriteChunk(alloc.chunk_id, sums, chain), data)
+                await self.write_chunk(alloc, data, sums)
                 return P.ChunkRef(index, alloc.chunk_id, len(data), alloc.replicas)
             except OSError as exc:
                 last = exc

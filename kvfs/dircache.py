@@ -67,7 +67,8 @@ class ListingCache:
         return msgspec.structs.replace(attr) if attr is not None else None
 
     def wants_listing(self, parent: int) -> bool:
-        """Count a lookup that went to meta; True once ``parent`` has seen a burst worth listing."""
+        """Count a lookup that went to meta; True once ``parent`` has seen a burst worth listing: the
+        caller then loads it and calls ``store`` (until then no other lookup asks again)."""
         if not self.enabled or parent in self._listings or parent in self.loading:
             return False
         now = self.clock()
@@ -80,10 +81,14 @@ class ListingCache:
             start, count = now, 0
         count += 1
         self._streaks[parent] = (start, count)
-        return count >= self.burst
+        if count < self.burst:
+            return False
+        self.loading.add(parent)
+        return True
 
     def store(self, parent: int, loaded: float, entries: list[P.DirEntry] | None) -> None:
         """Install a listing fetched from ``loaded`` on (None: the directory was too big to list)."""
+        self.loading.discard(parent)
         self._streaks.pop(parent, None)
         if entries is None:
             if len(self._too_big) > 4096:

@@ -497,15 +497,11 @@ class Namespace:
         if not stat.S_ISREG(node.mode):
             raise error(errno.EINVAL, "not a regular file")
         self._check_lease(ino, client_id)
-        servers = self.registry.place(self.replication, size_hint or self.chunk_size)
-        chunk_id = self.alloc_chunk_id()
-        self.registry.add_locations(chunk_id, [s.record.server_id for s in servers])
-        self.pending_chunks[chunk_id] = self.clock()
-        return P.AllocChunkReply(chunk_id, [s.record.address for s in servers])
+        return self.alloc_pending_chunk(size_hint)
 
     def alloc_pending_chunk(self, size_hint: int) -> P.AllocChunkReply:
-        """A chunk for a file that does not exist yet (KV_PUBLISH, remote fills): pending until
-        published, garbage after ``expire_pending``."""
+        """A new chunk id placed on R servers: pending until a commit or publish names it (it may be
+        for a file that does not exist yet: KV_PUBLISH, remote fills), garbage after ``expire_pending``."""
         servers = self.registry.place(self.replication, size_hint or self.chunk_size)
         chunk_id = self.alloc_chunk_id()
         self.registry.add_locations(chunk_id, [s.record.server_id for s in servers])

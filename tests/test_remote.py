@@ -158,6 +158,32 @@ def cached_bytes(cluster, path: str) -> int:
         return sum(ch.length for ch in reply.chunks)
 
 
+def chunk_ids(cluster, path: str) -> dict[int, int]:
+    """index -> chunk id of a kvfs file's chunk map."""
+    import kvfs.protocol as P
+
+    with cluster.client() as c:
+        attr = c.resolve(path)
+        reply = c.call(c.client.meta.request, P.META_GET_CHUNKS, P.GetChunks(attr.ino))
+        return {ch.index: ch.chunk_id for ch in reply.chunks}
+
+
+def chunk_files(cluster, chunk_id: int) -> list[str]:
+    """Where a chunk's replicas would be on the cluster's chunkservers (existing or not)."""
+    from kvfs.chunkserver.store import chunk_path
+
+    return [chunk_path(os.path.join(cluster.root, f"cs{i}"), chunk_id) for i in range(cluster.chunkservers)]
+
+
+def warm_readonly(cluster, backend, key: str, data: bytes, name: str) -> str:
+    """Put an object, bind its location read-only under a fresh kvfs path, warm it; the file's kvfs path."""
+    backend.put(key, data)
+    kpath = unique(name)
+    kvfs(cluster.meta_address, "remote", "attach", kpath, backend.url, "--mode", "readonly")
+    kvfs(cluster.meta_address, "warm", kpath)
+    return f"{kpath}/{key}"
+
+
 def state_of(path: str) -> str:
     return os.getxattr(path, "user.kvfs.state").decode()
 
@@ -261,22 +287,12 @@ def test_warm_then_evict_and_refetch(rmounted, backend):
 def test_unreadable_fetched_chunks_are_fetched_again(rmounted, backend):
     """Fetched chunks are written without fsync (they are a cache of the remote object): a copy that
     is torn or corrupt on the chunkserver fails its checksums and is fetched again, never served."""
-    import kvfs.protocol as P
-    from kvfs.chunkserver.store import chunk_path
-
     data = os.urandom(3 * MiB + 5)
-    backend.put("torn/blob", data)
-    kpath = unique("torn")
-    kvfs(rmounted.meta_address, "remote", "attach", kpath, backend.url, "--mode", "readonly")
-    kvfs(rmounted.meta_address, "warm", kpath)
-    with rmounted.client() as c:
-        ino = c.resolve(kpath + "/torn/blob").ino
-        before = {ch.index: ch.chunk_id for ch in c.call(c.client.meta.request, P.META_GET_CHUNKS,
-                                                           P.GetChunks(ino)).chunks}
+    blob = warm_readonly(rmounted, backend, "torn/blob", data, "torn")
+    before = chunk_ids(rmounted, blob)
     assert len(before) >= 3
     damaged = 0
-    for i in range(rmounted.chunkservers):
-        path = chunk_path(os.path.join(rmounted.root, f"cs{i}"), before[1])
+    for path in chunk_files(rmounted, before[1]):
         if os.path.exists(path):
             with open(path, "r+b") as f:  # flip bytes in the middle, as a torn write-back would leave them
                 f.seek(300_000)
@@ -284,9 +300,8 @@ def test_unreadable_fetched_chunks_are_fetched_again(rmounted, backend):
             damaged += 1
     assert damaged >= 1
     with rmounted.client() as c:  # a fresh client: no cached bytes, reads the damaged replicas first
-        assert c.read_file(kpath + "/torn/blob") == data
-        after = {ch.index: ch.chunk_id for ch in c.call(c.client.meta.request, P.META_GET_CHUNKS,
-                                                          P.GetChunks(ino)).chunks}
+        assert c.read_file(blob) == data
+    after = chunk_ids(rmounted, blob)
     assert all(after[i] == before[i] for i in before if i != 1)
     assert after[1] != before[1]  # the damaged chunk was replaced by a fresh fetch
 
@@ -294,23 +309,15 @@ def test_unreadable_fetched_chunks_are_fetched_again(rmounted, backend):
 def test_eviction_under_an_open_reader_refetches(rmounted, backend):
     """A clean file evicted while a client holds its chunk map: that client's next reads fail over to
     the remote (the chunks are gone from every chunkserver) instead of returning EIO."""
-    import kvfs.protocol as P
-    from kvfs.chunkserver.store import chunk_path
-
     data = os.urandom(4 * MiB + 17)
-    backend.put("ev/blob", data)
-    kpath = unique("evr")
-    kvfs(rmounted.meta_address, "remote", "attach", kpath, backend.url, "--mode", "readonly")
-    kvfs(rmounted.meta_address, "warm", kpath)
+    blob = warm_readonly(rmounted, backend, "ev/blob", data, "evr")
+    files = [f for cid in chunk_ids(rmounted, blob).values() for f in chunk_files(rmounted, cid)]
     with rmounted.client() as c:
-        ino = c.resolve(kpath + "/ev/blob").ino
-        ids = [ch.chunk_id for ch in c.call(c.client.meta.request, P.META_GET_CHUNKS, P.GetChunks(ino)).chunks]
+        ino = c.resolve(blob).ino
         c.open(ino)
         try:
             assert c.read(ino, 0, 1000) == data[:1000]  # the chunk map is now held by this client
-            kvfs(rmounted.meta_address, "remote", "evict", kpath)
-            files = [chunk_path(os.path.join(rmounted.root, f"cs{i}"), cid)
-                     for i in range(rmounted.chunkservers) for cid in ids]
+            kvfs(rmounted.meta_address, "remote", "evict", blob)
             wait_for(lambda: not any(os.path.exists(f) for f in files), 20, "evicted chunks deleted")
             assert c.read(ino, MiB, len(data)) == data[MiB:]
         finally:

@@ -62,7 +62,6 @@ class _Filler:
         return info
 
     async def fetch(self, st, info: P.RemoteInfoReply, indexes: list[int], *, cache: bool) -> None:
-        from kvfs.chunkserver.store import block_checksums
         from kvfs.remote import open_store
         from kvfs.remote.store import read_range
 
@@ -79,9 +78,7 @@ class _Filler:
 
             async def store_chunk(index: int, a: P.AllocChunkReply, data: memoryview) -> None:
                 try:
-                    sums = block_checksums(data)
-                    await client._chunkserver(a.replicas[0]).call(
-                        P.CHUNK_WRITE, P.WriteChunk(a.chunk_id, sums, a.replicas[1:], FILL_FSYNC), data)
+                    await client.write_chunk(a, data, durable=FILL_FSYNC)
                     got[index] = (P.ChunkRef(index, a.chunk_id, len(data), a.replicas), data)
                 except OSError as exc:
                     failures.append(exc)
@@ -145,7 +142,6 @@ class _Filler:
         """Sequential readahead: ONE ranged GET from ``seq.start`` to the end of the object, each chunk
         stored and recorded as it arrives, staying at most a window ahead of the reader (the GET is
         paused by TCP flow control meanwhile) and abandoned when the reader goes away."""
-        from kvfs.chunkserver.store import block_checksums
         from kvfs.remote import open_store
         from kvfs.remote.store import read_full
 
@@ -184,9 +180,7 @@ class _Filler:
         async def land(index: int, a: P.AllocChunkReply, data: bytearray) -> None:
             try:
                 if st.ref(index) is None:
-                    await client._chunkserver(a.replicas[0]).call(
-                        P.CHUNK_WRITE, P.WriteChunk(a.chunk_id, block_checksums(data), a.replicas[1:], FILL_FSYNC),
-                        data)
+                    await client.write_chunk(a, data, durable=FILL_FSYNC)
                     reply = await client.meta.request(P.META_REMOTE_FILL_COMMIT, P.RemoteFillCommit(
                         st.ino, info.etag, [P.ChunkRef(index, a.chunk_id, len(data), a.replicas)]))
                     for ref in reply.chunks:
