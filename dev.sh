@@ -6,7 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PY=${PYTHON:-python3}
+# Everything Python goes into a virtual environment: stock Debian's python3 refuses system-wide pip
+# (PEP 668), and a venv keeps kvfs's pins (torch==2.13.0) away from the system's packages.
+VENV=${KVFS_VENV:-.venv}
+BASE_PY=${PYTHON:-python3}
+PY="$VENV/bin/python"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
@@ -23,11 +27,22 @@ apt_install() {
 }
 
 # fuse3 for the mount; libfuse3-dev, pkg-config and a compiler to build pyfuse3 where no wheel fits.
-BASE_APT=(fuse3 libfuse3-dev pkg-config gcc python3-dev attr)
+# python3-venv gives stock Debian's python3 its venv module (ensurepip).
+BASE_APT=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr)
+
+make_venv() {
+  # A venv whose python no longer runs (moved checkout, upgraded system python) is made again.
+  if [ ! -x "$PY" ] || ! "$PY" -c "import sys" >/dev/null 2>&1; then
+    echo "dev.sh: creating virtual environment $VENV" >&2
+    rm -rf "$VENV"
+    "$BASE_PY" -m venv "$VENV"
+  fi
+}
 
 pip_install() {
-  $PY -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
-  $PY -c "import kvfs, pyfuse3" >/dev/null
+  make_venv
+  "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v -E "^(WARNING|DEPRECATION)" || true
+  "$PY" -c "import kvfs, pyfuse3" >/dev/null
 }
 
 cmd=${1:-}
@@ -36,17 +51,17 @@ case "$cmd" in
   up)
     apt_install "${BASE_APT[@]}"
     pip_install -e .
-    exec kvfs up "$@"
+    exec "$VENV/bin/kvfs" up "$@"
     ;;
   test)
     apt_install "${BASE_APT[@]}" redis-server
     pip_install -e ".[test]"
-    exec $PY -m pytest "$@"
+    exec "$PY" -m pytest "$@"
     ;;
   bench)
     apt_install "${BASE_APT[@]}" bindfs redis-server rclone s3fs
     pip_install -e ".[test]"
-    exec $PY bench/run.py "$@"
+    exec "$PY" bench/run.py "$@"
     ;;
   *)
     echo "usage: ./dev.sh up [MOUNTPOINT] | test [pytest args] | bench [args]" >&2

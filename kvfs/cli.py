@@ -51,7 +51,8 @@ def _check_writable_dir(path: str, what: str) -> str:
     return path
 
 
-def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bool, heartbeat_timeout: float = 10.0):
+def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bool, heartbeat_timeout: float = 10.0,
+                   lease_seconds: float = 60.0, pending_grace: float = 120.0):
     from kvfs.meta.engine_rocksdb import RocksEngine
     from kvfs.meta.namespace import Namespace
     from kvfs.meta.service import orphan_cutoff_ns
@@ -63,7 +64,10 @@ def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bo
         raise UsageError(f"cannot open metadata store in {path}: {exc}") from None
     if chunk_size % (64 << 10) or chunk_size <= 0:
         raise UsageError("chunk size must be a positive multiple of 64 KiB")
-    ns = Namespace(engine, chunk_size=chunk_size, replication=replication)
+    if lease_seconds <= 0 or pending_grace <= 0:
+        raise UsageError("--lease-seconds and --pending-grace must be positive")
+    ns = Namespace(engine, chunk_size=chunk_size, replication=replication, lease_seconds=lease_seconds,
+                   pending_grace=pending_grace)
     ns.registry.heartbeat_timeout = heartbeat_timeout
     purged = ns.purge_orphans(orphan_cutoff_ns())
     if purged:
@@ -76,7 +80,8 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
 
     host, port = _split_listen(args.listen)
     ns = open_namespace(args.data_dir, chunk_size=config.parse_size(args.chunk_size), replication=args.replication,
-                        sync=args.sync, heartbeat_timeout=args.heartbeat_timeout)
+                        sync=not args.no_sync, heartbeat_timeout=args.heartbeat_timeout,
+                        lease_seconds=args.lease_seconds, pending_grace=args.pending_grace)
     try:
         await MetaService(ns, rereplicate_delay=args.rereplicate_delay).serve(host, port, task_status=task_status)
     finally:
@@ -139,9 +144,10 @@ def _client_options(args):
 
 
 def cmd_mount(args) -> None:
-    from kvfs.mount.runner import check_mountpoint, run_mount
+    from kvfs.mount.mountpoint import check_mountpoint
 
-    check_mountpoint(args.mountpoint)
+    check_mountpoint(args.mountpoint)  # before importing pyfuse3: a bad mountpoint is one line either way
+    from kvfs.mount.runner import run_mount
 
     async def body() -> None:
         await run_mount(args.meta, args.mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
@@ -155,17 +161,16 @@ def cmd_up(args) -> None:
     """Meta, chunkserver(s) and the mount in one process, on one data dir."""
     from kvfs.chunkserver.service import ChunkService
     from kvfs.meta.service import MetaService
-    from kvfs.mount.runner import check_mountpoint, run_mount
+    from kvfs.mount.mountpoint import check_mountpoint
+    from kvfs.mount.runner import run_mount
 
     data_dir = _check_writable_dir(args.data_dir, "data dir")
-    mountpoint = args.mountpoint
-    if mountpoint is None:
-        mountpoint = config.default_mountpoint()
-        os.makedirs(mountpoint, exist_ok=True)
-    mountpoint = check_mountpoint(mountpoint)
+    # The default mountpoint is ours to create; a stale mount there (a kill -9 of the last run) is
+    # cleaned first, since the directory cannot even be stat'ed until then.
+    mountpoint = check_mountpoint(args.mountpoint or config.default_mountpoint(), create=args.mountpoint is None)
     host, port = _split_listen(args.listen)
     ns = open_namespace(os.path.join(data_dir, "meta"), chunk_size=config.parse_size(args.chunk_size),
-                        replication=args.replication, sync=False)
+                        replication=args.replication, sync=not args.no_sync)
 
     async def body() -> None:
         async with open_nursery() as nursery:
@@ -197,7 +202,7 @@ def cmd_up(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from kvfs.client import SyncClient, ClientOptions
+    from kvfs.client import ClientOptions, SyncClient
 
     with SyncClient(args.meta, ClientOptions(timeout=args.timeout)) as c:
         reply = c.refresh_servers()
@@ -247,6 +252,12 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=30.0, help="seconds before a server call fails with EIO")
         sp.add_argument("--no-local-reads", action="store_true", help="never read chunk files directly")
 
+    def no_sync_flag(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--no-sync", action="store_true",
+                        help="acknowledge metadata changes before they are fsynced (faster; survives a killed "
+                        "process but not a power loss or VM reset). Default: every acknowledged change is "
+                        "on disk (group commit)")
+
     def mount_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel (and the mount's client: directory listings "
                         "and attributes) may answer from cache; 0 asks meta every time")
@@ -261,7 +272,9 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--replication", type=int, default=1)
     sp.add_argument("--chunk-size", default="4M")
     sp.add_argument("--capacity", default="", help="per-chunkserver capacity (default: the disk)")
-    sp.add_argument("--fsync", choices=["always", "never"], default="always")
+    sp.add_argument("--fsync", choices=["always", "never"], default="always",
+                    help="chunkservers fsync every chunk before acknowledging it (default always)")
+    no_sync_flag(sp)
     client_flags(sp)
     mount_flags(sp)
     sp.set_defaults(func=cmd_up)
@@ -271,7 +284,14 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--data-dir", required=True)
     sp.add_argument("--replication", type=int, default=3)
     sp.add_argument("--chunk-size", default="4M")
-    sp.add_argument("--sync", action="store_true", help="fsync the metadata log on every change")
+    no_sync_flag(sp)
+    sp.add_argument("--sync", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    sp.add_argument("--lease-seconds", type=float, default=60.0,
+                    help="a write lease (and the writer's uncommitted chunks) lives this long after its last "
+                    "renewal; clients renew three times per period")
+    sp.add_argument("--pending-grace", type=float, default=120.0,
+                    help="seconds a chunk allocated for a file that does not exist yet (KV block, remote fill) "
+                    "may stay unpublished before it is garbage")
     sp.add_argument("--heartbeat-timeout", type=float, default=10.0,
                     help="seconds without a heartbeat before a chunkserver counts as down")
     sp.add_argument("--rereplicate-delay", type=float, default=30.0,
@@ -327,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(_needs_extensions(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from kvfs.mount.runner import MountError
+    from kvfs.mount.mountpoint import MountError
 
     try:
         status = args.func(args)

@@ -123,6 +123,34 @@ class Client:
         self.chunk_size = reply.chunk_size
         self._host_id = host_id()
         await self.refresh_servers()
+        nursery.start_soon(self._renew_leases, reply.lease_seconds)
+
+    async def _renew_leases(self, lease_seconds: float) -> None:
+        """Keep the write leases of open files alive, three renewals per lease period: meta keeps a
+        writer's uploaded, uncommitted chunks only while it holds the lease (a slow writer loses nothing)."""
+        outage = False
+        while True:
+            await trio.sleep(max(lease_seconds / 3, 0.1))
+            inos = [ino for ino, st in self.files.items() if st.writable]
+            if not inos:
+                continue
+            try:
+                reply = await self.meta.request(P.META_RENEW_LEASES, P.RenewLeases(self.client_id, inos))
+            except OSError as exc:
+                if not outage:  # one line per outage, not one per attempt
+                    log.warning("cannot renew write leases (%s); retrying", exc)
+                outage = True
+                continue
+            if outage:
+                log.info("write leases renewed again")
+            outage = False
+            lease_seconds = reply.expires_in
+            for ino in reply.lost:
+                st = self.files.get(ino)
+                if st is not None and st.writable and st.upload_error is None:
+                    # The next write, flush or close reports it: uncommitted data cannot be committed now.
+                    st.upload_error = error(errno.EIO, f"inode {ino}: write lease lost to another writer; "
+                                            "unflushed data cannot be committed")
 
     async def refresh_servers(self) -> P.ListChunkserversReply:
         reply = await self.meta.request(P.META_LIST_CHUNKSERVERS, P.Empty())

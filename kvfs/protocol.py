@@ -236,6 +236,18 @@ class ReleaseWrite(Struct):
     client_id: str
 
 
+class RenewLeases(Struct):
+    """Keep a client's write leases (and so its uploaded, uncommitted chunks) alive while files are open."""
+
+    client_id: str
+    inos: list[int]
+
+
+class RenewLeasesReply(Struct):
+    lost: list[int]  # leases this client no longer holds (another writer has the file, or it is gone)
+    expires_in: float
+
+
 class GetChunks(Struct):
     ino: int
     first: int = 0
@@ -334,6 +346,7 @@ class HelloReply(Struct):
     server_version: int
     chunk_size: int
     cluster_id: str
+    lease_seconds: float = 60.0  # write leases expire this long after their last renewal
 
 
 META_HELLO = 1
@@ -361,6 +374,7 @@ META_GET_CHUNKS = 22
 META_ALLOC_CHUNK = 23
 META_COMMIT = 24
 META_PURGE = 25
+META_RENEW_LEASES = 26
 META_REGISTER = 40
 META_HEARTBEAT = 41
 META_LIST_CHUNKSERVERS = 42
@@ -393,6 +407,7 @@ META_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
     META_ALLOC_CHUNK: (AllocChunk, AllocChunkReply),
     META_COMMIT: (Commit, Attr),
     META_PURGE: (Purge, Empty),
+    META_RENEW_LEASES: (RenewLeases, RenewLeasesReply),
     META_REGISTER: (RegisterChunkserver, RegisterReply),
     META_HEARTBEAT: (Heartbeat, HeartbeatReply),
     META_LIST_CHUNKSERVERS: (Empty, ListChunkserversReply),

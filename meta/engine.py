@@ -14,13 +14,22 @@ Batch = list[tuple[bytes, bytes | None]]
 
 
 class MetaEngine(Protocol):
+    # Count of ``write`` calls so far: meta/durability.py waits for a sync that covers a given count.
+    writes: int
+    # True when acknowledged changes must be on disk first: ``write`` does not sync by itself, and
+    # ``sync`` makes every earlier write durable (group commit, meta/durability.py).
+    durable: bool
+
     def get(self, key: bytes) -> bytes | None: ...
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         """``get`` of each key, in order (one call: a prompt's block lookup is thousands of keys)."""
 
     def write(self, batch: Batch) -> None:
-        """Apply the whole batch atomically and durably (per the engine's sync setting)."""
+        """Apply the whole batch atomically (visible at once; durable after the next ``sync``)."""
+
+    def sync(self) -> None:
+        """Make every write so far durable (blocking: call it from a worker thread). Error handling: OSError."""
 
     def scan(self, prefix: bytes, start: bytes | None = None, limit: int | None = None) -> Iterator[tuple[bytes, bytes]]:
         """Keys with ``prefix`` in byte order, from ``start`` (inclusive) when given."""

@@ -10,8 +10,11 @@ from kvfs.meta.engine import Batch
 
 
 class MemoryEngine:
+    durable = False  # nothing to sync: gone with the process
+
     def __init__(self) -> None:
         self._data: SortedDict = SortedDict()
+        self.writes = 0
 
     def get(self, key: bytes) -> bytes | None:
         return self._data.get(key)
@@ -19,7 +22,11 @@ class MemoryEngine:
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         return list(map(self._data.get, keys))
 
+    def sync(self) -> None:
+        pass
+
     def write(self, batch: Batch) -> None:
+        self.writes += 1
         for key, value in batch:
             if value is None:
                 self._data.pop(key, None)

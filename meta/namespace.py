@@ -16,6 +16,7 @@ from kvfs import protocol as P
 from kvfs.errors import error
 from kvfs.meta import records as R
 from kvfs.meta.engine import Batch, MetaEngine
+from kvfs.meta.pending import PendingChunks
 from kvfs.meta.registry import Registry, new_cluster_id
 
 ROOT_INO = 1
@@ -41,7 +42,8 @@ def check_name(name: str) -> None:
 
 class Namespace:
     def __init__(self, engine: MetaEngine, *, chunk_size: int = 4 << 20, replication: int = 1,
-                 lease_seconds: float = 60.0, registry: Registry | None = None, clock=time.monotonic):
+                 lease_seconds: float = 60.0, pending_grace: float = 120.0, registry: Registry | None = None,
+                 clock=time.monotonic):
         self.engine = engine
         # Bumped by every rmdir and rename: whoever caches path -> directory inode (KVCache's block
         # lookups) drops its cache when this changes. Creating directories needs no bump.
@@ -56,8 +58,12 @@ class Namespace:
         self._ino_limit = self.counters.next_ino
         self._chunk_limit = self.counters.next_chunk_id
         self.registry = registry or Registry(engine, self.counters)
-        self.leases: dict[int, tuple[str, float]] = {}
-        self.pending_chunks: dict[int, float] = {}  # allocated, not yet committed
+        self.leases: dict[int, tuple[str, float]] = {}  # ino -> (client id, expiry on self.clock)
+        self.pending = PendingChunks(engine, clock, grace=pending_grace)
+        # A writer with uploaded, uncommitted chunks keeps its lease across a meta restart: it gets a
+        # full lease period from now to renew it.
+        for ino, client_id in self.pending.writers():
+            self.leases[ino] = (client_id, clock() + lease_seconds)
         if engine.get(R.inode_key(ROOT_INO)) is None:
             t = now_ns()
             root = R.Inode(stat.S_IFDIR | 0o755, 2, 0, 0, 0, t, t, t, parent=ROOT_INO)
@@ -80,12 +86,12 @@ class Namespace:
     def _reserved_counters(self) -> R.Counters:
         return R.Counters(self._ino_limit, self._chunk_limit, self.counters.next_server_id, self.counters.cluster_id)
 
-    def alloc_chunk_id(self) -> int:
+    def alloc_chunk_id(self, batch: Batch) -> int:
         chunk_id = self.counters.next_chunk_id
         self.counters.next_chunk_id += 1
         if self.counters.next_chunk_id > self._chunk_limit:
             self._chunk_limit = self.counters.next_chunk_id + ID_BLOCK
-            self.engine.write([(R.COUNTERS_KEY, R.encode(self._reserved_counters()))])
+            batch.append((R.COUNTERS_KEY, R.encode(self._reserved_counters())))
         return chunk_id
 
     def inode(self, ino: int) -> R.Inode:
@@ -480,6 +486,22 @@ class Namespace:
         if holder and holder[0] == client_id:
             del self.leases[ino]
 
+    def lease_held(self, ino: int, client_id: str) -> bool:
+        holder = self.leases.get(ino)
+        return holder is not None and holder[0] == client_id and holder[1] > self.clock()
+
+    def renew_leases(self, client_id: str, inos: list[int]) -> P.RenewLeasesReply:
+        """Extend (or take again, if nobody else took it meanwhile) the write leases of a client's open
+        files. The reply lists the files whose lease is lost: another client has it, or the file is gone."""
+        lost = []
+        for ino in inos:
+            try:
+                self.inode(ino)
+                self._check_lease(ino, client_id)
+            except OSError:
+                lost.append(ino)
+        return P.RenewLeasesReply(lost, self.lease_seconds)
+
     def chunks(self, ino: int, first: int, count: int) -> P.GetChunksReply:
         node = self.inode(ino)
         prefix = R.chunk_prefix(ino)
@@ -497,15 +519,18 @@ class Namespace:
         if not stat.S_ISREG(node.mode):
             raise error(errno.EINVAL, "not a regular file")
         self._check_lease(ino, client_id)
-        return self.alloc_pending_chunk(size_hint)
+        return self.alloc_pending_chunk(size_hint, ino, client_id)
 
-    def alloc_pending_chunk(self, size_hint: int) -> P.AllocChunkReply:
-        """A new chunk id placed on R servers: pending until a commit or publish names it (it may be
-        for a file that does not exist yet: KV_PUBLISH, remote fills), garbage after ``expire_pending``."""
+    def alloc_pending_chunk(self, size_hint: int, ino: int = 0, client_id: str = "") -> P.AllocChunkReply:
+        """A new chunk id placed on R servers: pending until a commit or publish names it. One of an
+        open file lives as long as its writer's lease; one for a file that does not exist yet
+        (KV_PUBLISH, remote fills) for the pending grace period (meta/pending.py)."""
         servers = self.registry.place(self.replication, size_hint or self.chunk_size)
-        chunk_id = self.alloc_chunk_id()
+        batch: Batch = []
+        chunk_id = self.alloc_chunk_id(batch)
+        self.pending.add(batch, chunk_id, ino, client_id)
+        self.engine.write(batch)
         self.registry.add_locations(chunk_id, [s.record.server_id for s in servers])
-        self.pending_chunks[chunk_id] = self.clock()
         return P.AllocChunkReply(chunk_id, [s.record.address for s in servers])
 
     def publish(self, r: P.KVPublish) -> P.KVPublishReply:
@@ -521,12 +546,13 @@ class Namespace:
                 c.length != min(cs, r.size - c.index * cs) or not self._unpublished(c.chunk_id) for c in refs):
             raise error(errno.EINVAL, f"{r.name}: chunks do not make up {r.size} bytes of fresh, unpublished chunks")
         existing = self._child(r.parent, r.name)
+        batch: Batch = []
+        self.pending.settle(batch, [c.chunk_id for c in refs])
         if existing is not None:
+            self.engine.write(batch)
             for c in refs:
-                self.pending_chunks.pop(c.chunk_id, None)
                 self.registry.drop_chunk(c.chunk_id)
             return P.KVPublishReply(False, self.attr(existing))
-        batch: Batch = []
         ino = self._alloc_ino(batch)
         t = now_ns()
         mode = stat.S_IFREG | (r.mode & 0o7777)
@@ -540,21 +566,19 @@ class Namespace:
         self._put(batch, r.parent, pnode)
         self.engine.write(batch)
         for c in refs:
-            self.pending_chunks.pop(c.chunk_id, None)
             self.registry.adopt(c.chunk_id)
         self.files += 1
         self.used_bytes += r.size
         return P.KVPublishReply(True, self.attr(ino, node))
 
     def _unpublished(self, chunk_id: int) -> bool:
-        """Allocated and referenced by no file: pending, or handed out before a meta restart (which
-        forgets what is pending; the chunkservers still hold it). Never another file's chunk."""
-        if chunk_id in self.pending_chunks:
-            return True
-        return 0 < chunk_id < self.counters.next_chunk_id and self.engine.get(R.live_chunk_key(chunk_id)) is None
+        """Allocated for a file that does not exist yet and still pending (pending records survive a
+        meta restart). A chunk dropped as garbage is refused: it may be gone from the chunkservers."""
+        p = self.pending.get(chunk_id)
+        return p is not None and p.ino == 0
 
     def is_live_chunk(self, chunk_id: int) -> bool:
-        return chunk_id in self.pending_chunks or self.engine.get(R.live_chunk_key(chunk_id)) is not None
+        return chunk_id in self.pending or self.engine.get(R.live_chunk_key(chunk_id)) is not None
 
     def commit(self, req: P.Commit) -> P.Attr:
         """Publish new chunks and the new size in one batch; dereferenced chunks get deleted."""
@@ -581,6 +605,16 @@ class Namespace:
             raw = self.engine.get(R.chunk_key(req.ino, index))
             if raw is not None:
                 existing[index] = R.decode_chunk(raw)
+        # Every new chunk must still be this writer's pending chunk (or already committed here: a
+        # retried commit). One that was dropped as garbage may be gone from the chunkservers:
+        # committing it would be a silent hole, so the writer gets an error instead.
+        for ref in req.chunks:
+            p = self.pending.get(ref.chunk_id)
+            owned = p is not None and p.ino == req.ino and p.client_id == req.client_id
+            old = existing.get(ref.index)
+            if not owned and not (old is not None and old.chunk_id == ref.chunk_id):
+                raise error(errno.EIO, f"inode {req.ino}: uploaded chunk {ref.chunk_id} (index {ref.index}) was "
+                            "dropped before this commit (write lease lost); the unflushed data is lost")
         first_cut = max((cut + cs - 1) // cs - 1, 0)
         for key, raw in self.engine.scan(R.chunk_prefix(req.ino), start=R.chunk_key(req.ino, first_cut)):
             existing[R.U64.unpack(key[9:])[0]] = R.decode_chunk(raw)
@@ -618,23 +652,28 @@ class Namespace:
         node.mtime_ns = req.mtime_ns or t
         node.ctime_ns = t
         self._put(batch, req.ino, node)
+        self.pending.settle(batch, [ref.chunk_id for ref in req.chunks])
         self.engine.write(batch)
         for ref in req.chunks:
-            self.pending_chunks.pop(ref.chunk_id, None)
             self.registry.adopt(ref.chunk_id)
         for chunk_id in dropped + garbage:
             self.registry.drop_chunk(chunk_id)
         self.used_bytes += delta
         return self.attr(req.ino, node)
 
-    def expire_pending(self, older_than: float) -> None:
-        """Chunks allocated but never committed (a client died mid-write) become garbage."""
-        cutoff = self.clock() - older_than
-        for chunk_id, at in list(self.pending_chunks.items()):
-            if at < cutoff:
-                del self.pending_chunks[chunk_id]
-                if self.engine.get(R.live_chunk_key(chunk_id)) is None:
-                    self.registry.drop_chunk(chunk_id)
+    def expire_pending(self) -> int:
+        """Pending chunks whose owner is gone (a writer that lost its lease, an unpublished block past
+        the grace period) become garbage. Returns how many."""
+        expired = self.pending.expired(self.lease_held)
+        if not expired:
+            return 0
+        batch: Batch = []
+        self.pending.settle(batch, expired)
+        self.engine.write(batch)
+        for chunk_id in expired:
+            if self.engine.get(R.live_chunk_key(chunk_id)) is None:
+                self.registry.drop_chunk(chunk_id)
+        return len(expired)
 
 
 def default_uid_gid() -> tuple[int, int]:

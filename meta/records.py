@@ -8,6 +8,7 @@ Key layout (all integers big endian so byte order is numeric order)::
     K <chunk_id:8>            -> b""                  live chunk ids (garbage detection)
     X <ino:8> <name>          -> value                extended attributes
     O <ino:8>                 -> <unlinked_at_ns:8>   unlinked but maybe still open (orphans)
+    P <chunk_id:8>            -> PendingRecord        allocated, not yet committed (meta/pending.py)
     S <node_id>               -> ServerRecord         chunkserver identities
     N                         -> Counters
 """
@@ -39,6 +40,11 @@ class Inode(msgspec.Struct, array_like=True):
 class ChunkRecord(msgspec.Struct, array_like=True):
     chunk_id: int
     length: int
+
+
+class PendingRecord(msgspec.Struct, array_like=True):
+    ino: int  # 0: for a file that does not exist yet (KV publish, remote fill)
+    client_id: str
 
 
 class ServerRecord(msgspec.Struct, array_like=True):
@@ -91,6 +97,13 @@ def orphan_key(ino: int) -> bytes:
     return b"O" + U64.pack(ino)
 
 
+PENDING_PREFIX = b"P"
+
+
+def pending_key(chunk_id: int) -> bytes:
+    return PENDING_PREFIX + U64.pack(chunk_id)
+
+
 def server_key(node_id: str) -> bytes:
     return b"S" + node_id.encode()
 
@@ -101,8 +114,10 @@ encode = msgspec.msgpack.Encoder().encode
 _inode_decoder = msgspec.msgpack.Decoder(Inode)
 _chunk_decoder = msgspec.msgpack.Decoder(ChunkRecord)
 _server_decoder = msgspec.msgpack.Decoder(ServerRecord)
+_pending_decoder = msgspec.msgpack.Decoder(PendingRecord)
 _counters_decoder = msgspec.msgpack.Decoder(Counters)
 decode_inode = _inode_decoder.decode
 decode_chunk = _chunk_decoder.decode
 decode_server = _server_decoder.decode
+decode_pending = _pending_decoder.decode
 decode_counters = _counters_decoder.decode

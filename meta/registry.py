@@ -117,7 +117,12 @@ class Registry:
 
     def place(self, replication: int, size_hint: int) -> list[ServerState]:
         """Pick ``replication`` distinct live servers, weighted towards free space."""
-        live = [s for s in self.live_servers() if s.capacity - s.used > max(size_hint, 1)]
+        alive = self.live_servers()
+        if not alive:
+            # Not a full disk: none is reachable (or none has re-registered since meta restarted).
+            # EIO, which writers retry, not ENOSPC, which tells a user to delete data.
+            raise error(errno.EIO, f"no live chunkserver ({len(self.servers)} known, none heartbeating)")
+        live = [s for s in alive if s.capacity - s.used > max(size_hint, 1)]
         if not live:
             raise error(errno.ENOSPC, "no live chunkserver has free space")
         if len(live) < replication:

@@ -540,20 +540,22 @@ class RemoteTier:
 
     def fill_commit(self, r: P.RemoteFillCommit) -> P.RemoteFillCommitReply:
         info = self.info(r.ino)
-        for ref in r.chunks:
-            self.ns.pending_chunks.pop(ref.chunk_id, None)
+        batch: Batch = []
+        # Only chunks still pending (not dropped as garbage meanwhile) may be committed.
+        fresh = {ref.chunk_id for ref in r.chunks if self.ns._unpublished(ref.chunk_id)}
+        self.ns.pending.settle(batch, fresh)
         if not info.fillable or info.etag != r.etag:
+            self.ns.engine.write(batch)
             for ref in r.chunks:
                 self.ns.registry.drop_chunk(ref.chunk_id)
             raise error(errno.ESTALE, f"{info.key}: the remote object changed while it was being fetched")
         cs = self.ns.chunk_size
-        batch: Batch = []
         out = []
         garbage = []
         for ref in r.chunks:
             raw = self.ns.engine.get(R.chunk_key(r.ino, ref.index))
             expect = min(cs, info.size - ref.index * cs)
-            if raw is not None or ref.length != expect or expect <= 0:
+            if raw is not None or ref.length != expect or expect <= 0 or ref.chunk_id not in fresh:
                 garbage.append(ref.chunk_id)  # filled by someone else first, or bogus
                 if raw is not None:
                     rec = R.decode_chunk(raw)

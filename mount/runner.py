@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import subprocess
 
 import pyfuse3
 import trio
 
 from kvfs.client import Client, ClientOptions
 from kvfs.mount.fs import KvfsOperations
+from kvfs.mount.mountpoint import MountError as MountError
+from kvfs.mount.mountpoint import check_mountpoint
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.mount")
-
-
-class MountError(Exception):
-    """A mountpoint problem, reported to the user as one line."""
-
-
-def _is_stale(mountpoint: str) -> bool:
-    try:
-        os.stat(mountpoint)
-        return False
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-
-
-def _mounted(mountpoint: str) -> bool:
-    real = os.path.realpath(mountpoint)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == real for line in f)
-    except OSError:
-        return False
 
 
 def _device_of_mount(mountpoint: str) -> str | None:
@@ -79,36 +58,6 @@ async def _raise_readahead_after_init(mountpoint: str, readahead_kb: int) -> Non
                     return
         except (OSError, ValueError):
             return
-
-
-def unmount(mountpoint: str, lazy: bool = True) -> bool:
-    for cmd in (["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint], ["umount", "-l", mountpoint]):
-        try:
-            if subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0:
-                return True
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-    return False
-
-
-def check_mountpoint(mountpoint: str) -> str:
-    """Validate (and clean up after a crashed run). Error handling: MountError with a one-line reason."""
-    path = os.path.abspath(mountpoint)
-    if _is_stale(path):
-        log.warning("%s: stale mount from a crashed run; unmounting it", path)
-        if not unmount(path):
-            raise MountError(f"{path}: stale FUSE mount could not be unmounted (try: fusermount3 -u -z {path})")
-    elif _mounted(path):
-        raise MountError(f"{path}: something is already mounted here")
-    if not os.path.exists(path):
-        raise MountError(f"{path}: mountpoint does not exist (create it with mkdir -p {path})")
-    if not os.path.isdir(path):
-        raise MountError(f"{path}: mountpoint is not a directory")
-    if os.listdir(path):
-        raise MountError(f"{path}: mountpoint is not empty")
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing: install fuse3 (apt-get install fuse3) or run with --device /dev/fuse")
-    return path
 
 
 async def run_mount(meta_address: str, mountpoint: str, *, options: ClientOptions | None = None,

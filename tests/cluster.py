@@ -78,6 +78,7 @@ class Cluster:
     heartbeat_timeout: float = 3.0
     rereplicate_delay: float = 30.0
     chunkserver_args: tuple[str, ...] = ()  # extra `kvfs chunkserver` flags, e.g. ("--capacity", "3M")
+    meta_args: tuple[str, ...] = ()  # extra `kvfs meta` flags, e.g. ("--lease-seconds", "3")
     meta_metrics_port: int = 0
     meta_port: int = field(default_factory=free_port)
     meta: Proc | None = None
@@ -94,7 +95,7 @@ class Cluster:
                           "--replication", str(self.replication), "--chunk-size", self.chunk_size,
                           "--heartbeat-timeout", str(self.heartbeat_timeout),
                           "--rereplicate-delay", str(self.rereplicate_delay),
-                          "--metrics-port", str(self.meta_metrics_port)],
+                          "--metrics-port", str(self.meta_metrics_port), *self.meta_args],
                          os.path.join(self.root, "meta.log"))
         self.meta.start()
         self.wait_meta()
@@ -152,7 +153,10 @@ class Cluster:
     # ------------------------------------------------------------------ mounts
 
     def mount(self, mountpoint: str, *extra: str) -> str:
-        os.makedirs(mountpoint, exist_ok=True)
+        try:
+            os.makedirs(mountpoint, exist_ok=True)
+        except FileExistsError:
+            pass  # a dead mount from a killed `kvfs mount` (stat fails): the new mount cleans it up
         proc = Proc(["mount", mountpoint, "--meta", self.meta_address, "--timeout", "10", *extra],
                      os.path.join(self.root, f"mount-{len(self.mounts)}.log"))
         proc.start()

@@ -66,7 +66,8 @@ class Workload:
         self.lock = threading.Lock()
         self.attempted: dict[str, bytes] = {}  # relative path -> full intended content
         self.acked: dict[str, int] = {}  # relative path -> bytes guaranteed durable (prefix length)
-        self.failures = 0
+        # (when the failed operation started, errno, what): availability is asserted from these.
+        self.failures: list[tuple[float, int | None, str]] = []
         self.threads: list[threading.Thread] = []
 
     def count(self) -> int:
@@ -82,10 +83,15 @@ class Workload:
         with self.lock:
             self.acked[rel] = max(self.acked.get(rel, 0), length)
 
-    def _fail(self) -> None:
+    def _fail(self, started: float, exc: OSError, rel: str) -> None:
         with self.lock:
-            self.failures += 1
+            self.failures.append((started, exc.errno, f"{rel}: {exc}"))
         time.sleep(0.05)  # pacing while a server is down, not an assertion
+
+    def failures_since(self, t: float) -> list[tuple[float, int | None, str]]:
+        """Failed operations that started at ``t`` or later."""
+        with self.lock:
+            return [f for f in self.failures if f[0] >= t]
 
     def _files(self, k: int):
         """(relative path, content) to write until stopped; each is recorded as attempted first."""
@@ -101,10 +107,11 @@ class Workload:
     def mount_writer(self, k: int, fsync_midway: bool) -> None:
         for rel, data in self._files(k):
             path = os.path.join(self.mnt, rel)
+            started = time.monotonic()
             try:
                 fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-            except OSError:
-                self._fail()
+            except OSError as exc:
+                self._fail(started, exc, rel)
                 continue
             try:
                 half = len(data) // 2
@@ -115,27 +122,28 @@ class Workload:
                     if fsync_midway and end == half:
                         os.fsync(fd)
                         self._ack(rel, half)
-            except OSError:
+            except OSError as exc:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-                self._fail()
+                self._fail(started, exc, rel)
                 continue
             try:
                 os.close(fd)
-            except OSError:
-                self._fail()
+            except OSError as exc:
+                self._fail(started, exc, rel)
                 continue
             self._ack(rel, len(data))
 
     def client_writer(self, k: int) -> None:
         with self.cluster.client(timeout=5.0) as c:
             for rel, data in self._files(k):
+                started = time.monotonic()
                 try:
                     c.write_file("/" + rel, data)
-                except OSError:
-                    self._fail()
+                except OSError as exc:
+                    self._fail(started, exc, rel)
                     continue
                 self._ack(rel, len(data))
 
@@ -197,13 +205,22 @@ def _crash_run(make_cluster, tmp_path, rounds: int, per_phase: int) -> None:
             work.progress(per_phase)
             victim = r % len(cluster.servers)
             cluster.kill_chunkserver(victim)  # SIGKILL
+            # One of three chunkservers down with replication 2: once meta has noticed (heartbeat
+            # timeout), new chunks go to the two live ones and every write must succeed.
+            time.sleep(cluster.heartbeat_timeout + 1)
+            noticed = time.monotonic()
             work.progress(per_phase)
+            during_outage = work.failures_since(noticed)
+            assert not during_outage, f"writes failed with a chunkserver down: {during_outage[:5]}"
             cluster.start_chunkserver(victim)
             cluster.wait_servers(len(cluster.servers))
             work.progress(per_phase)
     finally:
         work.finish()
     assert work.count() >= per_phase * (1 + 3 * rounds)
+    # Only a dead meta may fail operations, and only as EIO (never a hang, never another errno).
+    odd = [f for f in work.failures if f[1] != errno.EIO]
+    assert not odd, f"failures other than EIO: {odd[:5]}"
 
     def via_mount(rel: str) -> bytes:
         with open(os.path.join(mnt, rel), "rb") as f:

@@ -43,6 +43,13 @@ def mkdir(ns, parent, name):
     return ns.mknode(parent, name, stat.S_IFDIR | 0o755, 0, 0)
 
 
+def pend(ns, chunk_id, ino=0, client_id=""):
+    """What alloc_chunk / alloc_pending_chunk record (without placing it on chunkservers)."""
+    batch = []
+    ns.pending.add(batch, chunk_id, ino, client_id)
+    ns.engine.write(batch)
+
+
 def errno_of(fn, *args):
     with pytest.raises(OSError) as info:
         fn(*args)
@@ -109,6 +116,8 @@ def test_commit_truncate_and_chunk_garbage(ns):
     f = mkfile(ns, ROOT_INO, "f")
     ns.open_write(f.ino, "c1")
     refs = [P.ChunkRef(i, 100 + i, CS, []) for i in range(3)]
+    for r in refs:
+        pend(ns, r.chunk_id, f.ino, "c1")
     assert ns.commit(P.Commit(f.ino, "c1", 3 * CS, refs)).size == 3 * CS
     assert ns.used_bytes == 3 * CS
     attr = ns.commit(P.Commit(f.ino, "c1", CS + 10, []))
@@ -286,14 +295,14 @@ def test_publish_creates_whole_files_from_pending_chunks_only(ns):
     """META_KV_PUBLISH: a file born whole, never replacing one, only from fresh unpublished chunks."""
     d = mkdir(ns, ROOT_INO, "kv").ino
     for chunk_id in (7, 8, 9):
-        ns.pending_chunks[chunk_id] = ns.clock()  # as alloc_pending_chunk leaves them
+        pend(ns, chunk_id)
     size = CS + 100
     refs = [P.ChunkRef(0, 7, CS, []), P.ChunkRef(1, 8, 100, [])]
     r = ns.publish(P.KVPublish(d, "blk", 0o644, 0, 0, size, refs))
     assert r.created and r.attr.size == size and stat.S_ISREG(r.attr.mode)
     assert ns.lookup(d, "blk").ino == r.attr.ino
     assert [(c.index, c.chunk_id, c.length) for c in ns.chunks(r.attr.ino, 0, 10).chunks] == [(0, 7, CS), (1, 8, 100)]
-    assert ns.used_bytes == size and 7 not in ns.pending_chunks and ns.is_live_chunk(7)
+    assert ns.used_bytes == size and 7 not in ns.pending and ns.is_live_chunk(7)
     # The same chunks again (already published: no longer pending), a gap, a wrong length: EINVAL.
     for bad in ([P.ChunkRef(0, 9, CS, []), P.ChunkRef(1, 8, 100, [])],
                 [P.ChunkRef(1, 9, 100, [])],
@@ -303,12 +312,12 @@ def test_publish_creates_whole_files_from_pending_chunks_only(ns):
     # A second writer of the same name: not replaced, its chunk dropped.
     r2 = ns.publish(P.KVPublish(d, "blk", 0o644, 0, 0, 50, [P.ChunkRef(0, 9, 50, [])]))
     assert not r2.created and r2.attr.ino == r.attr.ino and r2.attr.size == size
-    assert 9 not in ns.pending_chunks and not ns.is_live_chunk(9)
+    assert 9 not in ns.pending and not ns.is_live_chunk(9)
     assert errno_of(ns.publish, P.KVPublish(12345, "x", 0o644, 0, 0, 0, [])) == errno.ENOENT
-    # Allocated before a meta restart (no longer pending, referenced by no file): accepted; a chunk id
-    # never handed out is not.
+    # Handed out once but no longer pending (dropped as garbage: maybe gone from the chunkservers), or
+    # never handed out: refused, never a file with a hole.
     ns.counters.next_chunk_id = max(ns.counters.next_chunk_id, 50)
-    assert ns.publish(P.KVPublish(d, "after-restart", 0o644, 0, 0, 10, [P.ChunkRef(0, 40, 10, [])])).created
+    assert errno_of(ns.publish, P.KVPublish(d, "dropped", 0o644, 0, 0, 10, [P.ChunkRef(0, 40, 10, [])])) == errno.EINVAL
     never = ns.counters.next_chunk_id + 1000
     assert errno_of(ns.publish, P.KVPublish(d, "bogus", 0o644, 0, 0, 10, [P.ChunkRef(0, never, 10, [])])) == errno.EINVAL
 
@@ -324,3 +333,76 @@ def test_unlink_purges_in_the_same_call_unless_kept_open(ns):
     assert errno_of(ns.inode, b) == errno.ENOENT
     ns.unlink(ROOT_INO, "c", keep_open=[])  # another name left: nothing purged
     assert ns.inode(c).nlink == 1 and ns.lookup(ROOT_INO, "c2").ino == c
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_uncommitted_chunks_live_as_long_as_the_writers_lease(engine_factory):
+    """A slow writer keeps its uploaded chunks while it renews its lease, however long it takes; one
+    that lost its lease gets EIO at commit instead of a file with holes."""
+    clock = FakeClock()
+    ns = Namespace(engine_factory(), chunk_size=CS, lease_seconds=60, pending_grace=120, clock=clock)
+    f = mkfile(ns, ROOT_INO, "ckpt")
+    ns.open_write(f.ino, "w")
+    for i in range(6):  # one chunk every 100 s: far past the pending grace, lease renewed meanwhile
+        pend(ns, 100 + i, f.ino, "w")
+        for _ in range(5):
+            clock.now += 20
+            assert ns.renew_leases("w", [f.ino]).lost == []
+            ns.expire_pending()
+    assert all(ns.is_live_chunk(100 + i) for i in range(6))
+    refs = [P.ChunkRef(i, 100 + i, CS, []) for i in range(6)]
+    assert ns.commit(P.Commit(f.ino, "w", 6 * CS, refs)).size == 6 * CS
+    assert len(ns.pending) == 0 and all(ns.is_live_chunk(100 + i) for i in range(6))
+    # A retried commit of the same chunks is accepted (they are this file's already).
+    assert ns.commit(P.Commit(f.ino, "w", 6 * CS, refs)).size == 6 * CS
+
+    # The writer stops renewing: after the lease runs out its chunk is garbage, and its commit fails.
+    pend(ns, 200, f.ino, "w")
+    clock.now += 61
+    assert ns.expire_pending() == 1
+    assert not ns.is_live_chunk(200)
+    assert errno_of(ns.commit, P.Commit(f.ino, "w", 7 * CS, [P.ChunkRef(6, 200, CS, [])])) == errno.EIO
+    assert ns.inode(f.ino).size == 6 * CS  # the failed commit changed nothing
+    # Another client's chunk can never be committed into this file.
+    pend(ns, 201, f.ino, "other")
+    assert errno_of(ns.commit, P.Commit(f.ino, "w", 7 * CS, [P.ChunkRef(6, 201, CS, [])])) == errno.EIO
+    # A chunk for a file that does not exist yet lives for the grace period.
+    pend(ns, 300)
+    clock.now += 100
+    ns.expire_pending()
+    assert ns.is_live_chunk(300)
+    clock.now += 21
+    ns.expire_pending()
+    assert not ns.is_live_chunk(300)
+    # Another client took the lease: renewing reports it lost.
+    ns.release_write(f.ino, "w")
+    ns.open_write(f.ino, "other")
+    assert ns.renew_leases("w", [f.ino]).lost == [f.ino]
+    ns.engine.close()
+
+
+def test_uncommitted_chunks_and_their_leases_survive_a_restart(tmp_path):
+    clock = FakeClock()
+    ns = Namespace(RocksEngine(str(tmp_path / "db")), chunk_size=CS, lease_seconds=60, clock=clock)
+    f = mkfile(ns, ROOT_INO, "f")
+    ns.open_write(f.ino, "w")
+    pend(ns, 100, f.ino, "w")
+    pend(ns, 101)
+    ns.engine.close()
+    ns = Namespace(RocksEngine(str(tmp_path / "db")), chunk_size=CS, lease_seconds=60, clock=clock)
+    assert ns.is_live_chunk(100) and ns.is_live_chunk(101)
+    assert errno_of(ns.open_write, f.ino, "other") == errno.EBUSY  # the writer's lease was rebuilt
+    clock.now += 59
+    ns.expire_pending()
+    assert ns.commit(P.Commit(f.ino, "w", 10, [P.ChunkRef(0, 100, 10, [])])).size == 10
+    ns.engine.close()
+    ns = Namespace(RocksEngine(str(tmp_path / "db")), chunk_size=CS, lease_seconds=60, clock=clock)
+    assert 100 not in ns.pending and ns.is_live_chunk(100) and 101 in ns.pending
+    ns.engine.close()

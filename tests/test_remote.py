@@ -361,7 +361,12 @@ def test_writeback_visible_to_plain_tools(rmounted, backend):
         f.write(data)
     with open(local + "/empty", "wb"):
         pass
-    assert state_of(local + "/out/model.bin") in ("dirty", "uploading", "clean")
+    # Acknowledged before it is uploaded: the state says where the upload is, and never claims
+    # "clean" before the remote holds these bytes.
+    state = state_of(local + "/out/model.bin")
+    assert state in ("dirty", "uploading", "clean"), state
+    if state == "clean":
+        assert backend.get("out/model.bin") == data
     kvfs(rmounted.meta_address, "flush", local, "--wait", "60")  # a mount path works too
     assert state_of(local + "/out/model.bin") == "clean"
     assert backend.get("out/model.bin") == data

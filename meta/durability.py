@@ -1,0 +1,74 @@
+"""Group commit: a reply that follows a metadata change leaves meta only once that change is on disk.
+
+The namespace applies each change as one unsynced engine write, so it is visible at once and the
+trio thread never blocks on a disk flush. A reply that made changes then waits here; one background
+task syncs the engine's log in a worker thread, and every reply whose changes that sync covered is
+released together. Under many concurrent clients one fsync acknowledges many operations; a lone
+client pays one fsync per change, as with a synchronous write.
+
+If the sync fails, nothing waiting is acknowledged: the waiters get EIO, and so does every later
+change (the log's state on disk is unknown after a failed fsync), until meta is restarted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from kvfs.errors import error
+from kvfs.meta.engine import MetaEngine
+
+log = logging.getLogger("kvfs.meta")
+
+
+class GroupCommit:
+    def __init__(self, engine: MetaEngine):
+        self.engine = engine
+        self.synced = engine.writes  # everything written before we started is on disk (engine open)
+        self.syncs = 0
+        self._wanted = trio.Event()
+        self._done = trio.Event()
+        self._failed: OSError | None = None
+
+    async def wait_durable(self, upto: int) -> None:
+        """Return once engine write number ``upto`` is durable. Error handling: EIO if the sync failed."""
+        while self.synced < upto:
+            if self._failed is not None:
+                raise error(errno.EIO, f"metadata log could not be synced: {self._failed}")
+            self._wanted.set()
+            done = self._done
+            await done.wait()
+        if self._failed is not None:
+            raise error(errno.EIO, f"metadata log could not be synced: {self._failed}")
+
+    async def run(self) -> None:
+        """The one syncer (owned by the meta service's nursery)."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            upto = self.engine.writes
+            try:
+                await trio.to_thread.run_sync(self.engine.sync)
+            except OSError as exc:
+                log.critical("syncing the metadata log failed: %s; refusing every change from now on", exc)
+                self._failed = exc
+            else:
+                self.synced = max(self.synced, upto)
+                self.syncs += 1
+            done, self._done = self._done, trio.Event()
+            done.set()
+
+    def wrap(self, handler):
+        """``handler`` whose reply waits until the changes it made are durable."""
+        engine = self.engine
+
+        async def durable(request, data):
+            before = engine.writes
+            reply = await handler(request, data)
+            if engine.writes != before and engine.durable:
+                await self.wait_durable(engine.writes)
+            return reply
+
+        return durable
