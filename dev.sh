@@ -50,17 +50,17 @@ cmd=${1:-}
 case "$cmd" in
   up)
     apt_install "${BASE_APT[@]}"
-    pip_install -e .
+    pip_install -e ".[mount]"
     exec "$VENV/bin/kvfs" up "$@"
     ;;
   test)
     apt_install "${BASE_APT[@]}" redis-server
-    pip_install -e ".[test]"
+    pip_install -e ".[mount,test]"
     exec "$PY" -m pytest "$@"
     ;;
   bench)
     apt_install "${BASE_APT[@]}" bindfs redis-server rclone s3fs
-    pip_install -e ".[test]"
+    pip_install -e ".[mount,test]"
     exec "$PY" bench/run.py "$@"
     ;;
   *)

@@ -143,11 +143,23 @@ def _client_options(args):
     return ClientOptions(timeout=args.timeout, local_reads=not args.no_local_reads, dir_cache_ttl=ttl)
 
 
+def _mount_runner():
+    """The FUSE side is optional (extra "mount"): only mounting needs pyfuse3 and libfuse."""
+    try:
+        from kvfs.mount.runner import run_mount
+    except ModuleNotFoundError as exc:
+        if exc.name != "pyfuse3":
+            raise
+        raise UsageError("mounting needs pyfuse3: pip install 'kvfs[mount]' (builds against libfuse3-dev: "
+                         "apt-get install libfuse3-dev pkg-config gcc)") from None
+    return run_mount
+
+
 def cmd_mount(args) -> None:
     from kvfs.mount.mountpoint import check_mountpoint
 
     check_mountpoint(args.mountpoint)  # before importing pyfuse3: a bad mountpoint is one line either way
-    from kvfs.mount.runner import run_mount
+    run_mount = _mount_runner()
 
     async def body() -> None:
         await run_mount(args.meta, args.mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
@@ -162,8 +174,8 @@ def cmd_up(args) -> None:
     from kvfs.chunkserver.service import ChunkService
     from kvfs.meta.service import MetaService
     from kvfs.mount.mountpoint import check_mountpoint
-    from kvfs.mount.runner import run_mount
 
+    run_mount = _mount_runner()
     data_dir = _check_writable_dir(args.data_dir, "data dir")
     # The default mountpoint is ours to create; a stale mount there (a kill -9 of the last run) is
     # cleaned first, since the directory cannot even be stat'ed until then.

@@ -108,3 +108,21 @@ def test_no_sync_opt_out_acknowledges_at_once(tmp_path):
     trio.run(main)
     assert engine.synced_upto == []
     engine.close()
+
+
+def test_a_lone_change_syncs_on_the_spot(tmp_path):
+    """No other request in flight: synced on the trio thread, without the background syncer."""
+    engine = CountingEngine(str(tmp_path / "db"))
+    commits = GroupCommit(engine)
+
+    async def change(_r, _data) -> str:
+        engine.write([(b"k", b"v")])
+        return "ok"
+
+    async def main() -> None:
+        with trio.fail_after(5):  # no syncer task is running: only an inline sync can finish this
+            assert await commits.wrap(change)(None, None) == "ok"
+
+    trio.run(main)
+    assert engine.synced_upto == [1] and commits.synced == 1
+    engine.close()
