@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-import xxhash
 
 from kvfs import protocol as P
+from kvfs.chunkio import ChecksumError as ChecksumError
+from kvfs.chunkio import read_local_chunk
+from kvfs.chunkio import verify as _verify
 from kvfs.dircache import ListingCache
 from kvfs.errors import error
 from kvfs.rpc import RpcClient
@@ -66,6 +68,17 @@ class _ServerInfo:
     address: str
     data_dir: str
     host_id: str
+
+
+@dataclass(frozen=True)
+class LocalChunk:
+    """A replica's chunk file on this host, readable without the chunkserver (short-circuit)."""
+
+    path: str
+    sums_path: str
+    chunk_id: int
+    address: str
+    length: int
 
 
 @dataclass
@@ -479,6 +492,26 @@ class Client:
     def cached_state(self, ino: int) -> FileState | None:
         return self.files.get(ino)
 
+    def local_chunks(self, ino: int) -> tuple[int, dict[int, LocalChunk | None]] | None:
+        """For short-circuit readers in other threads (kvfs.models): the open file's committed chunks as
+        (chunk size, index -> LocalChunk, or None for a chunk with no replica on this host). None when
+        the file has uncommitted writes in this client (its bytes are not all in chunk files)."""
+        from kvfs.chunkserver.store import SUM_SUFFIX, chunk_path
+
+        st = self.files.get(ino)
+        if st is None or st.modified or st.dirty or st.uploaded:
+            return None
+        out: dict[int, LocalChunk | None] = {}
+        for index, ref in st.chunks.items():
+            out[index] = None
+            for address in self._order_replicas(list(ref.replicas)):
+                info = self._servers.get(address)
+                if info is not None and self._is_local(info):
+                    path = chunk_path(info.data_dir, ref.chunk_id)
+                    out[index] = LocalChunk(path, path + SUM_SUFFIX, ref.chunk_id, address, ref.length)
+                break
+        return self.chunk_size, out
+
     # ------------------------------------------------------------------ reads
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
@@ -718,29 +751,13 @@ class Client:
             out[:] = data[skip: skip + len(out)]
 
     async def _fetch_local(self, info: _ServerInfo, ref: P.ChunkRef, offset: int, out: memoryview) -> None:
-        from kvfs.chunkserver.store import chunk_path, read_sums
+        """Short-circuit read of a chunk file on this host, straight into ``out`` (kvfs.chunkio)."""
+        from kvfs.chunkserver.store import SUM_SUFFIX, chunk_path
 
         path = chunk_path(info.data_dir, ref.chunk_id)
-        start = offset // BLOCK * BLOCK
-        end = min(offset + len(out), ref.length)
-        end_aligned = min((end + BLOCK - 1) // BLOCK * BLOCK, ref.length)
 
         def work() -> None:
-            sums = read_sums(path)
-            aligned = start == offset and end_aligned == offset + len(out)
-            buf = out if aligned else memoryview(bytearray(end_aligned - start))
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                got = os.preadv(fd, [buf], start)
-                chunk_len = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-            if got < end_aligned - start:
-                raise error(errno.EIO, f"chunk {ref.chunk_id:x}: local file short")
-            _verify(ref.chunk_id, info.address, buf[: end_aligned - start], start,
-                    sums[start // BLOCK: (end_aligned + BLOCK - 1) // BLOCK], chunk_len)
-            if not aligned:
-                out[:] = buf[offset - start: offset - start + len(out)]
+            read_local_chunk(path, path + SUM_SUFFIX, ref.chunk_id, info.address, offset, [out])
 
         try:
             if len(out) >= 1 << 20:
@@ -944,26 +961,6 @@ class Client:
         st.modified = True
         st.version += 1
         st.cache.clear()
-
-
-class ChecksumError(OSError):
-    pass
-
-
-def _verify(chunk_id: int, address: str, data: memoryview, data_offset: int, checksums: list[int],
-            chunk_length: int) -> None:
-    if data_offset % BLOCK:
-        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {address}: unaligned reply")
-    for i, expected in enumerate(checksums):
-        block = data[i * BLOCK:(i + 1) * BLOCK]
-        if not block:
-            raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {address}: short data")
-        if xxhash.xxh3_64_intdigest(block) != expected:
-            raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {address}: checksum mismatch at block "
-                                           f"{data_offset // BLOCK + i} (corrupt replica)")
-    covered = len(checksums) * BLOCK
-    if len(data) > covered and data_offset + covered < chunk_length:
-        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {address}: data not covered by checksums")
 
 
 def _copy_with_zeros(src: bytes | bytearray, offset: int, out: memoryview) -> None:

@@ -247,7 +247,10 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh, off, size):
-        return await self.client.read(self.handles[fh].ino, off, size)
+        # pyfuse3 replies from any buffer: hand it the bytearray the client filled (no bytes copy).
+        buf = bytearray(size)
+        n = await self.client.read_into(self.handles[fh].ino, off, memoryview(buf))
+        return memoryview(buf)[:n] if n < size else buf
 
     @_errors
     async def write(self, fh, off, buf):

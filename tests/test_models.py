@@ -305,6 +305,47 @@ def test_client_library_bit_exact(cluster: Any, tmp_path: Path) -> None:
         client.close()
 
 
+def test_client_short_circuit_falls_back_on_a_corrupt_local_chunk(cluster: Any, tmp_path: Path) -> None:
+    """The loader reads chunk files on this host directly; a corrupt one is detected by its checksums,
+    the load goes on from the other replica (bit-exact), and with every replica corrupt it fails with
+    EIO: never wrong bytes."""
+    import errno
+    import os
+
+    from kvfs.chunkserver.store import chunk_path
+
+    full = mixed_model(seed=17, big=9 * MiB + 4)
+    local = tmp_path / "c.safetensors"
+    save_file(full, local)
+    ref = load_file(local)
+    client = cluster.client()
+    try:
+        client.mkdir("/models", parents=True, exist_ok=True)
+        _upload(client, local, "/models/corrupt.safetensors")
+        servers = {s.address: s.data_dir for s in client.refresh_servers().servers}
+        chunks = client.chunk_map(client.resolve("/models/corrupt.safetensors").ino).chunks
+        victim = chunks[1]  # inside the big tensor
+        assert len(victim.replicas) == 2
+
+        def flip(address: str) -> None:
+            path = chunk_path(servers[address], victim.chunk_id)
+            with open(path, "r+b") as f:
+                f.seek(100_000)
+                byte = f.read(1)
+                f.seek(100_000)
+                f.write(bytes([byte[0] ^ 0x55]))
+                os.fsync(f.fileno())
+
+        flip(victim.replicas[0])
+        assert_same(load_safetensors("/models/corrupt.safetensors", client=client), ref)
+        flip(victim.replicas[1])
+        with pytest.raises(OSError) as info:
+            load_safetensors("/models/corrupt.safetensors", client=client)
+        assert info.value.errno == errno.EIO
+    finally:
+        client.close()
+
+
 def test_fuse_mount_bit_exact(mounted: Any, tmp_path: Path) -> None:
     full = mixed_model(seed=13, big=9 * MiB + 4)
     local = tmp_path / "m.safetensors"

@@ -5,9 +5,11 @@ A ``RangeReader`` reads byte ranges of one file into caller-owned buffers; a ``S
 
 * ``LocalSource`` / ``LocalFileReader``: plain paths, ``os.preadv`` scatter reads that release the GIL
   (so reads run in parallel threads). A kvfs FUSE mount path is a plain path too.
-* ``ClientSource`` / ``ClientFileReader``: a connected ``kvfs.SyncClient``, no mount. A range is one
-  ``read_into`` call; the client splits it per chunk, fetches chunks in parallel, verifies checksums and
-  reads a chunk file directly when its chunkserver is on this host.
+* ``ClientSource`` / ``ClientFileReader``: a connected ``kvfs.SyncClient``, no mount. A chunk whose
+  replica is on this host is read in the calling thread, straight into the caller's buffers and
+  verified (``kvfs.chunkio``): no hop to the client's event loop, no staging copy, so the loader's
+  threads read chunks in parallel. Other chunks (and local ones that fail) go through ``read_into``,
+  which fetches from chunkservers over TCP, fails over between replicas and reports bad ones.
 
 Every reader has ``alignment``: the loader plans its spans on multiples of it (page size locally,
 the chunk size through the client) so no read straddles a page or chunk boundary needlessly.
@@ -23,6 +25,8 @@ import os
 import stat
 import threading
 from typing import TYPE_CHECKING, Protocol
+
+from kvfs.chunkio import read_local_chunk
 
 if TYPE_CHECKING:
     from kvfs.client import SyncClient
@@ -143,7 +147,7 @@ class ClientFileReader:
         self.name = f"kvfs:{path}"
         self.local_path = None
         self._client = client
-        self._local = threading.local()
+        self._staging = threading.local()
         attr = client.resolve(path)
         if stat.S_ISDIR(attr.mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
@@ -152,9 +156,39 @@ class ClientFileReader:
         self._open = True
         self.size = st.size
         self.alignment = int(client.chunk_size)
+        self._chunk_size = int(client.chunk_size)
+        # Chunk files on this host, read directly (None: no short-circuit, e.g. local_reads=False).
+        self._local: dict | None = None
+        if client.client.options.local_reads:
+            found = client.call(_local_chunks, client.client, attr.ino)
+            if found is not None and any(v is not None for v in found[1].values()):
+                self._chunk_size, self._local = found
 
     def readv_into(self, offset: int, bufs: list[memoryview]) -> None:
-        bufs = [b for b in bufs if len(b)]
+        if self._local is not None:
+            pos = offset
+            for index, in_chunk, views in _per_chunk(offset, [b for b in bufs if len(b)], self._chunk_size):
+                self._read_chunk(index, in_chunk, views, pos)
+                pos += sum(len(v) for v in views)
+            return
+        self._read_via_client(offset, [b for b in bufs if len(b)])
+
+    def _read_chunk(self, index: int, in_chunk: int, views: list[memoryview], file_offset: int) -> None:
+        assert self._local is not None
+        local = self._local.get(index)
+        want = sum(len(v) for v in views)
+        if local is not None and in_chunk + want <= local.length:
+            try:
+                read_local_chunk(local.path, local.sums_path, local.chunk_id, local.address, in_chunk, views)
+                return
+            except OSError:
+                # Corrupt, missing or moved: the client's path retries other replicas and reports it.
+                self._local.pop(index, None)
+        self._read_via_client(file_offset, views)
+
+    def _read_via_client(self, offset: int, bufs: list[memoryview]) -> None:
+        if not bufs:
+            return
         if len(bufs) == 1:
             want = len(bufs[0])
             got = self._client.read_into(self.ino, offset, bufs[0])
@@ -163,9 +197,9 @@ class ClientFileReader:
             return
         # Several buffers: one read into a per-thread staging buffer, then copy out.
         want = sum(len(b) for b in bufs)
-        staging = getattr(self._local, "buf", None)
+        staging = getattr(self._staging, "buf", None)
         if staging is None or len(staging) < want:
-            staging = self._local.buf = bytearray(want)
+            staging = self._staging.buf = bytearray(want)
         view = memoryview(staging)[:want]
         got = self._client.read_into(self.ino, offset, view)
         if got != want:
@@ -179,6 +213,29 @@ class ClientFileReader:
         if self._open:
             self._open = False
             self._client.release(self.ino)
+
+
+async def _local_chunks(client, ino: int):
+    return client.local_chunks(ino)
+
+
+def _per_chunk(offset: int, bufs: list[memoryview], chunk_size: int):
+    """Split consecutive buffers holding file bytes from ``offset`` into (chunk index, offset in
+    chunk, views) per chunk, cutting buffers at chunk boundaries (views, never copies)."""
+    out: list[tuple[int, int, list[memoryview]]] = []
+    pos = offset
+    for b in bufs:
+        done = 0
+        while done < len(b):
+            index, in_chunk = divmod(pos, chunk_size)
+            n = min(len(b) - done, chunk_size - in_chunk)
+            if out and out[-1][0] == index:
+                out[-1][2].append(b[done:done + n])
+            else:
+                out.append((index, in_chunk, [b[done:done + n]]))
+            done += n
+            pos += n
+    return out
 
 
 class ClientSource:

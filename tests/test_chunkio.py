@@ -1,0 +1,74 @@
+"""Verified chunk reads straight into caller buffers (kvfs.chunkio): any range, any split into
+buffers, every byte checked; corrupt, truncated and short files are errors, never wrong bytes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+
+from kvfs.chunkio import BLOCK, ChecksumError, read_local_chunk, verify_views
+from kvfs.chunkserver.store import block_checksums
+
+
+def write_chunk(tmp_path, data: bytes) -> tuple[str, str]:
+    path, sums = str(tmp_path / "chunk"), str(tmp_path / "chunk.sum")
+    with open(path, "wb") as f:
+        f.write(data)
+    with open(sums, "wb") as f:
+        f.write(b"".join(s.to_bytes(8, "little") for s in block_checksums(data)))
+    return path, sums
+
+
+def split(rng: random.Random, length: int) -> list[memoryview]:
+    cuts = sorted(rng.sample(range(1, length), min(4, length - 1))) if length > 1 else []
+    bounds = [0, *cuts, length]
+    return [memoryview(bytearray(b - a)) for a, b in zip(bounds, bounds[1:])]
+
+
+def test_any_range_into_any_buffers(tmp_path):
+    rng = random.Random(7)
+    data = rng.randbytes(5 * BLOCK + 1234)  # a short last block, as at the end of a file
+    path, sums = write_chunk(tmp_path, data)
+    cases = [(0, len(data)), (4096, len(data) - 4096), (BLOCK - 1, 2), (3 * BLOCK, BLOCK), (len(data) - 5, 5)]
+    cases += [(o, rng.randrange(1, len(data) - o + 1)) for o in rng.sample(range(len(data)), 40)]
+    for offset, length in cases:
+        dests = split(rng, length)
+        read_local_chunk(path, sums, 1, "test", offset, dests)
+        assert b"".join(bytes(d) for d in dests) == data[offset:offset + length], (offset, length)
+
+
+def test_corrupt_short_and_uncovered_chunks_are_errors(tmp_path):
+    data = os.urandom(4 * BLOCK)
+    path, sums = write_chunk(tmp_path, data)
+    with open(path, "r+b") as f:  # one flipped byte in block 2
+        f.seek(2 * BLOCK + 77)
+        f.write(bytes([data[2 * BLOCK + 77] ^ 1]))
+    out = memoryview(bytearray(100))
+    read_local_chunk(path, sums, 1, "test", 10, [out])  # block 0 is fine
+    for offset, length in ((2 * BLOCK + 70, 20), (BLOCK + 5, 2 * BLOCK), (0, 4 * BLOCK)):
+        with pytest.raises(ChecksumError) as info:
+            read_local_chunk(path, sums, 1, "test", offset, [memoryview(bytearray(length))])
+        assert info.value.errno == errno.EIO and "block 2" in str(info.value)
+    # Asking past the end of the file (truncated chunk): an error, not zeros.
+    with pytest.raises(OSError) as info:
+        read_local_chunk(path, sums, 1, "test", 3 * BLOCK, [memoryview(bytearray(2 * BLOCK))])
+    assert info.value.errno == errno.EIO
+    # A checksum file that covers less than the data read.
+    good, good_sums = write_chunk(tmp_path, data)
+    with open(good_sums, "r+b") as f:
+        f.truncate(8 * 2)
+    with pytest.raises(ChecksumError):
+        read_local_chunk(good, good_sums, 1, "test", 0, [memoryview(bytearray(4 * BLOCK))])
+
+
+def test_blocks_straddling_buffers_are_verified(tmp_path):
+    data = bytearray(os.urandom(3 * BLOCK))
+    sums = block_checksums(bytes(data))
+    views = [memoryview(data)[:100], memoryview(data)[100:BLOCK + 7], memoryview(data)[BLOCK + 7:]]
+    verify_views(1, "t", views, 0, sums, len(data))
+    data[BLOCK + 3] ^= 0xFF  # inside the block that straddles the second and third view
+    with pytest.raises(ChecksumError, match="block 1"):
+        verify_views(1, "t", views, 0, sums, len(data))
