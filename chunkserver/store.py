@@ -16,8 +16,6 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import xxhash
-
 from kvfs import protocol as P
 from kvfs.errors import error
 
@@ -28,8 +26,9 @@ TMP_SUFFIX = ".tmp"
 
 
 def block_checksums(data: bytes | bytearray | memoryview) -> list[int]:
-    view = memoryview(data).cast("B")
-    return [xxhash.xxh3_64_intdigest(view[i:i + P.CHECKSUM_BLOCK]) for i in range(0, len(view), P.CHECKSUM_BLOCK)]
+    from kvfs.chunkio import block_checksums as checksums  # C helper where built
+
+    return checksums(data)
 
 
 def chunk_path(data_dir: str, chunk_id: int) -> str:
@@ -38,9 +37,10 @@ def chunk_path(data_dir: str, chunk_id: int) -> str:
 
 
 def read_sums(path: str) -> list[int]:
+    from kvfs.chunkio import parse_sums
+
     with open(path + SUM_SUFFIX, "rb") as f:
-        raw = f.read()
-    return [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+        return parse_sums(f.read())
 
 
 def host_id() -> str:

@@ -13,14 +13,72 @@ other ``OSError`` from the file system as raised.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import struct
 
 import xxhash
 
 from kvfs.protocol import CHECKSUM_BLOCK as BLOCK
 
 IOV_MAX = 1024
+
+
+def _native_xxh3():
+    """XXH3_64bits from the xxhash package's own library, called through ctypes, which releases the
+    GIL during the call. python-xxhash keeps the GIL while hashing a 64 KiB block, so the loader's
+    threads would verify one block at a time; this way they hash in parallel."""
+    try:
+        from xxhash import _xxhash
+
+        fn = ctypes.CDLL(_xxhash.__file__).XXH3_64bits
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_uint64
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    probe = bytearray(b"kvfs")
+    if fn(ctypes.addressof((ctypes.c_char * 4).from_buffer(probe)), 4) != xxhash.xxh3_64_intdigest(probe):
+        return None
+    return fn
+
+
+_XXH3 = _native_xxh3()
+
+
+def _block_hasher():
+    """kvfs._blockhash (optional C extension): whole runs of blocks per call, GIL released."""
+    if _XXH3 is None:
+        return None
+    try:
+        from kvfs import _blockhash
+    except ImportError:
+        return None
+    _blockhash.init(ctypes.cast(_XXH3, ctypes.c_void_p).value)
+    return _blockhash
+
+
+_BLOCKHASH = _block_hasher()
+
+
+def block_checksums(data) -> list[int]:
+    """XXH3-64 of each CHECKSUM_BLOCK of ``data`` (the last block may be short)."""
+    view = memoryview(data).cast("B")
+    if _BLOCKHASH is not None:
+        return parse_sums(_BLOCKHASH.hash_blocks(view, BLOCK))
+    return [xxhash.xxh3_64_intdigest(view[i:i + BLOCK]) for i in range(0, len(view), BLOCK)]
+
+
+def _address(view: memoryview) -> int | None:
+    """Where a writable contiguous buffer's bytes start (None: read-only, hash it from Python)."""
+    if _XXH3 is None or view.readonly or not len(view):
+        return None
+    return ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
+
+
+def parse_sums(raw: bytes) -> list[int]:
+    """A chunk's checksum file (or part of it): little-endian u64 per block."""
+    return list(struct.unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
 
 
 class ChecksumError(OSError):
@@ -34,8 +92,9 @@ def verify(chunk_id: int, where: str, data: memoryview, data_offset: int, checks
 
 
 def verify_views(chunk_id: int, where: str, views: list[memoryview], data_offset: int, checksums: list[int],
-                 chunk_length: int) -> None:
-    """Like ``verify`` over the concatenation of ``views`` (never materialised)."""
+                 chunk_length: int, raw_sums: bytes | None = None) -> None:
+    """Like ``verify`` over the concatenation of ``views`` (never materialised). ``raw_sums``: the same
+    checksums as stored (little-endian u64s), which spares packing them for the C helper."""
     if data_offset % BLOCK:
         raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: unaligned reply")
     total = sum(len(v) for v in views)
@@ -43,15 +102,34 @@ def verify_views(chunk_id: int, where: str, views: list[memoryview], data_offset
     if total > covered and data_offset + covered < chunk_length:
         raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: data not covered by checksums")
     vi, vpos = 0, 0  # current view and position in it
-    for i, expected in enumerate(checksums):
+    bases = [_address(v) for v in views] if _BLOCKHASH is None else [None] * len(views)
+    i = 0
+    while i < len(checksums):
+        expected = checksums[i]
         want = min(BLOCK, total - i * BLOCK)
         if want <= 0:
             raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: short data")
         while vi < len(views) and vpos >= len(views[vi]):
             vi, vpos = vi + 1, 0
         view = views[vi]
-        if len(view) - vpos >= want:  # the common case: the block lies inside one buffer
-            got = xxhash.xxh3_64_intdigest(view[vpos:vpos + want])
+        run = _blocks_inside(len(view) - vpos, i, len(checksums), total) if _BLOCKHASH is not None else 0
+        if run:  # the common case: whole runs of blocks inside one buffer, checked in C
+            n = min(len(view) - vpos, total - i * BLOCK, run * BLOCK)
+            sums = raw_sums[8 * i: 8 * (i + run)] if raw_sums is not None else struct.pack(
+                f"<{run}Q", *checksums[i:i + run])
+            bad = _BLOCKHASH.first_mismatch(view[vpos:vpos + n], BLOCK, sums)
+            if bad >= 0:
+                raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: checksum mismatch at block "
+                                               f"{data_offset // BLOCK + i + bad} (corrupt replica)")
+            vpos += n
+            i += run
+            continue
+        if len(view) - vpos >= want:  # the block lies inside one buffer
+            base = bases[vi]
+            if base is not None:
+                got = _XXH3(base + vpos, want)
+            else:
+                got = xxhash.xxh3_64_intdigest(view[vpos:vpos + want])
             vpos += want
         else:
             h = xxhash.xxh3_64()
@@ -67,6 +145,16 @@ def verify_views(chunk_id: int, where: str, views: list[memoryview], data_offset
         if got != expected:
             raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: checksum mismatch at block "
                                            f"{data_offset // BLOCK + i} (corrupt replica)")
+        i += 1
+
+
+def _blocks_inside(avail: int, i: int, count: int, total: int) -> int:
+    """How many whole blocks from block ``i`` on lie within ``avail`` bytes of one buffer (the last
+    block of the data may be short)."""
+    k = min(count - i, avail // BLOCK)
+    if k < count - i and i + k == count - 1 and 0 < total - (count - 1) * BLOCK <= avail - k * BLOCK:
+        k += 1
+    return k
 
 
 def edges(offset: int, length: int, chunk_length: int) -> tuple[int, int]:
@@ -108,8 +196,7 @@ def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offse
     with open(sums_path, "rb") as f:
         f.seek(start // BLOCK * 8)
         raw = f.read((end - start + BLOCK - 1) // BLOCK * 8)
-    sums = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
-    verify_views(chunk_id, where, iov, start, sums, chunk_length)
+    verify_views(chunk_id, where, iov, start, parse_sums(raw), chunk_length, raw)
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

@@ -8,9 +8,29 @@ import os
 import random
 
 import pytest
+import xxhash
 
+from kvfs import chunkio
 from kvfs.chunkio import BLOCK, ChecksumError, read_local_chunk, verify_views
 from kvfs.chunkserver.store import block_checksums
+
+
+@pytest.fixture(params=["native", "python"], autouse=True)
+def hashing(request, monkeypatch):
+    """Every test runs with the C helper (kvfs._blockhash, built by the install) and without it."""
+    if request.param == "native":
+        assert chunkio._BLOCKHASH is not None, "kvfs._blockhash was not built"
+    else:
+        monkeypatch.setattr(chunkio, "_BLOCKHASH", None)
+        monkeypatch.setattr(chunkio, "_XXH3", None)
+    return request.param
+
+
+def test_block_checksums_are_xxh3_of_each_block():
+    data = os.urandom(3 * BLOCK + 17)
+    want = [xxhash.xxh3_64_intdigest(data[i:i + BLOCK]) for i in range(0, len(data), BLOCK)]
+    assert chunkio.block_checksums(data) == want
+    assert chunkio.block_checksums(b"") == []
 
 
 def write_chunk(tmp_path, data: bytes) -> tuple[str, str]:

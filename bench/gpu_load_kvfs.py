@@ -1,0 +1,150 @@
+"""Model loading into GPU memory from data stored in kvfs (issue 10), with the local directory as the
+ceiling, all in one run on one machine.
+
+Starts a real kvfs cluster on this machine (``kvfs meta`` + ``--chunkservers`` chunkservers as separate
+processes, replication 1, from ``tests/cluster.py``), generates a llama-like bf16 model (the layout of
+``bench/gpu_load.py``) in ``--dir``, copies every file into kvfs with the native client, then loads it
+into ``--device`` with ``kvfs.models.load_safetensors`` from each source, round robin ``--reps`` times,
+warm (every source read once before timing):
+
+* ``local``: the model directory on local disk (the ceiling, not a kvfs figure);
+* ``kvfs-native``: the same files in kvfs through ``SyncClient``, chunk files read directly on this host
+  (short-circuit);
+* ``kvfs-tcp``: the same with ``ClientOptions(local_reads=False)`` (chunk data over loopback TCP).
+
+Each load is bit-exact-checked (xxh3 of every tensor's bytes against the local load) outside the timing.
+Reported: GB/s (best of the reps), the ratio to ``local``, and CPU-seconds per GB of this process plus
+the kvfs processes. ``--device cpu`` runs the same on the CPU (a dry run on a machine without a GPU).
+
+    PYTHONPATH=/tmp/site:. python3 bench/gpu_load_kvfs.py --dir /root/m --gib 6 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+
+def proc_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of processes (the kvfs services)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return total
+
+
+def digest(tensors) -> dict[str, int]:
+    import xxhash
+
+    out = {}
+    for name, t in tensors.items():
+        out[name] = xxhash.xxh3_64_intdigest(t.cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default="/var/tmp/kvfs-gpu-model")
+    p.add_argument("--gib", type=float, default=4.0)
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--chunkservers", type=int, default=3)
+    p.add_argument("--sources", default="local,kvfs-native,kvfs-tcp")
+    p.add_argument("--out", default=".")
+    args = p.parse_args(argv)
+
+    import torch
+    from cluster import Cluster
+    from gpu_load import generate
+
+    import kvfs
+    from kvfs.models import load_safetensors
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.txt", "a")
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log.write(msg + "\n")
+        log.flush()
+
+    model = Path(args.dir)
+    files = generate(model, args.gib)
+    total = sum(f.stat().st_size for f in files)
+    say(f"model: {len(files)} files, {total / 1e9:.2f} GB in {model}; device {args.device}; "
+        f"{os.cpu_count()} CPUs")
+    cluster = Cluster(str(model.parent / "kvfs-cluster"), chunkservers=args.chunkservers, replication=1,
+                      chunk_size="4M", chunkserver_args=("--fsync", "never"))
+    cluster.start()
+    pids = [cluster.meta.popen.pid] + [s.popen.pid for s in cluster.servers]
+    clients = {}
+    try:
+        with cluster.client(timeout=60) as c:
+            c.mkdir("/m", parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            for f in sorted(model.iterdir()):
+                if f.is_file():
+                    c.write_file(f"/m/{f.name}", f.read_bytes())
+            say(f"copied into kvfs in {time.perf_counter() - t0:.1f} s")
+        clients["kvfs-native"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(timeout=60))
+        clients["kvfs-tcp"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(timeout=60, local_reads=False))
+
+        def load(source: str):
+            if source == "local":
+                return load_safetensors(str(model), device=args.device)
+            return load_safetensors("/m", device=args.device, client=clients[source])
+
+        sources = [s for s in args.sources.split(",") if s]
+        ref = digest(load("local"))
+        for s in sources:  # warm every source's page cache, and check bit-exactness once
+            got = digest(load(s))
+            assert got == ref, f"{s}: tensors differ from the local load"
+        say("bit-exact: " + ", ".join(sources))
+        rows: dict[str, list[dict]] = {s: [] for s in sources}
+        for rep in range(args.reps):
+            for s in sources:
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                cpu0, svc0, t0 = time.process_time(), proc_cpu(pids), time.perf_counter()
+                tensors = load(s)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                secs = time.perf_counter() - t0
+                cpu = time.process_time() - cpu0 + proc_cpu(pids) - svc0
+                del tensors
+                row = {"source": s, "rep": rep, "secs": secs, "GBps": total / secs / 1e9,
+                       "cpu_s_per_GB": cpu / (total / 1e9), "bytes": total, "device": args.device}
+                rows[s].append(row)
+                say(json.dumps(row))
+        best = {s: max(r["GBps"] for r in v) for s, v in rows.items()}
+        lines = ["| source | best GB/s | vs local | CPU s/GB (best rep) |", "|---|---|---|---|"]
+        for s, v in rows.items():
+            b = max(v, key=lambda r: r["GBps"])
+            ratio = f"{best[s] / best['local']:.2f}x" if "local" in best else "-"
+            lines.append(f"| {s} | {best[s]:.2f} | {ratio} | {b['cpu_s_per_GB']:.3f} |")
+        say("\n".join(lines))
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop()
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Where the short-circuit read path spends its time: the same chunk files read by N threads four ways.
+
+Starts a kvfs cluster on this machine (tests/cluster.py), writes ``--gib`` GiB into one kvfs file, warms
+the page cache, then reads the file's chunk files with ``--threads`` threads into pinned (CUDA present)
+or ordinary host buffers:
+
+* ``preadv``: plain ``os.preadv`` of each chunk file, no checks (the ceiling);
+* ``chunkio-noverify``: ``kvfs.chunkio.read_local_chunk`` with verification switched off;
+* ``chunkio-pyxxh``: the same, hashing with python-xxhash (which keeps the GIL while it hashes);
+* ``chunkio``: ``read_local_chunk`` as kvfs runs it (every 64 KiB block verified by kvfs._blockhash,
+  GIL released, where it was built);
+* ``reader``: ``kvfs.models`` ``ClientFileReader.readv_into`` over 16 MiB spans (what the loader does).
+
+    PYTHONPATH=/tmp/site python3 bench/read_paths.py --gib 4 --threads 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+MiB = 1 << 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gib", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--dir", default="/var/tmp/kvfs-read-paths")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args(argv)
+
+    import torch
+    from cluster import Cluster
+
+    import kvfs
+    from kvfs import chunkio
+    from kvfs.models.reader import ClientFileReader, _local_chunks
+
+    pinned = torch.cuda.is_available()
+    cluster = Cluster(args.dir, chunkservers=1, replication=1, chunk_size="4M",
+                      chunkserver_args=("--fsync", "never")).start()
+    try:
+        size = int(args.gib * (1 << 30)) // (4 * MiB) * 4 * MiB
+        with kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(timeout=60)) as c:
+            c.write_file("/f", os.urandom(size))
+            st = c.open(c.resolve("/f").ino)
+            chunk_size, local = c.call(_local_chunks, c.client, st.ino)
+            chunks = [local[i] for i in sorted(local)]
+            assert all(ch is not None for ch in chunks), "chunk files not local"
+            import threading
+
+            mine = threading.local()  # one buffer per worker thread
+
+            def buffer() -> memoryview:
+                view = getattr(mine, "view", None)
+                if view is None:
+                    mine.tensor = torch.empty(16 * MiB, dtype=torch.uint8, pin_memory=pinned)
+                    view = mine.view = memoryview(mine.tensor.numpy())
+                return view
+
+            reader = ClientFileReader(c, "/f")
+
+            def run(name: str) -> float:
+                def one(i: int) -> None:
+                    view = buffer()
+                    if name == "reader":
+                        reader.readv_into(i * 16 * MiB, [view])
+                        return
+                    ch = chunks[i]
+                    dest = view[:ch.length]
+                    if name == "preadv":
+                        fd = os.open(ch.path, os.O_RDONLY)
+                        try:
+                            os.preadv(fd, [dest], 0)
+                        finally:
+                            os.close(fd)
+                    else:
+                        chunkio.read_local_chunk(ch.path, ch.sums_path, ch.chunk_id, ch.address, 0, [dest])
+
+                n = size // (16 * MiB) if name == "reader" else len(chunks)
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(args.threads) as pool:
+                    list(pool.map(one, range(n)))
+                return size / (time.perf_counter() - t0) / 1e9
+
+            real_verify, native, helper = chunkio.verify_views, chunkio._XXH3, chunkio._BLOCKHASH
+            run("preadv")  # warm
+            results: dict[str, list[float]] = {}
+            for _ in range(args.reps):
+                for name in ("preadv", "chunkio-noverify", "chunkio-pyxxh", "chunkio", "reader"):
+                    chunkio.verify_views = (lambda *a, **k: None) if name == "chunkio-noverify" else real_verify
+                    python_only = name == "chunkio-pyxxh"  # python-xxhash per block, GIL held
+                    chunkio._XXH3, chunkio._BLOCKHASH = (None, None) if python_only else (native, helper)
+                    results.setdefault(name, []).append(run(name.replace("-pyxxh", "")))
+            chunkio.verify_views, chunkio._XXH3, chunkio._BLOCKHASH = real_verify, native, helper
+            reader.close()
+            print(f"{size / 1e9:.2f} GB, {args.threads} threads, {'pinned' if pinned else 'pageable'} buffers, "
+                  f"C block hasher {chunkio._BLOCKHASH is not None}")
+            for name, v in results.items():
+                print(f"  {name:18s} best {max(v):6.2f} GB/s  (runs: {', '.join(f'{x:.2f}' for x in v)})")
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
