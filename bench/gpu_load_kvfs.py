@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunkservers", type=int, default=3)
+    p.add_argument("--chunk-size", default="4M", help="kvfs chunk size (kvfs meta --chunk-size)")
     p.add_argument("--sources", default="local,kvfs-native,kvfs-tcp")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
@@ -87,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     files = generate(model, args.gib)
     total = sum(f.stat().st_size for f in files)
     say(f"model: {len(files)} files, {total / 1e9:.2f} GB in {model}; device {args.device}; "
-        f"{os.cpu_count()} CPUs")
-    cluster = Cluster(str(model.parent / "kvfs-cluster"), chunkservers=args.chunkservers, replication=1,
-                      chunk_size="4M", chunkserver_args=("--fsync", "never"))
+        f"{os.cpu_count()} CPUs; kvfs chunk size {args.chunk_size}")
+    cluster = Cluster(str(model.parent / f"kvfs-cluster-{args.chunk_size}"), chunkservers=args.chunkservers,
+                      replication=1, chunk_size=args.chunk_size, chunkserver_args=("--fsync", "never"))
     cluster.start()
     pids = [cluster.meta.popen.pid] + [s.popen.pid for s in cluster.servers]
     clients = {}

@@ -164,16 +164,57 @@ def edges(offset: int, length: int, chunk_length: int) -> tuple[int, int]:
     return start, end
 
 
+class OpenChunks:
+    """Chunk files a reader keeps open, with their checksums, so a load that touches each chunk
+    several times (16 MiB spans over 4 MiB chunks, many tensors) opens and parses each once.
+    Thread-safe. ``close`` releases every descriptor."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, tuple[int, int, bytes]] = {}  # path -> (fd, file length, raw checksums)
+
+    def get(self, path: str, sums_path: str) -> tuple[int, int, bytes]:
+        found = self._files.get(path)
+        if found is not None:
+            return found
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            length = os.fstat(fd).st_size
+            with open(sums_path, "rb") as f:
+                raw = f.read()
+        except BaseException:
+            os.close(fd)
+            raise
+        entry = self._files.setdefault(path, (fd, length, raw))
+        if entry[0] != fd:  # another thread opened it first
+            os.close(fd)
+        return entry
+
+    def drop(self, path: str) -> None:
+        entry = self._files.pop(path, None)
+        if entry is not None:
+            os.close(entry[0])
+
+    def close(self) -> None:
+        for path in list(self._files):
+            self.drop(path)
+
+
 def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offset: int,
-                     dests: list[memoryview]) -> None:
+                     dests: list[memoryview], files: OpenChunks | None = None) -> None:
     """Read chunk bytes [offset, offset + sum(len(dests))) of the chunk file at ``path`` into ``dests``
-    (consecutive pieces of the range), verified against the checksum file ``sums_path``."""
+    (consecutive pieces of the range), verified against the checksum file ``sums_path``. ``files``
+    keeps the file open (and its checksums parsed) for the next read of the same chunk."""
     length = sum(len(d) for d in dests)
     if not length:
         return
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    if files is not None:
+        fd, chunk_length, all_sums = files.get(path, sums_path)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        all_sums = None
     try:
-        chunk_length = os.fstat(fd).st_size
+        if files is None:
+            chunk_length = os.fstat(fd).st_size
         if offset + length > chunk_length:
             raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
         start, end = edges(offset, length, chunk_length)
@@ -192,10 +233,15 @@ def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offse
         if got < want:
             raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
     finally:
-        os.close(fd)
-    with open(sums_path, "rb") as f:
-        f.seek(start // BLOCK * 8)
-        raw = f.read((end - start + BLOCK - 1) // BLOCK * 8)
+        if files is None:
+            os.close(fd)
+    first, count = start // BLOCK * 8, (end - start + BLOCK - 1) // BLOCK * 8
+    if all_sums is not None:
+        raw = all_sums[first:first + count]
+    else:
+        with open(sums_path, "rb") as f:
+            f.seek(first)
+            raw = f.read(count)
     verify_views(chunk_id, where, iov, start, parse_sums(raw), chunk_length, raw)
 
 

@@ -11,7 +11,7 @@ import pytest
 import xxhash
 
 from kvfs import chunkio
-from kvfs.chunkio import BLOCK, ChecksumError, read_local_chunk, verify_views
+from kvfs.chunkio import BLOCK, ChecksumError, OpenChunks, read_local_chunk, verify_views
 from kvfs.chunkserver.store import block_checksums
 
 
@@ -54,10 +54,13 @@ def test_any_range_into_any_buffers(tmp_path):
     path, sums = write_chunk(tmp_path, data)
     cases = [(0, len(data)), (4096, len(data) - 4096), (BLOCK - 1, 2), (3 * BLOCK, BLOCK), (len(data) - 5, 5)]
     cases += [(o, rng.randrange(1, len(data) - o + 1)) for o in rng.sample(range(len(data)), 40)]
+    files = OpenChunks()  # the same reads with the file kept open between them
     for offset, length in cases:
-        dests = split(rng, length)
-        read_local_chunk(path, sums, 1, "test", offset, dests)
-        assert b"".join(bytes(d) for d in dests) == data[offset:offset + length], (offset, length)
+        for keep in (None, files):
+            dests = split(rng, length)
+            read_local_chunk(path, sums, 1, "test", offset, dests, keep)
+            assert b"".join(bytes(d) for d in dests) == data[offset:offset + length], (offset, length)
+    files.close()
 
 
 def test_corrupt_short_and_uncovered_chunks_are_errors(tmp_path):

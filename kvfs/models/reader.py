@@ -26,7 +26,7 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Protocol
 
-from kvfs.chunkio import read_local_chunk
+from kvfs.chunkio import OpenChunks, read_local_chunk
 
 if TYPE_CHECKING:
     from kvfs.client import SyncClient
@@ -159,6 +159,7 @@ class ClientFileReader:
         self._chunk_size = int(client.chunk_size)
         # Chunk files on this host, read directly (None: no short-circuit, e.g. local_reads=False).
         self._local: dict | None = None
+        self._files = OpenChunks()
         if client.client.options.local_reads:
             found = client.call(_local_chunks, client.client, attr.ino)
             if found is not None and any(v is not None for v in found[1].values()):
@@ -179,11 +180,13 @@ class ClientFileReader:
         want = sum(len(v) for v in views)
         if local is not None and in_chunk + want <= local.length:
             try:
-                read_local_chunk(local.path, local.sums_path, local.chunk_id, local.address, in_chunk, views)
+                read_local_chunk(local.path, local.sums_path, local.chunk_id, local.address, in_chunk, views,
+                                 self._files)
                 return
             except OSError:
                 # Corrupt, missing or moved: the client's path retries other replicas and reports it.
                 self._local.pop(index, None)
+                self._files.drop(local.path)
         self._read_via_client(file_offset, views)
 
     def _read_via_client(self, offset: int, bufs: list[memoryview]) -> None:
@@ -210,6 +213,7 @@ class ClientFileReader:
             pos += len(b)
 
     def close(self) -> None:
+        self._files.close()
         if self._open:
             self._open = False
             self._client.release(self.ino)
