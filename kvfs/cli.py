@@ -62,8 +62,10 @@ def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bo
         engine = RocksEngine(os.path.join(path, "meta.rocksdb"), sync=sync)
     except Exception as exc:  # rocksdict raises plain Exceptions (e.g. the LOCK is held by another meta)
         raise UsageError(f"cannot open metadata store in {path}: {exc}") from None
-    if chunk_size % (64 << 10) or chunk_size <= 0:
-        raise UsageError("chunk size must be a positive multiple of 64 KiB")
+    from kvfs.protocol import MAX_CHUNK_SIZE
+
+    if chunk_size % (64 << 10) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"chunk size must be a positive multiple of 64 KiB, at most {MAX_CHUNK_SIZE >> 20} MiB")
     if lease_seconds <= 0 or pending_grace <= 0:
         raise UsageError("--lease-seconds and --pending-grace must be positive")
     ns = Namespace(engine, chunk_size=chunk_size, replication=replication, lease_seconds=lease_seconds,
@@ -83,7 +85,8 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                         sync=not args.no_sync, heartbeat_timeout=args.heartbeat_timeout,
                         lease_seconds=args.lease_seconds, pending_grace=args.pending_grace)
     try:
-        await MetaService(ns, rereplicate_delay=args.rereplicate_delay).serve(host, port, task_status=task_status)
+        await MetaService(ns, rereplicate_delay=args.rereplicate_delay).serve(host, port, limits=_server_limits(args),
+                                                                              task_status=task_status)
     finally:
         ns.engine.close()
 
@@ -101,7 +104,17 @@ async def serve_chunkserver(args, *, task_status=trio.TASK_STATUS_IGNORED) -> No
 
     host, port = _split_listen(args.listen)
     service = ChunkService(open_store(args), args.meta)
-    await service.serve(host, port, args.advertise, task_status=task_status)
+    await service.serve(host, port, args.advertise, limits=_server_limits(args), task_status=task_status)
+
+
+def _server_limits(args):
+    from kvfs.rpc import ServerLimits
+
+    if min(args.idle_timeout, args.frame_timeout) <= 0 or args.max_connections_per_peer <= 0:
+        raise UsageError("--idle-timeout, --frame-timeout and --max-connections-per-peer must be positive")
+    return ServerLimits(idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
+                        connections_per_peer=args.max_connections_per_peer,
+                        inflight_bytes=max(config.parse_size(args.max_inflight), 1 << 20))
 
 
 async def _until_signal(body: Callable, *a) -> None:
@@ -264,6 +277,14 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=30.0, help="seconds before a server call fails with EIO")
         sp.add_argument("--no-local-reads", action="store_true", help="never read chunk files directly")
 
+    def server_flags(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("limits on what one peer may cost this server")
+        g.add_argument("--idle-timeout", type=float, default=600.0, help="close connections idle this long (s)")
+        g.add_argument("--frame-timeout", type=float, default=30.0,
+                       help="a request must arrive within this (s), plus 1 s per MB of data (slow senders)")
+        g.add_argument("--max-connections-per-peer", type=int, default=1024)
+        g.add_argument("--max-inflight", default="4G", help="request data being received, all connections together")
+
     def no_sync_flag(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--no-sync", action="store_true",
                         help="acknowledge metadata changes before they are fsynced (faster; survives a killed "
@@ -309,6 +330,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--rereplicate-delay", type=float, default=30.0,
                     help="seconds a chunkserver must stay down before its chunks are copied elsewhere")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
+    server_flags(sp)
     sp.set_defaults(func=cmd_meta)
 
     sp = sub.add_parser("chunkserver", help="run a chunkserver")
@@ -319,6 +341,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--capacity", default="")
     sp.add_argument("--fsync", choices=["always", "never"], default="always")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
+    server_flags(sp)
     sp.set_defaults(func=cmd_chunkserver)
 
     sp = sub.add_parser("mount", help="mount the namespace with FUSE")

@@ -12,7 +12,7 @@ from kvfs.meta.durability import GroupCommit
 from kvfs.meta.eviction import KVCache
 from kvfs.meta.namespace import Namespace
 from kvfs.meta.replication import Replicator
-from kvfs.rpc import RpcServer
+from kvfs.rpc import RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.meta")
@@ -102,12 +102,13 @@ class MetaService:
             P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
         }
 
-    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, host: str, port: int, *, limits: ServerLimits | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
         from kvfs.meta.remote import RemoteTier
 
         tier = RemoteTier(self.ns)  # remote capacity tier (issue 3): layers over the namespace handlers
         handlers = {method: self.commits.wrap(h) for method, h in tier.wrap(self.handlers()).items()}
-        server = RpcServer("meta", P.META_METHODS, handlers)
+        server = RpcServer("meta", P.META_METHODS, handlers, limits)
         async with open_nursery() as nursery:
             nursery.start_soon(self.commits.run)
             nursery.start_soon(self._housekeeping)
