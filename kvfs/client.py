@@ -496,21 +496,21 @@ class Client:
         """For short-circuit readers in other threads (kvfs.models): the open file's committed chunks as
         (chunk size, index -> LocalChunk, or None for a chunk with no replica on this host). None when
         the file has uncommitted writes in this client (its bytes are not all in chunk files)."""
-        from kvfs.chunkserver.store import SUM_SUFFIX, chunk_path
-
         st = self.files.get(ino)
         if st is None or st.modified or st.dirty or st.uploaded:
             return None
-        out: dict[int, LocalChunk | None] = {}
-        for index, ref in st.chunks.items():
-            out[index] = None
-            for address in self._order_replicas(list(ref.replicas)):
-                info = self._servers.get(address)
-                if info is not None and self._is_local(info):
-                    path = chunk_path(info.data_dir, ref.chunk_id)
-                    out[index] = LocalChunk(path, path + SUM_SUFFIX, ref.chunk_id, address, ref.length)
-                break
-        return self.chunk_size, out
+        return self.chunk_size, {index: self.local_chunk(ref) for index, ref in st.chunks.items()}
+
+    def local_chunk(self, ref: P.ChunkRef) -> LocalChunk | None:
+        """The chunk file of a replica on this host, if there is one (short-circuit reads)."""
+        from kvfs.chunkserver.store import SUM_SUFFIX, chunk_path
+
+        for address in ref.replicas:
+            info = self._servers.get(address)
+            if info is not None and self._is_local(info):
+                path = chunk_path(info.data_dir, ref.chunk_id)
+                return LocalChunk(path, path + SUM_SUFFIX, ref.chunk_id, address, ref.length)
+        return None
 
     # ------------------------------------------------------------------ reads
 
