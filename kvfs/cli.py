@@ -85,8 +85,8 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                         sync=not args.no_sync, heartbeat_timeout=args.heartbeat_timeout,
                         lease_seconds=args.lease_seconds, pending_grace=args.pending_grace)
     try:
-        await MetaService(ns, rereplicate_delay=args.rereplicate_delay).serve(host, port, limits=_server_limits(args),
-                                                                              task_status=task_status)
+        await MetaService(ns, rereplicate_delay=args.rereplicate_delay, remote_allow=_remote_allow(args, ())).serve(
+            host, port, limits=_server_limits(args), task_status=task_status)
     finally:
         ns.engine.close()
 
@@ -105,6 +105,12 @@ async def serve_chunkserver(args, *, task_status=trio.TASK_STATUS_IGNORED) -> No
     host, port = _split_listen(args.listen)
     service = ChunkService(open_store(args), args.meta)
     await service.serve(host, port, args.advertise, limits=_server_limits(args), task_status=task_status)
+
+
+def _remote_allow(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    from kvfs.remote.allow import from_env
+
+    return tuple(args.remote_allow) if args.remote_allow else (from_env() or default)
 
 
 def _server_limits(args):
@@ -199,7 +205,8 @@ def cmd_up(args) -> None:
 
     async def body() -> None:
         async with open_nursery() as nursery:
-            meta_port = await nursery.start(MetaService(ns).serve, host, port)
+            # Loopback, one user: any remote may be attached unless --remote-allow narrows it.
+            meta_port = await nursery.start(MetaService(ns, remote_allow=_remote_allow(args, ("*",))).serve, host, port)
             meta_address = f"{host}:{meta_port}"
             servers = []
             for i in range(args.chunkservers):
@@ -285,6 +292,11 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
         g.add_argument("--max-connections-per-peer", type=int, default=1024)
         g.add_argument("--max-inflight", default="4G", help="request data being received, all connections together")
 
+    def remote_allow_flag(sp: argparse.ArgumentParser, default: str) -> None:
+        sp.add_argument("--remote-allow", action="append", metavar="URL_PREFIX",
+                        help="a remote store URL prefix that `kvfs remote attach` may name (repeatable; '*' allows "
+                        f"any; or KVFS_REMOTE_ALLOW=a,b). Default: {default}")
+
     def no_sync_flag(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--no-sync", action="store_true",
                         help="acknowledge metadata changes before they are fsynced (faster; survives a killed "
@@ -308,6 +320,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--fsync", choices=["always", "never"], default="always",
                     help="chunkservers fsync every chunk before acknowledging it (default always)")
     no_sync_flag(sp)
+    remote_allow_flag(sp, "any (kvfs up listens on loopback)")
     client_flags(sp)
     mount_flags(sp)
     sp.set_defaults(func=cmd_up)
@@ -331,6 +344,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
                     help="seconds a chunkserver must stay down before its chunks are copied elsewhere")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
     server_flags(sp)
+    remote_allow_flag(sp, "none")
     sp.set_defaults(func=cmd_meta)
 
     sp = sub.add_parser("chunkserver", help="run a chunkserver")

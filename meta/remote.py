@@ -41,6 +41,8 @@ from kvfs.errors import error
 from kvfs.meta import records as R
 from kvfs.meta.engine import Batch
 from kvfs.meta.namespace import ROOT_INO, Namespace, check_name, now_ns
+from kvfs.remote.allow import check as check_allowed
+from kvfs.remote.allow import from_env as allow_from_env
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.meta.remote")
@@ -70,6 +72,8 @@ class TierOptions:
     high_watermark: float = field(default_factory=lambda: _env("KVFS_REMOTE_HIGH_WATERMARK", 0.90))
     low_watermark: float = field(default_factory=lambda: _env("KVFS_REMOTE_LOW_WATERMARK", 0.80))
     evict_min_age: float = field(default_factory=lambda: _env("KVFS_REMOTE_EVICT_MIN_AGE", 60.0))
+    # URL prefixes an attach may name (kvfs.remote.allow); empty: none.
+    allow: tuple[str, ...] = field(default_factory=lambda: allow_from_env())
 
 
 class BindingRecord(msgspec.Struct, array_like=True):
@@ -232,6 +236,7 @@ class RemoteTier:
     async def attach(self, r: P.RemoteAttach) -> P.RemoteBinding:
         from kvfs.remote import open_store
 
+        check_allowed(r.url, self.opts.allow)
         if r.mode not in MODES:
             raise error(errno.EINVAL, f"mode must be one of {', '.join(MODES)}")
         path = norm_path(r.path)

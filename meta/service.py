@@ -19,8 +19,9 @@ log = logging.getLogger("kvfs.meta")
 
 
 class MetaService:
-    def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0):
+    def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0, remote_allow: tuple[str, ...] | None = None):
         self.ns = ns
+        self.remote_allow = remote_allow  # None: KVFS_REMOTE_ALLOW (kvfs.remote.allow)
         self.replicator = Replicator(ns.registry, ns.replication, ns.is_live_chunk, delay=rereplicate_delay)
         self.kv = KVCache(ns)
         self.commits = GroupCommit(ns.engine)
@@ -104,9 +105,10 @@ class MetaService:
 
     async def serve(self, host: str, port: int, *, limits: ServerLimits | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-        from kvfs.meta.remote import RemoteTier
+        from kvfs.meta.remote import RemoteTier, TierOptions
 
-        tier = RemoteTier(self.ns)  # remote capacity tier (issue 3): layers over the namespace handlers
+        options = TierOptions() if self.remote_allow is None else TierOptions(allow=self.remote_allow)
+        tier = RemoteTier(self.ns, options)  # remote capacity tier (issue 3): layers over the namespace handlers
         handlers = {method: self.commits.wrap(h) for method, h in tier.wrap(self.handlers()).items()}
         server = RpcServer("meta", P.META_METHODS, handlers, limits)
         async with open_nursery() as nursery:
