@@ -294,8 +294,17 @@ class RpcServer:
         if not await _timely(_recv_exactly_into(sock, memoryview(payload), stall), deadline):
             log.warning("%s: %s stalled sending a request: closing", self.name, peer)
             return False
-        # Room for the bulk data first (a budget shared by every connection), then the buffer.
-        reserved = await self.budget.acquire(frame.data_len) if frame.data_len else 0
+        # Room for the bulk data first (a budget shared by every connection), then the buffer. A server
+        # whose budget stays full (slow or stalled senders holding it) refuses rather than queueing.
+        reserved = 0
+        if frame.data_len:
+            with trio.move_on_after(stall):
+                reserved = await self.budget.acquire(frame.data_len)
+            if not reserved:
+                await _send_frame(sock, P.KIND_REPLY, frame.method, errno.EBUSY, frame.request_id,
+                                  P.ErrorReply(f"{self.name}: busy (request data budget full); retry"), None)
+                log.warning("%s: data budget full: refused a %d-byte request from %s", self.name, frame.data_len, peer)
+                return False
         try:
             data = memoryview(bytearray(frame.data_len)) if frame.data_len else None
             if data is not None and not await _timely(_recv_exactly_into(sock, data, stall), deadline):

@@ -141,8 +141,9 @@ def test_slow_idle_and_excess_connections_are_dropped(hardened):
 
 def test_declared_bulk_data_is_bounded_by_the_budget(hardened):
     """Many connections each declaring a 40 MiB CHUNK_WRITE and sending nothing more: the server
-    reserves at most its in-flight budget (48 MiB), not 20 x 40 MiB, and drops them as they stall. A
-    frame larger than the whole budget is refused."""
+    reserves at most its in-flight budget (48 MiB), not 20 x 40 MiB; the one holding it is dropped as
+    it stalls, the others are refused (EBUSY) once the budget stayed full for the stall timeout. A
+    frame larger than the whole budget is refused at once."""
     addr, pid = targets(hardened)["chunkserver"]
     before = rss(pid)
     payload = P.encode(P.WriteChunk(123456, [0], [], True))
