@@ -39,6 +39,7 @@ from kvfs.chunkio import read_local_chunk
 from kvfs.chunkio import verify as _verify
 from kvfs.dircache import ListingCache
 from kvfs.errors import error
+from kvfs.meta_router import meta_client
 from kvfs.rpc import RpcClient
 from kvfs.tasks import open_nursery
 
@@ -111,8 +112,8 @@ class FileState:
 class Client:
     def __init__(self, meta_address: str, options: ClientOptions | None = None, *, client_id: str | None = None):
         self.options = options or ClientOptions()
-        self.meta = RpcClient("meta", meta_address, P.META_METHODS, timeout=self.options.timeout,
-                              connect_timeout=self.options.connect_timeout)
+        # One meta, or the leader of several (HA on etcd: kvfs/meta_router.py).
+        self.meta = meta_client(meta_address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout)
         self.client_id = client_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.chunk_size = 4 << 20
         self.files: dict[int, FileState] = {}

@@ -1,0 +1,246 @@
+"""HA meta on etcd with real processes: 3 etcd members, 3 meta processes, chunkservers, a mount and
+native-client writers; the leader is killed, paused, and etcd loses members (meta/leader.py)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+
+import pytest
+from etcd import EtcdCluster, HaCluster, etcd_binary
+
+from kvfs import protocol as P
+from kvfs.meta.engine_etcd import EtcdEngine, Fenced
+from kvfs.meta.leader import Election
+
+pytestmark = pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (./dev.sh test installs it)")
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory):
+    c = HaCluster(str(tmp_path_factory.mktemp("ha"))).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_fenced_engine_of_a_deposed_leader_cannot_write(tmp_path):
+    """The fencing itself: writes are conditional on the leader key this process created."""
+    etcd = EtcdCluster(str(tmp_path / "etcd"), size=1).start()
+    try:
+        endpoints = etcd.endpoints
+        old = Election(endpoints, b"/f", "old:1", ttl=2)
+        new = Election(endpoints, b"/f", "new:1", ttl=2)
+        c = old.client()
+        lease = old.grant(c)
+        rev = old.acquire(c, lease)
+        assert rev and new.acquire(c, new.grant(c)) == 0  # one leader at a time
+        engine = EtcdEngine(endpoints, b"/f", cache=True)
+        engine.fence(old.key, rev)
+        engine.write([(b"k", b"1")])
+        # The old leader's lease runs out (it was paused or cut off); another meta takes over.
+        c.call("/v3/lease/revoke", {"ID": str(lease)})
+        rev2 = new.acquire(c, new.grant(c))
+        assert rev2 > rev
+        with pytest.raises(Fenced) as info:
+            engine.write([(b"k", b"2")])
+        assert info.value.errno == errno.EIO
+        with pytest.raises(OSError):  # and it refuses everything after that (it steps down)
+            engine.get(b"k")
+        fresh = EtcdEngine(endpoints, b"/f")
+        assert fresh.get(b"k") == b"1"
+        fresh.close()
+        c.close()
+        engine.close()
+    finally:
+        etcd.stop()
+
+
+class Writers:
+    """Native clients and a mount writing files in a loop; records what was acknowledged and when."""
+
+    def __init__(self, ha: HaCluster, mountpoint: str | None, clients: int = 2):
+        self.ha = ha
+        self.stop = threading.Event()
+        self.acked: dict[str, bytes] = {}  # path (in kvfs) -> content of an acknowledged write
+        self.ok_times: list[list[float]] = []
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._native, args=(i,)) for i in range(clients)]
+        if mountpoint:
+            self.threads.append(threading.Thread(target=self._mount, args=(mountpoint,)))
+        for _ in self.threads:
+            self.ok_times.append([])
+
+    def _record(self, slot: int, path: str, data: bytes) -> None:
+        with self.lock:
+            self.acked[path] = data
+            self.ok_times[slot].append(time.monotonic())
+
+    def _native(self, i: int) -> None:
+        with self.ha.client(timeout=5.0) as c:
+            c.mkdir(f"/native{i}", exist_ok=True, parents=True)
+            n = 0
+            while not self.stop.is_set():
+                path = f"/native{i}/f{n:05d}"
+                data = os.urandom(1000 + n % 5000)
+                try:
+                    c.write_file(path, data)
+                    self._record(i, path, data)
+                except OSError as exc:
+                    self.errors.append(f"{path}: {exc}")
+                    time.sleep(0.05)
+                n += 1
+
+    def _mount(self, mountpoint: str) -> None:
+        slot = len(self.threads) - 1
+        d = os.path.join(mountpoint, "bymount")
+        os.makedirs(d, exist_ok=True)
+        n = 0
+        while not self.stop.is_set():
+            name = f"m{n:05d}"
+            data = os.urandom(500 + n % 3000)
+            try:
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+                self._record(slot, f"/bymount/{name}", data)
+            except OSError as exc:
+                self.errors.append(f"{name}: {exc}")
+                time.sleep(0.05)
+            n += 1
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def resumed_after(self, t0: float) -> list[float]:
+        """Per writer: seconds from ``t0`` to its first acknowledged write after it (inf: none)."""
+        with self.lock:
+            return [min((t - t0 for t in times if t > t0), default=float("inf")) for times in self.ok_times]
+
+
+def check_acked(ha: HaCluster, acked: dict[str, bytes]) -> None:
+    with ha.client(timeout=20.0) as c:
+        for path, data in sorted(acked.items()):
+            assert c.read_file(path) == data, path
+
+
+def test_kill_leader_mid_workload_loses_nothing_and_clients_resume(ha, tmp_path):
+    mountpoint = ha.mount(str(tmp_path / "mnt"))
+    leader = ha.leader()
+    with Writers(ha, mountpoint) as w:
+        time.sleep(2.0)
+        before = len(w.acked)
+        killed_at = time.monotonic()
+        ha.meta_procs[leader].kill(signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and max(w.resumed_after(killed_at)) == float("inf"):
+            time.sleep(0.2)
+        time.sleep(1.0)
+    resumed = w.resumed_after(killed_at)
+    print(f"writers resumed {['%.2f' % r for r in resumed]} s after the leader's kill; "
+          f"{len(w.acked)} writes acknowledged, {len(w.errors)} failed: {w.errors[-3:]}")
+    assert before > 0
+    assert max(resumed) < 10.0, (resumed, w.errors[-5:])
+    new_leader = ha.leader()
+    assert new_leader != leader
+    check_acked(ha, w.acked)
+    # Every file the mount acknowledged is there through the mount as well.
+    for path, data in w.acked.items():
+        if path.startswith("/bymount/"):
+            with open(mountpoint + path, "rb") as f:
+                assert f.read() == data
+    ha.meta_procs[leader].start()  # back as a standby
+
+
+def test_one_etcd_member_down_service_goes_on(ha):
+    ha.etcd.kill(0)
+    try:
+        with ha.client(timeout=10.0) as c:
+            c.mkdir("/one-down", exist_ok=True)
+            for i in range(20):
+                c.write_file(f"/one-down/f{i}", b"x" * i)
+            assert sorted(c.listdir("/one-down")) == sorted(f"f{i}" for i in range(20))
+    finally:
+        ha.etcd.restart(0)
+        ha.etcd.wait_healthy()
+
+
+def test_two_etcd_members_down_refuses_writes_then_recovers(ha):
+    with ha.client(timeout=10.0) as c:
+        c.write_file("/before-quorum-loss", b"kept")
+    ha.etcd.kill(1)
+    ha.etcd.kill(2)
+    try:
+        with ha.client(timeout=5.0) as c:
+            with pytest.raises(OSError) as info:
+                c.mkdir("/no-quorum")
+            assert info.value.errno == errno.EIO
+        # Every meta is a standby now (no split brain): none claims to lead.
+        time.sleep(ha.leader_ttl + 1)
+        for i in range(len(ha.meta_ports)):
+            if ha.meta_procs[i].alive():
+                from kvfs.rpc import RpcClient
+                import trio
+
+                async def ask(address=ha.address(i)):
+                    c = RpcClient("meta", address, P.META_METHODS, timeout=5)
+                    try:
+                        return await c.request(P.META_HA_STATUS, P.Empty())
+                    finally:
+                        c.close()
+
+                assert trio.run(ask).role == "standby"
+    finally:
+        ha.etcd.restart(1)
+        ha.etcd.restart(2)
+    ha.etcd.wait_healthy()
+    ha.wait_leader(timeout=40)
+    with ha.client(timeout=10.0) as c:
+        c.mkdir("/after-quorum-loss")
+        assert c.read_file("/before-quorum-loss") == b"kept"
+        with pytest.raises(FileNotFoundError):
+            c.resolve("/no-quorum")
+    ha.wait_servers(ha.chunkservers)
+
+
+def test_paused_old_leader_cannot_write_when_it_wakes(ha):
+    from kvfs.rpc import NotLeader, RpcClient
+    import trio
+
+    leader = ha.wait_leader()
+    old = ha.meta_procs[leader]
+    old.popen.send_signal(signal.SIGSTOP)
+    try:
+        # A standby takes over once the paused leader's lease runs out.
+        new = ha.wait_leader(timeout=30)
+        assert new != leader
+        with ha.client(timeout=10.0) as c:
+            c.mkdir("/during-pause")
+    finally:
+        old.popen.send_signal(signal.SIGCONT)
+
+    async def write_to_old() -> None:
+        c = RpcClient("meta", ha.address(leader), P.META_METHODS, timeout=5)
+        try:
+            await c.request(P.META_MKNODE, P.MkNode(1, "from-old-leader", 0o40755, 0, 0))
+        finally:
+            c.close()
+
+    with pytest.raises(NotLeader) as info:
+        trio.run(write_to_old)
+    assert info.value.leader in ("", ha.address(new))  # it may not have seen the new leader's key yet
+    with ha.client(timeout=10.0) as c:
+        with pytest.raises(FileNotFoundError):
+            c.resolve("/from-old-leader")
+        c.resolve("/during-pause")
