@@ -91,9 +91,9 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     from kvfs.meta.service import MetaService
 
     host, port = _split_listen(args.listen)
-    options = dict(chunk_size=config.parse_size(args.chunk_size), replication=args.replication,
-                   heartbeat_timeout=args.heartbeat_timeout, lease_seconds=args.lease_seconds,
-                   pending_grace=args.pending_grace)
+    options = {"chunk_size": config.parse_size(args.chunk_size), "replication": args.replication,
+               "heartbeat_timeout": args.heartbeat_timeout, "lease_seconds": args.lease_seconds,
+               "pending_grace": args.pending_grace}
     if args.engine:
         # HA: one of several meta processes on etcd (meta/leader.py); leader or standby.
         from kvfs.meta.engine_etcd import parse_url
@@ -279,8 +279,8 @@ def _ha_section(c) -> str:
     if st.engine != "etcd":
         return ""
     standbys = [m.address for m in st.members if m.role != "leader"]
-    lines = [f"meta on etcd: leader {st.leader or 'NONE (election in progress)'}; "
-             f"standbys {', '.join(standbys) or 'none'}"]
+    leader = st.leader or "NONE (election in progress)"
+    lines = [f"meta on etcd: leader {leader}; standbys {', '.join(standbys) or 'none'}"]
     rows = [("ETCD ENDPOINT", "HEALTH", "RAFT LEADER", "VERSION", "DB SIZE")]
     for e in st.etcd:
         rows.append((e.endpoint, "ok" if e.healthy else f"DOWN ({e.error[:60]})", "yes" if e.is_leader else "",

@@ -142,35 +142,39 @@ class EtcdClient:
         return reply
 
     def call(self, path: str, body: dict, *, timeout: float | None = None) -> dict:
-        """``call_one`` on the endpoints in turn until one answers (within about ``timeout`` in all).
+        """``call_one`` on the endpoints in turn until one answers, for about ``timeout`` in all.
 
+        Each try gets a slice of the time (a raft leader election takes a second or two: a member
+        without a leader holds requests), then the next member is asked, round after round.
         Only use it for requests that are safe to repeat (reads, and meta's writes: see ``write``).
-        Error handling: OSError(EIO) naming the endpoints when none answered; EtcdError when etcd
-        refused the request (after trying the others when the refusal is transient)."""
+        Error handling: OSError(EIO) naming the endpoints when none answered in time; OSError(EIO)
+        with etcd's message when etcd refused the request for good."""
         total = timeout or self.timeout
         deadline = time.monotonic() + total
-        errors = []
+        per_try = max(0.5, total / 4)
+        errors: dict[str, str] = {}
         n = len(self.endpoints)
-        for i in range(n):
+        i = 0
+        while True:
             endpoint = self.endpoints[(self._current + i) % n]
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            # Give every endpoint a share, so one hanging member does not use up the whole budget.
-            share = max(left / (n - i), min(left, 0.2))
             try:
-                reply = self.call_one(endpoint, path, body, share)
+                reply = self.call_one(endpoint, path, body, min(left, per_try))
             except EtcdError as exc:
                 if not exc.transient:
                     raise OSError(errno.EIO, str(exc)) from None
-                errors.append(str(exc))
-                continue
+                errors[endpoint] = str(exc)
             except OSError as exc:
-                errors.append(exc.strerror or str(exc))
-                continue
-            self._current = (self._current + i) % n
-            return reply
-        raise OSError(errno.EIO, f"etcd unavailable ({'; '.join(errors) or 'timed out'})")
+                errors[endpoint] = exc.strerror or str(exc)
+            else:
+                self._current = (self._current + i) % n
+                return reply
+            i += 1
+            if i % n == 0:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        raise OSError(errno.EIO, f"etcd unavailable for {total:g}s ({'; '.join(errors.values()) or 'timed out'})")
 
     # -- small typed helpers over the gateway
 
@@ -196,7 +200,7 @@ class EtcdError(Exception):
     """etcd answered with an error (gRPC status ``code`` and its message)."""
 
     # Unavailable, deadline exceeded, aborted: another member (or a later try) may succeed.
-    TRANSIENT = {4, 10, 14}
+    TRANSIENT = frozenset({4, 10, 14})
 
     def __init__(self, endpoint: str, status: int, reply: dict):
         self.code = int(reply.get("code", 0) or 0)
@@ -212,7 +216,7 @@ def kv(item: dict) -> tuple[bytes, bytes]:
 class EtcdEngine:
     durable = False  # etcd acknowledges a transaction once a quorum has fsynced it: nothing to wait for
 
-    def __init__(self, endpoints: list[str], prefix: bytes = b"/kvfs", *, timeout: float = 2.0, cache: bool = False,
+    def __init__(self, endpoints: list[str], prefix: bytes = b"/kvfs", *, timeout: float = 5.0, cache: bool = False,
                  max_txn_ops: int = MAX_TXN_OPS, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.client = EtcdClient(endpoints, timeout=timeout)
         self.root = prefix

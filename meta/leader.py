@@ -116,7 +116,7 @@ class HaMeta:
     """One meta process of an HA group: serves as leader or standby on one listening socket."""
 
     def __init__(self, url: str, make_service: Callable[[EtcdEngine], object], *, ttl: int = 5,
-                 advertise: str = "", engine_timeout: float = 2.0):
+                 advertise: str = "", engine_timeout: float = 5.0):
         self.endpoints, self.root = parse_url(url)
         self.make_service = make_service  # engine -> MetaService (builds the Namespace over the engine)
         self.ttl = max(2, int(ttl))

@@ -94,6 +94,28 @@ class EtcdCluster:
         except OSError:
             return False
 
+    def raft_leader(self) -> int:
+        """Index of the member that leads etcd's raft group now."""
+        def find() -> int | None:
+            for i, m in enumerate(self.members):
+                if not m.alive():
+                    continue
+                try:
+                    req = urllib.request.Request(f"http://{m.endpoint}/v3/maintenance/status", data=b"{}", method="POST")
+                    with urllib.request.urlopen(req, timeout=1.0) as resp:
+                        st = json.load(resp)
+                except OSError:
+                    continue
+                if st.get("leader") and st.get("leader") == st.get("header", {}).get("member_id"):
+                    return i
+            return None
+
+        def found() -> tuple[int] | None:
+            i = find()
+            return None if i is None else (i,)  # a tuple: index 0 is a valid answer
+
+        return wait_for(found, 20, "an etcd raft leader", interval=0.1)[0]
+
     def wait_healthy(self, timeout: float = 30) -> None:
         for m in self.members:
             if m.alive():
@@ -142,7 +164,7 @@ class HaCluster:
     metas: int = 3
     chunkservers: int = 2
     replication: int = 2
-    leader_ttl: int = 2
+    leader_ttl: int = 3  # survives an etcd raft election (about a second) without stepping down
     etcd: EtcdCluster | None = None
     meta_procs: list = field(default_factory=list)
     meta_ports: list[int] = field(default_factory=list)
