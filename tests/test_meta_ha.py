@@ -239,3 +239,32 @@ def test_paused_old_leader_cannot_write_when_it_wakes(ha):
         with pytest.raises(FileNotFoundError):
             c.resolve("/from-old-leader")
         c.resolve("/during-pause")
+
+
+def test_status_shows_leader_standbys_and_etcd_health(ha):
+    import subprocess
+    import sys
+
+    leader = ha.wait_leader()
+
+    def status() -> str:
+        out = subprocess.run([sys.executable, "-m", "kvfs.cli", "status", "--meta", ha.meta_address],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    text = status()
+    print(text)
+    standbys = [ha.address(i) for i in range(len(ha.meta_ports)) if i != leader and ha.meta_procs[i].alive()]
+    assert f"meta on etcd: leader {ha.address(leader)}; standbys {', '.join(sorted(standbys))}" in text
+    assert "etcd: 3 of 3 members healthy" in text
+    for endpoint in ha.etcd.endpoints:
+        assert endpoint in text
+    victim = 0 if ha.etcd.raft_leader() != 0 else 1
+    ha.etcd.kill(victim)
+    try:
+        text = status()
+        assert "etcd: 2 of 3 members healthy" in text and "DOWN" in text
+    finally:
+        ha.etcd.restart(victim)
+        ha.etcd.wait_healthy()
