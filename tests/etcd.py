@@ -162,7 +162,7 @@ class HaCluster:
 
     root: str
     metas: int = 3
-    chunkservers: int = 2
+    chunkservers: int = 3
     replication: int = 2
     leader_ttl: int = 3  # survives an etcd raft election (about a second) without stepping down
     etcd: EtcdCluster | None = None
@@ -239,6 +239,8 @@ class HaCluster:
     def mount(self, mountpoint: str) -> str:
         from cluster import Proc, is_mounted
 
+        if is_mounted(mountpoint):  # the dead mount of a killed `kvfs mount`: gone before we wait for the new one
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, check=False)
         os.makedirs(mountpoint, exist_ok=True)
         proc = Proc(["mount", mountpoint, "--meta", self.meta_address, "--timeout", "10"],
                     os.path.join(self.root, f"mount-{len(self.mounts)}.log"))

@@ -268,3 +268,184 @@ def test_status_shows_leader_standbys_and_etcd_health(ha):
     finally:
         ha.etcd.restart(victim)
         ha.etcd.wait_healthy()
+
+
+# --------------------------------------------------------------------------- fault-injection soak
+
+ABSENT = None
+
+
+class Model:
+    """What acknowledged operations say each path holds: one value when certain; a set of possible
+    values after an operation whose outcome is unknown (the path is then left alone)."""
+
+    def __init__(self) -> None:
+        self.certain: dict[str, bytes | None] = {}
+        self.uncertain: dict[str, set] = {}
+        self.lock = threading.Lock()
+
+    def get(self, path: str):
+        return self.certain.get(path, ABSENT)
+
+    def done(self, **changes) -> None:
+        with self.lock:
+            for path, value in changes.items():
+                self.certain[path] = value
+
+    def unknown(self, paths: dict[str, set]) -> None:
+        with self.lock:
+            for path, values in paths.items():
+                self.certain.pop(path, None)
+                self.uncertain[path] = values
+
+
+def _soak_client(ha: HaCluster, i: int, model: Model, stop: threading.Event, stats: dict, seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed * 100 + i)
+    base = f"/soak{i}"
+    with ha.client(timeout=5.0) as c:
+        for _ in range(100):
+            try:
+                c.mkdir(base, exist_ok=True)
+                break
+            except OSError:
+                time.sleep(0.2)
+        while not stop.is_set():
+            names = [f"{base}/n{k}" for k in range(8)]
+            path = rnd.choice([p for p in names if p not in model.uncertain] or names)
+            if path in model.uncertain:
+                time.sleep(0.05)
+                continue
+            old = model.get(path)
+            op = rnd.choice(["write", "write", "unlink", "rename", "read"])
+            try:
+                if op == "write":
+                    data = os.urandom(rnd.choice([0, 100, 5000, 300_000]))
+                    try:
+                        c.write_file(path, data)
+                    except OSError:
+                        model.unknown({path: {old, data} | ({b""} if old is ABSENT else set())})
+                        raise
+                    model.done(**{path: data})
+                elif op == "unlink":
+                    try:
+                        c.unlink(path)
+                    except FileNotFoundError:
+                        assert old is ABSENT, f"{path} vanished"
+                        continue
+                    except OSError:
+                        model.unknown({path: {old, ABSENT}})
+                        raise
+                    assert old is not ABSENT, f"{path} existed but the model says it does not"
+                    model.done(**{path: ABSENT})
+                elif op == "rename":
+                    dst = rnd.choice([p for p in names if p != path and p not in model.uncertain] or [path])
+                    if dst == path or old is ABSENT:
+                        continue
+                    dst_old = model.get(dst)
+                    try:
+                        c.rename(path, dst)
+                    except OSError:
+                        model.unknown({path: {old, ABSENT}, dst: {dst_old, old}})
+                        raise
+                    model.done(**{path: ABSENT, dst: old})
+                else:
+                    try:
+                        got = c.read_file(path)
+                    except FileNotFoundError:
+                        got = ABSENT
+                    assert got == old, f"{path}: read does not match the acknowledged state"
+                stats["ok"] += 1
+            except AssertionError:
+                raise
+            except OSError as exc:
+                stats["failed"] += 1
+                stats.setdefault("errors", []).append(f"{op} {path}: {exc}")
+                time.sleep(0.1)
+
+
+def _soak(ha: HaCluster, tmp_path, seconds: float, seed: int = 1) -> None:
+    import random
+
+    model = Model()
+    stop = threading.Event()
+    stats: dict = {"ok": 0, "failed": 0}
+    failures: list[BaseException] = []
+
+    def guarded(*a):
+        try:
+            _soak_client(*a)
+        except BaseException as exc:  # surfaced in the test thread
+            failures.append(exc)
+
+    mountpoint = ha.mount(str(tmp_path / "soak-mnt"))
+    threads = [threading.Thread(target=guarded, args=(ha, i, model, stop, stats, seed)) for i in range(3)]
+    for t in threads:
+        t.start()
+    rnd = random.Random(seed)
+    faults = []
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline and not failures:
+            time.sleep(rnd.uniform(2.0, 4.0))
+            fault = rnd.choice(["leader", "leader", "chunkserver", "mount"])
+            faults.append(fault)
+            if fault == "leader":
+                i = ha.leader()
+                ha.meta_procs[i].kill(signal.SIGKILL)
+                time.sleep(rnd.uniform(0.5, 2.0))
+                ha.meta_procs[i].start()
+            elif fault == "chunkserver":
+                i = rnd.randrange(len(ha.servers))
+                ha.servers[i].kill(signal.SIGKILL)
+                time.sleep(rnd.uniform(0.5, 2.0))
+                ha.servers[i].start()
+            else:
+                ha.mounts.pop(mountpoint).kill(signal.SIGKILL)
+                time.sleep(0.5)
+                ha.mount(mountpoint)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    if failures:
+        raise failures[0]
+    print(f"soak: faults {faults}; {stats['ok']} operations acknowledged, {stats['failed']} failed "
+          f"(outcome unknown or refused), {len(model.uncertain)} paths uncertain; last errors "
+          f"{stats.get('errors', [])[-3:]}")
+    assert stats["ok"] > 0
+    ha.wait_leader()
+    ha.wait_servers(len(ha.servers))
+    with ha.client(timeout=20.0) as c:
+        for path, value in sorted(model.certain.items()):
+            try:
+                got = c.read_file(path)
+            except FileNotFoundError:
+                got = ABSENT
+            assert got == value, path
+        for path, values in sorted(model.uncertain.items()):
+            try:
+                got = c.read_file(path)
+            except FileNotFoundError:
+                got = ABSENT
+            assert got in values, path
+        for i in range(len(threads)):
+            names = {f"/soak{i}/{n}" for n in c.listdir(f"/soak{i}")}
+            assert names <= set(model.certain) | set(model.uncertain)
+    # The mount sees the same namespace as the native clients.
+    for path, value in sorted(model.certain.items()):
+        if value is not ABSENT:
+            with open(mountpoint + path, "rb") as f:
+                assert f.read() == value, path
+
+
+def test_soak_short(ha, tmp_path):
+    """Random namespace and data operations from 3 clients while meta leaders, chunkservers and the
+    mount are killed and restarted; the final state matches the model of acknowledged operations."""
+    _soak(ha, tmp_path, seconds=15)
+
+
+@pytest.mark.slow
+def test_soak_long(ha, tmp_path):
+    _soak(ha, tmp_path, seconds=180, seed=7)
