@@ -28,9 +28,17 @@ applied to the copy only when etcd acknowledged them. A write whose outcome is u
 endpoint failed) leaves the copy untrusted: the engine then refuses everything (``broken``) and the
 leader steps down and reloads (meta/leader.py).
 
+Durability: etcd replies to a transaction only after a quorum of members has it in its fsynced raft
+log. A plain engine sends each write as it comes (``durable`` False: nothing left for group commit to
+wait for). The leader runs it ``pipelined``: a write is applied to the in-memory copy at once and
+queued; ``sync()`` (meta/durability.py's group commit, in a worker thread) sends everything queued, in
+order, whole batches merged into as few transactions as the limits allow, and replies wait for it.
+The event loop then never waits on etcd, and concurrent clients share a raft round, as they share an
+fsync on RocksDB. As there, another client can read a change before it is acknowledged; if the leader
+dies in that window the change is gone, but no acknowledged change ever is.
+
 Error handling: every call has a timeout and tries the endpoints in turn; when none answers, the
-call raises ``OSError(EIO)`` naming the endpoints. ``sync()`` is a no-op and ``durable`` is False:
-etcd replies to a transaction only after a quorum of members has it in its fsynced raft log.
+call raises ``OSError(EIO)`` naming the endpoints.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import errno
 import http.client
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -214,10 +223,16 @@ def kv(item: dict) -> tuple[bytes, bytes]:
 
 
 class EtcdEngine:
-    durable = False  # etcd acknowledges a transaction once a quorum has fsynced it: nothing to wait for
-
     def __init__(self, endpoints: list[str], prefix: bytes = b"/kvfs", *, timeout: float = 5.0, cache: bool = False,
-                 max_txn_ops: int = MAX_TXN_OPS, max_request_bytes: int = MAX_REQUEST_BYTES):
+                 pipelined: bool = False, max_txn_ops: int = MAX_TXN_OPS, max_request_bytes: int = MAX_REQUEST_BYTES):
+        if pipelined and not cache:
+            raise ValueError("a pipelined etcd engine needs its in-memory copy (cache=True)")
+        # Plain: each write is one transaction, acknowledged by etcd once a quorum fsynced it, so group
+        # commit has nothing to wait for. Pipelined: writes queue, and sync() sends them (group commit).
+        self.durable = pipelined
+        self._queue: list[tuple[dict[bytes, bytes | None], int]] = []
+        self._queue_lock = threading.Lock()  # write() on the event loop, sync() in a worker thread
+        self._sync_lock = threading.Lock()
         self.client = EtcdClient(endpoints, timeout=timeout)
         self.root = prefix
         self.prefix = prefix + b"/m/"
@@ -305,11 +320,7 @@ class EtcdEngine:
 
     # ------------------------------------------------------------------ writes
 
-    def write(self, batch: Batch) -> None:
-        """One etcd transaction, conditional on the fence. Error handling: EFBIG for a batch over the
-        limits (nothing applied); ``Fenced`` (EIO) when this process is no longer the leader; EIO when
-        etcd is unavailable (the outcome is then unknown and the engine refuses everything after it)."""
-        self._check()
+    def _ops(self, batch: Batch) -> tuple[dict[bytes, bytes | None], int]:
         # Last change per key wins, as in a RocksDB write batch (etcd refuses a key twice in one txn).
         ops: dict[bytes, bytes | None] = {}
         for key, value in batch:
@@ -318,6 +329,10 @@ class EtcdEngine:
         if len(ops) > self.max_txn_ops or size > self.max_request_bytes:
             raise OSError(errno.EFBIG, f"metadata change of {len(ops)} keys ({size} bytes) is larger than one etcd "
                           f"transaction may be (kvfs needs etcd started with {' '.join(ETCD_FLAGS)})")
+        return ops, size
+
+    def _send(self, ops: dict[bytes, bytes | None]) -> None:
+        """One fenced transaction. Error handling: see ``write``."""
         success = [
             {"request_delete_range": {"key": _b64(self.prefix + k)}} if v is None
             else {"request_put": {"key": _b64(self.prefix + k), "value": _b64(v)}}
@@ -326,11 +341,9 @@ class EtcdEngine:
         body: dict = {"success": success}
         if self._fence is not None:
             body["compare"] = [self._fence]
-        self.writes += 1
         try:
             # Safe to send again to another member after an unknown outcome: only this leader writes
-            # (the fence), one batch at a time, and a batch of puts and deletes applied twice leaves
-            # the same keys.
+            # (the fence), one transaction at a time, and puts and deletes applied twice leave the same keys.
             reply = self.client.call("/v3/kv/txn", body)
         except OSError as exc:
             if "too many operations" in str(exc) or "request is too large" in str(exc):
@@ -340,6 +353,22 @@ class EtcdEngine:
         if self._fence is not None and not reply.get("succeeded"):
             self.broken = "this meta is no longer the leader"
             raise Fenced(errno.EIO, "metadata write refused: this meta is no longer the leader")
+
+    def write(self, batch: Batch) -> None:
+        """Apply the batch atomically: at once as one etcd transaction conditional on the fence, or
+        (``pipelined``) to the in-memory copy now and to etcd at the next ``sync``.
+
+        Error handling: EFBIG for a batch over the limits (nothing applied); ``Fenced`` (EIO) when this
+        process is no longer the leader; EIO when etcd is unavailable (the outcome is then unknown and
+        the engine refuses everything after it)."""
+        self._check()
+        ops, size = self._ops(batch)
+        self.writes += 1
+        if self.durable:
+            with self._queue_lock:
+                self._queue.append((ops, size))
+        else:
+            self._send(ops)
         if self._cache is not None:
             for k, v in ops.items():
                 if v is None:
@@ -347,8 +376,35 @@ class EtcdEngine:
                 else:
                     self._cache[k] = v
 
+    @property
+    def unsynced(self) -> bool:
+        return bool(self._queue)
+
     def sync(self) -> None:
-        pass  # etcd replied only after a quorum fsynced the transaction
+        """``pipelined``: send every queued batch, in order, whole batches merged into as few fenced
+        transactions as the limits allow (group commit over etcd: concurrent clients share a raft round).
+        Otherwise nothing to do: etcd replied to each write after a quorum fsynced it.
+        Error handling: EIO (the engine is then broken)."""
+        with self._sync_lock:
+            with self._queue_lock:
+                queue, self._queue = self._queue, []
+            if self.broken:
+                raise OSError(errno.EIO, f"metadata engine stopped: {self.broken}")
+            merged: dict[bytes, bytes | None] = {}
+            size = 0
+            for ops, ops_size in queue:
+                if merged and (len(merged) + len(ops) > self.max_txn_ops or size + ops_size > self.max_request_bytes):
+                    self._send(merged)
+                    merged, size = {}, 0
+                merged.update(ops)
+                size += ops_size
+            if merged:
+                self._send(merged)
 
     def close(self) -> None:
-        self.client.close()
+        """Send what is queued (``pipelined``) and close the connections. Error handling: EIO."""
+        try:
+            if self.durable and not self.broken:
+                self.sync()
+        finally:
+            self.client.close()

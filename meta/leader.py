@@ -6,8 +6,8 @@ three to four times per TTL) with a presence key ``<prefix>/members/<address>``.
 it disappears when the leader dies or is cut off for a TTL. Standbys poll it and campaign when it is
 gone.
 
-A new leader loads the namespace from etcd (``EtcdEngine(cache=True)``: the leader is the only writer,
-so it serves reads from memory), rebuilds what lived only in the old leader's memory the way a restart
+A new leader loads the namespace from etcd (``EtcdEngine(cache=True, pipelined=True)``: the leader is
+the only writer, so it serves reads from memory, and its writes reach etcd by group commit), rebuilds what lived only in the old leader's memory the way a restart
 does (write leases of writers with pending chunks, pending chunks from their ``P`` records, id counters
 from the reserved blocks in ``N``, chunk locations from chunkservers re-registering), and fences the
 engine to its leader key's create revision: every transaction is conditional on that key, so a
@@ -258,7 +258,7 @@ class HaMeta:
         started = time.monotonic()
 
         def load() -> EtcdEngine:  # the network part (the whole namespace) off the event loop
-            engine = EtcdEngine(self.endpoints, self.root, timeout=self.engine_timeout, cache=True)
+            engine = EtcdEngine(self.endpoints, self.root, timeout=self.engine_timeout, cache=True, pipelined=True)
             engine.fence(election.key, revision)
             return engine
 
@@ -266,8 +266,9 @@ class HaMeta:
             engine = await trio.to_thread.run_sync(load)
             try:
                 service = self.make_service(engine)  # from the in-memory copy; writes the root on a new store
+                await trio.to_thread.run_sync(engine.sync)  # what loading wrote (root, orphan purges)
             except BaseException:
-                engine.close()
+                await self._close(engine)
                 raise
         except OSError as exc:
             log.error("meta %s: won the election but cannot load the namespace (%s); resigning", self.address, exc)
@@ -284,6 +285,7 @@ class HaMeta:
                 nursery.start_soon(service.run, tier, self.address)  # type: ignore[attr-defined]
                 await self._warm_up(service, handlers)
                 self.active = handlers
+                flushed = trio.current_time()
                 while True:
                     if trio.current_time() >= self.valid_until:
                         log.warning("meta %s: lost the etcd lease; stepping down", self.address)
@@ -291,6 +293,13 @@ class HaMeta:
                     if engine.broken:
                         log.warning("meta %s: %s; stepping down", self.address, engine.broken)
                         break
+                    if engine.unsynced and trio.current_time() - flushed > 0.5:
+                        # Changes no reply waits for (housekeeping) still reach etcd soon.
+                        flushed = trio.current_time()
+                        try:
+                            await service.commits.wait_durable(engine.writes)  # type: ignore[attr-defined]
+                        except OSError:
+                            continue  # the engine is broken: the next pass steps down
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
         finally:
@@ -298,8 +307,16 @@ class HaMeta:
             self.leading_revision = 0
             if self.leader == self.address:
                 self.leader = ""
-            engine.close()
+            with trio.CancelScope(shield=True):
+                await self._close(engine)
         await self._resign(revision)
+
+    async def _close(self, engine: EtcdEngine) -> None:
+        """Close the engine (sending what is queued, fenced: refused if we no longer lead)."""
+        try:
+            await trio.to_thread.run_sync(engine.close)
+        except OSError as exc:
+            log.warning("meta %s: closing the metadata engine: %s", self.address, exc)
 
     async def _warm_up(self, service, handlers: dict) -> None:
         """Serve only chunkserver registrations and heartbeats until enough chunkservers are back to

@@ -62,6 +62,32 @@ def test_fenced_engine_of_a_deposed_leader_cannot_write(tmp_path):
         etcd.stop()
 
 
+def test_etcd_batches_limits_and_pipelined_group_commit(tmp_path):
+    """A batch over the transaction limits is refused whole; queued batches are merged into as few
+    transactions as the limits allow, whole batches only, in order (last change wins)."""
+    etcd = EtcdCluster(str(tmp_path / "etcd"), size=1).start()
+    try:
+        engine = EtcdEngine(etcd.endpoints, b"/g", cache=True, pipelined=True, max_txn_ops=10)
+        with pytest.raises(OSError) as info:
+            engine.write([(b"k%d" % i, b"v") for i in range(11)])
+        assert info.value.errno == errno.EFBIG and "--max-txn-ops" in str(info.value)
+        assert engine.get(b"k0") is None  # nothing of it applied
+        for round_ in range(5):
+            engine.write([(b"k%d" % i, b"%d" % round_) for i in range(6)])  # 6 keys: two never share a txn
+        engine.write([(b"k0", None)])
+        assert engine.unsynced and engine.get(b"k1") == b"4"
+        plain = EtcdEngine(etcd.endpoints, b"/g")
+        assert plain.get(b"k1") is None  # not in etcd before the sync
+        engine.sync()
+        assert not engine.unsynced
+        assert plain.get(b"k1") == b"4" and plain.get(b"k0") is None
+        assert [k for k, _ in plain.scan(b"k")] == [b"k%d" % i for i in range(1, 6)]
+        plain.close()
+        engine.close()
+    finally:
+        etcd.stop()
+
+
 class Writers:
     """Native clients and a mount writing files in a loop; records what was acknowledged and when."""
 

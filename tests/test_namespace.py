@@ -35,7 +35,8 @@ def etcd_server(tmp_path_factory):
 
 @pytest.fixture(params=["memory", "rocksdb", "etcd", "etcd-cached"])
 def engine_factory(request, tmp_path):
-    """``etcd`` reads every key from etcd; ``etcd-cached`` is what the meta leader runs (reads from its copy).
+    """``etcd`` reads every key from etcd and writes each batch at once; ``etcd-cached`` is what the meta
+    leader runs (reads from its copy, writes queued until ``sync``/``close``).
     Each call of ``make`` opens the same store again (a restart)."""
     if request.param.startswith("etcd"):
         from kvfs.meta.engine_etcd import EtcdEngine
@@ -47,7 +48,8 @@ def engine_factory(request, tmp_path):
         if request.param == "memory":
             return MemoryEngine()
         if request.param.startswith("etcd"):
-            return EtcdEngine.from_url(etcd.url(prefix), cache=request.param == "etcd-cached")
+            cached = request.param == "etcd-cached"
+            return EtcdEngine.from_url(etcd.url(prefix), cache=cached, pipelined=cached)
         return RocksEngine(str(tmp_path / "db"))
 
     return make
