@@ -356,7 +356,8 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--data-dir", help="RocksDB metadata store (one meta process)")
     sp.add_argument("--engine", default="",
                     help="etcd://h1:2379,h2:2379,h3:2379[/prefix]: metadata on etcd, several meta processes of which "
-                    "one leads (HA); etcd must run with --max-txn-ops 16384 --max-request-bytes 8388608")
+                    "one leads (HA); etcd must run with --max-txn-ops 16384 --max-request-bytes 8388608 "
+                    "--auto-compaction-mode periodic --auto-compaction-retention 5m")
     sp.add_argument("--advertise", help="with --engine: the address clients use to reach this meta "
                     "(default: the listen address)")
     sp.add_argument("--leader-ttl", type=float, default=5.0,

@@ -63,6 +63,9 @@ log = logging.getLogger("kvfs.meta.etcd")
 MAX_TXN_OPS = 16384
 MAX_REQUEST_BYTES = 8 << 20
 ETCD_FLAGS = (f"--max-txn-ops {MAX_TXN_OPS}", f"--max-request-bytes {MAX_REQUEST_BYTES}")
+# etcd keeps every old revision until it is compacted; without this its database grows with every
+# metadata change until the space quota stops all writes. kvfs never reads old revisions.
+ETCD_COMPACTION_FLAGS = ("--auto-compaction-mode periodic", "--auto-compaction-retention 5m")
 PAGE = 1000  # keys per range request of a scan
 GET_BATCH = 128  # point reads per transaction in get_many (fits etcd's default limit too)
 

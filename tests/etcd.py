@@ -74,6 +74,7 @@ class EtcdCluster:
             # Short raft timers: a member's loss is noticed within a second on loopback.
             "--heartbeat-interval", "100", "--election-timeout", "1000",
             "--max-txn-ops", str(MAX_TXN_OPS), "--max-request-bytes", str(MAX_REQUEST_BYTES),
+            "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m",
             "--logger", "zap", "--log-level", "warn",
         ], stdout=log, stderr=log, start_new_session=True)
         log.close()
