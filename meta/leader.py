@@ -24,8 +24,8 @@ clients (``kvfs/meta_router.py``) go there. ``META_HA_STATUS`` is answered by ev
 from __future__ import annotations
 
 import base64
-import errno
 import logging
+import socket
 import time
 from collections.abc import Callable
 
@@ -177,7 +177,8 @@ class HaMeta:
         server = RpcServer("meta", P.META_METHODS, handlers)
         async with open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
-            self.address = self.advertise or f"{host}:{bound}"
+            # The address other processes are told (leader key, NOT_LEADER hints): never a wildcard.
+            self.address = self.advertise or f"{socket.gethostname() if host in ('', '0.0.0.0', '::') else host}:{bound}"
             self.election = Election(self.endpoints, self.root, self.address, self.ttl)
             nursery.start_soon(self._keep_lease)
             task_status.started(bound)
@@ -348,8 +349,3 @@ class HaMeta:
             except OSError as exc:
                 log.debug("meta %s: resign: %s", self.address, exc)
 
-
-def check_ttl(ttl: float) -> int:
-    if ttl < 2:
-        raise OSError(errno.EINVAL, "--leader-ttl must be at least 2 seconds (etcd's shortest lease)")
-    return int(ttl)

@@ -475,3 +475,17 @@ def test_soak_short(ha, tmp_path):
 @pytest.mark.slow
 def test_soak_long(ha, tmp_path):
     _soak(ha, tmp_path, seconds=180, seed=7)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "needs --data-dir (RocksDB) or --engine etcd://"),
+    (["--engine", "http://h:2379"], "bad etcd url"),
+    (["--engine", "etcd://h:2379", "--leader-ttl", "1"], "--leader-ttl must be at least 2"),
+])
+def test_meta_engine_usage_errors_are_one_line(args, message):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kvfs.cli", "meta", "--listen", "127.0.0.1:0", *args],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
