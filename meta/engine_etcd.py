@@ -230,6 +230,8 @@ def kv(item: dict) -> tuple[bytes, bytes]:
 
 
 class EtcdEngine:
+    inline_sync = False  # sync() is a raft round trip that can hang for the timeout: never on the event loop
+
     def __init__(self, endpoints: list[str], prefix: bytes = b"/kvfs", *, timeout: float = 5.0, cache: bool = False,
                  pipelined: bool = False, max_txn_ops: int = MAX_TXN_OPS, max_request_bytes: int = MAX_REQUEST_BYTES):
         if pipelined and not cache:

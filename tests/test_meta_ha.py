@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import threading
 import time
 
@@ -240,8 +241,12 @@ def test_two_etcd_members_down_refuses_writes_then_recovers(ha):
     with ha.client(timeout=10.0) as c:
         c.mkdir("/after-quorum-loss")
         assert c.read_file("/before-quorum-loss") == b"kept"
-        with pytest.raises(FileNotFoundError):
-            c.resolve("/no-quorum")
+        # The refused mkdir's outcome was unknown (EIO): the surviving etcd member may have had it in
+        # its raft log, committed once the quorum came back. Either way it is whole or absent.
+        try:
+            assert stat.S_ISDIR(c.resolve("/no-quorum").mode)
+        except FileNotFoundError:
+            pass
     ha.wait_servers(ha.chunkservers)
 
 
