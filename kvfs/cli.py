@@ -247,9 +247,16 @@ def cmd_up(args) -> None:
 def cmd_status(args) -> None:
     from kvfs.client import ClientOptions, SyncClient
 
-    with SyncClient(args.meta, ClientOptions(timeout=args.timeout)) as c:
-        reply = c.refresh_servers()
-        extra_sections = _status_sections(c)
+    try:
+        with SyncClient(args.meta, ClientOptions(timeout=args.timeout)) as c:
+            reply = c.refresh_servers()
+            extra_sections = _status_sections(c)
+    except OSError:
+        # No meta leader answers: an HA group's standbys still tell what they know (etcd's health).
+        section = _ha_section(None, args.meta, args.timeout) if "," in args.meta else ""
+        if section:
+            print(section)
+        raise
     from kvfs.config import format_size
 
     rows = [("ID", "ADDRESS", "STATE", "CHUNKS", "USED", "CAPACITY", "USE%", "DATA DIR")]
@@ -267,19 +274,23 @@ def cmd_status(args) -> None:
         print(section)
 
 
-def _ha_section(c) -> str:
-    """Meta leader, standbys and etcd health, when meta runs on etcd (HA); "" for a lone meta."""
+def _ha_section(c, meta: str = "", timeout: float = 10.0) -> str:
+    """Meta leader, standbys and etcd health, when meta runs on etcd (HA); "" for a lone meta.
+    ``c`` is a connected SyncClient, or None to ask the processes in ``meta`` directly (no leader)."""
     from kvfs import protocol as P
     from kvfs.config import format_size
 
     try:
-        st = c.call(c.client.meta.request, P.META_HA_STATUS, P.Empty())
+        if c is not None:
+            st = c.call(c.client.meta.request, P.META_HA_STATUS, P.Empty())
+        else:
+            st = trio.run(_ask_any_meta, meta, timeout)
     except OSError:
-        return ""  # an older meta without the method
+        return ""  # an older meta without the method, or none answers
     if st.engine != "etcd":
         return ""
     standbys = [m.address for m in st.members if m.role != "leader"]
-    leader = st.leader or "NONE (election in progress)"
+    leader = st.leader or "NONE (election in progress, or etcd has no quorum)"
     lines = [f"meta on etcd: leader {leader}; standbys {', '.join(standbys) or 'none'}"]
     rows = [("ETCD ENDPOINT", "HEALTH", "RAFT LEADER", "VERSION", "DB SIZE")]
     for e in st.etcd:
@@ -291,6 +302,24 @@ def _ha_section(c) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+async def _ask_any_meta(meta: str, timeout: float):
+    """META_HA_STATUS from the first meta process that answers (standbys answer it too)."""
+    from kvfs import protocol as P
+    from kvfs.meta_router import meta_addresses
+    from kvfs.rpc import RpcClient
+
+    last: OSError = OSError(5, "no meta address")
+    for address in meta_addresses(meta):
+        client = RpcClient("meta", address, P.META_METHODS, timeout=timeout, connect_timeout=min(timeout, 2.0))
+        try:
+            return await client.request(P.META_HA_STATUS, P.Empty())
+        except OSError as exc:
+            last = exc
+        finally:
+            client.close()
+    raise last
 
 
 def _status_sections(c) -> list[str]:

@@ -161,8 +161,8 @@ class HaMeta:
                 try:
                     leader = election.leader(c)[0]
                     members = election.members(c)
-                except OSError:
-                    leader, members = self.leader, []
+                except OSError:  # etcd unreachable or without quorum: nobody can be leading
+                    leader, members = "", [self.address]
                 return leader, members, election.etcd_health(c)
             finally:
                 c.close()

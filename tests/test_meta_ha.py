@@ -299,6 +299,21 @@ def test_status_shows_leader_standbys_and_etcd_health(ha):
     finally:
         ha.etcd.restart(victim)
         ha.etcd.wait_healthy()
+    # With etcd's quorum gone nobody leads: the standbys still report, and the command fails in one line.
+    ha.etcd.kill(1)
+    ha.etcd.kill(2)
+    try:
+        time.sleep(ha.leader_ttl + 1)
+        out = subprocess.run([sys.executable, "-m", "kvfs.cli", "status", "--meta", ha.meta_address, "--timeout", "2"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "NO QUORUM" in out.stdout and "leader NONE" in out.stdout, out.stdout
+    finally:
+        ha.etcd.restart(1)
+        ha.etcd.restart(2)
+    ha.etcd.wait_healthy()
+    ha.wait_leader(timeout=40)
+    ha.wait_servers(ha.chunkservers)
 
 
 # --------------------------------------------------------------------------- fault-injection soak
