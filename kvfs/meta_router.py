@@ -13,7 +13,9 @@ the leader (the request was not run): the router goes there. When the leader can
   EIO saying its outcome is unknown, so it never runs twice.
 
 It keeps trying for ``failover_timeout`` seconds (a new leader takes over within the leader TTL plus
-a namespace load), then raises the last error.
+a namespace load), then raises the last error. A leader that is paused or cut off rather than dead
+neither answers nor fails a request: an idempotent request is sent in growing slices of the timeout,
+and between them the router asks the other metas whether one of them leads now (``_watched_call``).
 """
 
 from __future__ import annotations
@@ -45,17 +47,26 @@ def meta_client(address: str, *, timeout: float = 30.0, connect_timeout: float =
     return MetaRouter(addresses, timeout=timeout, connect_timeout=connect_timeout, failover_timeout=failover_timeout)
 
 
+class LeaderMoved(TransportError):
+    """No reply from the meta we sent to, and ``leader`` says it leads now (outcome unknown)."""
+
+    def __init__(self, code: int, message: str, leader: str):
+        super().__init__(code, message)
+        self.leader = leader
+
+
 class MetaRouter:
     service = "meta"
 
     def __init__(self, addresses: list[str], *, timeout: float = 30.0, connect_timeout: float = 5.0,
-                 failover_timeout: float = 20.0):
+                 failover_timeout: float = 20.0, suspect_after: float = 2.0):
         if not addresses:
             raise ValueError("no meta addresses")
         self.addresses = list(addresses)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.failover_timeout = failover_timeout
+        self.suspect_after = suspect_after  # a call this slow makes the router check who leads
         self.leader: str | None = None
         self._clients: dict[str, RpcClient] = {}
         self._next = 0  # where the search for a leader goes on
@@ -87,7 +98,7 @@ class MetaRouter:
         while True:
             address = self._candidate()
             try:
-                result = await self._client(address).call(method, request, data, into=into, timeout=timeout)
+                result = await self._watched_call(address, method, request, data, into, timeout)
             except NotLeader as exc:
                 # Not run: go to the leader it names, or keep looking while one is elected.
                 hint = exc.leader or None
@@ -99,7 +110,7 @@ class MetaRouter:
                 self.leader = None
                 last = exc
             except TransportError as exc:
-                self.leader = None
+                self.leader = exc.leader if isinstance(exc, LeaderMoved) else None
                 if not P.is_idempotent(method, request):
                     name = metrics.method_name("meta", method)
                     raise error(errno.EIO, f"meta {address} failed during {name} ({exc.strerror}); whether it "
@@ -118,6 +129,47 @@ class MetaRouter:
                 raise last
             if misses % len(self.addresses) == 0:
                 await trio.sleep(0.2)  # nobody leads yet: an election takes up to the leader TTL
+
+    async def _watched_call(self, address: str, method: int, request: P.Struct, data: Bulk,
+                            into: memoryview | None, timeout: float | None) -> tuple[Any, memoryview | None]:
+        """The call to ``address``. A leader that is paused or cut off (not dead) neither answers nor
+        fails: an idempotent request is therefore sent in growing time slices (``suspect_after``, then
+        twice as long, ...); between slices the other metas are asked whether one of them leads now,
+        and if one does the request goes there (``LeaderMoved``) instead of waiting for the whole
+        timeout. A request that is merely slow is sent again, to the same meta, with a longer slice.
+        Other requests wait for the whole timeout (nothing else is safe). Fast calls cost nothing extra."""
+        client = self._client(address)
+        total = client.timeout if timeout is None else timeout
+        if not P.is_idempotent(method, request) or total <= self.suspect_after or len(self.addresses) < 2:
+            return await client.call(method, request, data, into=into, timeout=timeout)
+        deadline = trio.current_time() + total
+        slice_ = self.suspect_after
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                return await client.call(method, request, data, into=into, timeout=min(slice_, left))
+            except ConnectError:
+                raise
+            except TransportError:
+                if trio.current_time() >= deadline:
+                    raise
+            leader = await self._leader_elsewhere(address)
+            if leader:
+                raise LeaderMoved(errno.EIO, f"meta {address}: no reply while {leader} took over as leader", leader)
+            slice_ *= 2
+
+    async def _leader_elsewhere(self, address: str) -> str | None:
+        """Another meta that says it leads now (any meta answers META_HA_STATUS, leader or not)."""
+        for other in list(self.addresses):
+            if other == address:
+                continue
+            try:
+                st = await self._client(other).request(P.META_HA_STATUS, P.Empty(), timeout=2.0)
+            except OSError:
+                continue
+            if st.role == "leader":
+                return other
+        return None
 
     async def request(self, method: int, request: P.Struct, *, timeout: float | None = None) -> Any:
         reply, _ = await self.call(method, request, timeout=timeout)

@@ -253,15 +253,22 @@ def test_two_etcd_members_down_refuses_writes_then_recovers(ha):
 def test_paused_old_leader_cannot_write_when_it_wakes(ha):
     leader = ha.wait_leader()
     old = ha.meta_procs[leader]
-    old.popen.send_signal(signal.SIGSTOP)
-    try:
-        # A standby takes over once the paused leader's lease runs out.
-        new = ha.wait_leader(timeout=30)
-        assert new != leader
-        with ha.client(timeout=10.0) as c:
-            c.mkdir("/during-pause")
-    finally:
-        old.popen.send_signal(signal.SIGCONT)
+    # A client that was talking to the leader (default 30 s timeout) when it was paused.
+    with ha.client(timeout=30.0) as before:
+        before.statfs()
+        old.popen.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            before.statfs()  # sent to the paused leader: given up once another leads, then resent
+            resumed = time.monotonic() - t0
+            # A standby takes over once the paused leader's lease runs out.
+            new = ha.wait_leader(timeout=30)
+            assert new != leader
+            assert resumed < 10.0, resumed
+            with ha.client(timeout=10.0) as c:
+                c.mkdir("/during-pause")
+        finally:
+            old.popen.send_signal(signal.SIGCONT)
 
     with pytest.raises(NotLeader) as info:
         ask(ha.address(leader), P.META_MKNODE, P.MkNode(1, "from-old-leader", 0o40755, 0, 0))

@@ -29,8 +29,11 @@ def leader_handlers(seen: list[int]) -> dict:
     async def other(r, _):
         raise OSError(errno.ENOSYS, "not in this test")
 
+    async def ha_status(r, _):
+        return P.HaStatusReply("etcd", "", "leader", "", [], [])
+
     handlers = {m: other for m in P.META_METHODS}
-    handlers.update({P.META_GETATTR: getattr_, P.META_UNLINK: unlink})
+    handlers.update({P.META_GETATTR: getattr_, P.META_UNLINK: unlink, P.META_HA_STATUS: ha_status})
     return handlers
 
 
@@ -49,6 +52,17 @@ async def crashing_server(seen: list[int], *, task_status=trio.TASK_STATUS_IGNOR
         if data:
             seen.append(P.unpack_header(bytes(data[:P.HEADER_SIZE])).method)
         await stream.aclose()
+
+    await trio.serve_tcp(handle, 0, host="127.0.0.1", task_status=task_status)
+
+
+async def hanging_server(seen: list[int], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Reads requests and never answers (a paused leader: the kernel still accepts and buffers)."""
+    async def handle(stream: trio.SocketStream) -> None:
+        data = await stream.receive_some()
+        if data:
+            seen.append(P.unpack_header(bytes(data[:P.HEADER_SIZE])).method)
+        await trio.sleep_forever()
 
     await trio.serve_tcp(handle, 0, host="127.0.0.1", task_status=task_status)
 
@@ -131,6 +145,28 @@ def test_no_leader_is_eio_after_the_failover_timeout():
             await router.request(P.META_GETATTR, P.GetAttr(5))
         assert info.value.errno == errno.EIO and "no meta leader" in str(info.value)
         assert len(seen) >= 2
+        router.close()
+
+    run(body)
+
+
+def test_paused_leader_is_given_up_once_another_leads():
+    async def body(nursery):
+        led: list[int] = []
+        hung: list[int] = []
+        leader = await start(nursery, leader_handlers(led))
+        listeners = await nursery.start(hanging_server, hung)
+        paused = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        router = MetaRouter([paused, leader], timeout=30, suspect_after=0.5)
+        router.leader = paused  # it led until it was paused
+        t0 = trio.current_time()
+        assert (await router.request(P.META_GETATTR, P.GetAttr(5))) == ATTR  # resent to the new leader
+        assert trio.current_time() - t0 < 5 and hung == [P.META_GETATTR] and led == [P.META_GETATTR]
+        router.leader = paused
+        with pytest.raises(OSError) as info:  # not idempotent: it waits for its own timeout, then fails
+            await router.request(P.META_UNLINK, P.Unlink(1, "f"), timeout=1.0)
+        assert info.value.errno == errno.EIO and "unknown" in str(info.value)
+        assert led == [P.META_GETATTR]  # the unlink never ran twice
         router.close()
 
     run(body)
