@@ -126,6 +126,7 @@ class HaMeta:
         self.election: Election | None = None
         self.leader = ""  # last known leader address
         self.lease = 0
+        self.term_lease = 0  # the lease our leader key is bound to (while we lead)
         self.valid_until = 0.0  # trio.current_time(): our lease is surely alive until then
         self.leading_revision = 0  # create revision of our leader key while we lead
         self.active: dict | None = None  # the leader's handlers
@@ -133,7 +134,10 @@ class HaMeta:
         self.terms = 0  # times this process became leader
 
     def is_leader(self) -> bool:
-        return (self.active or self.warming) is not None and trio.current_time() < self.valid_until
+        # The lease must still be the one the leader key is bound to: after it expired, a new lease
+        # (granted at once) says nothing about the key, which etcd deleted with the old one.
+        return ((self.active or self.warming) is not None and self.lease == self.term_lease
+                and trio.current_time() < self.valid_until)
 
     def _not_leader(self) -> NotLeader:
         leader = self.leader if self.leader != self.address else ""
@@ -185,7 +189,7 @@ class HaMeta:
             log.info("meta %s: standing by (etcd %s, prefix %s)", self.address, ",".join(self.endpoints),
                      self.root.decode())
             while True:
-                revision = await self._campaign()
+                revision, self.term_lease = await self._campaign()
                 await self._lead(revision)
 
     # ------------------------------------------------------------------ the lease (always, leader or not)
@@ -223,8 +227,8 @@ class HaMeta:
 
     # ------------------------------------------------------------------ standby: wait for the leader key
 
-    async def _campaign(self) -> int:
-        """Wait until this process holds the leader key; returns its create revision."""
+    async def _campaign(self) -> tuple[int, int]:
+        """Wait until this process holds the leader key; returns its create revision and its lease."""
         assert self.election is not None
         election = self.election
         c = election.client()
@@ -239,9 +243,10 @@ class HaMeta:
                         continue
                     self.leader = leader
                     if not leader and self.lease and trio.current_time() < self.valid_until:
-                        revision = await trio.to_thread.run_sync(election.acquire, c, self.lease)
+                        lease = self.lease
+                        revision = await trio.to_thread.run_sync(election.acquire, c, lease)
                         if revision:
-                            return revision
+                            return revision, lease
                     elif leader and leader != last_seen:
                         log.info("meta %s: standby; leader is %s", self.address, leader)
                         last_seen = leader
@@ -288,7 +293,7 @@ class HaMeta:
                 self.active = handlers
                 flushed = trio.current_time()
                 while True:
-                    if trio.current_time() >= self.valid_until:
+                    if trio.current_time() >= self.valid_until or self.lease != self.term_lease:
                         log.warning("meta %s: lost the etcd lease; stepping down", self.address)
                         break
                     if engine.broken:
