@@ -11,7 +11,7 @@ import trio
 from kvfs import protocol as P
 from kvfs.chunkserver.store import ChunkStore, block_checksums, host_id
 from kvfs.meta_router import meta_client
-from kvfs.rpc import FileRange, RpcClient, RpcServer
+from kvfs.rpc import FileRange, RpcClient, RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.chunkserver")
@@ -90,12 +90,12 @@ class ChunkService:
         return P.ChunkserverStat(self.store.capacity, self.store.used, len(self.store), self.store.data_dir,
                                  self.host_id)
 
-    async def serve(self, host: str, port: int, advertise: str | None = None, *,
+    async def serve(self, host: str, port: int, advertise: str | None = None, *, limits: ServerLimits | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
         server = RpcServer("chunkserver", P.CHUNK_METHODS, {
             P.CHUNK_WRITE: self.write, P.CHUNK_READ: self.read, P.CHUNK_DELETE: self.delete, P.CHUNK_STAT: self.stat,
             P.CHUNK_REPLICATE: self.replicate,
-        })
+        }, limits)
         async with open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
             self.address = advertise or f"{host}:{bound}"

@@ -52,8 +52,10 @@ def _check_writable_dir(path: str, what: str) -> str:
 
 
 def _check_namespace_options(chunk_size: int, lease_seconds: float, pending_grace: float) -> None:
-    if chunk_size % (64 << 10) or chunk_size <= 0:
-        raise UsageError("chunk size must be a positive multiple of 64 KiB")
+    from kvfs.protocol import MAX_CHUNK_SIZE
+
+    if chunk_size % (64 << 10) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"chunk size must be a positive multiple of 64 KiB, at most {MAX_CHUNK_SIZE >> 20} MiB")
     if lease_seconds <= 0 or pending_grace <= 0:
         raise UsageError("--lease-seconds and --pending-grace must be positive")
 
@@ -105,16 +107,18 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
             raise UsageError("--leader-ttl must be at least 2 seconds (etcd's shortest lease)")
 
         def make_service(engine):
-            return MetaService(namespace_on(engine, **options), rereplicate_delay=args.rereplicate_delay)
+            return MetaService(namespace_on(engine, **options), rereplicate_delay=args.rereplicate_delay,
+                               remote_allow=_remote_allow(args, ()))
 
-        await HaMeta(args.engine, make_service, ttl=int(args.leader_ttl), advertise=args.advertise or "").serve(
-            host, port, task_status=task_status)
+        await HaMeta(args.engine, make_service, ttl=int(args.leader_ttl), advertise=args.advertise or "",
+                     limits=_server_limits(args)).serve(host, port, task_status=task_status)
         return
     if not args.data_dir:
         raise UsageError("kvfs meta needs --data-dir (RocksDB) or --engine etcd://...")
     ns = open_namespace(args.data_dir, sync=not args.no_sync, **options)
     try:
-        await MetaService(ns, rereplicate_delay=args.rereplicate_delay).serve(host, port, task_status=task_status)
+        await MetaService(ns, rereplicate_delay=args.rereplicate_delay, remote_allow=_remote_allow(args, ())).serve(
+            host, port, limits=_server_limits(args), task_status=task_status)
     finally:
         ns.engine.close()
 
@@ -132,7 +136,23 @@ async def serve_chunkserver(args, *, task_status=trio.TASK_STATUS_IGNORED) -> No
 
     host, port = _split_listen(args.listen)
     service = ChunkService(open_store(args), args.meta)
-    await service.serve(host, port, args.advertise, task_status=task_status)
+    await service.serve(host, port, args.advertise, limits=_server_limits(args), task_status=task_status)
+
+
+def _remote_allow(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    from kvfs.remote.allow import from_env
+
+    return tuple(args.remote_allow) if args.remote_allow else (from_env() or default)
+
+
+def _server_limits(args):
+    from kvfs.rpc import ServerLimits
+
+    if min(args.idle_timeout, args.frame_timeout) <= 0 or args.max_connections_per_peer <= 0:
+        raise UsageError("--idle-timeout, --frame-timeout and --max-connections-per-peer must be positive")
+    return ServerLimits(idle_timeout=args.idle_timeout, frame_timeout=args.frame_timeout,
+                        connections_per_peer=args.max_connections_per_peer,
+                        inflight_bytes=max(config.parse_size(args.max_inflight), 1 << 20))
 
 
 async def _until_signal(body: Callable, *a) -> None:
@@ -217,7 +237,8 @@ def cmd_up(args) -> None:
 
     async def body() -> None:
         async with open_nursery() as nursery:
-            meta_port = await nursery.start(MetaService(ns).serve, host, port)
+            # Loopback, one user: any remote may be attached unless --remote-allow narrows it.
+            meta_port = await nursery.start(MetaService(ns, remote_allow=_remote_allow(args, ("*",))).serve, host, port)
             meta_address = f"{host}:{meta_port}"
             servers = []
             for i in range(args.chunkservers):
@@ -353,6 +374,19 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=float, default=30.0, help="seconds before a server call fails with EIO")
         sp.add_argument("--no-local-reads", action="store_true", help="never read chunk files directly")
 
+    def server_flags(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("limits on what one peer may cost this server")
+        g.add_argument("--idle-timeout", type=float, default=600.0, help="close connections idle this long (s)")
+        g.add_argument("--frame-timeout", type=float, default=30.0,
+                       help="a request must arrive within this (s), plus 1 s per MB of data (slow senders)")
+        g.add_argument("--max-connections-per-peer", type=int, default=1024)
+        g.add_argument("--max-inflight", default="4G", help="request data being received, all connections together")
+
+    def remote_allow_flag(sp: argparse.ArgumentParser, default: str) -> None:
+        sp.add_argument("--remote-allow", action="append", metavar="URL_PREFIX",
+                        help="a remote store URL prefix that `kvfs remote attach` may name (repeatable; '*' allows "
+                        f"any; or KVFS_REMOTE_ALLOW=a,b). Default: {default}")
+
     def no_sync_flag(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--no-sync", action="store_true",
                         help="acknowledge metadata changes before they are fsynced (faster; survives a killed "
@@ -376,6 +410,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--fsync", choices=["always", "never"], default="always",
                     help="chunkservers fsync every chunk before acknowledging it (default always)")
     no_sync_flag(sp)
+    remote_allow_flag(sp, "any (kvfs up listens on loopback)")
     client_flags(sp)
     mount_flags(sp)
     sp.set_defaults(func=cmd_up)
@@ -406,6 +441,8 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--rereplicate-delay", type=float, default=30.0,
                     help="seconds a chunkserver must stay down before its chunks are copied elsewhere")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
+    server_flags(sp)
+    remote_allow_flag(sp, "none")
     sp.set_defaults(func=cmd_meta)
 
     sp = sub.add_parser("chunkserver", help="run a chunkserver")
@@ -416,6 +453,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--capacity", default="")
     sp.add_argument("--fsync", choices=["always", "never"], default="always")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
+    server_flags(sp)
     sp.set_defaults(func=cmd_chunkserver)
 
     sp = sub.add_parser("mount", help="mount the namespace with FUSE")

@@ -524,6 +524,28 @@ class FrameHeader(msgspec.Struct):
     data_len: int
 
 
+# --------------------------------------------------------------------------- request limits
+# A server checks a request's declared sizes against these before it allocates anything for the
+# frame (a hostile or broken peer cannot make it reserve memory it then never fills). Requests take
+# at most REQUEST_PAYLOAD bytes of payload and no bulk data unless listed here.
+
+REQUEST_PAYLOAD = 1 << 20
+MAX_CHUNK_SIZE = 256 << 20  # the largest --chunk-size meta accepts: bounds CHUNK_WRITE's data
+LIST_PAYLOAD = 16 << 20  # requests that carry lists (paths, chunk ids, chunk refs)
+
+
+def request_limits(service_methods: dict[int, tuple[type[Struct], type[Struct]]]) -> dict[int, tuple[int, int]]:
+    """method -> (max payload bytes, max bulk data bytes) for one service's method table."""
+    if service_methods is CHUNK_METHODS:
+        special = {CHUNK_WRITE: (REQUEST_PAYLOAD, MAX_CHUNK_SIZE), CHUNK_DELETE: (LIST_PAYLOAD, 0)}
+    else:
+        special = {m: (LIST_PAYLOAD, 0) for m in (
+            META_EXISTS_MANY, META_COMMIT, META_CHUNK_LOCATIONS, META_RENEW_LEASES, META_KV_EXISTS,
+            META_KV_CHUNKS, META_KV_PUBLISH, META_REMOTE_FILL_COMMIT, META_REMOTE_REFILL)}
+        special[META_REGISTER] = (MAX_PAYLOAD, 0)  # every chunk id a server holds
+    return {m: special.get(m, (REQUEST_PAYLOAD, 0)) for m in service_methods}
+
+
 def unpack_header(raw: bytes | bytearray | memoryview) -> FrameHeader:
     """Parse and validate a frame header. Error handling: ValueError on a malformed header."""
     magic, version, kind, method, status, request_id, payload_len, data_len = HEADER.unpack(raw)

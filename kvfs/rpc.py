@@ -55,6 +55,23 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+async def _timely(receive: Awaitable[None], deadline: float) -> bool:
+    """Await a receive under a deadline; False when it ran out, or a stall check inside it fired."""
+    try:
+        with trio.move_on_after(deadline) as scope:
+            await receive
+    except trio.TooSlowError:
+        return False
+    return not scope.cancelled_caught
+
+
+def _peer_of(sock: trio.socket.SocketType) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
+
+
 def _tune(sock: trio.socket.SocketType) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -64,20 +81,25 @@ def _tune(sock: trio.socket.SocketType) -> None:
             pass
 
 
-async def _recv_exactly_into(sock: trio.socket.SocketType, view: memoryview) -> None:
+async def _recv_exactly_into(sock: trio.socket.SocketType, view: memoryview, stall: float | None = None) -> None:
+    """Fill ``view``. ``stall``: fail with trio.TooSlowError when no byte arrives for that long."""
     got = 0
     total = len(view)
     while got < total:
-        n = await sock.recv_into(view[got:])
+        if stall is None:
+            n = await sock.recv_into(view[got:])
+        else:
+            with trio.fail_after(stall):
+                n = await sock.recv_into(view[got:])
         if n == 0:
             raise ConnectionResetError(errno.ECONNRESET, "connection closed by peer")
         got += n
 
 
-async def _recv_exactly(sock: trio.socket.SocketType, size: int) -> bytearray:
+async def _recv_exactly(sock: trio.socket.SocketType, size: int, stall: float | None = None) -> bytearray:
     buf = bytearray(size)
     if size:
-        await _recv_exactly_into(sock, memoryview(buf))
+        await _recv_exactly_into(sock, memoryview(buf), stall)
     return buf
 
 
@@ -126,20 +148,62 @@ async def _send_frame(
 # --------------------------------------------------------------------------- server
 
 
+@dataclass
+class ServerLimits:
+    """What one peer may cost a server. Sizes per method come from ``protocol.request_limits``."""
+
+    idle_timeout: float = 600.0  # a connection with no request in progress is closed after this
+    # A request's frame must arrive within this (plus 1 s per MB of bulk data), and never stall longer.
+    frame_timeout: float = 30.0
+    connections_per_peer: int = 1024  # concurrent connections from one IP address
+    inflight_bytes: int = 4 << 30  # bulk data buffers being received, all connections together
+
+
+class ByteBudget:
+    """A counting semaphore over bytes: receivers wait for room before they allocate a buffer."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.free = limit
+        self._changed = trio.Event()
+
+    async def acquire(self, n: int) -> int:
+        """Wait until ``n`` bytes (at most the whole budget: RpcServer refuses larger frames) are free."""
+        n = min(n, self.limit)
+        while self.free < n:
+            await self._changed.wait()
+        self.free -= n
+        return n
+
+    def release(self, n: int) -> None:
+        self.free += n
+        self._changed.set()
+        self._changed = trio.Event()
+
+
 class RpcServer:
     """Serves one service: ``handlers`` maps method numbers to ``async fn(request, data) -> reply``.
 
     A handler returns a reply struct, or ``(reply, bulk)`` to send bulk data after it.
+
+    Hostile or broken peers: a header naming an unknown method or declaring more payload or bulk data
+    than the method allows is answered with an error and the connection closed, before anything is
+    allocated; bulk buffers wait for room in a shared byte budget; idle connections and frames that
+    trickle in (slowloris) time out; connections per peer address are capped.
     """
 
     def __init__(self, name: str, methods: dict[int, tuple[type[P.Struct], type[P.Struct]]],
-                 handlers: dict[int, Handler]):
+                 handlers: dict[int, Handler], limits: ServerLimits | None = None):
         missing = set(methods) - set(handlers)
         if missing:
             raise ValueError(f"{name}: no handler for methods {sorted(missing)}")
         self.name = name
         self.methods = methods
         self.handlers = handlers
+        self.limits = limits or ServerLimits()
+        self.request_limits = P.request_limits(methods)
+        self.budget = ByteBudget(self.limits.inflight_bytes)
+        self.peers: dict[str, int] = {}  # peer address -> open connections
 
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listener = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -160,36 +224,88 @@ class RpcServer:
                             await trio.sleep(0.05)
                             continue
                         raise
+                    peer = _peer_of(conn)
+                    if self.peers.get(peer, 0) >= self.limits.connections_per_peer:
+                        log.warning("%s: refusing a connection from %s: %d already open", self.name, peer,
+                                    self.peers[peer])
+                        conn.close()
+                        continue
+                    self.peers[peer] = self.peers.get(peer, 0) + 1
                     _tune(conn)
-                    nursery.start_soon(self._serve_connection, conn)
+                    nursery.start_soon(self._serve_connection, conn, peer)
         finally:
             listener.close()
 
-    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
+    async def _serve_connection(self, sock: trio.socket.SocketType, peer: str = "") -> None:
         header = bytearray(P.HEADER_SIZE)
         hview = memoryview(header)
+        limits = self.limits
         try:
             while True:
-                try:
-                    await _recv_exactly_into(sock, hview)
-                except ConnectionResetError:
+                # Idle until the first byte of a request; then the whole header within the frame timeout.
+                with trio.move_on_after(limits.idle_timeout) as idle:
+                    first = await sock.recv_into(hview[:1])
+                if idle.cancelled_caught or first == 0:
+                    return
+                with trio.move_on_after(limits.frame_timeout) as slow:
+                    await _recv_exactly_into(sock, hview[1:])
+                if slow.cancelled_caught:
+                    log.warning("%s: %s sent a partial header for %gs: closing", self.name, peer, limits.frame_timeout)
                     return
                 try:
                     frame = P.unpack_header(header)
                 except ValueError as exc:
-                    log.warning("%s: dropping connection: %s", self.name, exc)
+                    log.warning("%s: dropping connection from %s: %s", self.name, peer, exc)
                     return
-                payload = await _recv_exactly(sock, frame.payload_len)
-                data = None
-                if frame.data_len:
-                    buf = bytearray(frame.data_len)
-                    data = memoryview(buf)
-                    await _recv_exactly_into(sock, data)
-                await self._dispatch(sock, frame, payload, data)
+                refused = self._refuse(frame)
+                if refused is not None:
+                    # The rest of the frame is still on the wire and is not read: answer, then close.
+                    await _send_frame(sock, P.KIND_REPLY, frame.method, refused[0], frame.request_id,
+                                      P.ErrorReply(refused[1]), None)
+                    log.warning("%s: %s from %s", self.name, refused[1], peer)
+                    return
+                if not await self._receive_and_dispatch(sock, frame, peer):
+                    return
         except OSError as exc:
             log.debug("%s: connection error: %s", self.name, exc)
         finally:
             sock.close()
+            self.peers[peer] = self.peers.get(peer, 1) - 1
+            if self.peers[peer] <= 0:
+                self.peers.pop(peer, None)
+
+    def _refuse(self, frame: P.FrameHeader) -> tuple[int, str] | None:
+        """(errno, message) when the header alone disqualifies the request."""
+        if frame.kind != P.KIND_REQUEST or frame.method not in self.request_limits:
+            return errno.ENOSYS, f"{self.name}: unknown method {frame.method}"
+        max_payload, max_data = self.request_limits[frame.method]
+        max_data = min(max_data, self.budget.limit)  # a buffer never exceeds the whole in-flight budget
+        if frame.payload_len > max_payload or frame.data_len > max_data:
+            return errno.EMSGSIZE, (f"{self.name}: request too large for method {frame.method} (payload "
+                                    f"{frame.payload_len} > {max_payload} or data {frame.data_len} > {max_data})")
+        return None
+
+    async def _receive_and_dispatch(self, sock: trio.socket.SocketType, frame: P.FrameHeader, peer: str) -> bool:
+        """Receive the frame's payload and data and dispatch it; False when the peer stalled or was too
+        slow (the caller then closes the connection)."""
+        stall = self.limits.frame_timeout
+        deadline = stall + frame.data_len / 1e6
+        payload = bytearray(frame.payload_len)
+        if not await _timely(_recv_exactly_into(sock, memoryview(payload), stall), deadline):
+            log.warning("%s: %s stalled sending a request: closing", self.name, peer)
+            return False
+        # Room for the bulk data first (a budget shared by every connection), then the buffer.
+        reserved = await self.budget.acquire(frame.data_len) if frame.data_len else 0
+        try:
+            data = memoryview(bytearray(frame.data_len)) if frame.data_len else None
+            if data is not None and not await _timely(_recv_exactly_into(sock, data, stall), deadline):
+                log.warning("%s: %s stalled sending %d bytes of data: closing", self.name, peer, frame.data_len)
+                return False
+            await self._dispatch(sock, frame, payload, data)
+            return True
+        finally:
+            if reserved:
+                self.budget.release(reserved)
 
     async def _dispatch(self, sock: trio.socket.SocketType, frame: P.FrameHeader, payload: bytearray,
                         data: memoryview | None) -> None:

@@ -33,7 +33,7 @@ import trio
 
 from kvfs import protocol as P
 from kvfs.meta.engine_etcd import EtcdClient, EtcdEngine, parse_url
-from kvfs.rpc import NotLeader, RpcServer
+from kvfs.rpc import NotLeader, RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.meta.leader")
@@ -116,12 +116,13 @@ class HaMeta:
     """One meta process of an HA group: serves as leader or standby on one listening socket."""
 
     def __init__(self, url: str, make_service: Callable[[EtcdEngine], object], *, ttl: int = 5,
-                 advertise: str = "", engine_timeout: float = 5.0):
+                 advertise: str = "", engine_timeout: float = 5.0, limits: ServerLimits | None = None):
         self.endpoints, self.root = parse_url(url)
         self.make_service = make_service  # engine -> MetaService (builds the Namespace over the engine)
         self.ttl = max(2, int(ttl))
         self.advertise = advertise
         self.engine_timeout = engine_timeout
+        self.limits = limits
         self.address = ""
         self.election: Election | None = None
         self.leader = ""  # last known leader address
@@ -178,7 +179,7 @@ class HaMeta:
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         handlers = {method: self._route(method) for method in P.META_METHODS}
         handlers[P.META_HA_STATUS] = self._status
-        server = RpcServer("meta", P.META_METHODS, handlers)
+        server = RpcServer("meta", P.META_METHODS, handlers, self.limits)
         async with open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
             # The address other processes are told (leader key, NOT_LEADER hints): never a wildcard.

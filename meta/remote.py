@@ -12,12 +12,9 @@ a trio task in the meta process, reads the file through ``kvfs.Client`` and uplo
 lookups, refuses writes in read-only bindings (EROFS), and marks files dirty after commits. The
 namespace itself knows nothing about remotes.
 
-Key layout (own ``r`` prefix; records.py owns the upper-case ones)::
-
-    rb <path>        -> BindingRecord
-    rf <ino:8>       -> FileRecord
-    ru <ino:8>       -> b""              upload queue (one entry per dirty file)
-    rd <seq:8>       -> DeleteJob        remote deletes still to do
+Files: this one (bindings, listing sync, staleness, the handler layer), ``remote_fills.py``
+(read-through fills, eviction), ``remote_uploads.py`` (the write-back uploader), ``remote_records.py``
+(records, keys and tunables).
 
 Error handling: remote failures never fail a local write; they are retried with exponential
 backoff and shown as the file's ``error``. Attach validates the location and fails with one line.
@@ -28,12 +25,8 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import os
 import stat
-import time
-from dataclasses import dataclass, field
 
-import msgspec
 import trio
 
 from kvfs import protocol as P
@@ -41,92 +34,34 @@ from kvfs.errors import error
 from kvfs.meta import records as R
 from kvfs.meta.engine import Batch
 from kvfs.meta.namespace import ROOT_INO, Namespace, check_name, now_ns
-from kvfs.tasks import open_nursery
+from kvfs.meta.remote_fills import RemoteFills
+from kvfs.meta.remote_records import (
+    CLEAN,
+    DIRTY,
+    MODES,
+    STATE_XATTR,
+    UPLOADING,
+    BindingRecord,
+    DeleteJob,
+    FileRecord,
+    TierOptions,
+    _dec_binding,
+    _dec_file,
+    _enc,
+    binding_key,
+    delete_key,
+    file_key,
+    norm_path,
+    upload_key,
+)
+from kvfs.meta.remote_uploads import RemoteUploads
+from kvfs.remote.allow import check as check_allowed
 
 log = logging.getLogger("kvfs.meta.remote")
 
-MODES = ("writeback", "writethrough", "readonly")
-STATE_XATTR = "user.kvfs.state"
-DIRTY, UPLOADING, CLEAN = "dirty", "uploading", "clean"
 
 
-def _env(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-@dataclass
-class TierOptions:
-    """Tunables; each can be set from the environment of the meta process (``KVFS_REMOTE_*``)."""
-
-    ttl: float = field(default_factory=lambda: _env("KVFS_REMOTE_TTL", 30.0))  # listing/validation freshness
-    sync_wait: float = field(default_factory=lambda: _env("KVFS_REMOTE_SYNC_WAIT", 3.0))  # lookup waits this long
-    remote_timeout: float = field(default_factory=lambda: _env("KVFS_REMOTE_TIMEOUT", 60.0))
-    max_backoff: float = field(default_factory=lambda: _env("KVFS_REMOTE_MAX_BACKOFF", 30.0))
-    uploads: int = field(default_factory=lambda: int(_env("KVFS_REMOTE_UPLOADS", 4)))
-    writethrough_timeout: float = field(default_factory=lambda: _env("KVFS_REMOTE_WRITETHROUGH_TIMEOUT", 25.0))
-    high_watermark: float = field(default_factory=lambda: _env("KVFS_REMOTE_HIGH_WATERMARK", 0.90))
-    low_watermark: float = field(default_factory=lambda: _env("KVFS_REMOTE_LOW_WATERMARK", 0.80))
-    evict_min_age: float = field(default_factory=lambda: _env("KVFS_REMOTE_EVICT_MIN_AGE", 60.0))
-
-
-class BindingRecord(msgspec.Struct, array_like=True):
-    path: str
-    url: str
-    mode: str
-    root_ino: int
-    uid: int = 0
-    gid: int = 0
-
-
-class FileRecord(msgspec.Struct, array_like=True):
-    binding: str  # binding path
-    key: str  # object key relative to the binding's URL
-    state: str
-    etag: str = ""  # version of the remote object this file matches ("" = never uploaded)
-    size: int = 0
-    mtime_ns: int = 0
-    version: int = 0  # bumped by every local change; an upload only cleans the version it read
-    error: str = ""
-
-
-class DeleteJob(msgspec.Struct, array_like=True):
-    url: str
-    key: str
-
-
-_enc = msgspec.msgpack.Encoder().encode
-_dec_binding = msgspec.msgpack.Decoder(BindingRecord).decode
-_dec_file = msgspec.msgpack.Decoder(FileRecord).decode
-_dec_delete = msgspec.msgpack.Decoder(DeleteJob).decode
-
-
-def binding_key(path: str) -> bytes:
-    return b"rb" + path.encode("utf-8", "surrogateescape")
-
-
-def file_key(ino: int) -> bytes:
-    return b"rf" + R.U64.pack(ino)
-
-
-def upload_key(ino: int) -> bytes:
-    return b"ru" + R.U64.pack(ino)
-
-
-def delete_key(seq: int) -> bytes:
-    return b"rd" + R.U64.pack(seq)
-
-
-def norm_path(path: str) -> str:
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise error(errno.EINVAL, f"{path}: '..' not allowed")
-    return "/" + "/".join(parts)
-
-
-class RemoteTier:
+class RemoteTier(RemoteFills, RemoteUploads):
     def __init__(self, ns: Namespace, options: TierOptions | None = None):
         self.ns = ns
         self.opts = options or TierOptions()
@@ -232,6 +167,7 @@ class RemoteTier:
     async def attach(self, r: P.RemoteAttach) -> P.RemoteBinding:
         from kvfs.remote import open_store
 
+        check_allowed(r.url, self.opts.allow)
         if r.mode not in MODES:
             raise error(errno.EINVAL, f"mode must be one of {', '.join(MODES)}")
         path = norm_path(r.path)
@@ -520,336 +456,7 @@ class RemoteTier:
                 log.info("%s changed remotely (etag %s -> %s): dropping the cached copy", rec.key, rec.etag, e.etag)
                 self._set_remote_version(ino, cur, e, drop_chunks=True)
 
-    # ------------------------------------------------------------------ read-through fills
 
-    def info(self, ino: int) -> P.RemoteInfoReply:
-        found = self.binding_of_file(ino)
-        if found is None:
-            raise error(errno.ENODATA, f"inode {ino} is not backed by a remote store")
-        b, rec = found
-        node = self.ns.inode(ino)
-        fillable = rec.state == CLEAN and bool(rec.etag) and node.size == rec.size
-        return P.RemoteInfoReply(b.url, rec.key, b.mode, rec.state, rec.etag, rec.size, rec.mtime_ns, fillable,
-                                 rec.error)
-
-    def fill_alloc(self, r: P.RemoteFillAlloc) -> P.RemoteFillAllocReply:
-        if not self.info(r.ino).fillable:
-            raise error(errno.ESTALE, f"inode {r.ino}: no clean remote copy to fill from")
-        return P.RemoteFillAllocReply([self.ns.alloc_pending_chunk(r.size_hint)
-                                       for _ in range(max(1, min(r.count, 1024)))])
-
-    def fill_commit(self, r: P.RemoteFillCommit) -> P.RemoteFillCommitReply:
-        info = self.info(r.ino)
-        batch: Batch = []
-        # Only chunks still pending (not dropped as garbage meanwhile) may be committed.
-        fresh = {ref.chunk_id for ref in r.chunks if self.ns._unpublished(ref.chunk_id)}
-        self.ns.pending.settle(batch, fresh)
-        if not info.fillable or info.etag != r.etag:
-            self.ns.engine.write(batch)
-            for ref in r.chunks:
-                self.ns.registry.drop_chunk(ref.chunk_id)
-            raise error(errno.ESTALE, f"{info.key}: the remote object changed while it was being fetched")
-        cs = self.ns.chunk_size
-        out = []
-        garbage = []
-        for ref in r.chunks:
-            raw = self.ns.engine.get(R.chunk_key(r.ino, ref.index))
-            expect = min(cs, info.size - ref.index * cs)
-            if raw is not None or ref.length != expect or expect <= 0 or ref.chunk_id not in fresh:
-                garbage.append(ref.chunk_id)  # filled by someone else first, or bogus
-                if raw is not None:
-                    rec = R.decode_chunk(raw)
-                    out.append(P.ChunkRef(ref.index, rec.chunk_id, rec.length, self.ns.registry.replicas_of(rec.chunk_id)))
-                continue
-            batch.append((R.chunk_key(r.ino, ref.index), R.encode(R.ChunkRecord(ref.chunk_id, ref.length))))
-            batch.append((R.live_chunk_key(ref.chunk_id), b""))
-            self.ns.used_bytes += ref.length
-            out.append(P.ChunkRef(ref.index, ref.chunk_id, ref.length, self.ns.registry.replicas_of(ref.chunk_id)))
-        if batch:
-            self.ns.engine.write(batch)
-        for chunk_id in garbage:
-            self.ns.registry.drop_chunk(chunk_id)
-        return P.RemoteFillCommitReply(out)
-
-    def refill(self, r: P.RemoteRefill) -> None:
-        """Forget fetched chunks a client could not read, so the next read fetches them again."""
-        info = self.info(r.ino)
-        if not info.fillable or info.etag != r.etag:
-            raise error(errno.ESTALE, f"{info.key}: not a clean copy of this remote version")
-        batch: Batch = []
-        dropped = []
-        for ref in r.chunks:
-            raw = self.ns.engine.get(R.chunk_key(r.ino, ref.index))
-            if raw is None:
-                continue
-            rec = R.decode_chunk(raw)
-            if rec.chunk_id != ref.chunk_id:
-                continue  # already refilled by another client
-            batch.append((R.chunk_key(r.ino, ref.index), None))
-            batch.append((R.live_chunk_key(rec.chunk_id), None))
-            dropped.append(rec)
-        if batch:
-            self.ns.engine.write(batch)
-            self._release_chunks(dropped)
-            log.warning("%s/%s: %d fetched chunk(s) unreadable; fetching them again", info.url, info.key,
-                        len(dropped))
-
-    # ------------------------------------------------------------------ eviction
-
-    def evict_file(self, ino: int) -> int:
-        """Drop the local chunks of a clean file (they are re-fetched on demand). Dirty data never goes."""
-        rec = self.file(ino)
-        if rec is None or rec.state != CLEAN or not rec.etag or self.ns.inode(ino).size != rec.size:
-            return 0
-        batch: Batch = []
-        dropped = self._drop_chunks(batch, ino)
-        if not dropped:
-            return 0
-        self.ns.engine.write(batch)
-        self._release_chunks(dropped)
-        return sum(c.length for c in dropped)
-
-    async def evict_path(self, path: str) -> P.RemoteEvictReply:
-        attr = await self.resolve(path)
-        files = freed = 0
-        stack = [attr.ino]
-        while stack:
-            ino = stack.pop()
-            if stat.S_ISDIR(self.ns.inode(ino).mode):
-                stack.extend(R.U64.unpack(v)[0] for _, v in self.ns.engine.scan(R.dentry_prefix(ino)))
-                continue
-            n = self.evict_file(ino)
-            if n:
-                files += 1
-                freed += n
-        return P.RemoteEvictReply(files, freed)
-
-    def _over_watermark(self) -> int:
-        """Bytes to free so every chunkserver above the high watermark gets under the low one."""
-        need = 0
-        for s in self.ns.registry.live_servers():
-            if s.capacity and s.used > self.opts.high_watermark * s.capacity:
-                need += int(s.used - self.opts.low_watermark * s.capacity)
-        return need
-
-    async def _evictor(self) -> None:
-        while True:
-            await trio.sleep(2.0)
-            need = self._over_watermark()
-            if need <= 0 or not self.bindings:
-                continue
-            now = trio.current_time()
-            candidates = []
-            for key, raw in self.ns.engine.scan(b"rf"):
-                rec = _dec_file(raw)
-                ino = R.U64.unpack(key[2:])[0]
-                last = self._access.get(ino, 0.0)
-                if rec.state == CLEAN and rec.etag and now - last >= self.opts.evict_min_age:
-                    candidates.append((last, ino))
-            candidates.sort()
-            freed = 0
-            # Replicated chunks free `replication` times their length across servers.
-            for _, ino in candidates:
-                if freed >= need:
-                    break
-                freed += self.evict_file(ino) * max(self.ns.replication, 1)
-            if freed:
-                log.info("capacity above %.0f%%: evicted %d bytes of clean remote-backed data",
-                         self.opts.high_watermark * 100, freed)
-                await trio.sleep(5.0)  # let chunkservers delete and report before judging again
-
-    # ------------------------------------------------------------------ write-back uploader
-
-    async def run(self, meta_address: str) -> None:
-        """The tier's background tasks: uploader, remote deletes, eviction. Owned by the meta service."""
-        from kvfs.client import Client, ClientOptions
-
-        async with open_nursery() as nursery:
-            self._nursery = nursery
-            client = Client(meta_address, ClientOptions(timeout=30.0), client_id=f"meta-uploader-{os.getpid()}")
-            while True:
-                try:
-                    await client.connect(nursery)
-                    break
-                except OSError as exc:
-                    log.debug("uploader: connecting to meta: %s", exc)
-                    await trio.sleep(0.5)
-            self._client = client
-            nursery.start_soon(self._evictor)
-            try:
-                await self._dispatch_loop(nursery)
-            finally:
-                client.close()
-
-    async def _dispatch_loop(self, nursery: trio.Nursery) -> None:
-        slots = trio.Semaphore(max(1, self.opts.uploads))
-        while True:
-            self._wake = trio.Event()
-            now = trio.current_time()
-            next_due = now + 5.0
-            for key, _ in list(self.ns.engine.scan(b"ru")):
-                ino = R.U64.unpack(key[2:])[0]
-                due = self._backoff.get(ino, (0.0, 0))[0]
-                if ino in self._active:
-                    continue
-                if due > now:
-                    next_due = min(next_due, due)
-                    continue
-                if self._being_written(ino):
-                    next_due = min(next_due, now + 0.5)  # upload what the writer closes, not a half-written file
-                    continue
-                if slots.value == 0:
-                    break
-                await slots.acquire()
-                self._active.add(ino)
-                nursery.start_soon(self._upload_task, ino, slots)
-            for key, raw in list(self.ns.engine.scan(b"rd")):
-                seq = R.U64.unpack(key[2:])[0]
-                due = self._backoff.get(-seq, (0.0, 0))[0]
-                if -seq in self._active:
-                    continue
-                if due > now:
-                    next_due = min(next_due, due)
-                    continue
-                if slots.value == 0:
-                    break
-                await slots.acquire()
-                self._active.add(-seq)
-                nursery.start_soon(self._delete_task, seq, _dec_delete(raw), slots)
-            with trio.move_on_after(max(0.05, next_due - trio.current_time())):
-                await self._wake.wait()
-
-    def _being_written(self, ino: int) -> bool:
-        """A write-back file whose writer still holds the write lease (write-through never waits)."""
-        holder = self.ns.leases.get(ino)
-        if holder is None or holder[1] <= self.ns.clock() or ino in self._changed:
-            return False
-        found = self.binding_of_file(ino)
-        return found is not None and found[0].mode == "writeback"
-
-    def _failed(self, job: int, what: str, exc: BaseException) -> float:
-        _, attempts = self._backoff.get(job, (0.0, 0))
-        delay = min(self.opts.max_backoff, 0.5 * 2 ** attempts)
-        self._backoff[job] = (trio.current_time() + delay, attempts + 1)
-        log.warning("%s failed (attempt %d, retrying in %.1fs): %s", what, attempts + 1, delay, exc)
-        return delay
-
-    def _notify(self, ino: int) -> None:
-        ev = self._changed.pop(ino, None)
-        if ev is not None:
-            ev.set()
-
-    async def _upload_task(self, ino: int, slots: trio.Semaphore) -> None:
-        try:
-            await self._upload(ino)
-            self._backoff.pop(ino, None)
-        except (OSError, trio.TooSlowError) as exc:
-            self._failed(ino, f"upload of inode {ino}", exc)
-            rec = self.file(ino)
-            if rec is not None and rec.state == UPLOADING:
-                rec.state = DIRTY
-                rec.error = str(exc)
-                self.ns.engine.write([(file_key(ino), _enc(rec))])
-        finally:
-            self._active.discard(ino)
-            slots.release()
-            self._notify(ino)
-            self._kick()
-
-    async def _upload(self, ino: int) -> None:
-        from kvfs.remote import open_store
-
-        found = self.binding_of_file(ino)
-        if found is None or found[1].state == CLEAN:
-            self.ns.engine.write([(upload_key(ino), None)])
-            return
-        b, rec = found
-        if b.mode == "readonly":
-            self.ns.engine.write([(upload_key(ino), None)])
-            return
-        version, key = rec.version, rec.key
-        rec.state = UPLOADING
-        self.ns.engine.write([(file_key(ino), _enc(rec))])
-        store = open_store(b.url)
-        client = self._client
-        assert client is not None
-        t0 = time.monotonic()
-        st = await client.open(ino)
-        try:
-            size = st.size
-            upload = await trio.to_thread.run_sync(store.begin_upload, key, size)
-            try:
-                step = client.chunk_size
-                # Read the next chunk while the previous one is sent.
-                send, recv = trio.open_memory_channel(2)
-
-                async def reader() -> None:
-                    async with send:
-                        for off in range(0, size, step):
-                            buf = bytearray(min(step, size - off))
-                            with trio.fail_after(self.opts.remote_timeout):
-                                await client.read_into(ino, off, memoryview(buf))
-                            await send.send(buf)
-
-                async with open_nursery() as inner:
-                    inner.start_soon(reader)
-                    async with recv:
-                        async for buf in recv:
-                            with trio.fail_after(self.opts.remote_timeout):
-                                await trio.to_thread.run_sync(upload.write, buf, abandon_on_cancel=True)
-                with trio.fail_after(self.opts.remote_timeout * 4):
-                    entry = await trio.to_thread.run_sync(upload.complete, abandon_on_cancel=True)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(upload.abort)
-                raise
-        finally:
-            await client.release(ino)
-        cur = self.file(ino)
-        if cur is None or cur.key != key or cur.binding != b.path:
-            # Unlinked or renamed while uploading: the object under the old key must not linger.
-            batch: Batch = []
-            self._queue_delete(batch, b.url, key)
-            self.ns.engine.write(batch)
-            return
-        if cur.version != version:
-            cur.state = DIRTY  # changed while uploading: the queue entry stays, the next round sends it
-            self.ns.engine.write([(file_key(ino), _enc(cur))])
-            return
-        cur.state, cur.etag, cur.size, cur.mtime_ns, cur.error = CLEAN, entry.etag, entry.size, entry.mtime_ns, ""
-        self.ns.engine.write([(file_key(ino), _enc(cur)), (upload_key(ino), None)])
-        self._validated[ino] = trio.current_time()
-        log.info("uploaded %s/%s (%d bytes in %.2fs)", b.url, key, size, time.monotonic() - t0)
-
-    async def _delete_task(self, seq: int, job: DeleteJob, slots: trio.Semaphore) -> None:
-        from kvfs.remote import open_store
-
-        try:
-            store = open_store(job.url)
-            with trio.fail_after(self.opts.remote_timeout):
-                await trio.to_thread.run_sync(store.delete, job.key, abandon_on_cancel=True)
-            self.ns.engine.write([(delete_key(seq), None)])
-            self._backoff.pop(-seq, None)
-        except (OSError, trio.TooSlowError) as exc:
-            self._failed(-seq, f"remote delete of {job.url}/{job.key}", exc)
-        finally:
-            self._active.discard(-seq)
-            slots.release()
-
-    async def wait_clean(self, ino: int, timeout: float) -> None:
-        """Write-through: wait until the upload of ``ino`` lands; EIO (data kept, retried) if it fails."""
-        with trio.move_on_after(timeout):
-            while True:
-                rec = self.file(ino)
-                if rec is None or rec.state == CLEAN:
-                    return
-                if rec.error and ino not in self._active:
-                    raise error(errno.EIO, f"write-through upload of {rec.key} failed: {rec.error} "
-                                           f"(kept locally; retrying in the background)")
-                ev = self._changed.setdefault(ino, trio.Event())
-                await ev.wait()
-        raise error(errno.EIO, f"write-through upload not finished within {timeout:g}s "
-                               f"(kept locally; continuing in the background)")
 
     # ------------------------------------------------------------------ layering over the namespace handlers
 

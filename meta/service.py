@@ -12,15 +12,16 @@ from kvfs.meta.durability import GroupCommit
 from kvfs.meta.eviction import KVCache
 from kvfs.meta.namespace import Namespace
 from kvfs.meta.replication import Replicator
-from kvfs.rpc import RpcServer
+from kvfs.rpc import RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.meta")
 
 
 class MetaService:
-    def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0):
+    def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0, remote_allow: tuple[str, ...] | None = None):
         self.ns = ns
+        self.remote_allow = remote_allow  # None: KVFS_REMOTE_ALLOW (kvfs.remote.allow)
         self.replicator = Replicator(ns.registry, ns.replication, ns.is_live_chunk, delay=rereplicate_delay)
         self.kv = KVCache(ns)
         self.commits = GroupCommit(ns.engine)
@@ -107,9 +108,10 @@ class MetaService:
     def build(self):
         """The RPC handlers (remote tier layered over the namespace's, replies held for durability) and
         the remote tier whose background work ``run`` owns."""
-        from kvfs.meta.remote import RemoteTier
+        from kvfs.meta.remote import RemoteTier, TierOptions
 
-        tier = RemoteTier(self.ns)  # remote capacity tier (issue 3): layers over the namespace handlers
+        options = TierOptions() if self.remote_allow is None else TierOptions(allow=self.remote_allow)
+        tier = RemoteTier(self.ns, options)  # remote capacity tier (issue 3): layers over the namespace handlers
         handlers = {method: self.commits.wrap(h) for method, h in tier.wrap(self.handlers()).items()}
         return handlers, tier
 
@@ -121,9 +123,10 @@ class MetaService:
             nursery.start_soon(self.replicator.loop)
             nursery.start_soon(tier.run, meta_address)
 
-    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, host: str, port: int, *, limits: ServerLimits | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
         handlers, tier = self.build()
-        server = RpcServer("meta", P.META_METHODS, handlers)
+        server = RpcServer("meta", P.META_METHODS, handlers, limits)
         async with open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
             nursery.start_soon(self.run, tier, f"{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{bound}")

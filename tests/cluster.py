@@ -79,6 +79,7 @@ class Cluster:
     rereplicate_delay: float = 30.0
     chunkserver_args: tuple[str, ...] = ()  # extra `kvfs chunkserver` flags, e.g. ("--capacity", "3M")
     meta_args: tuple[str, ...] = ()  # extra `kvfs meta` flags, e.g. ("--lease-seconds", "3")
+    remote_allow: tuple[str, ...] = ("*",)  # `kvfs meta --remote-allow` (tests attach moto and tmp dirs)
     meta_metrics_port: int = 0
     meta_port: int = field(default_factory=free_port)
     meta: Proc | None = None
@@ -95,7 +96,8 @@ class Cluster:
                           "--replication", str(self.replication), "--chunk-size", self.chunk_size,
                           "--heartbeat-timeout", str(self.heartbeat_timeout),
                           "--rereplicate-delay", str(self.rereplicate_delay),
-                          "--metrics-port", str(self.meta_metrics_port), *self.meta_args],
+                          "--metrics-port", str(self.meta_metrics_port),
+                          *[a for prefix in self.remote_allow for a in ("--remote-allow", prefix)], *self.meta_args],
                          os.path.join(self.root, "meta.log"))
         self.meta.start()
         self.wait_meta()

@@ -836,3 +836,35 @@ def test_chunkserver_high_watermark_evicts_real_cluster(make_cluster):
         assert present[0] is True and present[-1] is False
         assert c.stat("/weights.bin").size == 512 << 10
         s.close()
+
+
+def test_native_get_falls_back_from_a_corrupt_local_replica(cluster):
+    """The native backend reads chunk files on this host directly; a corrupt replica is detected by
+    the chunk checksums and the block comes from the other replica; with every replica corrupt the
+    get fails (never returns wrong bytes)."""
+    from kvfs.chunkserver.store import chunk_path
+
+    with cluster.client() as client:
+        s = KVStore("/kvtest/corrupt-replica", MID, client=client)
+        h = block_hashes(range(16), 16)[0]
+        want = block_for(MID, h)
+        s.put(h, want)
+        servers = {x.address: x.data_dir for x in client.refresh_servers().servers}
+        ref = client.chunk_map(client.resolve(s.path(h)).ino).chunks[0]
+        assert len(ref.replicas) == 2
+
+        def flip(address: str) -> None:
+            path = chunk_path(servers[address], ref.chunk_id)
+            assert os.path.getsize(path) == ref.length > 40_000, (path, ref)
+            with open(path, "r+b") as f:
+                f.seek(40_000)  # inside the payload, past the 4 KiB header
+                byte = f.read(1)
+                f.seek(40_000)
+                f.write(bytes([byte[0] ^ 0x10]))
+
+        flip(ref.replicas[0])
+        assert torch.equal(s.get(h), want)
+        assert torch.equal(s.get_many([h])[0], want)
+        flip(ref.replicas[1])
+        with pytest.raises((OSError, BlockError)):
+            s.get(h)

@@ -533,3 +533,25 @@ def test_capacity_pressure_drops_clean_data_only(remote_env, make_cluster, monke
     assert "/src" not in kvfs(cluster.meta_address, "remote", "list").stdout
     with cluster.client() as c:
         assert c.listdir("/src") == []  # remote-backed entries leave with the binding; the remote keeps them
+
+
+def test_attach_only_what_the_admin_allowed(make_cluster, tmp_path):
+    """Meta opens remote stores with its own credentials, so only URLs under its --remote-allow
+    prefixes may be attached (issue 13): no file:///etc/cron.d write-back binding for any client."""
+    allowed = tmp_path / "allowed"
+    (allowed / "models").mkdir(parents=True)
+    (tmp_path / "allowed-evil").mkdir()
+    (allowed / "link").symlink_to("/etc")
+    cluster = make_cluster(chunkservers=1, replication=1, remote_allow=(f"file://{allowed}",))
+    ok = kvfs(cluster.meta_address, "remote", "attach", "/m", f"file://{allowed}/models", "--mode", "readonly")
+    assert ok.returncode == 0
+    for url in (f"file://{tmp_path}/allowed-evil", "file:///etc/cron.d", f"file://{allowed}/../allowed-evil",
+                f"file://{allowed}/link", "s3://some-bucket/x"):
+        r = kvfs(cluster.meta_address, "remote", "attach", unique("no"), url, "--mode", "writeback", check=False)
+        assert r.returncode == 1, url
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "not on this meta's remote allow-list" in lines[0], (url, r.stderr)
+    # By default a cluster meta allows nothing.
+    closed = make_cluster(chunkservers=1, replication=1, remote_allow=())
+    r = kvfs(closed.meta_address, "remote", "attach", "/m", f"file://{allowed}/models", check=False)
+    assert r.returncode == 1 and "allow-list" in r.stderr

@@ -1,0 +1,72 @@
+"""The client library's plain data: options, per-file state, local chunk files (kvfs/client.py)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from kvfs import protocol as P
+
+BLOCK = P.CHECKSUM_BLOCK
+
+
+@dataclass
+class ClientOptions:
+    timeout: float = 30.0  # per RPC; a dead server surfaces as EIO after this
+    connect_timeout: float = 5.0
+    local_reads: bool = True  # read chunk files directly when the chunkserver is on this machine
+    max_upload_inflight: int = 8  # chunks being uploaded at once per client (write backpressure)
+    read_cache_chunks: int = 8  # verified chunks kept per open file for small sequential reads
+    prefetch: bool = True
+    prefetch_chunks: int = 4  # chunks fetched ahead of a sequential reader, concurrently (disk queue depth)
+    # Lookup bursts in one directory are answered from one listing for this long (kvfs.dircache);
+    # 0 turns it off. Same staleness bound as the mount's attribute cache.
+    dir_cache_ttl: float = 1.0
+    dir_cache_burst: int = 16  # lookups in one directory within the ttl before it is listed
+
+
+@dataclass
+class _ServerInfo:
+    address: str
+    data_dir: str
+    host_id: str
+
+
+@dataclass(frozen=True)
+class LocalChunk:
+    """A replica's chunk file on this host, readable without the chunkserver (short-circuit)."""
+
+    path: str
+    sums_path: str
+    chunk_id: int
+    address: str
+    length: int
+
+
+@dataclass
+class FileState:
+    """Per-inode state shared by every open handle of this client."""
+
+    ino: int
+    attr: P.Attr
+    chunks: dict[int, P.ChunkRef]  # committed chunk map as last fetched
+    opens: int = 0
+    writable: bool = False
+    size: int = 0  # current size including uncommitted writes
+    dirty: dict[int, bytearray] = field(default_factory=dict)  # chunk index -> whole chunk contents
+    uploaded: dict[int, P.ChunkRef] = field(default_factory=dict)  # written to chunkservers, not committed
+    modified: bool = False
+    version: int = 0  # bumped by every write/truncate, so a flush knows whether writes raced its commit
+    uploads: int = 0
+    upload_error: OSError | None = None
+    upload_done: trio.Event = field(default_factory=trio.Event)
+    cache: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    last_read_end: int = -1
+    prefetching: dict[int, trio.Event] = field(default_factory=dict)  # chunk index -> set once loaded
+    inflight: set[int] = field(default_factory=set)  # chunk indexes being uploaded
+    truncated_to: int = -1  # smallest size truncated to since the last commit (-1: none)
+
+    def ref(self, index: int) -> P.ChunkRef | None:
+        return self.uploaded.get(index) or self.chunks.get(index)

@@ -1,0 +1,207 @@
+"""Hostile and broken peers against real meta and chunkserver processes (issue 13, limits): unknown
+methods, oversized and truncated frames, huge declared lengths, slow senders, idle and excess
+connections, random bytes. No crash, bounded memory, and well-behaved clients keep being served."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import pytest
+from cluster import Cluster, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvfs import protocol as P
+
+LIMITS = ("--idle-timeout", "4", "--frame-timeout", "1.5", "--max-connections-per-peer", "40", "--max-inflight", "48M")
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory):
+    c = Cluster(str(tmp_path_factory.mktemp("hostile")), chunkservers=1, replication=1, meta_args=LIMITS,
+                chunkserver_args=LIMITS).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def targets(cluster) -> dict[str, tuple[tuple[str, int], int]]:
+    """service -> ((host, port), pid)"""
+    cs = cluster.servers[0]
+    cs_port = int(cs.args[cs.args.index("--listen") + 1].rsplit(":", 1)[1])
+    return {"meta": (("127.0.0.1", cluster.meta_port), cluster.meta.popen.pid),
+            "chunkserver": (("127.0.0.1", cs_port), cs.popen.pid)}
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def connect(addr) -> socket.socket:
+    s = socket.create_connection(addr, timeout=10)
+    s.settimeout(10)
+    return s
+
+
+def closed_by_server(s: socket.socket, within: float) -> bool:
+    """True when the server closes ``s`` within ``within`` seconds (reading whatever it sent first)."""
+    s.settimeout(within)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except (TimeoutError, socket.timeout):
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        s.close()
+
+
+def reply_status(s: socket.socket) -> int:
+    head = b""
+    while len(head) < P.HEADER_SIZE:
+        part = s.recv(P.HEADER_SIZE - len(head))
+        assert part, "closed without a reply"
+        head += part
+    return P.unpack_header(head).status
+
+
+def still_serves(cluster) -> None:
+    data = os.urandom(3 * MiB + 5)
+    name = f"/ok-{time.monotonic_ns()}"
+    with cluster.client(timeout=10) as c:
+        c.write_file(name, data)
+        assert c.read_file(name) == data
+
+
+def test_bad_headers_are_refused_before_any_allocation(hardened):
+    for service, (addr, pid) in targets(hardened).items():
+        before = rss(pid)
+        # Unknown method: an error reply, then the connection is closed.
+        s = connect(addr)
+        s.sendall(P.pack_header(P.KIND_REQUEST, 999, 0, 1, 10, 0) + b"x" * 10)
+        assert reply_status(s) == 38  # ENOSYS
+        assert closed_by_server(s, 5)
+        # Declared sizes beyond the method's limits (60 MiB payload, 200 MiB data on a non-data
+        # method, data past the largest chunk): EMSGSIZE at once, nothing read or allocated.
+        plain, data_method = (P.META_LOOKUP, P.META_LOOKUP) if service == "meta" else (P.CHUNK_STAT, P.CHUNK_WRITE)
+        for method, payload_len, data_len in ((plain, 60 * MiB, 0), (plain, 10, 200 * MiB),
+                                              (data_method, 10, P.MAX_CHUNK_SIZE + 1)):
+            s = connect(addr)
+            s.sendall(P.pack_header(P.KIND_REQUEST, method, 0, 2, payload_len, data_len))
+            assert reply_status(s) == 90, (service, method, payload_len, data_len)  # EMSGSIZE
+            assert closed_by_server(s, 5)
+        # Not a kvfs frame at all, and a truncated header followed by a hang-up.
+        s = connect(addr)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert closed_by_server(s, 5)
+        s = connect(addr)
+        s.sendall(P.pack_header(P.KIND_REQUEST, 1, 0, 3, 10, 0)[:7])
+        assert closed_by_server(s, 5)
+        assert rss(pid) - before < 32 * MiB, service
+    still_serves(hardened)
+
+
+def test_slow_idle_and_excess_connections_are_dropped(hardened):
+    for service, (addr, _) in targets(hardened).items():
+        # Slowloris: a header, then one payload byte and silence: closed after the stall timeout (1.5 s).
+        s = connect(addr)
+        s.sendall(P.pack_header(P.KIND_REQUEST, P.META_HELLO if service == "meta" else P.CHUNK_STAT, 0, 1, 100, 0))
+        s.sendall(b"\x90")
+        t0 = time.monotonic()
+        assert closed_by_server(s, 10), service
+        assert time.monotonic() - t0 < 6
+        # A partial header, then nothing.
+        s = connect(addr)
+        s.sendall(b"\x56\x4b\x01")
+        assert closed_by_server(s, 10)
+        # Idle: closed after the idle timeout (4 s), not kept forever.
+        s = connect(addr)
+        assert closed_by_server(s, 15), service
+        # More connections than the per-peer cap (40): the extra ones are closed at once.
+        held = [connect(addr) for _ in range(40)]
+        try:
+            time.sleep(0.3)
+            assert closed_by_server(connect(addr), 5)
+        finally:
+            for h in held:
+                h.close()
+    still_serves(hardened)
+
+
+def test_declared_bulk_data_is_bounded_by_the_budget(hardened):
+    """Many connections each declaring a 40 MiB CHUNK_WRITE and sending nothing more: the server
+    reserves at most its in-flight budget (48 MiB), not 20 x 40 MiB, and drops them as they stall. A
+    frame larger than the whole budget is refused."""
+    addr, pid = targets(hardened)["chunkserver"]
+    before = rss(pid)
+    payload = P.encode(P.WriteChunk(123456, [0], [], True))
+    socks = []
+    for i in range(20):
+        s = connect(addr)
+        s.sendall(P.pack_header(P.KIND_REQUEST, P.CHUNK_WRITE, 0, i, len(payload), 40 * MiB) + payload + b"z" * 1000)
+        socks.append(s)
+    time.sleep(1.0)
+    assert rss(pid) - before < 100 * MiB
+    for s in socks:
+        assert closed_by_server(s, 15)  # each stalls, and is dropped
+    s = connect(addr)
+    s.sendall(P.pack_header(P.KIND_REQUEST, P.CHUNK_WRITE, 0, 99, len(payload), 49 * MiB) + payload)
+    assert reply_status(s) == 90  # EMSGSIZE: larger than --max-inflight
+    assert closed_by_server(s, 5)
+    still_serves(hardened)
+
+
+frames = st.one_of(
+    st.binary(max_size=200),  # garbage
+    st.builds(lambda kind, method, payload_len, data_len, body: P.pack_header(kind, method, 0, 7, payload_len, data_len) + body,
+              st.integers(0, 3), st.integers(0, 120), st.integers(0, 1 << 32 - 1), st.integers(0, 1 << 40),
+              st.binary(max_size=300)),
+    st.builds(lambda method, body: P.pack_header(P.KIND_REQUEST, method, 0, 9, len(body), 0) + body,
+              st.integers(0, 120), st.binary(max_size=300)),  # a well-framed request with random msgpack
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=frames, which=st.sampled_from(["meta", "chunkserver"]), cut=st.integers(0, 300))
+def test_fuzzed_frames_never_crash_a_server(hardened, frame, which, cut):
+    addr, pid = targets(hardened)[which]
+    s = connect(addr)
+    try:
+        s.sendall(frame[:cut] if cut < len(frame) else frame)
+        s.settimeout(0.2)
+        try:
+            s.recv(4096)
+        except (TimeoutError, socket.timeout, ConnectionResetError):
+            pass
+    finally:
+        s.close()
+    assert os.path.exists(f"/proc/{pid}") and hardened.meta.alive() and hardened.servers[0].alive()
+
+
+def test_after_fuzzing_memory_is_bounded_and_clients_are_served(hardened):
+    for _, pid in targets(hardened).values():
+        assert rss(pid) < 400 * MiB
+    wait_for(lambda: hardened.live_servers() == 1, 10, "the chunkserver to stay registered")
+    still_serves(hardened)
+    assert "Traceback" not in hardened.meta.log() and "Traceback" not in hardened.servers[0].log()
+
+
+def test_request_limits_cover_every_method():
+    for methods in (P.META_METHODS, P.CHUNK_METHODS):
+        limits = P.request_limits(methods)
+        assert set(limits) == set(methods)
+        assert all(0 < payload <= P.MAX_PAYLOAD and data <= P.MAX_CHUNK_SIZE for payload, data in limits.values())
+    assert P.request_limits(P.CHUNK_METHODS)[P.CHUNK_WRITE][1] == P.MAX_CHUNK_SIZE
+    assert P.request_limits(P.META_METHODS)[P.META_LOOKUP] == (P.REQUEST_PAYLOAD, 0)
+    assert struct.calcsize("<HBBHHIIQ") == P.HEADER_SIZE
