@@ -54,7 +54,8 @@ case "$cmd" in
     exec "$VENV/bin/kvfs" up "$@"
     ;;
   test)
-    apt_install "${BASE_APT[@]}" redis-server
+    # etcd-server: tests start real etcd members for the HA meta engine (tests/etcd.py).
+    apt_install "${BASE_APT[@]}" redis-server etcd-server
     pip_install -e ".[mount,test]"
     exec "$PY" -m pytest "$@"
     ;;

@@ -10,6 +10,7 @@ import trio
 
 from kvfs import protocol as P
 from kvfs.chunkserver.store import ChunkStore, block_checksums, host_id
+from kvfs.meta_router import meta_client
 from kvfs.rpc import FileRange, RpcClient, RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
@@ -20,7 +21,7 @@ class ChunkService:
     def __init__(self, store: ChunkStore, meta_address: str, *, heartbeat_interval: float = 1.0,
                  rpc_timeout: float = 30.0, disk_threads: int = 8):
         self.store = store
-        self.meta = RpcClient("meta", meta_address, P.META_METHODS, timeout=rpc_timeout, connect_timeout=2.0)
+        self.meta = meta_client(meta_address, timeout=rpc_timeout, connect_timeout=2.0)
         self.heartbeat_interval = heartbeat_interval
         self.rpc_timeout = rpc_timeout
         self.address = ""

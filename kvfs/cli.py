@@ -51,23 +51,21 @@ def _check_writable_dir(path: str, what: str) -> str:
     return path
 
 
-def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bool, heartbeat_timeout: float = 10.0,
-                   lease_seconds: float = 60.0, pending_grace: float = 120.0):
-    from kvfs.meta.engine_rocksdb import RocksEngine
-    from kvfs.meta.namespace import Namespace
-    from kvfs.meta.service import orphan_cutoff_ns
-
-    path = _check_writable_dir(data_dir, "meta data dir")
-    try:
-        engine = RocksEngine(os.path.join(path, "meta.rocksdb"), sync=sync)
-    except Exception as exc:  # rocksdict raises plain Exceptions (e.g. the LOCK is held by another meta)
-        raise UsageError(f"cannot open metadata store in {path}: {exc}") from None
+def _check_namespace_options(chunk_size: int, lease_seconds: float, pending_grace: float) -> None:
     from kvfs.protocol import MAX_CHUNK_SIZE
 
     if chunk_size % (64 << 10) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise UsageError(f"chunk size must be a positive multiple of 64 KiB, at most {MAX_CHUNK_SIZE >> 20} MiB")
     if lease_seconds <= 0 or pending_grace <= 0:
         raise UsageError("--lease-seconds and --pending-grace must be positive")
+
+
+def namespace_on(engine, *, chunk_size: int, replication: int, heartbeat_timeout: float = 10.0,
+                 lease_seconds: float = 60.0, pending_grace: float = 120.0):
+    """The namespace over an opened engine, with orphans of crashed clients purged."""
+    from kvfs.meta.namespace import Namespace
+    from kvfs.meta.service import orphan_cutoff_ns
+
     ns = Namespace(engine, chunk_size=chunk_size, replication=replication, lease_seconds=lease_seconds,
                    pending_grace=pending_grace)
     ns.registry.heartbeat_timeout = heartbeat_timeout
@@ -77,13 +75,47 @@ def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bo
     return ns
 
 
+def open_namespace(data_dir: str, *, chunk_size: int, replication: int, sync: bool, heartbeat_timeout: float = 10.0,
+                   lease_seconds: float = 60.0, pending_grace: float = 120.0):
+    from kvfs.meta.engine_rocksdb import RocksEngine
+
+    path = _check_writable_dir(data_dir, "meta data dir")
+    try:
+        engine = RocksEngine(os.path.join(path, "meta.rocksdb"), sync=sync)
+    except Exception as exc:  # rocksdict raises plain Exceptions (e.g. the LOCK is held by another meta)
+        raise UsageError(f"cannot open metadata store in {path}: {exc}") from None
+    _check_namespace_options(chunk_size, lease_seconds, pending_grace)
+    return namespace_on(engine, chunk_size=chunk_size, replication=replication, heartbeat_timeout=heartbeat_timeout,
+                        lease_seconds=lease_seconds, pending_grace=pending_grace)
+
+
 async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     from kvfs.meta.service import MetaService
 
     host, port = _split_listen(args.listen)
-    ns = open_namespace(args.data_dir, chunk_size=config.parse_size(args.chunk_size), replication=args.replication,
-                        sync=not args.no_sync, heartbeat_timeout=args.heartbeat_timeout,
-                        lease_seconds=args.lease_seconds, pending_grace=args.pending_grace)
+    options = {"chunk_size": config.parse_size(args.chunk_size), "replication": args.replication,
+               "heartbeat_timeout": args.heartbeat_timeout, "lease_seconds": args.lease_seconds,
+               "pending_grace": args.pending_grace}
+    if args.engine:
+        # HA: one of several meta processes on etcd (meta/leader.py); leader or standby.
+        from kvfs.meta.engine_etcd import parse_url
+        from kvfs.meta.leader import HaMeta
+
+        parse_url(args.engine)  # a bad URL is one line now, not a retry loop later
+        _check_namespace_options(options["chunk_size"], args.lease_seconds, args.pending_grace)
+        if args.leader_ttl < 2:
+            raise UsageError("--leader-ttl must be at least 2 seconds (etcd's shortest lease)")
+
+        def make_service(engine):
+            return MetaService(namespace_on(engine, **options), rereplicate_delay=args.rereplicate_delay,
+                               remote_allow=_remote_allow(args, ()))
+
+        await HaMeta(args.engine, make_service, ttl=int(args.leader_ttl), advertise=args.advertise or "",
+                     limits=_server_limits(args)).serve(host, port, task_status=task_status)
+        return
+    if not args.data_dir:
+        raise UsageError("kvfs meta needs --data-dir (RocksDB) or --engine etcd://...")
+    ns = open_namespace(args.data_dir, sync=not args.no_sync, **options)
     try:
         await MetaService(ns, rereplicate_delay=args.rereplicate_delay, remote_allow=_remote_allow(args, ())).serve(
             host, port, limits=_server_limits(args), task_status=task_status)
@@ -236,9 +268,16 @@ def cmd_up(args) -> None:
 def cmd_status(args) -> None:
     from kvfs.client import ClientOptions, SyncClient
 
-    with SyncClient(args.meta, ClientOptions(timeout=args.timeout)) as c:
-        reply = c.refresh_servers()
-        extra_sections = _status_sections(c)
+    try:
+        with SyncClient(args.meta, ClientOptions(timeout=args.timeout)) as c:
+            reply = c.refresh_servers()
+            extra_sections = _status_sections(c)
+    except OSError:
+        # No meta leader answers: an HA group's standbys still tell what they know (etcd's health).
+        section = _ha_section(None, args.meta, args.timeout) if "," in args.meta else ""
+        if section:
+            print(section)
+        raise
     from kvfs.config import format_size
 
     rows = [("ID", "ADDRESS", "STATE", "CHUNKS", "USED", "CAPACITY", "USE%", "DATA DIR")]
@@ -256,9 +295,60 @@ def cmd_status(args) -> None:
         print(section)
 
 
+def _ha_section(c, meta: str = "", timeout: float = 10.0) -> str:
+    """Meta leader, standbys and etcd health, when meta runs on etcd (HA); "" for a lone meta.
+    ``c`` is a connected SyncClient, or None to ask the processes in ``meta`` directly (no leader)."""
+    from kvfs import protocol as P
+    from kvfs.config import format_size
+
+    try:
+        if c is not None:
+            st = c.call(c.client.meta.request, P.META_HA_STATUS, P.Empty())
+        else:
+            st = trio.run(_ask_any_meta, meta, timeout)
+    except OSError:
+        return ""  # an older meta without the method, or none answers
+    if st.engine != "etcd":
+        return ""
+    standbys = [m.address for m in st.members if m.role != "leader"]
+    leader = st.leader or "NONE (election in progress, or etcd has no quorum)"
+    lines = [f"meta on etcd: leader {leader}; standbys {', '.join(standbys) or 'none'}"]
+    rows = [("ETCD ENDPOINT", "HEALTH", "RAFT LEADER", "VERSION", "DB SIZE")]
+    for e in st.etcd:
+        rows.append((e.endpoint, "ok" if e.healthy else f"DOWN ({e.error[:60]})", "yes" if e.is_leader else "",
+                     e.version, format_size(e.db_size) if e.healthy else ""))
+    healthy = sum(e.healthy for e in st.etcd)
+    lines.append(f"etcd: {healthy} of {len(st.etcd)} members healthy"
+                 + ("" if healthy > len(st.etcd) // 2 else " — NO QUORUM: metadata changes fail"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+async def _ask_any_meta(meta: str, timeout: float):
+    """META_HA_STATUS from the first meta process that answers (standbys answer it too)."""
+    from kvfs import protocol as P
+    from kvfs.meta_router import meta_addresses
+    from kvfs.rpc import RpcClient
+
+    last: OSError = OSError(5, "no meta address")
+    for address in meta_addresses(meta):
+        client = RpcClient("meta", address, P.META_METHODS, timeout=timeout, connect_timeout=min(timeout, 2.0))
+        try:
+            return await client.request(P.META_HA_STATUS, P.Empty())
+        except OSError as exc:
+            last = exc
+        finally:
+            client.close()
+    raise last
+
+
 def _status_sections(c) -> list[str]:
-    """Tables that feature modules add to `kvfs status` (KV cache counters, remote bindings)."""
+    """Tables that feature modules add to `kvfs status` (HA meta, KV cache counters, remote bindings)."""
     sections = []
+    section = _ha_section(c)
+    if section:
+        sections.append(section)
     from kvfs.kv.policy import format_rows, kv_status_rows
 
     rows = kv_status_rows(c)
@@ -327,7 +417,15 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
 
     sp = sub.add_parser("meta", help="run the metadata service")
     sp.add_argument("--listen", default=f"0.0.0.0:{config.DEFAULT_META_PORT}")
-    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--data-dir", help="RocksDB metadata store (one meta process)")
+    sp.add_argument("--engine", default="",
+                    help="etcd://h1:2379,h2:2379,h3:2379[/prefix]: metadata on etcd, several meta processes of which "
+                    "one leads (HA); etcd must run with --max-txn-ops 16384 --max-request-bytes 8388608 "
+                    "--auto-compaction-mode periodic --auto-compaction-retention 5m")
+    sp.add_argument("--advertise", help="with --engine: the address clients use to reach this meta "
+                    "(default: the listen address)")
+    sp.add_argument("--leader-ttl", type=float, default=5.0,
+                    help="with --engine: seconds a dead leader keeps leadership before a standby takes over")
     sp.add_argument("--replication", type=int, default=3)
     sp.add_argument("--chunk-size", default="4M")
     no_sync_flag(sp)

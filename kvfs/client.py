@@ -41,6 +41,7 @@ from kvfs.client_types import _ServerInfo
 from kvfs.client_write import ClientWrites
 from kvfs.dircache import ListingCache
 from kvfs.errors import error
+from kvfs.meta_router import meta_client
 from kvfs.rpc import RpcClient
 from kvfs.tasks import open_nursery
 
@@ -52,8 +53,8 @@ ROOT_INO = 1
 class Client(ClientReads, ClientWrites):
     def __init__(self, meta_address: str, options: ClientOptions | None = None, *, client_id: str | None = None):
         self.options = options or ClientOptions()
-        self.meta = RpcClient("meta", meta_address, P.META_METHODS, timeout=self.options.timeout,
-                              connect_timeout=self.options.connect_timeout)
+        # One meta, or the leader of several (HA on etcd: kvfs/meta_router.py).
+        self.meta = meta_client(meta_address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout)
         self.client_id = client_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.chunk_size = 4 << 20
         self.files: dict[int, FileState] = {}

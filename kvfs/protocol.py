@@ -16,6 +16,7 @@ Each method maps to one request struct and one reply struct (``META_METHODS`` / 
 
 from __future__ import annotations
 
+import errno
 import struct
 
 import msgspec
@@ -95,6 +96,13 @@ class ErrorReply(Struct):
     """Payload of any reply whose header status is an errno."""
 
     message: str
+    leader: str = ""  # NOT_LEADER only: the leader's address, "" while none is elected
+
+
+# Status of a reply from a meta process that is not the leader (HA meta on etcd): the request was not
+# executed, so it is safe to send it to ``ErrorReply.leader`` (or any other meta). An errno, so a
+# client that does not know it still gets a plain OSError ("Remote address changed").
+NOT_LEADER = errno.EREMCHG
 
 
 # --------------------------------------------------------------------------- meta service
@@ -750,3 +758,55 @@ META_METHODS.update({
     META_KV_ALLOC: (KVAlloc, AllocChunkReply),
     META_KV_PUBLISH: (KVPublish, KVPublishReply),
 })
+
+
+# --------------------------------------------------------------------------- HA meta (etcd engine)
+
+
+class MetaMember(Struct):
+    address: str
+    role: str  # "leader" | "standby"
+
+
+class EtcdMemberStatus(Struct):
+    endpoint: str
+    healthy: bool
+    is_leader: bool = False
+    version: str = ""
+    db_size: int = 0
+    error: str = ""
+
+
+class HaStatusReply(Struct):
+    """What every meta process (leader or standby) answers about the HA group; engine "rocksdb" when alone."""
+
+    engine: str
+    address: str  # the answering process
+    role: str  # "leader" | "standby" | "single"
+    leader: str
+    members: list[MetaMember]
+    etcd: list[EtcdMemberStatus]
+
+
+META_HA_STATUS = 90
+
+META_METHODS.update({
+    META_HA_STATUS: (Empty, HaStatusReply),
+})
+
+# Meta methods that are safe to send again when a failover left their outcome unknown (the reply was
+# lost): reads, and changes that leave the same state when applied twice (a lease renewed twice, a
+# commit of the same chunks, a fresh chunk id: the unused one becomes garbage). Anything else (create,
+# unlink, rename, publish, ...) fails with EIO instead of running twice.
+META_IDEMPOTENT = frozenset({
+    META_HELLO, META_LOOKUP, META_GETATTR, META_SETATTR, META_READLINK, META_READDIR, META_STATFS,
+    META_GETXATTR, META_LISTXATTR, META_RESOLVE, META_EXISTS_MANY, META_OPEN_WRITE, META_RELEASE_WRITE,
+    META_GET_CHUNKS, META_ALLOC_CHUNK, META_COMMIT, META_PURGE, META_RENEW_LEASES, META_REGISTER,
+    META_HEARTBEAT, META_LIST_CHUNKSERVERS, META_REPORT_BAD_CHUNK, META_CHUNK_LOCATIONS, META_KV_EXISTS,
+    META_KV_STATUS, META_KV_CHUNKS, META_KV_ALLOC, META_REMOTE_LIST, META_REMOTE_INFO, META_HA_STATUS,
+})
+
+
+def is_idempotent(method: int, request: Struct) -> bool:
+    """Safe to send again after an unknown outcome (a create that may return an existing file is too)."""
+    return method in META_IDEMPOTENT or (method == META_MKNODE and not getattr(request, "exclusive", True))

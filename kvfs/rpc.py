@@ -338,7 +338,7 @@ class RpcServer:
                         reply = result
                     status = 0
                 except OSError as exc:
-                    status, reply = errno_of(exc), P.ErrorReply(exc.strerror or str(exc))
+                    status, reply = errno_of(exc), P.ErrorReply(exc.strerror or str(exc), getattr(exc, "leader", ""))
                 except Exception as exc:
                     log.exception("%s: method %d failed", self.name, method)
                     status, reply = errno.EIO, P.ErrorReply(f"{self.name}: internal error: {exc!r}")
@@ -357,6 +357,22 @@ class RpcServer:
 
 
 # --------------------------------------------------------------------------- client
+
+
+class TransportError(OSError):
+    """EIO from the transport (refused, reset, timed out): the server may or may not have run the request."""
+
+
+class ConnectError(TransportError):
+    """EIO before anything was sent: the request never reached the server (safe to send elsewhere)."""
+
+
+class NotLeader(OSError):
+    """A standby meta's reply (``P.NOT_LEADER``): the request was not run; ``leader`` may name the leader."""
+
+    def __init__(self, message: str, leader: str = ""):
+        super().__init__(P.NOT_LEADER, message)
+        self.leader = leader
 
 
 class _Connection:
@@ -388,7 +404,7 @@ class RpcClient:
         self._next_id = 0
 
     def _fail(self, what: str) -> OSError:
-        return error(errno.EIO, f"{self.service} {self.address}: {what}")
+        return TransportError(errno.EIO, f"{self.service} {self.address}: {what}")
 
     async def _connect(self) -> _Connection:
         sock = trio.socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -397,10 +413,11 @@ class RpcClient:
                 await sock.connect((self.host, self.port))
         except trio.TooSlowError:
             sock.close()
-            raise self._fail(f"connect timed out after {self.connect_timeout:g}s") from None
+            raise ConnectError(errno.EIO, f"{self.service} {self.address}: connect timed out after "
+                               f"{self.connect_timeout:g}s") from None
         except OSError as exc:
             sock.close()
-            raise self._fail(f"cannot connect ({exc.strerror or exc})") from None
+            raise ConnectError(errno.EIO, f"{self.service} {self.address}: cannot connect ({exc.strerror or exc})") from None
         _tune(sock)
         return _Connection(sock)
 
@@ -462,8 +479,10 @@ class RpcClient:
                 raise
             self._idle.append(conn)
         if frame.status:
-            message = P.decode(P.ErrorReply, payload).message  # type: ignore[attr-defined]
-            raise error(frame.status, message)
+            err = P.decode(P.ErrorReply, payload)
+            if frame.status == P.NOT_LEADER:
+                raise NotLeader(err.message, err.leader)  # type: ignore[attr-defined]
+            raise error(frame.status, err.message)  # type: ignore[attr-defined]
         return P.decode(reply_type, payload), bulk
 
     async def request(self, method: int, request: P.Struct, *, timeout: float | None = None) -> Any:

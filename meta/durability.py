@@ -5,7 +5,8 @@ trio thread never blocks on a disk flush. A reply that made changes then waits h
 task syncs the engine's log in a worker thread, and every reply whose changes that sync covered is
 released together. Under many concurrent clients one fsync acknowledges many operations. A reply with
 no other request in flight syncs on the trio thread itself: the handoff to a worker thread and back
-costs more than the fsync, and nobody is waiting to be served meanwhile.
+costs more than the fsync, and nobody is waiting to be served meanwhile (not for an engine whose
+sync is a network round trip that can hang for seconds: ``inline_sync = False``, the etcd engine).
 
 If the sync fails, nothing waiting is acknowledged: the waiters get EIO, and so does every later
 change (the log's state on disk is unknown after a failed fsync), until meta is restarted.
@@ -37,7 +38,8 @@ class GroupCommit:
 
     async def wait_durable(self, upto: int) -> None:
         """Return once engine write number ``upto`` is durable. Error handling: EIO if the sync failed."""
-        if self.synced < upto and self.active <= 1 and not self._syncing and self._failed is None:
+        if (self.synced < upto and self.active <= 1 and not self._syncing and self._failed is None
+                and getattr(self.engine, "inline_sync", True)):
             self._sync(self.engine.sync)
         while self.synced < upto:
             if self._failed is not None:

@@ -19,6 +19,8 @@ class MetaEngine(Protocol):
     # True when acknowledged changes must be on disk first: ``write`` does not sync by itself, and
     # ``sync`` makes every earlier write durable (group commit, meta/durability.py).
     durable: bool
+    # Optional, default True: group commit may call ``sync`` on the event loop when a request is
+    # alone. False for an engine whose sync is a network round trip (etcd): always in a worker thread.
 
     def get(self, key: bytes) -> bytes | None: ...
 

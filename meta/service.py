@@ -101,22 +101,35 @@ class MetaService:
             P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths)),
             P.META_KV_ALLOC: lambda r, _: _now(ns.alloc_pending_chunk(r.size_hint)),
             P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
+            # A lone meta (RocksDB); meta/leader.py answers this for an HA group on etcd.
+            P.META_HA_STATUS: lambda r, _: _now(P.HaStatusReply("rocksdb", "", "single", "", [], [])),
         }
 
-    async def serve(self, host: str, port: int, *, limits: ServerLimits | None = None,
-                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    def build(self):
+        """The RPC handlers (remote tier layered over the namespace's, replies held for durability) and
+        the remote tier whose background work ``run`` owns."""
         from kvfs.meta.remote import RemoteTier, TierOptions
 
         options = TierOptions() if self.remote_allow is None else TierOptions(allow=self.remote_allow)
         tier = RemoteTier(self.ns, options)  # remote capacity tier (issue 3): layers over the namespace handlers
         handlers = {method: self.commits.wrap(h) for method, h in tier.wrap(self.handlers()).items()}
-        server = RpcServer("meta", P.META_METHODS, handlers, limits)
+        return handlers, tier
+
+    async def run(self, tier, meta_address: str) -> None:
+        """Background work of a serving meta: group commit, housekeeping, re-replication, remote uploads."""
         async with open_nursery() as nursery:
             nursery.start_soon(self.commits.run)
             nursery.start_soon(self._housekeeping)
             nursery.start_soon(self.replicator.loop)
+            nursery.start_soon(tier.run, meta_address)
+
+    async def serve(self, host: str, port: int, *, limits: ServerLimits | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        handlers, tier = self.build()
+        server = RpcServer("meta", P.META_METHODS, handlers, limits)
+        async with open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
-            nursery.start_soon(tier.run, f"{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{bound}")
+            nursery.start_soon(self.run, tier, f"{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{bound}")
             task_status.started(bound)
 
     async def _housekeeping(self) -> None:

@@ -71,7 +71,7 @@ async def run_mount(meta_address: str, mountpoint: str, *, options: ClientOption
         ops = KvfsOperations(client, attr_timeout=attr_timeout, entry_timeout=entry_timeout,
                              writeback_cache=writeback_cache)
         fuse_options = set(pyfuse3.default_options)
-        fuse_options.update({f"fsname=kvfs:{meta_address}", "subtype=kvfs", "allow_other"})
+        fuse_options.update({f"fsname=kvfs:{meta_address.replace(',', '+')}", "subtype=kvfs", "allow_other"})
         pyfuse3.init(ops, path, fuse_options)
         nursery.start_soon(_raise_readahead_after_init, path, readahead_kb)
         log.info("mounted kvfs (meta %s) at %s", meta_address, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import stat
+import time
 
 import pytest
 from hypothesis import settings
@@ -18,11 +19,37 @@ from kvfs.meta.namespace import ROOT_INO, Namespace
 CS = 1 << 20
 
 
-@pytest.fixture(params=["memory", "rocksdb"])
+@pytest.fixture(scope="module")
+def etcd_server(tmp_path_factory):
+    """One real etcd member for the module; every test gets its own key prefix."""
+    from etcd import EtcdCluster, etcd_binary
+
+    if etcd_binary() is None:
+        pytest.fail("etcd is not installed (apt-get install etcd-server; ./dev.sh test does it)")
+    cluster = EtcdCluster(str(tmp_path_factory.mktemp("etcd")), size=1).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["memory", "rocksdb", "etcd", "etcd-cached"])
 def engine_factory(request, tmp_path):
+    """``etcd`` reads every key from etcd and writes each batch at once; ``etcd-cached`` is what the meta
+    leader runs (reads from its copy, writes queued until ``sync``/``close``).
+    Each call of ``make`` opens the same store again (a restart)."""
+    if request.param.startswith("etcd"):
+        from kvfs.meta.engine_etcd import EtcdEngine
+
+        etcd = request.getfixturevalue("etcd_server")
+        prefix = f"/t{abs(hash(request.node.nodeid))}-{time.monotonic_ns()}"
+
     def make():
         if request.param == "memory":
             return MemoryEngine()
+        if request.param.startswith("etcd"):
+            cached = request.param == "etcd-cached"
+            return EtcdEngine.from_url(etcd.url(prefix), cache=cached, pipelined=cached)
         return RocksEngine(str(tmp_path / "db"))
 
     return make
@@ -132,14 +159,16 @@ def test_commit_truncate_and_chunk_garbage(ns):
     ns.open_write(f.ino, "c2")
 
 
-def test_restart_keeps_state(tmp_path):
-    engine = RocksEngine(str(tmp_path / "db"))
+def test_restart_keeps_state(engine_factory, request):
+    if request.node.callspec.params["engine_factory"] == "memory":
+        pytest.skip("the memory engine is gone with its process")
+    engine = engine_factory()
     ns = Namespace(engine, chunk_size=CS)
     d = mkdir(ns, ROOT_INO, "d")
     f = mkfile(ns, d.ino, "f")
     ns.setxattr(f.ino, "user.k", b"v", 0)
     engine.close()
-    ns2 = Namespace(RocksEngine(str(tmp_path / "db")), chunk_size=CS)
+    ns2 = Namespace(engine_factory(), chunk_size=CS)
     assert ns2.resolve("/d/f").ino == f.ino
     assert ns2.getxattr(f.ino, "user.k") == b"v"
     g = mkfile(ns2, d.ino, "g")
@@ -388,21 +417,23 @@ def test_uncommitted_chunks_live_as_long_as_the_writers_lease(engine_factory):
     ns.engine.close()
 
 
-def test_uncommitted_chunks_and_their_leases_survive_a_restart(tmp_path):
+def test_uncommitted_chunks_and_their_leases_survive_a_restart(engine_factory, request):
+    if request.node.callspec.params["engine_factory"] == "memory":
+        pytest.skip("the memory engine is gone with its process")
     clock = FakeClock()
-    ns = Namespace(RocksEngine(str(tmp_path / "db")), chunk_size=CS, lease_seconds=60, clock=clock)
+    ns = Namespace(engine_factory(), chunk_size=CS, lease_seconds=60, clock=clock)
     f = mkfile(ns, ROOT_INO, "f")
     ns.open_write(f.ino, "w")
     pend(ns, 100, f.ino, "w")
     pend(ns, 101)
     ns.engine.close()
-    ns = Namespace(RocksEngine(str(tmp_path / "db")), chunk_size=CS, lease_seconds=60, clock=clock)
+    ns = Namespace(engine_factory(), chunk_size=CS, lease_seconds=60, clock=clock)
     assert ns.is_live_chunk(100) and ns.is_live_chunk(101)
     assert errno_of(ns.open_write, f.ino, "other") == errno.EBUSY  # the writer's lease was rebuilt
     clock.now += 59
     ns.expire_pending()
     assert ns.commit(P.Commit(f.ino, "w", 10, [P.ChunkRef(0, 100, 10, [])])).size == 10
     ns.engine.close()
-    ns = Namespace(RocksEngine(str(tmp_path / "db")), chunk_size=CS, lease_seconds=60, clock=clock)
+    ns = Namespace(engine_factory(), chunk_size=CS, lease_seconds=60, clock=clock)
     assert 100 not in ns.pending and ns.is_live_chunk(100) and 101 in ns.pending
     ns.engine.close()

@@ -1,0 +1,236 @@
+"""HA meta on etcd (issue 12): metadata operations through the mount on three engines, and failover time.
+
+One run, one machine, real processes (tests/cluster.py, tests/etcd.py):
+
+* ``etcd``: 3 etcd members on loopback, 2 ``kvfs meta --engine etcd://...`` (one leads), 1 chunkserver;
+* ``rocksdb``: one ``kvfs meta --data-dir`` with the durable default (group commit);
+* ``rocksdb-nosync``: the same with ``--no-sync``.
+
+Each engine gets a FUSE mount; ``--files`` empty files are created (open O_CREAT + close), stat'ed
+(kernel caches dropped and the mount's 1 s cache expired first) and unlinked through it by 1 and by 4 client threads (each thread in its own directory; the threads
+spend their time in syscalls, so they run in parallel), reporting microseconds per operation
+(wall time / operations; for 4 clients that is the aggregate rate, not each client's latency).
+
+Failover (``--kills N``, etcd only): kill -9 the leader, measure the time until a native client's
+next ``write_file`` succeeds (it retries from the moment of the kill), restart the killed meta as a
+standby, wait for the cluster to settle; p50 and max over N kills.
+
+    python bench/bench_meta_ha.py --files 400 --repeat 3 --kills 10 --record docs/benchmarks.md
+
+Benchmarks are not tests: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+sys.path.insert(0, HERE)
+
+from cluster import Cluster  # noqa: E402
+from etcd import HaCluster  # noqa: E402
+from mdsection import write_section  # noqa: E402
+
+SECTION = "HA metadata on etcd (issue 12)"
+
+
+def run_threads(n: int, fn) -> float:
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def meta_ops(mountpoint: str, files: int, clients: int, tag: str) -> dict[str, float]:
+    """Microseconds per create, stat and unlink through the mount (aggregate over ``clients`` threads)."""
+    per = files // clients
+    dirs = [os.path.join(mountpoint, f"{tag}-c{clients}-{i}") for i in range(clients)]
+    for d in dirs:
+        os.mkdir(d)
+
+    def create(i: int) -> None:
+        for k in range(per):
+            os.close(os.open(os.path.join(dirs[i], f"f{k}"), os.O_CREAT | os.O_WRONLY, 0o644))
+
+    def stat(i: int) -> None:
+        for k in range(per):
+            os.stat(os.path.join(dirs[i], f"f{k}"))
+
+    def unlink(i: int) -> None:
+        for k in range(per):
+            os.unlink(os.path.join(dirs[i], f"f{k}"))
+
+    out = {}
+    total = per * clients
+    for name, fn in (("create", create), ("stat", stat), ("unlink", unlink)):
+        if name == "stat":
+            drop_caches()  # the kernel's dentries and attributes: stat goes to the mount and to meta
+            time.sleep(1.1)  # past the mount's own 1 s attribute/listing cache
+        out[name] = run_threads(clients, fn) / total * 1e6
+    return out
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        print(f"cannot drop caches ({exc}): stat may be answered by the kernel", file=sys.stderr)
+
+
+def failover_times(ha: HaCluster, kills: int) -> list[float]:
+    times = []
+    with ha.client(timeout=5.0) as c:
+        c.mkdir("/failover", exist_ok=True)
+        for k in range(kills):
+            ha.wait_servers(ha.chunkservers)
+            c.write_file(f"/failover/warm{k}", b"x")
+            leader = ha.leader()
+            killed = time.monotonic()
+            ha.meta_procs[leader].kill(signal.SIGKILL)
+            n = 0
+            while True:
+                try:
+                    c.write_file(f"/failover/k{k}-{n}", b"y" * 1000)
+                    break
+                except OSError:
+                    n += 1
+                    time.sleep(0.02)
+            times.append(time.monotonic() - killed)
+            ha.meta_procs[leader].start()
+            time.sleep(1.0)
+    return times
+
+
+def takeover_times(endpoints: list[str], sizes: list[int]) -> list[tuple[int, int, float, float]]:
+    """(KV blocks, etcd keys, seconds to load the namespace as a new leader does, etcd db bytes) per size.
+
+    The namespace under its own prefix is filled with ``size`` published KV blocks (one 64 KiB chunk
+    each, 1,000 per directory) by a Namespace over a pipelined engine, as the leader writes them; then
+    the load a new leader does after winning the election (EtcdEngine cache=True + Namespace) is timed."""
+    import stat as st
+
+    from kvfs import protocol as P
+    from kvfs.meta.engine_etcd import EtcdClient, EtcdEngine
+    from kvfs.meta.namespace import ROOT_INO, Namespace
+
+    out = []
+    for size in sizes:
+        prefix = f"/takeover{size}".encode()
+        engine = EtcdEngine(endpoints, prefix, cache=True, pipelined=True)
+        ns = Namespace(engine, chunk_size=1 << 20)
+        parent = 0
+        for i in range(size):
+            if i % 1000 == 0:
+                parent = ns.mknode(ROOT_INO, f"d{i // 1000}", st.S_IFDIR | 0o755, 0, 0).ino
+                engine.sync()
+            batch: list = []
+            chunk_id = ns.alloc_chunk_id(batch)
+            ns.pending.add(batch, chunk_id)
+            engine.write(batch)
+            ns.publish(P.KVPublish(parent, f"b{i:08x}", 0o644, 0, 0, 64 << 10, [P.ChunkRef(0, chunk_id, 64 << 10, [])]))
+        engine.close()
+        t0 = time.perf_counter()
+        engine = EtcdEngine(endpoints, prefix, cache=True, pipelined=True)
+        ns = Namespace(engine, chunk_size=1 << 20)
+        elapsed = time.perf_counter() - t0
+        keys = sum(1 for _ in engine.scan(b""))
+        engine.close()
+        c = EtcdClient(endpoints)
+        db = float(c.call("/v3/maintenance/status", {}).get("dbSize", 0))
+        c.close()
+        out.append((size, keys, elapsed, db))
+        print("takeover", size, keys, f"{elapsed:.2f}s", f"db {db / 1e6:.0f} MB", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=400, help="files per (engine, client count)")
+    p.add_argument("--kills", type=int, default=5, help="leader kills for the failover time (0: skip)")
+    p.add_argument("--leader-ttl", type=int, default=3)
+    p.add_argument("--engines", default="etcd,rocksdb,rocksdb-nosync")
+    p.add_argument("--repeat", type=int, default=3, help="rounds over the engines (the table has medians)")
+    p.add_argument("--takeover", default="10000,50000",
+                   help="KV-block counts for the new-leader load time (comma-separated; empty: skip)")
+    p.add_argument("--record", metavar="MD", help="write the results into this markdown file's section")
+    args = p.parse_args()
+    load_before = os.getloadavg()[0]
+    root = tempfile.mkdtemp(prefix="kvfs-bench-ha-")
+    engines = args.engines.split(",")
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {e: {1: [], 4: []} for e in engines}
+    failover: list[float] = []
+    takeover: list[tuple[int, int, float, float]] = []
+    clusters: dict[str, Cluster | HaCluster] = {}
+    mounts: dict[str, str] = {}
+    try:
+        # Every engine is up for the whole run and the rounds go round robin, so a change in the
+        # machine's load (it is shared) hits all of them; the table has the medians.
+        for engine in engines:
+            if engine == "etcd":
+                clusters[engine] = HaCluster(os.path.join(root, engine), metas=2, chunkservers=1, replication=1,
+                                             leader_ttl=args.leader_ttl).start()
+            else:
+                clusters[engine] = Cluster(os.path.join(root, engine), chunkservers=1, replication=1,
+                                           meta_args=("--no-sync",) if engine == "rocksdb-nosync" else ()).start()
+            mounts[engine] = clusters[engine].mount(os.path.join(root, f"mnt-{engine}"))
+        for r in range(args.repeat):
+            for engine in engines:
+                for n in (1, 4):
+                    result = meta_ops(mounts[engine], args.files, n, f"{engine}-r{r}")
+                    runs[engine][n].append(result)
+                    print(engine, n, {k: round(v) for k, v in result.items()}, flush=True)
+        if "etcd" in clusters and args.kills:
+            failover = failover_times(clusters["etcd"], args.kills)  # type: ignore[arg-type]
+            print("failover", [f"{t:.2f}" for t in failover], flush=True)
+        if "etcd" in clusters and args.takeover:
+            etcd = clusters["etcd"].etcd  # type: ignore[union-attr]
+            takeover = takeover_times(etcd.endpoints, [int(x) for x in args.takeover.split(",")])
+    finally:
+        for c in clusters.values():
+            c.stop()
+    results = {e: {n: {op: statistics.median(r[op] for r in rs) for op in ("create", "stat", "unlink")}
+                   for n, rs in by_n.items()} for e, by_n in runs.items()}
+    lines = [f"{args.files} files per run, median of {args.repeat} rounds run round robin over the engines; "
+             f"microseconds per operation through the mount (4 clients: aggregate, wall time / operations); load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
+             "", "| engine | clients | create µs | stat µs | unlink µs |", "| --- | --- | --- | --- | --- |"]
+    for engine, by_clients in results.items():
+        for n, r in by_clients.items():
+            lines.append(f"| {engine} | {n} | {r['create']:.0f} | {r['stat']:.0f} | {r['unlink']:.0f} |")
+    if failover:
+        lines += ["", f"Failover (kill -9 of the leader until a native client's next `write_file` succeeds), "
+                  f"`--leader-ttl {args.leader_ttl}`, {len(failover)} kills: p50 {statistics.median(failover):.2f} s, "
+                  f"max {max(failover):.2f} s (each: {', '.join(f'{t:.2f}' for t in failover)})."]
+    if takeover:
+        lines += ["", "New leader's namespace load (what a standby does after winning the election, on top of the "
+                  "leader TTL), by namespace size; one 64 KiB chunk per KV block, 1,000 blocks per directory:", "",
+                  "| KV blocks | etcd keys | load s | etcd db size after |", "| --- | --- | --- | --- |"]
+        lines += [f"| {n} | {k} | {t:.2f} | {db / 1e6:.0f} MB |" for n, k, t, db in takeover]
+    print()
+    print("\n".join(lines))
+    if args.record:
+        import datetime
+        import platform
+        import shlex
+
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        head = [f"## {SECTION}", "", f"`python {' '.join(shlex.quote(a) for a in sys.argv)}` — {when}, "
+                f"{platform.node()}, {os.cpu_count()} CPUs, etcd 3 members on loopback (one machine).", ""]
+        write_section(args.record, SECTION, "\n".join(head + lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
