@@ -76,12 +76,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vllm.kvfs")  # under vLLM's logger: its handler and format apply
 
-# How each attention backend reads a [blocks, heads, tokens, 2*head_dim] page (vLLM 0.32 sources:
-# v1/attention/backends/cpu_attn.py views it as [blocks, heads, 2*tokens, head_dim], K rows then V
-# rows; flash_attn.py and triton_attn.py split the last dim: K then V per token).
-PLANAR = "planar"
-PER_TOKEN = "per_token"
-BACKEND_LAYOUTS = {"CPU_ATTN": PLANAR, "FLASH_ATTN": PER_TOKEN, "TRITON_ATTN": PER_TOKEN}
+# Backends whose paged layout the connector can translate. vLLM 0.32 hands connectors a
+# [blocks, heads, tokens, 2*head_dim] view of every layer on every backend, but what the bytes of a page
+# mean is the backend's: FLASH_ATTN and TRITON_ATTN (flash_attn.py, triton_attn.py) split each token's
+# row into K then V; CPU_ATTN (cpu_attn.py) views a page as [heads, 2*tokens, head_dim], the K half in an
+# ISA-specific order written by its C++ kernel (on the "vec" kernel K is [head_dim, tokens] per head).
+# The CPU order is therefore measured, not assumed: ``_probe_cpu_order`` has the kernel itself write
+# known values into a scratch page.
+SUPPORTED_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
 
 
 def model_path_level(name: str, revision: str | None = None) -> str:
@@ -157,7 +159,9 @@ class KvfsConnector(KVConnectorBase_V1):
         self._requests: dict[str, _Request] = {}
         self._pending_loads: dict[str, Transfer] = {}
         # worker side
-        self._caches: list[tuple[torch.Tensor, str]] = []  # per layer in layer order: (paged view, PLANAR/PER_TOKEN)
+        # per layer in layer order: (paged view, order) where order[i] is the index, in one canonical block
+        # layer (2, heads, tokens, head_dim) flattened, of the element at position i of a flattened page
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._load_errors: set[int] = set()
 
     # ------------------------------------------------------------------ storage
@@ -277,6 +281,7 @@ class KvfsConnector(KVConnectorBase_V1):
         forward_context = self._vllm_config.compilation_config.static_forward_context
         caches = []
         why = ""
+        orders: dict[str, torch.Tensor] = {}
         for name in self._layer_names:
             t = kv_caches.get(name)
             layer = forward_context.get(name)
@@ -286,53 +291,51 @@ class KvfsConnector(KVConnectorBase_V1):
                 why = f"layer {name}: KV cache shape {None if t is None else tuple(t.shape)}, expected (blocks, *{want})"
             elif t.dtype != lay.torch_dtype():
                 why = f"layer {name}: KV cache dtype {t.dtype}, layout says {lay.dtype}"
-            elif backend not in BACKEND_LAYOUTS:
-                why = f"layer {name}: attention backend {backend} not supported ({', '.join(BACKEND_LAYOUTS)})"
+            elif backend not in SUPPORTED_BACKENDS:
+                why = f"layer {name}: attention backend {backend} not supported ({', '.join(SUPPORTED_BACKENDS)})"
             elif getattr(getattr(layer, "kv_cache", None), "shape", t.shape)[0] != t.shape[0]:
                 why = f"layer {name}: kernel blocks differ from cache blocks (choose a block size the backend takes)"
+            else:
+                key = f"{backend}:{getattr(layer, 'isa', '')}"
+                if key not in orders:
+                    order = _probe_cpu_order(layer, lay) if backend == "CPU_ATTN" else _per_token_order(lay)
+                    if isinstance(order, str):
+                        why = f"layer {name}: {order}"
+                    else:
+                        orders[key] = order
             if why:
                 break
-            caches.append((t, BACKEND_LAYOUTS[backend]))
+            caches.append((t, orders[key]))
         if why:
             log.warning("KvfsConnector disabled: %s", why)
             self._layout = None
             return
         self._caches = caches
         t0 = caches[0][0]
-        log.info("KvfsConnector: %d layers of %s pages %s on %s, %s", len(caches), backend, tuple(t0.shape),
-                 t0.device, caches[0][1])
+        log.info("KvfsConnector: %d layers, %s pages %s on %s (%s)", len(caches), backend, tuple(t0.shape), t0.device,
+                 key)
 
     def _gather(self, block_ids: list[int]) -> torch.Tensor:
-        """Blocks out of the paged cache: a CPU tensor (n, *layout.block_shape)."""
+        """Blocks out of the paged cache, in canonical order: a CPU tensor (n, *layout.block_shape)."""
         assert self._layout is not None
         lay = self._layout
-        n, (h, tok, d) = len(block_ids), lay.plane_shape
+        n = len(block_ids)
         out = torch.empty((n, *lay.block_shape), dtype=lay.torch_dtype())
         idx = torch.tensor(block_ids, dtype=torch.long, device=self._caches[0][0].device)
-        for layer, (cache, kind) in enumerate(self._caches):
-            pages = cache.index_select(0, idx).cpu()  # (n, heads, tokens, 2*head_dim), contiguous
-            if kind == PLANAR:
-                kv = pages.view(n, h, 2, tok, d)
-                out[:, layer, 0] = kv[:, :, 0]
-                out[:, layer, 1] = kv[:, :, 1]
-            else:
-                out[:, layer, 0] = pages[..., :d]
-                out[:, layer, 1] = pages[..., d:]
+        for layer, (cache, order) in enumerate(self._caches):
+            pages = cache.index_select(0, idx).cpu().reshape(n, -1)
+            canonical = out[:, layer].view(n, -1)  # out is contiguous: a view, written in place
+            canonical[:, order] = pages
         return out
 
     def _scatter(self, blocks: torch.Tensor, block_ids: list[int]) -> None:
-        """Blocks (n, *layout.block_shape) into the paged cache at ``block_ids``."""
-        assert self._layout is not None
-        n, (h, tok, d) = len(block_ids), self._layout.plane_shape
-        device = self._caches[0][0].device
-        idx = torch.tensor(block_ids, dtype=torch.long, device=device)
-        for layer, (cache, kind) in enumerate(self._caches):
-            planes = blocks[:, layer].to(device)  # (n, 2, heads, tokens, head_dim)
-            if kind == PLANAR:
-                pages = planes.transpose(1, 2).reshape(n, h, tok, 2 * d)
-            else:
-                pages = torch.cat([planes[:, 0], planes[:, 1]], dim=-1)
-            cache.index_copy_(0, idx, pages)
+        """Blocks (n, *layout.block_shape), canonical order, into the paged cache at ``block_ids``."""
+        n = len(block_ids)
+        cache0 = self._caches[0][0]
+        idx = torch.tensor(block_ids, dtype=torch.long, device=cache0.device)
+        for layer, (cache, order) in enumerate(self._caches):
+            pages = blocks[:, layer].reshape(n, -1)[:, order]
+            cache.index_copy_(0, idx, pages.view(n, *cache.shape[1:]).to(cache.device))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.enabled or not self.has_connector_metadata():
@@ -501,3 +504,46 @@ def register_plugins() -> None:
     from vllm.model_executor.model_loader import register_model_loader
 
     register_model_loader("kvfs")(_loader_class())
+
+
+# ---------------------------------------------------------------------- paged layouts
+
+
+def _per_token_order(lay: KVLayout) -> torch.Tensor:
+    """FLASH_ATTN/TRITON_ATTN pages [heads, tokens, 2*head_dim]: each token's row is its K then its V."""
+    h, t, d = lay.plane_shape
+    canonical = torch.arange(2 * h * t * d).view(2, h, t, d)
+    return torch.cat([canonical[0], canonical[1]], dim=-1).reshape(-1)
+
+
+def _probe_cpu_order(layer: Any, lay: KVLayout) -> torch.Tensor | str:
+    """The CPU_ATTN page order, measured: the backend's own cache-write kernel
+    (``cpu_attn_reshape_and_cache``, the layer's ISA) writes known values into a scratch page, viewed
+    exactly as the backend views its cache. Values are element indices, written one base-256 digit per
+    pass so every dtype holds them exactly. Returns why not, if the result is not a permutation."""
+    from vllm import _custom_ops as ops
+
+    h, t, d = lay.plane_shape
+    size = 2 * h * t * d
+    isa = getattr(layer, "isa", None)
+    if isa is None:
+        return "CPU_ATTN layer has no ISA set"
+    dtype = lay.torch_dtype()
+    page = torch.zeros((1, h, t, 2 * d), dtype=dtype)
+    key_cache, value_cache = page.view(1, h, 2 * t, d).chunk(2, dim=2)
+    index = torch.arange(size)
+    order = torch.zeros(size, dtype=torch.long)
+    slots = torch.arange(t, dtype=torch.long)
+    base = 1
+    while base < size:
+        digits = ((index // base) % 256).to(dtype).view(2, h, t, d)
+        page.zero_()
+        ops.cpu_attn_reshape_and_cache(digits[0].transpose(0, 1).contiguous(), digits[1].transpose(0, 1).contiguous(),
+                                       key_cache, value_cache, slots, isa,
+                                       k_scale=float(getattr(layer, "_k_scale_float", 1.0)),
+                                       v_scale=float(getattr(layer, "_v_scale_float", 1.0)), kv_cache_dtype="auto")
+        order += page.reshape(-1).float().round().long() * base
+        base *= 256
+    if not torch.equal(order.sort().values, index):
+        return f"CPU_ATTN (isa {isa}) page order is not a permutation of the block's elements"
+    return order
