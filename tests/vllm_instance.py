@@ -32,7 +32,7 @@ def main() -> None:
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, enforce_eager=True, kv_transfer_config=kt,
               max_model_len=spec.get("max_model_len", 2048), block_size=spec.get("block_size", 32),
               kv_cache_memory_bytes=spec.get("kv_cache_bytes", 64 << 20), seed=0,
-              load_format=spec.get("load_format", "auto"),
+              load_format=spec.get("load_format", "auto"), dtype=spec.get("dtype", "auto"),
               model_loader_extra_config=spec.get("loader_extra") or {},
               enable_prefix_caching=spec.get("prefix_caching", True))
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8))

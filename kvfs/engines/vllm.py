@@ -101,6 +101,7 @@ class Transfer:
     req_id: str
     hashes: list[str]
     block_ids: list[int]
+    context: list[int] = field(default_factory=list)  # saves: the request's block ids before these ones
 
 
 @dataclass
@@ -162,7 +163,8 @@ class KvfsConnector(KVConnectorBase_V1):
         # per layer in layer order: (paged view, order) where order[i] is the index, in one canonical block
         # layer (2, heads, tokens, head_dim) flattened, of the element at position i of a flattened page
         self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._load_errors: set[int] = set()
+        self._load_errors: set[int] = set()  # until vLLM collects them
+        self._step_failed: set[int] = set()  # this step's blocks that did not load (KV computed over them is bad)
 
     # ------------------------------------------------------------------ storage
 
@@ -264,7 +266,7 @@ class KvfsConnector(KVConnectorBase_V1):
         if first >= last:
             return None
         block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
-        return Transfer(req_id, st.hashes[first:last], list(block_ids[first:last]))
+        return Transfer(req_id, st.hashes[first:last], list(block_ids[first:last]), list(block_ids[:first]))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
@@ -346,6 +348,7 @@ class KvfsConnector(KVConnectorBase_V1):
             good = self._load(load)
             if good < len(load.block_ids):
                 self._load_errors.update(load.block_ids[good:])
+                self._step_failed.update(load.block_ids[good:])
 
     def _load(self, load: Transfer) -> int:
         """Load a request's blocks into the paged cache; how many leading blocks were loaded."""
@@ -397,10 +400,14 @@ class KvfsConnector(KVConnectorBase_V1):
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvfsConnectorMetadata)
-        if not meta.saves or not self._guard.available():
+        failed, self._step_failed = self._step_failed, set()
+        # A block computed over a block that failed to load this step holds wrong KV (vLLM recomputes it
+        # next step, and that step saves it): never publish it.
+        saves = [s for s in meta.saves if not failed.intersection(s.context, s.block_ids)]
+        if not saves or not self._guard.available():
             return
         items: list[tuple[str, torch.Tensor]] = []
-        for save in meta.saves:
+        for save in saves:
             items += zip(save.hashes, self._gather(save.block_ids).unbind(0))
         ok, published = self._guard.call(lambda: self._open().put_many(items), "save")
         self._event({"event": "save", "blocks": len(items), "published": sum(published) if ok else 0, "ok": ok})
