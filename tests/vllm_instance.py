@@ -4,7 +4,8 @@
 (``connector``: "kvfs" or "example" with its extra config, or null) and batches of prompt token ids. Each
 batch is one ``LLM.generate`` call (greedy); between batches the instance can wait for the test
 (``pause``: write ``ready``, wait for ``go``) so the test can break kvfs mid-run. Writes
-``{"outputs": [[token ids] per prompt], "ttft": [[seconds per request] per batch]}`` to ``out``.
+``{"outputs": [[token ids] per prompt], "seconds": [wall seconds of each batch's generate]}`` to
+``out`` (with one request and ``max_tokens`` 1, a batch's seconds are its time to first token).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> None:
     if connector == "kvfs":
         kt = KVTransferConfig(kv_connector="KvfsConnector", kv_connector_module_path="kvfs.engines.vllm",
                               kv_role="kv_both", kv_connector_extra_config=spec["extra"])
-    elif connector == "example":
+    elif connector == "example":  # vLLM's own reference connector (one safetensors file per layer and prompt)
         kt = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
                               kv_connector_extra_config=spec["extra"])
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, enforce_eager=True, kv_transfer_config=kt,
@@ -36,7 +37,7 @@ def main() -> None:
               model_loader_extra_config=spec.get("loader_extra") or {},
               enable_prefix_caching=spec.get("prefix_caching", True))
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8))
-    outputs, ttfts = [], []
+    outputs, seconds = [], []
     for i, batch in enumerate(spec["batches"]):
         pause = spec.get("pause")
         if pause and i == pause["before_batch"]:
@@ -46,12 +47,10 @@ def main() -> None:
                 time.sleep(0.1)
         t0 = time.perf_counter()
         res = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
-        ttfts.append([r.metrics.first_token_latency if getattr(r, "metrics", None) is not None
-                      and getattr(r.metrics, "first_token_latency", None) is not None
-                      else time.perf_counter() - t0 for r in res])
+        seconds.append(time.perf_counter() - t0)
         outputs += [list(r.outputs[0].token_ids) for r in res]
     with open(spec["out"], "w") as f:
-        json.dump({"outputs": outputs, "ttft": ttfts}, f)
+        json.dump({"outputs": outputs, "seconds": seconds}, f)
 
 
 if __name__ == "__main__":
