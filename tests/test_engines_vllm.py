@@ -31,7 +31,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvfs.kv import KVLayout, KVStore, block_hashes  # noqa: E402
+from kvfs.kv import KVLayout, KVStore, block_hashes
 
 HERE = os.path.dirname(__file__)
 BLOCK = 32
@@ -71,11 +71,10 @@ def run_instance(tmp, name: str, model: str, batches: list, *, extra: dict | Non
         spec.update(connector="kvfs", extra={"stats_path": str(tmp / f"{name}.events"), **extra})
     with open(tmp / f"{name}.spec.json", "w") as f:
         json.dump(spec, f)
-    log = open(tmp / f"{name}.log", "wb")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_instance.py"), str(tmp / f"{name}.spec.json")],
-                            stdout=log, stderr=log, env=env)
-    log.close()
+    with open(tmp / f"{name}.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_instance.py"),
+                                 str(tmp / f"{name}.spec.json")], stdout=log, stderr=log, env=env)
     return finish(tmp, name, proc) if wait else proc
 
 

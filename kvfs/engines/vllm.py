@@ -28,11 +28,13 @@ ids; so are the prompt blocks each step completes (to be saved).
 verified: a corrupt, truncated or wrong-layout block is never copied in), so ``wait_for_layer_load``
 has nothing to wait for. ``wait_for_save`` (after the step's forward) copies the completed blocks out
 of every layer and publishes them atomically (``KVStore.put_many``); ``save_kv_layer`` does nothing.
-Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` form, converted from
-each attention backend's paged layout: vLLM 0.32 hands connectors ``[blocks, heads, tokens, 2*head_dim]``
-views on every backend, but ``CPU_ATTN`` reads each (block, head) page as all K rows then all V rows,
-while ``FLASH_ATTN``/``TRITON_ATTN`` split each token's row into K then V. Other backends (or MLA,
-hybrid or quantized caches) disable the connector with one log line: the engine runs without it.
+Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order, translated from
+each attention backend's paged layout by a per-page permutation: vLLM 0.32 hands connectors
+``[blocks, heads, tokens, 2*head_dim]`` views on every backend, but ``CPU_ATTN`` stores a page as
+``[heads, 2*tokens, head_dim]`` with K in an ISA-specific order (measured at start with the backend's own
+cache-write kernel), while ``FLASH_ATTN``/``TRITON_ATTN`` split each token's row into K then V. Other
+backends (or MLA, hybrid, sliding-window or quantized caches) disable the connector with one log line:
+the engine runs without it.
 
 **Failures**: every storage call is bounded (``kvfs.engines.guard``): kvfs down or slow means misses
 and recompute, one log line per outage. A block that fails to load (missing, corrupt, timed out) is
