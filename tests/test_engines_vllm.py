@@ -63,7 +63,7 @@ PROMPTS = _prompts()
 
 def run_instance(tmp, name: str, model: str, batches: list, *, extra: dict | None = None,
                  load_format: str = "auto", loader_extra: dict | None = None, pause: dict | None = None,
-                 wait: bool = True, prefix_caching: bool = True, dtype: str = "auto"):
+                 wait: bool = True, prefix_caching: bool = True, dtype: str = "auto", hash_seed: str = "0"):
     spec = {"model": model, "batches": batches, "out": str(tmp / f"{name}.out.json"), "block_size": BLOCK,
             "load_format": load_format, "loader_extra": loader_extra, "pause": pause,
             "prefix_caching": prefix_caching, "dtype": dtype}
@@ -71,7 +71,7 @@ def run_instance(tmp, name: str, model: str, batches: list, *, extra: dict | Non
         spec.update(connector="kvfs", extra={"stats_path": str(tmp / f"{name}.events"), **extra})
     with open(tmp / f"{name}.spec.json", "w") as f:
         json.dump(spec, f)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONHASHSEED": hash_seed}
     with open(tmp / f"{name}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_instance.py"),
                                  str(tmp / f"{name}.spec.json")], stdout=log, stderr=log, env=env)
@@ -134,7 +134,7 @@ def test_prefix_hits_across_instances(work, models, reference, shared):
     cluster = shared["cluster"]
     # Instance A: weights read by plain vLLM from the mount, KV blocks through the mount.
     out_a, ev_a = run_instance(work, "a", shared["model_dir"], [PROMPTS[:3]],
-                               extra={"root": shared["kv"], "model_id": "tiny-a"})
+                               extra={"root": shared["kv"], "model_id": "tiny-a"}, hash_seed="1")
     assert out_a == reference[:3]
     assert sum(e["published"] for e in of(ev_a, "save")) > 0
     store = KVStore(os.path.join(shared["kv"], "tiny-a"), LAYOUT_A)
@@ -147,7 +147,8 @@ def test_prefix_hits_across_instances(work, models, reference, shared):
     out_b, ev_b = run_instance(work, "b", models[0], [PROMPTS],
                                extra={"meta": cluster.meta_address, "root": "/kv", "model_id": "tiny-a"},
                                load_format="kvfs",
-                               loader_extra={"meta": cluster.meta_address, "path": "/models/tiny-a"})
+                               loader_extra={"meta": cluster.meta_address, "path": "/models/tiny-a"},
+                               hash_seed="2")  # keys must not depend on Python's string hashing
     assert out_b == reference
     lookups = of(ev_b, "lookup")
     # Every usable block (all but the last token's) is a hit, the 4th prompt's through A's shared prefix; a

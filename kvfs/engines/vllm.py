@@ -153,6 +153,8 @@ class KvfsConnector(KVConnectorBase_V1):
             self._layout, self._layer_names = layout_or_why
             log.info("KvfsConnector (%s): %s/%s/%s via %s", role.name.lower(), self._root, self._model_id,
                      self._layout.name, f"native client, meta {self._meta_addr}" if self._meta_addr else "directory")
+        if self.enabled and role == KVConnectorRole.SCHEDULER:
+            self._guard.call(self._open, "open")  # connect now, not in the first request (bounded, as always)
         if role == KVConnectorRole.SCHEDULER and self._kv_transfer_config.kv_load_failure_policy != "recompute":
             # kvfs is a cache: a block that cannot be loaded is a miss, to be recomputed, never a failed request.
             log.info("KvfsConnector: kv_load_failure_policy set to 'recompute' (was %r)",
@@ -315,6 +317,7 @@ class KvfsConnector(KVConnectorBase_V1):
             self._layout = None
             return
         self._caches = caches
+        self._guard.call(self._open, "open")  # connect now, not in the first request (bounded, as always)
         t0 = caches[0][0]
         log.info("KvfsConnector: %d layers, %s pages %s on %s (%s)", len(caches), backend, tuple(t0.shape), t0.device,
                  key)
@@ -342,10 +345,14 @@ class KvfsConnector(KVConnectorBase_V1):
             cache.index_copy_(0, idx, pages.view(n, *cache.shape[1:]).to(cache.device))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        if not self.enabled or not self.has_connector_metadata():
+        if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvfsConnectorMetadata)
+        if not self.enabled:  # the scheduler promised loads this worker cannot do (its cache is unsupported)
+            for load in meta.loads:
+                self._load_errors.update(load.block_ids)
+            return
         for load in meta.loads:
             good = self._load(load)
             if good < len(load.block_ids):
