@@ -97,6 +97,34 @@ def finish(tmp, name: str, proc: subprocess.Popen, timeout: float = 300) -> tupl
     return outputs, events
 
 
+def test_page_orders():
+    """Every page arrangement the connector recognises copies exactly what the generic permutation gather
+    would (per token, planar with K and/or V transposed), and back; an unrecognised one uses the gather."""
+    import torch
+
+    from kvfs.engines.pages import PageOrder
+
+    lay = KVLayout("float32", 8, 1, 3, 4)
+    h, t, d = lay.plane_shape
+    can = torch.arange(2 * h * t * d).view(2, h, t, d)
+    orders = {"per_token": torch.cat([can[0], can[1]], dim=-1).reshape(-1)}
+    for kt in (False, True):
+        for vt in (False, True):
+            parts = [(can[p].transpose(1, 2) if tr else can[p]).reshape(h, t * d) for p, tr in ((0, kt), (1, vt))]
+            orders[f"planar K{'DT' if kt else 'TD'} V{'DT' if vt else 'TD'}"] = torch.stack(parts, 1).reshape(-1)
+    orders[""] = torch.randperm(2 * h * t * d, generator=torch.Generator().manual_seed(3))
+    planes = torch.randn(5, 2, h, t, d)
+    for kind, order in orders.items():
+        po = PageOrder(order, lay)
+        assert po.kind == kind
+        pages = po.to_pages(planes)
+        assert pages.shape == (5, h, t, 2 * d)
+        assert torch.equal(pages.reshape(5, -1), planes.reshape(5, -1)[:, order])
+        back = torch.empty(5, 1, 2, h, t, d)
+        po.from_pages(pages.contiguous(), back[:, 0])
+        assert torch.equal(back[:, 0], planes)
+
+
 def of(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e["event"] == kind]
 

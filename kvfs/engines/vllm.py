@@ -65,6 +65,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvfs.engines.guard import Guard
+from kvfs.engines.pages import PageOrder
 from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
 from kvfs.kv.layout import dtype_name
 
@@ -164,9 +165,7 @@ class KvfsConnector(KVConnectorBase_V1):
         self._requests: dict[str, _Request] = {}
         self._pending_loads: dict[str, Transfer] = {}
         # worker side
-        # per layer in layer order: (paged view, order) where order[i] is the index, in one canonical block
-        # layer (2, heads, tokens, head_dim) flattened, of the element at position i of a flattened page
-        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._caches: list[tuple[torch.Tensor, PageOrder]] = []  # per layer, in layer order
         self._load_errors: set[int] = set()  # until vLLM collects them
         self._step_failed: set[int] = set()  # this step's blocks that did not load (KV computed over them is bad)
 
@@ -287,7 +286,7 @@ class KvfsConnector(KVConnectorBase_V1):
         forward_context = self._vllm_config.compilation_config.static_forward_context
         caches = []
         why = ""
-        orders: dict[str, torch.Tensor] = {}
+        orders: dict[str, PageOrder] = {}
         for name in self._layer_names:
             t = kv_caches.get(name)
             layer = forward_context.get(name)
@@ -304,7 +303,7 @@ class KvfsConnector(KVConnectorBase_V1):
             else:
                 key = f"{backend}:{getattr(layer, 'isa', '')}"
                 if key not in orders:
-                    order = _probe_cpu_order(layer, lay) if backend == "CPU_ATTN" else _per_token_order(lay)
+                    order = _probe_cpu_order(layer, lay) if backend == "CPU_ATTN" else PageOrder.per_token(lay)
                     if isinstance(order, str):
                         why = f"layer {name}: {order}"
                     else:
@@ -319,8 +318,8 @@ class KvfsConnector(KVConnectorBase_V1):
         self._caches = caches
         self._guard.call(self._open, "open")  # connect now, not in the first request (bounded, as always)
         t0 = caches[0][0]
-        log.info("KvfsConnector: %d layers, %s pages %s on %s (%s)", len(caches), backend, tuple(t0.shape), t0.device,
-                 key)
+        log.info("KvfsConnector: %d layers, %s pages %s on %s (%s), page order %s", len(caches), backend,
+                 tuple(t0.shape), t0.device, key, caches[0][1].kind or "irregular (a gather per element)")
 
     def _gather(self, block_ids: list[int]) -> torch.Tensor:
         """Blocks out of the paged cache, in canonical order: a CPU tensor (n, *layout.block_shape)."""
@@ -330,19 +329,15 @@ class KvfsConnector(KVConnectorBase_V1):
         out = torch.empty((n, *lay.block_shape), dtype=lay.torch_dtype())
         idx = torch.tensor(block_ids, dtype=torch.long, device=self._caches[0][0].device)
         for layer, (cache, order) in enumerate(self._caches):
-            pages = cache.index_select(0, idx).cpu().reshape(n, -1)
-            canonical = out[:, layer].view(n, -1)  # out is contiguous: a view, written in place
-            canonical[:, order] = pages
+            order.from_pages(cache.index_select(0, idx).cpu(), out[:, layer])
         return out
 
     def _scatter(self, blocks: torch.Tensor, block_ids: list[int]) -> None:
         """Blocks (n, *layout.block_shape), canonical order, into the paged cache at ``block_ids``."""
-        n = len(block_ids)
         cache0 = self._caches[0][0]
         idx = torch.tensor(block_ids, dtype=torch.long, device=cache0.device)
         for layer, (cache, order) in enumerate(self._caches):
-            pages = blocks[:, layer].reshape(n, -1)[:, order]
-            cache.index_copy_(0, idx, pages.view(n, *cache.shape[1:]).to(cache.device))
+            cache.index_copy_(0, idx, order.to_pages(blocks[:, layer]).to(cache.device))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -525,14 +520,7 @@ def register_plugins() -> None:
 # ---------------------------------------------------------------------- paged layouts
 
 
-def _per_token_order(lay: KVLayout) -> torch.Tensor:
-    """FLASH_ATTN/TRITON_ATTN pages [heads, tokens, 2*head_dim]: each token's row is its K then its V."""
-    h, t, d = lay.plane_shape
-    canonical = torch.arange(2 * h * t * d).view(2, h, t, d)
-    return torch.cat([canonical[0], canonical[1]], dim=-1).reshape(-1)
-
-
-def _probe_cpu_order(layer: Any, lay: KVLayout) -> torch.Tensor | str:
+def _probe_cpu_order(layer: Any, lay: KVLayout) -> PageOrder | str:
     """The CPU_ATTN page order, measured: the backend's own cache-write kernel
     (``cpu_attn_reshape_and_cache``, the layer's ISA) writes known values into a scratch page, viewed
     exactly as the backend views its cache. Values are element indices, written one base-256 digit per
@@ -562,4 +550,4 @@ def _probe_cpu_order(layer: Any, lay: KVLayout) -> torch.Tensor | str:
         base *= 256
     if not torch.equal(order.sort().values, index):
         return f"CPU_ATTN (isa {isa}) page order is not a permutation of the block's elements"
-    return order
+    return PageOrder(order, lay)
