@@ -18,6 +18,13 @@ tokens / prompt tokens (vLLM always computes the last token, and a partial last 
 
     python bench/bench_vllm.py                      # prints the table
     python bench/bench_vllm.py --record docs/benchmarks.md
+    python bench/bench_vllm.py --loading            # engine start to first token: vLLM's loader vs kvfs's
+
+``--loading``: a bigger random bf16 Llama (default 8 layers, hidden 2048, vocab 32000: ~1.1 GB) is copied
+onto the kvfs mount; fresh vLLM processes then start from it with the default loader (safetensors
+through the mount), ``--load-format kvfs`` from the mount path, and ``--load-format kvfs`` through the
+native client, each ``--repeat`` times, alternating; reported: seconds from the instance's ``main`` to
+the engine being ready, and to the first token of a 16-token prompt.
 
 Benchmarks are not tests: nothing here asserts on time. It checks that every mode answers with the
 same greedy token as recompute.
@@ -32,6 +39,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +54,7 @@ from cluster import Cluster
 from mdsection import write_section
 
 SECTION = "vLLM: time to first token with a shared prefix (issue 11)"
+LOAD_SECTION = "vLLM: engine start with weights on kvfs (issue 11)"
 BLOCK = 32
 
 BUILD = """
@@ -92,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--modes", default="recompute,example,kvfs-mount,kvfs-native")
     p.add_argument("--record", metavar="MD", help="write the results as a section of this markdown file")
+    p.add_argument("--loading", action="store_true", help="measure engine start with weights on kvfs instead")
+    p.add_argument("--load-layers", type=int, default=8)
+    p.add_argument("--load-hidden", type=int, default=2048)
+    p.add_argument("--repeat", type=int, default=2)
     args = p.parse_args(argv)
+    if args.loading:
+        return loading(args, argv)
     modes = args.modes.split(",")
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 4096) for _ in range(args.prefix)] for _ in range(args.prompts)]
@@ -161,6 +176,57 @@ def main(argv: list[str] | None = None) -> int:
                 f"block size {BLOCK}; TTFT = one `generate` call with `max_tokens=1` in a fresh vLLM process "
                 f"after another process served the same prompts.\n\n{table}\n")
         write_section(args.record, SECTION, body)
+    return 0
+
+
+def loading(args: argparse.Namespace, argv: list[str] | None) -> int:
+    build = BUILD.replace("vocab_size=4096", "vocab_size=32000")
+    rows: dict[str, list[tuple[float, float]]] = {}
+    prompt = [[5 + i for i in range(16)]]
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-load-") as work:
+        local = os.path.join(work, "model")
+        subprocess.run([sys.executable, "-c", build, local, str(args.load_layers), str(args.load_hidden)], check=True,
+                       capture_output=True)
+        size = sum(os.path.getsize(os.path.join(local, f)) for f in os.listdir(local))
+        cluster = Cluster(os.path.join(work, "cluster"), chunkservers=1, replication=1, chunk_size="4M",
+                          chunkserver_args=("--fsync", "never")).start()
+        try:
+            mnt = cluster.mount(os.path.join(work, "mnt"))
+            on_mount = os.path.join(mnt, "models", "big")
+            shutil.copytree(local, on_mount)
+            modes = {"vLLM default loader, model dir on the mount": {"model": on_mount},
+                     "--load-format kvfs, mount path": {"model": on_mount, "load_format": "kvfs"},
+                     "--load-format kvfs, native client": {"model": local, "load_format": "kvfs",
+                                                           "loader_extra": {"meta": cluster.meta_address,
+                                                                            "path": "/models/big"}}}
+            first = None
+            for r in range(args.repeat):
+                for i, (label, spec) in enumerate(modes.items()):
+                    out = instance(work, f"load-{r}-{i}",
+                                   {**spec, "batches": [prompt], "max_model_len": 512, "kv_cache_bytes": 64 << 20})
+                    first = first or out["outputs"]
+                    assert out["outputs"] == first, f"{label}: another first token"
+                    rows.setdefault(label, []).append((out["engine_ready"], out["engine_ready"] + out["seconds"][0]))
+                    print(label, rows[label][-1], flush=True)
+        finally:
+            cluster.stop()
+    lines = ["| loader | engine ready (s), each run | to first token (s), each run | median to first token |",
+             "| --- | --- | --- | --- |"]
+    for label, runs in rows.items():
+        lines.append(f"| {label} | {', '.join(f'{a:.1f}' for a, _ in runs)} | {', '.join(f'{b:.1f}' for _, b in runs)} "
+                     f"| {statistics.median(b for _, b in runs):.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        import torch
+        import vllm
+
+        cmd = "python bench/bench_vllm.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        body = (f"## {LOAD_SECTION}\n\nCommand: `{cmd.strip()}` ({datetime.date.today()}, {platform.node()}, "
+                f"{os.cpu_count()} CPUs, vLLM {vllm.__version__}, torch {torch.__version__}). Model: random bf16 "
+                f"Llama, {args.load_layers} layers, hidden {args.load_hidden}, vocab 32000, {size / 1e9:.2f} GB; "
+                f"runs alternate between loaders; every run answered the same first token.\n\n{table}\n")
+        write_section(args.record, LOAD_SECTION, body)
     return 0
 
 

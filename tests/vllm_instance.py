@@ -5,7 +5,8 @@
 batch is one ``LLM.generate`` call (greedy); between batches the instance can wait for the test
 (``pause``: write ``ready``, wait for ``go``) so the test can break kvfs mid-run. Writes
 ``{"outputs": [[token ids] per prompt], "seconds": [wall seconds of each batch's generate]}`` to
-``out`` (with one request and ``max_tokens`` 1, a batch's seconds are its time to first token).
+``out`` (with one request and ``max_tokens`` 1, a batch's seconds are its time to first token), and
+``engine_ready``: seconds from the start of ``main`` (vLLM imported, model loaded, engine built).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 
 def main() -> None:
+    started = time.perf_counter()
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     from vllm import LLM, SamplingParams
@@ -36,6 +38,7 @@ def main() -> None:
               load_format=spec.get("load_format", "auto"), dtype=spec.get("dtype", "auto"),
               model_loader_extra_config=spec.get("loader_extra") or {},
               enable_prefix_caching=spec.get("prefix_caching", True))
+    engine_ready = time.perf_counter() - started
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8))
     outputs, seconds = [], []
     for i, batch in enumerate(spec["batches"]):
@@ -50,7 +53,7 @@ def main() -> None:
         seconds.append(time.perf_counter() - t0)
         outputs += [list(r.outputs[0].token_ids) for r in res]
     with open(spec["out"], "w") as f:
-        json.dump({"outputs": outputs, "seconds": seconds}, f)
+        json.dump({"outputs": outputs, "seconds": seconds, "engine_ready": engine_ready}, f)
 
 
 if __name__ == "__main__":

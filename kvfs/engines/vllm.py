@@ -223,12 +223,13 @@ class KvfsConnector(KVConnectorBase_V1):
         usable = st.hashes[:(request.num_prompt_tokens - 1) // bs]  # vLLM computes at least the last token
         if len(usable) * bs <= num_computed_tokens:
             return 0, False
+        t0 = time.perf_counter()
         ok, n = self._guard.call(lambda: self._open().longest_prefix(usable), "lookup")
         st.hit_blocks = n if ok else 0
         new = max(0, st.hit_blocks * bs - num_computed_tokens)
         self._event({"event": "lookup", "req": request.request_id, "prompt_tokens": request.num_prompt_tokens,
                      "local_tokens": num_computed_tokens, "hit_tokens": st.hit_blocks * bs, "new_tokens": new,
-                     "ok": ok})
+                     "ok": ok, "seconds": round(time.perf_counter() - t0, 4)})
         return new, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -357,12 +358,14 @@ class KvfsConnector(KVConnectorBase_V1):
     def _load(self, load: Transfer) -> int:
         """Load a request's blocks into the paged cache; how many leading blocks were loaded."""
         assert self._layout is not None
+        t0 = time.perf_counter()
         bufs = torch.empty((len(load.hashes), *self._layout.block_shape), dtype=self._layout.torch_dtype())
         outs = list(bufs.unbind(0))
         try:
             ok, got = self._guard.call(lambda: self._open().get_many(load.hashes, outs), "load")
         except BlockError:
             got, ok = self._load_one_by_one(load.hashes, outs), True
+        t1 = time.perf_counter()
         good = 0
         if ok:
             while good < len(got) and got[good] is not None:
@@ -370,7 +373,7 @@ class KvfsConnector(KVConnectorBase_V1):
         if good:
             self._scatter(bufs[:good], load.block_ids[:good])
         self._event({"event": "load", "req": load.req_id, "blocks": len(load.hashes), "loaded": good,
-                     "ok": ok})
+                     "ok": ok, "read_s": round(t1 - t0, 4), "copy_s": round(time.perf_counter() - t1, 4)})
         if good < len(load.hashes):
             log.info("KvfsConnector: request %s: %d of %d blocks loaded, the rest is recomputed", load.req_id,
                      good, len(load.hashes))
@@ -410,11 +413,13 @@ class KvfsConnector(KVConnectorBase_V1):
         saves = [s for s in meta.saves if not failed.intersection(s.context, s.block_ids)]
         if not saves or not self._guard.available():
             return
+        t0 = time.perf_counter()
         items: list[tuple[str, torch.Tensor]] = []
         for save in saves:
             items += zip(save.hashes, self._gather(save.block_ids).unbind(0))
         ok, published = self._guard.call(lambda: self._open().put_many(items), "save")
-        self._event({"event": "save", "blocks": len(items), "published": sum(published) if ok else 0, "ok": ok})
+        self._event({"event": "save", "blocks": len(items), "published": sum(published) if ok else 0, "ok": ok,
+                     "seconds": round(time.perf_counter() - t0, 4)})
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
