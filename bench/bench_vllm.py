@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--modes", default="recompute,example,kvfs-mount,kvfs-native")
     p.add_argument("--record", metavar="MD", help="write the results as a section of this markdown file")
+    p.add_argument("--workdir", help="keep the instances' specs, logs and event files here (default: a temp dir)")
     p.add_argument("--loading", action="store_true", help="measure engine start with weights on kvfs instead")
     p.add_argument("--load-layers", type=int, default=8)
     p.add_argument("--load-hidden", type=int, default=2048)
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     tails = [pr + [rng.randrange(3, 4096) for _ in range(64)] for pr in prompts]
     warm = [[rng.randrange(3, 4096) for _ in range(100)]]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as work:
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
+        work = args.workdir or tmp
+        os.makedirs(work, exist_ok=True)
         model = os.path.join(work, "model")
         subprocess.run([sys.executable, "-c", BUILD, model, str(args.layers), str(args.hidden)], check=True,
                        capture_output=True)
