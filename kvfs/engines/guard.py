@@ -2,7 +2,8 @@
 
 An engine must keep serving when kvfs is down or slow: a KV lookup, load or save that does not
 answer in time is a cache miss (the engine recomputes), never a hang or a crash. ``Guard.call``
-runs one storage operation on a daemon thread and waits at most ``timeout`` seconds for it. A
+runs one storage operation on a daemon thread and waits at most ``timeout`` seconds for it (plus a
+second per ``bytes_per_second`` of data the call moves, so a large batch is not mistaken for an outage). A
 timeout or an ``OSError`` opens the breaker: for ``retry_after`` seconds every call returns at once
 as failed, without touching storage, then the next call probes again. An outage is logged once when
 it starts and once when kvfs answers again (one log line per outage, not one per request).
@@ -30,9 +31,10 @@ from kvfs.kv import BlockError
 
 class Guard:
     def __init__(self, log: logging.Logger, *, timeout: float = 5.0, retry_after: float = 10.0,
-                 on_event: Callable[[dict[str, Any]], None] | None = None):
+                 bytes_per_second: float = 100e6, on_event: Callable[[dict[str, Any]], None] | None = None):
         self.log = log
         self.timeout = timeout
+        self.bytes_per_second = bytes_per_second
         self.retry_after = retry_after
         self.on_event = on_event
         self._lock = threading.Lock()
@@ -49,7 +51,9 @@ class Guard:
         with self._lock:
             return self._down_since is None or time.monotonic() >= self._retry_at
 
-    def call(self, fn: Callable[[], Any], what: str) -> tuple[bool, Any]:
+    def call(self, fn: Callable[[], Any], what: str, nbytes: int = 0) -> tuple[bool, Any]:
+        """Run ``fn`` with a deadline of ``timeout`` seconds, plus one second per ``bytes_per_second``
+        of the ``nbytes`` it moves (a large batch is not an outage)."""
         if not self.available():
             return False, None
         box: dict[str, Any] = {}
@@ -64,8 +68,9 @@ class Guard:
                 done.set()
 
         threading.Thread(target=run, name=f"kvfs-{what}", daemon=True).start()
-        if not done.wait(self.timeout):
-            self._outage(f"{what}: no answer within {self.timeout:g} s")
+        deadline = self.timeout + nbytes / self.bytes_per_second
+        if not done.wait(deadline):
+            self._outage(f"{what}: no answer within {deadline:g} s")
             return False, None
         exc = box.get("error")
         if exc is None:

@@ -11,7 +11,7 @@ adapter: keys, layouts and error mapping live here, storage logic stays in ``kvf
 ``kv_connector_extra_config``: ``root`` (a directory, e.g. on the kvfs mount; or, with ``meta``
 "host:port", a kvfs path read through the native client), ``model_id`` (the model path level; default
 the model name/path and ``revision``, made one path component), ``timeout`` (seconds per storage call,
-default 5), ``retry_after`` (seconds a detected outage is trusted before kvfs is tried again, default
+default 5, plus a second per 100 MB a load or save moves), ``retry_after`` (seconds a detected outage is trusted before kvfs is tried again, default
 10), ``stats_path`` (append one JSON line per lookup/load/save/outage event there; for tests and tools).
 
 **Keys**: ``<root>/<model_id>/<KVLayout.name>/<hh>/<hash>`` (docs/kv.md), where the hash is
@@ -362,7 +362,8 @@ class KvfsConnector(KVConnectorBase_V1):
         bufs = torch.empty((len(load.hashes), *self._layout.block_shape), dtype=self._layout.torch_dtype())
         outs = list(bufs.unbind(0))
         try:
-            ok, got = self._guard.call(lambda: self._open().get_many(load.hashes, outs), "load")
+            ok, got = self._guard.call(lambda: self._open().get_many(load.hashes, outs), "load",
+                                       nbytes=bufs.numel() * bufs.element_size())
         except BlockError:
             got, ok = self._load_one_by_one(load.hashes, outs), True
         t1 = time.perf_counter()
@@ -417,7 +418,8 @@ class KvfsConnector(KVConnectorBase_V1):
         items: list[tuple[str, torch.Tensor]] = []
         for save in saves:
             items += zip(save.hashes, self._gather(save.block_ids).unbind(0))
-        ok, published = self._guard.call(lambda: self._open().put_many(items), "save")
+        ok, published = self._guard.call(lambda: self._open().put_many(items), "save",
+                                         nbytes=len(items) * self._layout.nbytes)
         self._event({"event": "save", "blocks": len(items), "published": sum(published) if ok else 0, "ok": ok,
                      "seconds": round(time.perf_counter() - t0, 4)})
 
