@@ -66,7 +66,8 @@ PROMPTS = _prompts()
 
 def run_instance(tmp, name: str, model: str, batches: list, *, extra: dict | None = None,
                  load_format: str = "auto", loader_extra: dict | None = None, pause: dict | None = None,
-                 wait: bool = True, prefix_caching: bool = True, dtype: str = "auto", hash_seed: str = "0"):
+                 wait: bool = True, prefix_caching: bool = True, dtype: str = "auto", hash_seed: str = "0",
+                 multiprocessing: bool = False):
     spec = {"model": model, "batches": batches, "out": str(tmp / f"{name}.out.json"), "block_size": BLOCK,
             "load_format": load_format, "loader_extra": loader_extra, "pause": pause,
             "prefix_caching": prefix_caching, "dtype": dtype}
@@ -74,7 +75,7 @@ def run_instance(tmp, name: str, model: str, batches: list, *, extra: dict | Non
         spec.update(connector="kvfs", extra={"stats_path": str(tmp / f"{name}.events"), **extra})
     with open(tmp / f"{name}.spec.json", "w") as f:
         json.dump(spec, f)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONHASHSEED": hash_seed}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": str(int(multiprocessing)), "PYTHONHASHSEED": hash_seed}
     with open(tmp / f"{name}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_instance.py"),
                                  str(tmp / f"{name}.spec.json")], stdout=log, stderr=log, env=env)
@@ -193,6 +194,20 @@ def test_prefix_hits_across_instances(work, models, reference, shared):
     assert loads and all(e["ok"] and e["loaded"] == e["blocks"] > 0 for e in loads)
     with open(work / "b.log", errors="replace") as f:
         assert "kvfs: loaded" in f.read()  # the kvfs model loader ran
+
+
+@pytest.mark.slow
+def test_engine_core_in_its_own_process(work, models, reference, shared):
+    """vLLM's default process layout (engine core, with the scheduler-side connector, in its own process;
+    connector metadata crosses the process boundary): hits on the blocks instance A published."""
+    if not os.listdir(shared["kv"]):
+        run_instance(work, "a2", models[0], [PROMPTS[:3]], extra={"root": shared["kv"], "model_id": "tiny-a"})
+    out, ev = run_instance(work, "mp", models[0], [PROMPTS], extra={"root": shared["kv"], "model_id": "tiny-a"},
+                           multiprocessing=True)
+    assert out == reference
+    loads = of(ev, "load")
+    assert loads and all(e["loaded"] == e["blocks"] > 0 for e in loads)
+    assert {e["pid"] for e in of(ev, "lookup")}.isdisjoint({e["pid"] for e in loads})  # two processes
 
 
 def test_two_models_share_root_without_cross_hits(work, models, shared):
