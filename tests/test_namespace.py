@@ -33,26 +33,36 @@ def etcd_server(tmp_path_factory):
         cluster.stop()
 
 
-@pytest.fixture(params=["memory", "rocksdb", "etcd", "etcd-cached"])
-def engine_factory(request, tmp_path):
+def _engine_maker(kind: str, request, tmp_path):
     """``etcd`` reads every key from etcd and writes each batch at once; ``etcd-cached`` is what the meta
     leader runs (reads from its copy, writes queued until ``sync``/``close``).
     Each call of ``make`` opens the same store again (a restart)."""
-    if request.param.startswith("etcd"):
+    if kind.startswith("etcd"):
         from kvfs.meta.engine_etcd import EtcdEngine
 
         etcd = request.getfixturevalue("etcd_server")
         prefix = f"/t{abs(hash(request.node.nodeid))}-{time.monotonic_ns()}"
 
     def make():
-        if request.param == "memory":
+        if kind == "memory":
             return MemoryEngine()
-        if request.param.startswith("etcd"):
-            cached = request.param == "etcd-cached"
+        if kind.startswith("etcd"):
+            cached = kind == "etcd-cached"
             return EtcdEngine.from_url(etcd.url(prefix), cache=cached, pipelined=cached)
         return RocksEngine(str(tmp_path / "db"))
 
     return make
+
+
+@pytest.fixture(params=["memory", "rocksdb", "etcd", "etcd-cached"])
+def engine_factory(request, tmp_path):
+    return _engine_maker(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["rocksdb", "etcd", "etcd-cached"])
+def durable_engine_factory(request, tmp_path):
+    """The engines whose state outlives the process (restart tests)."""
+    return _engine_maker(request.param, request, tmp_path)
 
 
 @pytest.fixture
@@ -159,9 +169,8 @@ def test_commit_truncate_and_chunk_garbage(ns):
     ns.open_write(f.ino, "c2")
 
 
-def test_restart_keeps_state(engine_factory, request):
-    if request.node.callspec.params["engine_factory"] == "memory":
-        pytest.skip("the memory engine is gone with its process")
+def test_restart_keeps_state(durable_engine_factory):
+    engine_factory = durable_engine_factory
     engine = engine_factory()
     ns = Namespace(engine, chunk_size=CS)
     d = mkdir(ns, ROOT_INO, "d")
@@ -417,9 +426,8 @@ def test_uncommitted_chunks_live_as_long_as_the_writers_lease(engine_factory):
     ns.engine.close()
 
 
-def test_uncommitted_chunks_and_their_leases_survive_a_restart(engine_factory, request):
-    if request.node.callspec.params["engine_factory"] == "memory":
-        pytest.skip("the memory engine is gone with its process")
+def test_uncommitted_chunks_and_their_leases_survive_a_restart(durable_engine_factory):
+    engine_factory = durable_engine_factory
     clock = FakeClock()
     ns = Namespace(engine_factory(), chunk_size=CS, lease_seconds=60, clock=clock)
     f = mkfile(ns, ROOT_INO, "f")
