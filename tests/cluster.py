@@ -69,6 +69,21 @@ class Proc:
             return f.read()
 
 
+def start_mount(root: str, meta_address: str, mountpoint: str, index: int, *extra: str) -> Proc:
+    """A `kvfs mount` process; returns once the mount is up (its log is ``root/mount-<index>.log``)."""
+    proc = Proc(["mount", mountpoint, "--meta", meta_address, "--timeout", "10", *extra],
+                os.path.join(root, f"mount-{index}.log"))
+    proc.start()
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"mount exited:\n{proc.log()}")
+        return is_mounted(mountpoint)
+
+    wait_for(ready, 20, f"mount at {mountpoint}")
+    return proc
+
+
 @dataclass
 class Cluster:
     root: str
@@ -159,17 +174,7 @@ class Cluster:
             os.makedirs(mountpoint, exist_ok=True)
         except FileExistsError:
             pass  # a dead mount from a killed `kvfs mount` (stat fails): the new mount cleans it up
-        proc = Proc(["mount", mountpoint, "--meta", self.meta_address, "--timeout", "10", *extra],
-                     os.path.join(self.root, f"mount-{len(self.mounts)}.log"))
-        proc.start()
-        self.mounts[mountpoint] = proc
-
-        def ready() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"mount exited:\n{proc.log()}")
-            return is_mounted(mountpoint)
-
-        wait_for(ready, 20, f"mount at {mountpoint}")
+        self.mounts[mountpoint] = start_mount(self.root, self.meta_address, mountpoint, len(self.mounts), *extra)
         return mountpoint
 
     def unmount(self, mountpoint: str) -> None:

@@ -238,22 +238,12 @@ class HaCluster:
         wait_for(live, timeout, f"{count} live chunkservers", interval=0.2)
 
     def mount(self, mountpoint: str) -> str:
-        from cluster import Proc, is_mounted
+        from cluster import is_mounted, start_mount
 
         if is_mounted(mountpoint):  # the dead mount of a killed `kvfs mount`: gone before we wait for the new one
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, check=False)
         os.makedirs(mountpoint, exist_ok=True)
-        proc = Proc(["mount", mountpoint, "--meta", self.meta_address, "--timeout", "10"],
-                    os.path.join(self.root, f"mount-{len(self.mounts)}.log"))
-        proc.start()
-        self.mounts[mountpoint] = proc
-
-        def ready() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"mount exited:\n{proc.log()}")
-            return is_mounted(mountpoint)
-
-        wait_for(ready, 20, f"mount at {mountpoint}")
+        self.mounts[mountpoint] = start_mount(self.root, self.meta_address, mountpoint, len(self.mounts))
         return mountpoint
 
     def stop(self) -> None:

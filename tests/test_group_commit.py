@@ -28,6 +28,16 @@ class CountingEngine(RocksEngine):
         self.synced_upto.append(upto)
 
 
+def one_write(engine):
+    """A handler that makes one change."""
+
+    async def change(_r, _data) -> str:
+        engine.write([(b"k", b"v")])
+        return "ok"
+
+    return change
+
+
 def test_replies_wait_for_a_shared_sync(tmp_path):
     engine = CountingEngine(str(tmp_path / "db"))
     commits = GroupCommit(engine)
@@ -73,9 +83,7 @@ def test_a_failed_sync_acknowledges_nothing(tmp_path):
     engine = CountingEngine(str(tmp_path / "db"))
     commits = GroupCommit(engine)
 
-    async def change(_r, _data) -> str:
-        engine.write([(b"k", b"v")])
-        return "ok"
+    change = one_write(engine)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -96,9 +104,7 @@ def test_no_sync_opt_out_acknowledges_at_once(tmp_path):
     engine = CountingEngine(str(tmp_path / "db"), sync=False)
     commits = GroupCommit(engine)
 
-    async def change(_r, _data) -> str:
-        engine.write([(b"k", b"v")])
-        return "ok"
+    change = one_write(engine)
 
     async def main() -> None:
         # No syncer running at all: a durable wait would hang (fail_after turns that into a failure).
@@ -115,9 +121,7 @@ def test_a_lone_change_syncs_on_the_spot(tmp_path):
     engine = CountingEngine(str(tmp_path / "db"))
     commits = GroupCommit(engine)
 
-    async def change(_r, _data) -> str:
-        engine.write([(b"k", b"v")])
-        return "ok"
+    change = one_write(engine)
 
     async def main() -> None:
         with trio.fail_after(5):  # no syncer task is running: only an inline sync can finish this
