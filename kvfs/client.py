@@ -39,7 +39,7 @@ from kvfs.client_types import FileState as FileState
 from kvfs.client_types import LocalChunk as LocalChunk
 from kvfs.client_types import _ServerInfo
 from kvfs.client_write import ClientWrites
-from kvfs.dircache import ListingCache
+from kvfs.dircache import ChangeLog, ListingCache
 from kvfs.errors import error
 from kvfs.meta_router import meta_client
 from kvfs.rpc import RpcClient
@@ -59,7 +59,7 @@ class Client(ClientReads, ClientWrites):
         self.chunk_size = 4 << 20
         self.files: dict[int, FileState] = {}
         self.listings = ListingCache(self.options.dir_cache_ttl, self.options.dir_cache_burst)
-        self._ns_changes = 0  # this client's namespace changes: a listing fetched across one is not kept
+        self._changes = ChangeLog()  # this client's namespace changes: a listing fetched across one is not kept
         self._servers: dict[str, _ServerInfo] = {}
         self._chunk_clients: dict[str, RpcClient] = {}
         self._upload_slots = trio.Semaphore(self.options.max_upload_inflight)
@@ -142,7 +142,7 @@ class Client(ClientReads, ClientWrites):
 
     async def _list_dir(self, parent: int) -> None:
         """Fetch a whole directory listing (attributes included) for ``self.listings``."""
-        loaded, changes = self.listings.clock(), self._ns_changes
+        loaded, changes = self.listings.clock(), self._changes.seq
         entries: list[P.DirEntry] = []
         after = ""
         try:
@@ -155,7 +155,7 @@ class Client(ClientReads, ClientWrites):
                 if not reply.more or not reply.entries:
                     break
                 after = reply.entries[-1].name
-            if changes == self._ns_changes:
+            if not self._changes.touched_since(changes, parent, {e.attr.ino for e in entries}):
                 self.listings.store(parent, loaded, entries)
         except OSError:
             pass  # only an optimisation: lookups go on to meta
@@ -163,7 +163,7 @@ class Client(ClientReads, ClientWrites):
             self.listings.loading.discard(parent)
 
     def _changed(self, ino: int) -> None:
-        self._ns_changes += 1
+        self._changes.note(ino=ino)
         self.listings.changed(ino)
 
     async def getattr(self, ino: int) -> P.Attr:
@@ -193,7 +193,7 @@ class Client(ClientReads, ClientWrites):
     async def mknode(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
                      exclusive: bool = True, lease: bool = False) -> P.Attr:
         """Create a node; ``lease`` also takes the write lease (a create that is about to be written)."""
-        self._ns_changes += 1
+        self._changes.note(directory=parent)
         attr = await self.meta.request(P.META_MKNODE, P.MkNode(
             parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else ""))
         self.listings.added(parent, name, attr)
@@ -202,22 +202,22 @@ class Client(ClientReads, ClientWrites):
 
     async def unlink_at(self, parent: int, name: str, keep_open: list[int] | None = None) -> P.Attr:
         """Remove a name; ``keep_open``: see P.Unlink (None: the caller purges the inode later)."""
-        self._ns_changes += 1
+        self._changes.note(directory=parent)
         self.listings.removed(parent, name)
         attr = await self.meta.request(P.META_UNLINK, P.Unlink(parent, name, keep_open))
         self.listings.dir_touched(parent)
         if attr.nlink > 0:
-            self.listings.changed(attr.ino)  # other names of it: their link count changed
+            self._changed(attr.ino)  # other names of it: their link count changed
         return attr
 
     async def rmdir_at(self, parent: int, name: str) -> None:
-        self._ns_changes += 1
+        self._changes.note(directory=parent)
         self.listings.removed(parent, name)
         await self.meta.request(P.META_RMDIR, P.Unlink(parent, name))
         self.listings.dir_touched(parent, -1)
 
     async def rename_at(self, parent: int, name: str, new_parent: int, new_name: str, flags: int = 0) -> int:
-        self._ns_changes += 1
+        self._changes.note()  # anything: a moved directory changes paths and link counts elsewhere
         for d in (parent, new_parent):
             self.listings.forget_dir(d)
             self.listings.changed(d)  # its attributes too (a moved directory changes link counts)
@@ -225,6 +225,7 @@ class Client(ClientReads, ClientWrites):
         return reply.replaced_ino
 
     async def link(self, ino: int, new_parent: int, new_name: str) -> P.Attr:
+        self._changes.note(directory=new_parent)
         self._changed(ino)
         attr = await self.meta.request(P.META_LINK, P.Link(ino, new_parent, new_name))
         self.listings.added(new_parent, new_name, attr)
@@ -232,7 +233,7 @@ class Client(ClientReads, ClientWrites):
         return self._overlay(attr)
 
     async def symlink_at(self, parent: int, name: str, target: str, uid: int = 0, gid: int = 0) -> P.Attr:
-        self._ns_changes += 1
+        self._changes.note(directory=parent)
         attr = await self.meta.request(P.META_SYMLINK, P.Symlink(parent, name, target, uid, gid))
         self.listings.added(parent, name, attr)
         self.listings.dir_touched(parent)

@@ -23,11 +23,40 @@ from __future__ import annotations
 
 import stat
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
 
 from kvfs import protocol as P
+
+
+class ChangeLog:
+    """This client's recent namespace changes, so a listing fetched while some happened is kept unless
+    one touched *its* directory or an inode in it (a global counter threw away every listing fetched
+    while any other directory changed: four clients unlinking in four directories re-listed them over
+    and over)."""
+
+    def __init__(self, keep: int = 4096):
+        self.seq = 0
+        self._log: deque[tuple[int, int, int]] = deque(maxlen=keep)  # (seq, directory or 0, inode or 0)
+
+    def note(self, directory: int = 0, ino: int = 0) -> None:
+        """``directory``: one of its entries changed; ``ino``: its attributes changed; both 0: anything."""
+        self.seq += 1
+        self._log.append((self.seq, directory, ino))
+
+    def touched_since(self, seq: int, directory: int, inos: set[int]) -> bool:
+        if seq == self.seq:
+            return False
+        if not self._log or self._log[0][0] > seq + 1:
+            return True  # the log no longer reaches back that far: assume the worst
+        for s, d, i in reversed(self._log):
+            if s <= seq:
+                break
+            if (d == 0 and i == 0) or d == directory or i == directory or i in inos:
+                return True
+        return False
 
 
 @dataclass

@@ -98,3 +98,27 @@ def test_directory_attributes_follow_own_changes(two_clients):
     b.unlink(f"{d}/f")
     time.sleep(a.client.listings.ttl + 0.05)
     assert a.getattr(ino) == b.getattr(ino)
+
+
+def test_change_log_keeps_listings_of_untouched_directories():
+    from kvfs.dircache import ChangeLog
+
+    log = ChangeLog(keep=8)
+    start = log.seq
+    assert not log.touched_since(start, 10, {11, 12})
+    log.note(directory=20)  # another directory's entries changed
+    log.note(ino=21)  # an inode outside the listing
+    assert not log.touched_since(start, 10, {11, 12})
+    log.note(ino=12)  # an inode the listing holds
+    assert log.touched_since(start, 10, {11, 12})
+    mid = log.seq
+    log.note(directory=10)  # this directory's own entries
+    assert log.touched_since(mid, 10, set()) and not log.touched_since(mid, 30, set())
+    late = log.seq
+    log.note()  # anything (a rename)
+    assert log.touched_since(late, 30, set())
+    # Older than the log reaches: assume the listing is stale.
+    old = log.seq
+    for i in range(20):
+        log.note(directory=100 + i)
+    assert log.touched_since(old, 30, set())
