@@ -218,7 +218,7 @@ class KvfsHiCacheStorage(HiCacheStorage):
     def _page_views(self, n: int, host_indices: torch.Tensor) -> list[torch.Tensor] | None:
         page = self._layout.block_tokens if self._layout else 1
         if host_indices is None or host_indices.numel() != n * page:
-            log.error("KvfsHiCacheStorage: %s host indices for %d pages of %d tokens", 
+            log.error("KvfsHiCacheStorage: %s host indices for %d pages of %d tokens",
                       None if host_indices is None else host_indices.numel(), n, page)
             return None
         starts = host_indices[::page].tolist()
