@@ -45,6 +45,7 @@ interface (hybrid models: Mamba/SWA sidecar pools). ``clear`` leaves kvfs alone 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,6 +93,7 @@ class KvfsHiCacheStorage(HiCacheStorage):
         self._page_shape: tuple[int, ...] = ()
         self._perm: tuple[int, ...] = ()
         self._store: KVStore | None = None
+        self._store_lock = threading.Lock()  # SGLang's prefetch and backup threads share the backend
         self._client: Any = None
         self._disabled = "" if self._root else 'extra config needs "root"'
         if storage_config.attn_cp_size > 1:
@@ -136,18 +138,21 @@ class KvfsHiCacheStorage(HiCacheStorage):
         return ""
 
     def _open(self) -> KVStore:
-        if self._store is None:
-            assert self._layout is not None
-            root = f"{self._root.rstrip('/')}/{self._model_id}"
-            if self._meta_addr:
-                import kvfs
+        """The store, opened on first use (inside a guarded call: a dead meta cannot block the engine)."""
+        with self._store_lock:
+            if self._store is None:
+                assert self._layout is not None
+                root = f"{self._root.rstrip('/')}/{self._model_id}"
+                if self._meta_addr:
+                    import kvfs
 
-                if self._client is None:
-                    self._client = kvfs.SyncClient(self._meta_addr, kvfs.ClientOptions(timeout=self._guard.timeout))
-                self._store = KVStore(root, self._layout, client=self._client)
-            else:
-                self._store = KVStore(root, self._layout)
-        return self._store
+                    if self._client is None:
+                        self._client = kvfs.SyncClient(self._meta_addr,
+                                                       kvfs.ClientOptions(timeout=self._guard.timeout))
+                    self._store = KVStore(root, self._layout, client=self._client)
+                else:
+                    self._store = KVStore(root, self._layout)
+            return self._store
 
     @property
     def enabled(self) -> bool:
