@@ -32,16 +32,22 @@ import time
 from pathlib import Path
 
 import pytest
-
-# No skip: if SGLang is missing, this module must fail (./dev.sh test installs it).
-import sglang
 import torch
+
+# No skip: if SGLang is missing, this module must fail (./dev.sh test installs it). Importing it sets
+# cache-directory variables (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, ...) that every later subprocess
+# of the test session would inherit: the environment is put back afterwards.
+_ENV = dict(os.environ)
+import sglang
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 from sglang.srt.mem_cache.utils import get_hash_str
 
 from kvfs.engines.sglang import KvfsHiCacheStorage
 from kvfs.kv import KVLayout, KVStore
+
+os.environ.clear()
+os.environ.update(_ENV)
 
 SGLANG_VERSION = "0.5.23"
 PAGE, LAYERS, HEADS, HEAD_DIM = 16, 3, 2, 32
