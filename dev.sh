@@ -59,6 +59,25 @@ vllm_install() {
   "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 }
 
+# SGLang's wheel, for tests/test_engines_sglang.py (kvfs.engines.sglang is written against 0.5.23). Its
+# engine needs a CUDA torch 2.14.1 and flashinfer, so it is installed with --no-deps (kvfs's CPU torch
+# stays) plus only the pure-Python deps that importing its HiCache storage modules needs
+# (hicache_storage, storage/backend_factory, mem_cache/utils). Quiet and idempotent.
+SGLANG_PIN="sglang==0.5.23"
+SGLANG_IMPORT_DEPS=(orjson psutil pybase64 triton pillow starlette pyzmq ipython aiohttp)
+sglang_install() {
+  if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('sglang') != '0.5.23')" >/dev/null 2>&1; then
+    echo "dev.sh: installing $SGLANG_PIN (--no-deps)" >&2
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps "$SGLANG_PIN" 2>&1 \
+      | grep -v -E "^(WARNING|DEPRECATION)" || true
+  fi
+  if ! "$PY" -c "import sglang.srt.mem_cache.storage.backend_factory, sglang.srt.mem_cache.utils" >/dev/null 2>&1; then
+    echo "dev.sh: installing SGLang's import deps: ${SGLANG_IMPORT_DEPS[*]}" >&2
+    "$PY" -m pip install -q --disable-pip-version-check "${SGLANG_IMPORT_DEPS[@]}" "torch==2.13.0" 2>&1 \
+      | grep -v -E "^(WARNING|DEPRECATION|ERROR: pip's dependency resolver)|^sglang .* requires" || true
+  fi
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -72,6 +91,7 @@ case "$cmd" in
     apt_install "${BASE_APT[@]}" redis-server etcd-server
     pip_install -e ".[mount,test]"
     vllm_install
+    sglang_install
     exec "$PY" -m pytest "$@"
     ;;
   bench)

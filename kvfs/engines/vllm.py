@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvfs.engines.guard import Guard
+from kvfs.engines.naming import model_path_level
 from kvfs.engines.pages import PageOrder
 from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
 from kvfs.kv.layout import dtype_name
@@ -87,14 +87,6 @@ log = logging.getLogger("vllm.kvfs")  # under vLLM's logger: its handler and for
 # The CPU order is therefore measured, not assumed: ``_probe_cpu_order`` has the kernel itself write
 # known values into a scratch page.
 SUPPORTED_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
-
-
-def model_path_level(name: str, revision: str | None = None) -> str:
-    """A model name or path (plus revision) as one stable path component: ``meta-llama/Llama-3-8B`` ->
-    ``meta-llama--Llama-3-8B``, ``/models/llama`` -> ``models--llama``."""
-    text = name.strip("/") + (f"@{revision}" if revision else "")
-    text = re.sub(r"[^A-Za-z0-9._@+=-]+", "--", text.replace("/", "--")).strip("-.") or "model"
-    return text[:200]
 
 
 @dataclass
