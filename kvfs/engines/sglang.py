@@ -59,7 +59,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from kvfs.engines.guard import Guard
-from kvfs.engines.naming import model_path_level
+from kvfs.engines.naming import model_path_level, open_kv_store
 from kvfs.kv import BlockError, KVLayout, KVStore
 from kvfs.kv.hashing import check_hashes
 from kvfs.kv.layout import dtype_name
@@ -142,16 +142,8 @@ class KvfsHiCacheStorage(HiCacheStorage):
         with self._store_lock:
             if self._store is None:
                 assert self._layout is not None
-                root = f"{self._root.rstrip('/')}/{self._model_id}"
-                if self._meta_addr:
-                    import kvfs
-
-                    if self._client is None:
-                        self._client = kvfs.SyncClient(self._meta_addr,
-                                                       kvfs.ClientOptions(timeout=self._guard.timeout))
-                    self._store = KVStore(root, self._layout, client=self._client)
-                else:
-                    self._store = KVStore(root, self._layout)
+                self._store, self._client = open_kv_store(self._root, self._model_id, self._layout, self._meta_addr,
+                                                          self._client, self._guard.timeout)
             return self._store
 
     @property

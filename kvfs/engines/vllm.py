@@ -64,7 +64,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvfs.engines.guard import Guard
-from kvfs.engines.naming import model_path_level
+from kvfs.engines.naming import model_path_level, open_kv_store
 from kvfs.engines.pages import PageOrder
 from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
 from kvfs.kv.layout import dtype_name
@@ -172,16 +172,8 @@ class KvfsConnector(KVConnectorBase_V1):
         with self._store_lock:
             if self._store is None:
                 assert self._layout is not None
-                root = f"{self._root.rstrip('/')}/{self._model_id}"
-                if self._meta_addr:
-                    import kvfs
-
-                    if self._client is None:
-                        self._client = kvfs.SyncClient(self._meta_addr,
-                                                       kvfs.ClientOptions(timeout=self._guard.timeout))
-                    self._store = KVStore(root, self._layout, client=self._client)
-                else:
-                    self._store = KVStore(root, self._layout)
+                self._store, self._client = open_kv_store(self._root, self._model_id, self._layout, self._meta_addr,
+                                                          self._client, self._guard.timeout)
             return self._store
 
     def _event(self, event: dict[str, Any]) -> None:
