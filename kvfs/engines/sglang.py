@@ -223,9 +223,7 @@ class KvfsHiCacheStorage(HiCacheStorage):
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
-        if not self.enabled:
-            return [False] * len(keys)
-        views = self._page_views(len(keys), host_indices)
+        views = self._page_views(len(keys), host_indices) if self.enabled else None
         if views is None:
             return [False] * len(keys)
         results = []
@@ -237,9 +235,7 @@ class KvfsHiCacheStorage(HiCacheStorage):
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
-        if not self.enabled:
-            return [False] * len(keys)
-        views = self._page_views(len(keys), host_indices)
+        views = self._page_views(len(keys), host_indices) if self.enabled else None
         if views is None:
             return [False] * len(keys)
         return self._write(keys, views)
