@@ -12,7 +12,9 @@ warm (every source read once before timing):
   (short-circuit);
 * ``kvfs-tcp``: the same with ``ClientOptions(local_reads=False)`` (chunk data over loopback TCP),
   received in ``--read-threads`` worker threads (kvfs/rpc_blocking.py);
-* ``kvfs-tcp-loop``: TCP received on the client's event loop (``thread_read_min=0``: the path before).
+* ``kvfs-tcp-loop``: TCP received on the client's event loop (``thread_read_min=0``: the path before);
+* ``kvfs-mount``: the same loader on the model's path in a ``kvfs mount`` of the cluster (FUSE; needs
+  pyfuse3, see docs/benchmarks.md for building it on a host without libfuse headers).
 
 Each load is bit-exact-checked (xxh3 of every tensor's bytes against the local load) outside the timing.
 Reported: GB/s (best of the reps), the ratio to ``local``, and CPU-seconds per GB of this process plus
@@ -111,12 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         clients["kvfs-tcp-loop"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(
             timeout=60, local_reads=False, thread_read_min=0))
 
+        sources = [s for s in args.sources.split(",") if s]
+        mountpoint = str(model.parent / "kvfs-mnt")
+        if "kvfs-mount" in sources:
+            cluster.mount(mountpoint)
+
         def load(source: str):
             if source == "local":
                 return load_safetensors(str(model), device=args.device)
+            if source == "kvfs-mount":
+                return load_safetensors(os.path.join(mountpoint, "m"), device=args.device)
             return load_safetensors("/m", device=args.device, client=clients[source])
 
-        sources = [s for s in args.sources.split(",") if s]
         ref = digest(load("local"))
         for s in sources:  # warm every source's page cache, and check bit-exactness once
             got = digest(load(s))

@@ -9,7 +9,10 @@ or ordinary host buffers:
 * ``chunkio-pyxxh``: the same, hashing with python-xxhash (which keeps the GIL while it hashes);
 * ``chunkio``: ``read_local_chunk`` as kvfs runs it (every 64 KiB block verified by kvfs._blockhash,
   GIL released, where it was built);
-* ``reader``: ``kvfs.models`` ``ClientFileReader.readv_into`` over 16 MiB spans (what the loader does).
+* ``reader``: ``kvfs.models`` ``ClientFileReader.readv_into`` over 16 MiB spans (what the loader does);
+* ``tcp-blocking``: each chunk over loopback TCP with ``kvfs.rpc_blocking.BlockingChunkClient`` straight
+  from the worker thread (no event loop), verified as the client does (the TCP path's ceiling here);
+* ``tcp-reader``: ``ClientFileReader`` over a client with ``local_reads=False`` (the loader over TCP).
 
     PYTHONPATH=/tmp/site python3 bench/read_paths.py --gib 4 --threads 16
 """
@@ -67,15 +70,27 @@ def main(argv: list[str] | None = None) -> int:
                 return view
 
             reader = ClientFileReader(c, "/f")
+            tcp_client = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(
+                timeout=60, local_reads=False, read_threads=args.threads))
+            tcp_reader = ClientFileReader(tcp_client, "/f")
+            from kvfs import protocol as P
+            from kvfs.rpc_blocking import BlockingChunkClient
+
+            blocking = BlockingChunkClient(chunks[0].address, timeout=60)
 
             def run(name: str) -> float:
                 def one(i: int) -> None:
                     view = buffer()
-                    if name == "reader":
-                        reader.readv_into(i * 16 * MiB, [view])
+                    if name in ("reader", "tcp-reader"):
+                        (reader if name == "reader" else tcp_reader).readv_into(i * 16 * MiB, [view])
                         return
                     ch = chunks[i]
                     dest = view[:ch.length]
+                    if name == "tcp-blocking":
+                        reply, data = blocking.read(P.ReadChunk(ch.chunk_id, 0, ch.length), dest)
+                        chunkio.verify(ch.chunk_id, ch.address, data, reply.data_offset, reply.checksums,
+                                       reply.chunk_length)
+                        return
                     if name == "preadv":
                         fd = os.open(ch.path, os.O_RDONLY)
                         try:
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         chunkio.read_local_chunk(ch.path, ch.sums_path, ch.chunk_id, ch.address, 0, [dest])
 
-                n = size // (16 * MiB) if name == "reader" else len(chunks)
+                n = size // (16 * MiB) if name.endswith("reader") else len(chunks)
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(args.threads) as pool:
                     list(pool.map(one, range(n)))
@@ -95,13 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             run("preadv")  # warm
             results: dict[str, list[float]] = {}
             for _ in range(args.reps):
-                for name in ("preadv", "chunkio-noverify", "chunkio-pyxxh", "chunkio", "reader"):
+                for name in ("preadv", "chunkio-noverify", "chunkio-pyxxh", "chunkio", "reader", "tcp-blocking",
+                             "tcp-reader"):
                     chunkio.verify_views = (lambda *a, **k: None) if name == "chunkio-noverify" else real_verify
                     python_only = name == "chunkio-pyxxh"  # python-xxhash per block, GIL held
                     chunkio._XXH3, chunkio._BLOCKHASH = (None, None) if python_only else (native, helper)
                     results.setdefault(name, []).append(run(name.replace("-pyxxh", "")))
             chunkio.verify_views, chunkio._XXH3, chunkio._BLOCKHASH = real_verify, native, helper
             reader.close()
+            tcp_reader.close()
+            tcp_client.close()
+            blocking.close()
             print(f"{size / 1e9:.2f} GB, {args.threads} threads, {'pinned' if pinned else 'pageable'} buffers, "
                   f"C block hasher {chunkio._BLOCKHASH is not None}")
             for name, v in results.items():
