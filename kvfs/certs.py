@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 
 from kvfs import identity
 
@@ -48,7 +49,9 @@ def _outdir(path: str) -> str:
     return path
 
 
-def init_ca(directory: str, *, name: str = "kvfs cluster CA", days: int = 3650) -> str:
+def init_ca(directory: str, *, name: str = "", days: int = 3650) -> str:
+    """A new CA; its name gets a random suffix so two clusters' CAs never share a subject (a peer of the
+    other cluster is then refused as "unknown CA", not with a confusing signature error)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -58,7 +61,7 @@ def init_ca(directory: str, *, name: str = "kvfs cluster CA", days: int = 3650) 
     if os.path.exists(os.path.join(directory, CA_KEY)):
         raise ValueError(f"{directory} already holds a CA ({CA_KEY}); refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name or f"kvfs cluster CA {secrets.token_hex(4)}")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))

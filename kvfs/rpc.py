@@ -33,7 +33,7 @@ from kvfs import identity, metrics, tls
 from kvfs import protocol as P
 from kvfs.errors import errno_of, error
 from kvfs.tasks import open_nursery
-from kvfs.transport import Plain, Tls, accept_tls, connect_tls
+from kvfs.transport import Plain, Tls, accept_tls, connect_tls, linger
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,7 @@ class RpcServer:
         frame = P.unpack_header(header)
         await _send_frame(stream, P.KIND_REPLY, frame.method, errno.EACCES, frame.request_id, P.ErrorReply(
             f"{self.name}: this server requires TLS (a client certificate: --tls-dir or KVFS_TLS_DIR)"), None)
+        await linger(stream.sock)
         log.warning("%s: refused a plaintext connection from %s", self.name, peer)
 
     async def _serve_connection(self, raw: trio.socket.SocketType, peer: str = "") -> None:
@@ -472,7 +473,10 @@ class RpcClient:
         side), EIO otherwise (the server hung up: it may speak plaintext)."""
         if isinstance(exc, (PermissionError, ssl.SSLCertVerificationError)) or (
                 isinstance(exc, ssl.SSLError) and "ALERT" in (exc.reason or "")):
-            reason = getattr(exc, "verify_message", "") or exc.strerror or getattr(exc, "reason", "") or str(exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"the server's certificate is not trusted ({exc.verify_message})"
+            else:
+                reason = exc.strerror or str(exc)
             return error(errno.EACCES, f"{self.service} {self.address}: TLS refused: {reason}")
         return ConnectError(errno.EIO, f"{self.service} {self.address}: TLS handshake failed "
                             f"({exc.strerror or exc}); does the server speak TLS?")

@@ -28,6 +28,22 @@ if TYPE_CHECKING:
     from kvfs.rpc import FileRange
 
 SEND_FILE_PIECE = 1 << 20  # TLS send_file reads this much of the file at a time
+LINGER = 1.0  # seconds a refused connection is kept half-open so the peer reads why
+
+
+async def linger(sock: trio.socket.SocketType | ssl.SSLSocket) -> None:
+    """Half-close, then read what the peer still sends for a bounded time: a refusal just written (a TLS
+    alert, an error frame) reaches the peer. Closing with its request unread would reset the connection,
+    and the peer would see the reset instead of the reason."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(LINGER):
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                if not os.read(sock.fileno(), 65536):
+                    return
+    except OSError:
+        pass
 
 
 def _looks_closed(fd: int) -> bool:
@@ -158,6 +174,10 @@ async def accept_tls(sock: trio.socket.SocketType, ctx: ssl.SSLContext) -> Tls:
     try:
         await _handshake(ssock)
         return Tls(ssock, tls.peer_from_cert(ssock.getpeercert() or {}))
+    except OSError:
+        await linger(ssock)  # the alert saying why (no certificate, unknown CA) reaches the client
+        ssock.close()
+        raise
     except BaseException:
         ssock.close()
         raise
