@@ -62,7 +62,7 @@ def init_ca(directory: str, *, name: str = "", days: int = 3650) -> str:
         raise ValueError(f"{directory} already holds a CA ({CA_KEY}); refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name or f"kvfs cluster CA {secrets.token_hex(4)}")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
@@ -126,7 +126,7 @@ def issue(ca_dir: str, out: str, *, role: str, name: str, tenant: str = "", sans
     if role == identity.ROLE_META and "127.0.0.1" not in sans:
         sans = (*sans, "127.0.0.1")
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))

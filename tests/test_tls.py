@@ -93,9 +93,9 @@ def test_certificate_from_another_ca_is_refused(secure, tmp_path):
         call(secure.meta_address, "meta", P.META_HELLO, P.Hello(P.PROTOCOL_VERSION), tls.load(forged).client)
     # The other way round: a client of another cluster does not trust this cluster's servers.
     stranger = certs.issue(other, str(tmp_path / "stranger"), role="client", name="stranger")
-    with pytest.raises(PermissionError, match="TLS refused: the server's certificate is not trusted"):
-        with secure.client(tls_dir=stranger, timeout=5):
-            pass
+    with pytest.raises(PermissionError, match="TLS refused: the server's certificate is not trusted"), \
+            secure.client(tls_dir=stranger, timeout=5):
+        pass
 
 
 def test_plaintext_client_against_a_tls_server_gets_a_clear_error(secure):
