@@ -29,6 +29,8 @@ class ClientOptions:
     # sockets (kvfs/rpc_blocking.py), several at once, instead of on the event loop; 0 turns it off.
     thread_read_min: int = 1 << 20
     read_threads: int = 8  # such reads in flight at once per client
+    # A TLS directory (kvfs.tls) for this client; "" uses the process's (--tls-dir, KVFS_TLS_DIR), if any.
+    tls_dir: str = ""
 
 
 @dataclass

@@ -95,6 +95,20 @@ def test_manifests_run_as_a_cluster(tmp_path):
                                _flag(cs_args, "--data-dir"): str(tmp_path / f"chunks{i}")})
         commands.append([node.get(a, a) for a in cs_args])
     commands.append([common.get(a, a) for a in mount_args])
+    # Each container's certificate comes from a Secret mounted at its --tls-dir: issue the same roles here.
+    from cluster import make_tls
+
+    for manifest, container, args in (("meta.yaml", meta_c, meta_args), ("chunkserver.yaml", cs_c, cs_args),
+                                      ("mount.yaml", mount_c, mount_args)):
+        mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
+        with open(os.path.join(ROOT, "deploy", "k8s", manifest)) as f:
+            pod = next(d for d in yaml.safe_load_all(f) if d and d["kind"] != "Service")["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "secret" in volumes[mounts[_flag(args, "--tls-dir")]], manifest
+        assert not pod.get("hostNetwork"), manifest  # docs/security.md: none of them needs it
+    certs = make_tls(str(tmp_path), replicas)
+    for i, args in enumerate(commands):
+        args[args.index("--tls-dir") + 1] = certs["meta" if i == 0 else "client" if i == replicas + 1 else f"cs{i - 1}"]
     procs = [Proc(args, str(tmp_path / f"{i}.log")) for i, args in enumerate(commands)]
     try:
         for proc in procs[:-1]:
@@ -105,7 +119,7 @@ def test_manifests_run_as_a_cluster(tmp_path):
                 return s.connect_ex(("127.0.0.1", local_meta)) == 0
 
         wait_for(meta_listens, 20, "meta to listen")
-        with kvfs.SyncClient(f"127.0.0.1:{local_meta}", kvfs.ClientOptions(timeout=5)) as c:
+        with kvfs.SyncClient(f"127.0.0.1:{local_meta}", kvfs.ClientOptions(timeout=5, tls_dir=certs["client"])) as c:
             wait_for(lambda: sum(s.alive for s in c.refresh_servers().servers) == replicas, 30, "chunkservers")
         procs[-1].start()
         wait_for(lambda: is_mounted(mnt) or not procs[-1].alive(), 30, "the mount")
@@ -113,7 +127,7 @@ def test_manifests_run_as_a_cluster(tmp_path):
         data = os.urandom(9 << 20)
         with open(os.path.join(mnt, "weights.bin"), "wb") as f:
             f.write(data)
-        with kvfs.SyncClient(f"127.0.0.1:{local_meta}") as c:
+        with kvfs.SyncClient(f"127.0.0.1:{local_meta}", kvfs.ClientOptions(tls_dir=certs["client"])) as c:
             assert c.read_file("/weights.bin") == data
             assert all(len(ref.replicas) == replicas for ref in c.chunk_map(c.resolve("/weights.bin").ino).chunks)
     finally:

@@ -206,3 +206,72 @@ def test_request_limits_cover_every_method():
     assert P.request_limits(P.CHUNK_METHODS)[P.CHUNK_WRITE][1] == P.MAX_CHUNK_SIZE
     assert P.request_limits(P.META_METHODS)[P.META_LOOKUP] == (P.REQUEST_PAYLOAD, 0)
     assert struct.calcsize("<HBBHHIIQ") == P.HEADER_SIZE
+
+
+# --------------------------------------------------------------------------- a TLS server (issue 13)
+
+
+@pytest.fixture(scope="module")
+def hardened_tls(tmp_path_factory):
+    c = Cluster(str(tmp_path_factory.mktemp("hostile-tls")), chunkservers=1, replication=1, meta_args=LIMITS,
+                chunkserver_args=LIMITS, tls=True).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS 1.3 client."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
+HELLO = client_hello()
+tls_bytes = st.one_of(
+    frames,  # plaintext frames and garbage where a handshake should be
+    st.builds(lambda cut: HELLO[:cut], st.integers(0, len(HELLO))),  # a truncated ClientHello
+    st.builds(lambda at, junk: HELLO[:at] + junk, st.integers(0, len(HELLO)), st.binary(min_size=1, max_size=200)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=tls_bytes, which=st.sampled_from(["meta", "chunkserver"]))
+def test_fuzzed_handshakes_never_crash_a_tls_server(hardened_tls, data, which):
+    addr, pid = targets(hardened_tls)[which]
+    s = connect(addr)
+    try:
+        s.sendall(data)
+        s.settimeout(0.2)
+        try:
+            s.recv(4096)
+        except (TimeoutError, socket.timeout, ConnectionResetError):
+            pass
+    finally:
+        s.close()
+    assert os.path.exists(f"/proc/{pid}") and hardened_tls.meta.alive() and hardened_tls.servers[0].alive()
+
+
+def test_stalled_tls_handshakes_are_dropped_and_clients_are_served(hardened_tls):
+    for service, (addr, pid) in targets(hardened_tls).items():
+        # Connects and never starts, or stops halfway through its ClientHello: dropped after the frame
+        # timeout (1.5 s), long before the idle timeout (4 s).
+        for first in (b"", HELLO[: len(HELLO) // 2]):
+            s = connect(addr)
+            s.sendall(first)
+            t0 = time.monotonic()
+            assert closed_by_server(s, 10), service
+            assert time.monotonic() - t0 < 3.5, service
+        assert rss(pid) < 400 * MiB
+    still_serves(hardened_tls)
+    assert "Traceback" not in hardened_tls.meta.log() and "Traceback" not in hardened_tls.servers[0].log()
