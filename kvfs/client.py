@@ -129,7 +129,8 @@ class Client(ClientReads, ClientWrites):
         b = self._thread_clients.get(address)
         if b is None:
             b = self._thread_clients[address] = BlockingChunkClient(
-                address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout)
+                address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout,
+                ssl_context=tls.client_context() if self._tls is True else (self._tls or None))
         return b
 
     def _chunkserver(self, address: str) -> RpcClient:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import ssl
 import threading
 import time
 
+from kvfs import identity, tls
 from kvfs import protocol as P
 from kvfs.errors import error
 from kvfs.rpc import SOCKET_BUFFER, ConnectError, TransportError, parse_address
@@ -31,8 +33,10 @@ from kvfs.rpc import SOCKET_BUFFER, ConnectError, TransportError, parse_address
 class BlockingChunkClient:
     """A thread-safe pool of blocking connections to one chunkserver, for CHUNK_READ only."""
 
-    def __init__(self, address: str, *, timeout: float = 30.0, connect_timeout: float = 5.0):
+    def __init__(self, address: str, *, timeout: float = 30.0, connect_timeout: float = 5.0,
+                 ssl_context: ssl.SSLContext | None = None):
         self.address = address
+        self.ssl_context = ssl_context  # mutual TLS (kvfs.tls), as the trio client uses
         self.host, self.port = parse_address(address)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -55,7 +59,20 @@ class BlockingChunkClient:
                                f"({exc.strerror or exc})") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        return sock
+        if self.ssl_context is None:
+            return sock
+        try:  # the handshake runs under the connect timeout still set on the socket
+            tls_sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+            peer = tls.peer_from_cert(tls_sock.getpeercert() or {})
+        except OSError as exc:
+            sock.close()
+            code = errno.EACCES if isinstance(exc, ssl.SSLCertVerificationError) else errno.EIO
+            raise error(code, f"chunkserver {self.address}: TLS handshake failed ({exc.strerror or exc})") from None
+        if peer.role != identity.ROLE_CHUNKSERVER:
+            tls_sock.close()
+            raise error(errno.EACCES, f"chunkserver {self.address}: its certificate is {peer.describe()}, "
+                        "not a chunkserver")
+        return tls_sock
 
     def _take(self) -> tuple[socket.socket, int]:
         with self._lock:
@@ -125,7 +142,10 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
 
 
 def _looks_closed(sock: socket.socket) -> bool:
-    # An idle connection has nothing to read: readable means EOF, reset or garbage.
+    # An idle connection has nothing to read: readable means EOF, reset or garbage. (TLS servers
+    # send no session tickets, kvfs.tls, so an idle TLS connection has nothing pending either.)
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     return bool(poller.poll(0))
