@@ -176,12 +176,32 @@ async def _until_signal(body: Callable, *a) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def _server_tls(args, role: str) -> None:
+    """Mutual TLS with this node's certificate, or plaintext only when asked for by name."""
+    from kvfs import tls
+
+    directory = args.tls_dir or os.environ.get(tls.ENV, "")
+    if args.insecure:
+        if args.tls_dir:
+            raise UsageError("--insecure and --tls-dir exclude each other")
+        tls.configure(None)
+        log.warning("serving plaintext without authentication (--insecure): any host that reaches this port "
+                    "may call any method")
+        return
+    if not directory:
+        raise UsageError(f"kvfs {role} needs TLS material: --tls-dir DIR or {tls.ENV} (make it with `kvfs certs "
+                         f"issue --role {role}`), or --insecure to serve plaintext on a trusted network")
+    tls.require_own_role(tls.configure(directory), role, f"kvfs {role}")
+
+
 def cmd_meta(args) -> None:
+    _server_tls(args, "meta")
     metrics.serve_metrics(args.metrics_port)
     trio.run(_until_signal, serve_meta, args)
 
 
 def cmd_chunkserver(args) -> None:
+    _server_tls(args, "chunkserver")
     metrics.serve_metrics(args.metrics_port)
     trio.run(_until_signal, serve_chunkserver, args)
 
@@ -222,16 +242,21 @@ def cmd_mount(args) -> None:
 
 def cmd_up(args) -> None:
     """Meta, chunkserver(s) and the mount in one process, on one data dir."""
+    from kvfs import tls
     from kvfs.chunkserver.service import ChunkService
     from kvfs.meta.service import MetaService
     from kvfs.mount.mountpoint import check_mountpoint
 
     run_mount = _mount_runner()
+    host, port = _split_listen(args.listen)
+    if not _is_loopback(host):
+        raise UsageError(f"kvfs up serves plaintext, so it listens on loopback only (not {host}); run `kvfs meta` "
+                         "and `kvfs chunkserver` with --tls-dir for a networked cluster")
+    tls.configure(None)  # one process, one user, loopback: its own connections need no certificates
     data_dir = _check_writable_dir(args.data_dir, "data dir")
     # The default mountpoint is ours to create; a stale mount there (a kill -9 of the last run) is
     # cleaned first, since the directory cannot even be stat'ed until then.
     mountpoint = check_mountpoint(args.mountpoint or config.default_mountpoint(), create=args.mountpoint is None)
-    host, port = _split_listen(args.listen)
     ns = open_namespace(os.path.join(data_dir, "meta"), chunk_size=config.parse_size(args.chunk_size),
                         replication=args.replication, sync=not args.no_sync)
 
@@ -263,6 +288,17 @@ def cmd_up(args) -> None:
         trio.run(_until_signal, body)
     finally:
         ns.engine.close()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def cmd_status(args) -> None:
@@ -373,7 +409,17 @@ def _status_sections(c) -> list[str]:
 def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvfs", description="Distributed cache filesystem for LLM inference.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--tls-dir", help="TLS material (ca.pem, cert.pem, key.pem from `kvfs certs issue`) for every "
+                   "connection; default $KVFS_TLS_DIR, else plaintext")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def tls_flag(sp: argparse.ArgumentParser, server: bool = False) -> None:
+        # SUPPRESS: a subcommand's flag must not reset the top-level one (`kvfs --tls-dir D status`).
+        sp.add_argument("--tls-dir", default=argparse.SUPPRESS, help="TLS material (ca.pem, cert.pem, key.pem) "
+                        "from `kvfs certs issue`; default $KVFS_TLS_DIR")
+        if server:
+            sp.add_argument("--insecure", action="store_true", help="serve plaintext with no authentication "
+                            "(a trusted network only); without it the server needs --tls-dir")
 
     def client_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--timeout", type=float, default=30.0, help="seconds before a server call fails with EIO")
@@ -447,6 +493,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
                     help="seconds a chunkserver must stay down before its chunks are copied elsewhere")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
     server_flags(sp)
+    tls_flag(sp, server=True)
     remote_allow_flag(sp, "none")
     sp.set_defaults(func=cmd_meta)
 
@@ -459,6 +506,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--fsync", choices=["always", "never"], default="always")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
     server_flags(sp)
+    tls_flag(sp, server=True)
     sp.set_defaults(func=cmd_chunkserver)
 
     sp = sub.add_parser("mount", help="mount the namespace with FUSE")
@@ -466,12 +514,18 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--meta", default=config.default_meta_address())
     client_flags(sp)
     mount_flags(sp)
+    tls_flag(sp)
     sp.set_defaults(func=cmd_mount)
 
     sp = sub.add_parser("status", help="show chunkservers, capacity and usage")
     sp.add_argument("--meta", default=config.default_meta_address())
     sp.add_argument("--timeout", type=float, default=10.0)
+    tls_flag(sp)
     sp.set_defaults(func=cmd_status)
+
+    from kvfs.certs import add_parser as add_certs_parser
+
+    add_certs_parser(sub)
 
     if with_extensions:
         for module in EXTENSIONS:
@@ -486,7 +540,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
 # Feature modules that add subcommands. They may import torch, boto3 or pyarrow (seconds of start-up),
 # so the service commands, which start often (tests, restarts), do not load them.
 EXTENSIONS = ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli", "kvfs.tenant_cli")
-CORE_COMMANDS = {"up", "meta", "chunkserver", "mount", "status"}
+CORE_COMMANDS = {"up", "meta", "chunkserver", "mount", "status", "certs"}
 
 
 def _needs_extensions(argv: list[str]) -> bool:
@@ -502,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     from kvfs.mount.mountpoint import MountError
 
     try:
+        if args.tls_dir and args.command not in ("meta", "chunkserver", "up"):
+            from kvfs import tls
+
+            tls.configure(args.tls_dir)  # every client connection of this command (else KVFS_TLS_DIR)
         status = args.func(args)
     except (UsageError, MountError, ValueError) as exc:
         print(f"kvfs: error: {exc}", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from kvfs import protocol as P
+from kvfs import tls
 from kvfs.chunkio import ChecksumError as ChecksumError
 from kvfs.client_read import ClientReads
 from kvfs.client_types import BLOCK as BLOCK
@@ -54,7 +55,9 @@ class Client(ClientReads, ClientWrites):
     def __init__(self, meta_address: str, options: ClientOptions | None = None, *, client_id: str | None = None):
         self.options = options or ClientOptions()
         # One meta, or the leader of several (HA on etcd: kvfs/meta_router.py).
-        self.meta = meta_client(meta_address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout)
+        self._tls = tls.load(self.options.tls_dir).client if self.options.tls_dir else True
+        self.meta = meta_client(meta_address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout,
+                                ssl_context=self._tls)
         self.client_id = client_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.chunk_size = 4 << 20
         self.root_ino, self.tenant = ROOT_INO, ""
@@ -126,7 +129,7 @@ class Client(ClientReads, ClientWrites):
         if c is None:
             c = self._chunk_clients[address] = RpcClient(
                 "chunkserver", address, P.CHUNK_METHODS, timeout=self.options.timeout,
-                connect_timeout=self.options.connect_timeout)
+                connect_timeout=self.options.connect_timeout, ssl_context=self._tls)
         return c
 
     # ------------------------------------------------------------------ namespace (inode level)

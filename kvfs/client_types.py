@@ -25,6 +25,8 @@ class ClientOptions:
     # 0 turns it off. Same staleness bound as the mount's attribute cache.
     dir_cache_ttl: float = 1.0
     dir_cache_burst: int = 16  # lookups in one directory within the ttl before it is listed
+    # A TLS directory (kvfs.tls) for this client; "" uses the process's (--tls-dir, KVFS_TLS_DIR), if any.
+    tls_dir: str = ""
 
 
 @dataclass

@@ -39,12 +39,15 @@ def meta_addresses(address: str) -> list[str]:
 
 
 def meta_client(address: str, *, timeout: float = 30.0, connect_timeout: float = 5.0,
-                failover_timeout: float = 20.0) -> RpcClient | MetaRouter:
-    """The client for ``--meta``/``KVFS_META``: one address or a comma-separated list."""
+                failover_timeout: float = 20.0, ssl_context: Any = True) -> RpcClient | MetaRouter:
+    """The client for ``--meta``/``KVFS_META``: one address or a comma-separated list.
+    ``ssl_context``: as ``RpcClient``'s (True: the process's TLS material, if any)."""
     addresses = meta_addresses(address)
     if len(addresses) == 1:
-        return RpcClient("meta", addresses[0], P.META_METHODS, timeout=timeout, connect_timeout=connect_timeout)
-    return MetaRouter(addresses, timeout=timeout, connect_timeout=connect_timeout, failover_timeout=failover_timeout)
+        return RpcClient("meta", addresses[0], P.META_METHODS, timeout=timeout, connect_timeout=connect_timeout,
+                         ssl_context=ssl_context)
+    return MetaRouter(addresses, timeout=timeout, connect_timeout=connect_timeout, failover_timeout=failover_timeout,
+                      ssl_context=ssl_context)
 
 
 class LeaderMoved(TransportError):
@@ -59,7 +62,7 @@ class MetaRouter:
     service = "meta"
 
     def __init__(self, addresses: list[str], *, timeout: float = 30.0, connect_timeout: float = 5.0,
-                 failover_timeout: float = 20.0, suspect_after: float = 2.0):
+                 failover_timeout: float = 20.0, suspect_after: float = 2.0, ssl_context: Any = True):
         if not addresses:
             raise ValueError("no meta addresses")
         self.addresses = list(addresses)
@@ -67,6 +70,7 @@ class MetaRouter:
         self.connect_timeout = connect_timeout
         self.failover_timeout = failover_timeout
         self.suspect_after = suspect_after  # a call this slow makes the router check who leads
+        self.ssl_context = ssl_context
         self.leader: str | None = None
         self._clients: dict[str, RpcClient] = {}
         self._next = 0  # where the search for a leader goes on
@@ -79,7 +83,7 @@ class MetaRouter:
         c = self._clients.get(address)
         if c is None:
             c = self._clients[address] = RpcClient("meta", address, P.META_METHODS, timeout=self.timeout,
-                                                   connect_timeout=self.connect_timeout)
+                                                   connect_timeout=self.connect_timeout, ssl_context=self.ssl_context)
         return c
 
     def _candidate(self) -> str:

@@ -21,6 +21,8 @@ import struct
 
 import msgspec
 
+from kvfs.identity import ROLE_ADMIN, ROLE_CHUNKSERVER, ROLE_CLIENT, ROLE_META, ROLES
+
 PROTOCOL_VERSION = 1
 MAGIC = 0x4B56  # "KV"
 
@@ -866,3 +868,42 @@ META_IDEMPOTENT = frozenset({
 def is_idempotent(method: int, request: Struct) -> bool:
     """Safe to send again after an unknown outcome (a create that may return an existing file is too)."""
     return method in META_IDEMPOTENT or (method == META_MKNODE and not getattr(request, "exclusive", True))
+
+
+# --------------------------------------------------------------------------- roles (issue 13)
+# Who may call what, by the role in the caller's certificate (kvfs.identity). A method not listed is a
+# client method: clients, admins and meta (its own background client) may call it. RpcServer enforces
+# this from the header, before the request is read (EACCES); a plaintext server (--insecure, kvfs up)
+# enforces nothing. Methods only sometimes privileged check their arguments in the handler: setting or
+# removing the kvfs.policy xattr (policies, quotas) needs admin (meta/service.py).
+
+CLIENT_ROLES = frozenset({ROLE_CLIENT, ROLE_ADMIN, ROLE_META})
+ADMIN_ROLES = frozenset({ROLE_ADMIN})
+ANY_ROLE = frozenset(ROLES)
+
+META_ROLES: dict[int, frozenset[str]] = {
+    META_HELLO: ANY_ROLE,
+    META_REGISTER: frozenset({ROLE_CHUNKSERVER}),  # only certified chunkservers join placement
+    META_HEARTBEAT: frozenset({ROLE_CHUNKSERVER}),
+    META_REMOTE_ATTACH: ADMIN_ROLES,
+    META_REMOTE_DETACH: ADMIN_ROLES,
+    META_REMOTE_SYNC: ADMIN_ROLES,
+    META_REMOTE_EVICT: ADMIN_ROLES,
+    META_KV_EVICT: ADMIN_ROLES,  # an eviction pass on demand
+    META_TENANT_ADD: ADMIN_ROLES,  # and not confined to a tenant (meta/tenants.py)
+    META_TENANT_SET: ADMIN_ROLES,
+    META_TENANT_REMOVE: ADMIN_ROLES,
+}
+
+CHUNK_ROLES: dict[int, frozenset[str]] = {
+    CHUNK_WRITE: CLIENT_ROLES | {ROLE_CHUNKSERVER},  # chunkservers forward along a replication chain
+    CHUNK_DELETE: frozenset({ROLE_META}),
+    CHUNK_REPLICATE: frozenset({ROLE_META}),
+    CHUNK_STAT: ANY_ROLE,
+}
+
+
+def method_roles(service_methods: dict[int, tuple[type[Struct], type[Struct]]]) -> dict[int, frozenset[str]]:
+    """method -> the roles that may call it, for one service's method table."""
+    special = CHUNK_ROLES if service_methods is CHUNK_METHODS else META_ROLES
+    return {m: special.get(m, CLIENT_ROLES) for m in service_methods}

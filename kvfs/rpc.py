@@ -4,6 +4,11 @@ and a pooled client. Message types and framing come from ``kvfs.protocol``; noth
 Bulk data is received with ``recv_into`` straight into the caller's buffer and sent either from memory
 or with ``os.sendfile`` from an open file (``FileRange``).
 
+TLS (``kvfs.tls``): with a server context, every connection starts with a mutual-TLS handshake
+(within the frame timeout); the verified certificate becomes ``kvfs.identity.current_peer`` for the
+connection's task, and each request's method is checked against ``protocol.method_roles`` before
+anything else of the frame is read. The streams (plaintext or TLS) are in ``kvfs.transport``.
+
 Error handling: a handler raising ``OSError`` sends its errno and message back; any other exception
 is logged and sent as EIO. On the client, every call runs under a timeout; a timeout, a refused or
 reset connection become ``OSError(EIO, "<service> <addr>: ...")`` so callers (and the FUSE mount)
@@ -15,8 +20,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,10 +29,11 @@ from typing import Any
 
 import trio
 
-from kvfs import metrics
+from kvfs import identity, metrics, tls
 from kvfs import protocol as P
 from kvfs.errors import errno_of, error
 from kvfs.tasks import open_nursery
+from kvfs.transport import Plain, Tls, accept_tls, connect_tls
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ class FileRange:
 
 
 Bulk = bytes | bytearray | memoryview | FileRange | None
+Stream = Plain | Tls
 Handler = Callable[[Any, memoryview | None], Awaitable[Any]]
 
 
@@ -81,7 +88,7 @@ def _tune(sock: trio.socket.SocketType) -> None:
             pass
 
 
-async def _recv_exactly_into(sock: trio.socket.SocketType, view: memoryview, stall: float | None = None) -> None:
+async def _recv_exactly_into(sock: Stream, view: memoryview, stall: float | None = None) -> None:
     """Fill ``view``. ``stall``: fail with trio.TooSlowError when no byte arrives for that long."""
     got = 0
     total = len(view)
@@ -96,36 +103,22 @@ async def _recv_exactly_into(sock: trio.socket.SocketType, view: memoryview, sta
         got += n
 
 
-async def _recv_exactly(sock: trio.socket.SocketType, size: int, stall: float | None = None) -> bytearray:
+async def _recv_exactly(sock: Stream, size: int, stall: float | None = None) -> bytearray:
     buf = bytearray(size)
     if size:
         await _recv_exactly_into(sock, memoryview(buf), stall)
     return buf
 
 
-async def _send_all(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview) -> None:
+async def _send_all(sock: Stream, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data).cast("B")
     while view:
         n = await sock.send(view)
         view = view[n:]
 
 
-async def _send_file(sock: trio.socket.SocketType, rng: FileRange) -> None:
-    offset, remaining = rng.offset, rng.length
-    while remaining > 0:
-        await trio.lowlevel.wait_writable(sock)
-        try:
-            sent = os.sendfile(sock.fileno(), rng.fd, offset, remaining)
-        except BlockingIOError:
-            continue
-        if sent == 0:
-            raise OSError(errno.EIO, "sendfile: file shorter than expected")
-        offset += sent
-        remaining -= sent
-
-
 async def _send_frame(
-    sock: trio.socket.SocketType, kind: int, method: int, status: int, request_id: int, msg: P.Struct, bulk: Bulk
+    sock: Stream, kind: int, method: int, status: int, request_id: int, msg: P.Struct, bulk: Bulk
 ) -> None:
     payload = P.encode(msg)
     if isinstance(bulk, FileRange):
@@ -140,7 +133,7 @@ async def _send_frame(
         return
     await _send_all(sock, head + payload)
     if isinstance(bulk, FileRange):
-        await _send_file(sock, bulk)
+        await sock.send_file(bulk)
     elif bulk is not None and data_len:
         await _send_all(sock, bulk)
 
@@ -193,7 +186,10 @@ class RpcServer:
     """
 
     def __init__(self, name: str, methods: dict[int, tuple[type[P.Struct], type[P.Struct]]],
-                 handlers: dict[int, Handler], limits: ServerLimits | None = None):
+                 handlers: dict[int, Handler], limits: ServerLimits | None = None, *,
+                 ssl_context: ssl.SSLContext | None | bool = True):
+        """``ssl_context``: True takes the process's (``kvfs.tls.server_context()``, None when it has no
+        TLS material); None or False serves plaintext."""
         missing = set(methods) - set(handlers)
         if missing:
             raise ValueError(f"{name}: no handler for methods {sorted(missing)}")
@@ -202,6 +198,8 @@ class RpcServer:
         self.handlers = handlers
         self.limits = limits or ServerLimits()
         self.request_limits = P.request_limits(methods)
+        self.roles = P.method_roles(methods)
+        self.ssl_context = tls.server_context() if ssl_context is True else (ssl_context or None)
         self.budget = ByteBudget(self.limits.inflight_bytes)
         self.peers: dict[str, int] = {}  # peer address -> open connections
 
@@ -236,11 +234,45 @@ class RpcServer:
         finally:
             listener.close()
 
-    async def _serve_connection(self, sock: trio.socket.SocketType, peer: str = "") -> None:
+    async def _secure(self, raw: trio.socket.SocketType, peer: str) -> Stream | None:
+        """The connection's stream, after a TLS handshake when this server requires one (None: refused)."""
+        if self.ssl_context is None:
+            return Plain(raw)
+        with trio.move_on_after(self.limits.frame_timeout):
+            try:
+                first = await raw.recv(1, socket.MSG_PEEK)
+                if not first:  # connected and hung up (a port probe)
+                    return None
+                if first[0] == P.MAGIC & 0xFF:
+                    await self._refuse_plaintext(Plain(raw), peer)
+                    return None
+                stream = await accept_tls(raw, self.ssl_context)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.warning("%s: TLS handshake with %s failed: %s", self.name, peer, exc)
+                return None
+            identity.current_peer.set(stream.peer)
+            return stream
+        log.warning("%s: %s did not complete a TLS handshake in %gs: closing", self.name, peer, self.limits.frame_timeout)
+        return None
+
+    async def _refuse_plaintext(self, stream: Plain, peer: str) -> None:
+        """A kvfs frame where a TLS handshake should be: answer in plaintext, so the client says why."""
+        header = bytearray(P.HEADER_SIZE)
+        await _recv_exactly_into(stream, memoryview(header))
+        frame = P.unpack_header(header)
+        await _send_frame(stream, P.KIND_REPLY, frame.method, errno.EACCES, frame.request_id, P.ErrorReply(
+            f"{self.name}: this server requires TLS (a client certificate: --tls-dir or KVFS_TLS_DIR)"), None)
+        log.warning("%s: refused a plaintext connection from %s", self.name, peer)
+
+    async def _serve_connection(self, raw: trio.socket.SocketType, peer: str = "") -> None:
         header = bytearray(P.HEADER_SIZE)
         hview = memoryview(header)
         limits = self.limits
+        sock: Stream | None = None
         try:
+            sock = await self._secure(raw, peer)
+            if sock is None:
+                return
             while True:
                 # Idle until the first byte of a request; then the whole header within the frame timeout.
                 with trio.move_on_after(limits.idle_timeout) as idle:
@@ -269,7 +301,9 @@ class RpcServer:
         except OSError as exc:
             log.debug("%s: connection error: %s", self.name, exc)
         finally:
-            sock.close()
+            if sock is not None:
+                sock.close()
+            raw.close()  # a no-op once TLS took its descriptor
             self.peers[peer] = self.peers.get(peer, 1) - 1
             if self.peers[peer] <= 0:
                 self.peers.pop(peer, None)
@@ -283,9 +317,13 @@ class RpcServer:
         if frame.payload_len > max_payload or frame.data_len > max_data:
             return errno.EMSGSIZE, (f"{self.name}: request too large for method {frame.method} (payload "
                                     f"{frame.payload_len} > {max_payload} or data {frame.data_len} > {max_data})")
+        caller = identity.current_peer.get()
+        if caller is not identity.INSECURE and caller.role not in self.roles[frame.method]:
+            return errno.EACCES, (f"{self.name}: {metrics.method_name(self.name, frame.method)} needs role "
+                                  f"{' or '.join(sorted(self.roles[frame.method]))}; {caller.describe()} may not")
         return None
 
-    async def _receive_and_dispatch(self, sock: trio.socket.SocketType, frame: P.FrameHeader, peer: str) -> bool:
+    async def _receive_and_dispatch(self, sock: Stream, frame: P.FrameHeader, peer: str) -> bool:
         """Receive the frame's payload and data and dispatch it; False when the peer stalled or was too
         slow (the caller then closes the connection)."""
         stall = self.limits.frame_timeout
@@ -316,7 +354,7 @@ class RpcServer:
             if reserved:
                 self.budget.release(reserved)
 
-    async def _dispatch(self, sock: trio.socket.SocketType, frame: P.FrameHeader, payload: bytearray,
+    async def _dispatch(self, sock: Stream, frame: P.FrameHeader, payload: bytearray,
                         data: memoryview | None) -> None:
         method = frame.method
         types = self.methods.get(method)
@@ -376,24 +414,21 @@ class NotLeader(OSError):
 
 
 class _Connection:
-    def __init__(self, sock: trio.socket.SocketType):
+    def __init__(self, sock: Stream):
         self.sock = sock
         self.header = bytearray(P.HEADER_SIZE)
-
-    def looks_closed(self) -> bool:
-        """True when the peer closed this idle connection (e.g. the server restarted)."""
-        # An idle connection has nothing to read: readable means EOF/reset (or garbage): drop it.
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(0))
 
 
 class RpcClient:
     """A pool of connections to one server; each call takes a connection for its whole exchange."""
 
     def __init__(self, service: str, address: str, methods: dict[int, tuple[type[P.Struct], type[P.Struct]]],
-                 *, timeout: float = 30.0, connect_timeout: float = 5.0, max_connections: int = 64):
+                 *, timeout: float = 30.0, connect_timeout: float = 5.0, max_connections: int = 64,
+                 ssl_context: ssl.SSLContext | None | bool = True):
+        """``ssl_context``: True takes the process's (``kvfs.tls.client_context()``: plaintext when it has
+        no TLS material); None or False connects in plaintext."""
         self.service = service
+        self.ssl_context = tls.client_context() if ssl_context is True else (ssl_context or None)
         self.address = address
         self.host, self.port = parse_address(address)
         self.methods = methods
@@ -419,12 +454,33 @@ class RpcClient:
             sock.close()
             raise ConnectError(errno.EIO, f"{self.service} {self.address}: cannot connect ({exc.strerror or exc})") from None
         _tune(sock)
-        return _Connection(sock)
+        if self.ssl_context is None:
+            return _Connection(Plain(sock))
+        try:
+            with trio.fail_after(self.connect_timeout):
+                return _Connection(await connect_tls(sock, self.ssl_context, self.host, self.service))
+        except trio.TooSlowError:
+            raise ConnectError(errno.EIO, f"{self.service} {self.address}: TLS handshake timed out after "
+                               f"{self.connect_timeout:g}s") from None
+        except OSError as exc:
+            raise self._tls_error(exc) from None
+        finally:
+            sock.close()  # a no-op once TLS took its descriptor
+
+    def _tls_error(self, exc: OSError) -> OSError:
+        """A TLS failure as one line naming the server: EACCES when a certificate was refused (by either
+        side), EIO otherwise (the server hung up: it may speak plaintext)."""
+        if isinstance(exc, (PermissionError, ssl.SSLCertVerificationError)) or (
+                isinstance(exc, ssl.SSLError) and "ALERT" in (exc.reason or "")):
+            reason = getattr(exc, "verify_message", "") or exc.strerror or getattr(exc, "reason", "") or str(exc)
+            return error(errno.EACCES, f"{self.service} {self.address}: TLS refused: {reason}")
+        return ConnectError(errno.EIO, f"{self.service} {self.address}: TLS handshake failed "
+                            f"({exc.strerror or exc}); does the server speak TLS?")
 
     async def _get(self) -> _Connection:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.looks_closed():
+            if not conn.sock.looks_closed():
                 return conn
             conn.sock.close()
         return await self._connect()
@@ -470,8 +526,10 @@ class RpcClient:
             except OSError as exc:
                 if conn is not None:
                     conn.sock.close()
-                if exc.errno == errno.EIO and self.address in str(exc):
+                if exc.errno in (errno.EIO, errno.EACCES) and self.address in str(exc):
                     raise
+                if isinstance(exc, ssl.SSLError):  # TLS 1.3: the server judges our certificate after we sent
+                    raise self._tls_error(exc) from None
                 raise self._fail(f"connection failed ({exc.strerror or exc})") from None
             except BaseException:
                 if conn is not None:

@@ -7,7 +7,9 @@ import time
 
 import trio
 
+from kvfs import identity
 from kvfs import protocol as P
+from kvfs.kv.policy import POLICY_XATTRS
 from kvfs.meta.durability import GroupCommit
 from kvfs.meta.eviction import KVCache
 from kvfs.meta.namespace import Namespace
@@ -18,6 +20,12 @@ from kvfs.rpc import RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.meta")
+
+
+def _policy_needs_admin(xattr: str) -> None:
+    """Policies (quotas, TTLs) are an admin's: a client may set any other xattr (protocol.META_ROLES)."""
+    if xattr in POLICY_XATTRS:
+        identity.require_role(identity.ROLE_ADMIN, what=f"setting or removing the {xattr} xattr")
 
 
 class MetaService:
@@ -36,10 +44,12 @@ class MetaService:
             return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id, ns.lease_seconds)
 
         async def setxattr(r, _):
+            _policy_needs_admin(r.name)
             ns.setxattr(r.ino, r.name, r.value, r.flags)
             return E
 
         async def removexattr(r, _):
+            _policy_needs_admin(r.name)
             ns.removexattr(r.ino, r.name)
             return E
 

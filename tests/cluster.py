@@ -1,6 +1,8 @@
 """Start real kvfs processes for tests and benchmarks: meta, chunkservers and FUSE mounts.
 
 Every service runs as its own ``python -m kvfs.cli ...`` process on loopback ports; nothing is mocked.
+Services run ``--insecure`` (plaintext) unless ``Cluster(tls=True)``: then a CA and a certificate per
+process are made under ``root/tls`` (``make_tls``) and every process, mount and client uses them.
 """
 
 from __future__ import annotations
@@ -84,6 +86,28 @@ def start_mount(root: str, meta_address: str, mountpoint: str, index: int, *extr
     return proc
 
 
+TLS_ROLES = ("admin", "client")  # certificates make_tls issues besides meta's and the chunkservers'
+
+
+def make_tls(root: str, chunkservers: int) -> dict[str, str]:
+    """A cluster CA and TLS directories under ``root/tls``: name -> dir for "meta", "cs0".., "admin",
+    "client" (kept when they exist, so a restarted cluster keeps its certificates)."""
+    from kvfs import certs
+
+    base = os.path.join(root, "tls")
+    ca = os.path.join(base, "ca")
+    if not os.path.exists(os.path.join(ca, certs.CA_KEY)):
+        certs.init_ca(ca)
+    dirs = {}
+    wanted = [("meta", "meta"), *[(f"cs{i}", "chunkserver") for i in range(chunkservers)],
+              *[(r, r) for r in TLS_ROLES]]
+    for name, role in wanted:
+        dirs[name] = out = os.path.join(base, name)
+        if not os.path.exists(os.path.join(out, "key.pem")):
+            certs.issue(ca, out, role=role, name=name, sans=("127.0.0.1",) if role in ("meta", "chunkserver") else ())
+    return dirs
+
+
 @dataclass
 class Cluster:
     root: str
@@ -96,6 +120,8 @@ class Cluster:
     meta_args: tuple[str, ...] = ()  # extra `kvfs meta` flags, e.g. ("--lease-seconds", "3")
     remote_allow: tuple[str, ...] = ("*",)  # `kvfs meta --remote-allow` (tests attach moto and tmp dirs)
     meta_metrics_port: int = 0
+    tls: bool = False  # mutual TLS with certificates under root/tls (else every service runs --insecure)
+    tls_dirs: dict[str, str] = field(default_factory=dict)  # make_tls's: "meta", "cs0", ..., "admin", "client"
     meta_port: int = field(default_factory=free_port)
     meta: Proc | None = None
     servers: list[Proc] = field(default_factory=list)
@@ -105,9 +131,19 @@ class Cluster:
     def meta_address(self) -> str:
         return f"127.0.0.1:{self.meta_port}"
 
+    def security(self, name: str) -> list[str]:
+        """The TLS flags of process ``name`` ("meta", "cs0", "client", ...)."""
+        if not self.tls:
+            return [] if name in TLS_ROLES else ["--insecure"]
+        return ["--tls-dir", self.tls_dirs[name]]
+
     def start(self) -> Cluster:
         os.makedirs(self.root, exist_ok=True)
-        self.meta = Proc(["meta", "--listen", self.meta_address, "--data-dir", os.path.join(self.root, "meta"),
+        self.servers = []
+        if self.tls:
+            self.tls_dirs = make_tls(self.root, self.chunkservers)
+        self.meta = Proc(["meta", *self.security("meta"), "--listen", self.meta_address,
+                          "--data-dir", os.path.join(self.root, "meta"),
                           "--replication", str(self.replication), "--chunk-size", self.chunk_size,
                           "--heartbeat-timeout", str(self.heartbeat_timeout),
                           "--rereplicate-delay", str(self.rereplicate_delay),
@@ -118,7 +154,8 @@ class Cluster:
         self.wait_meta()
         for i in range(self.chunkservers):
             port = free_port()
-            proc = Proc(["chunkserver", "--meta", self.meta_address, "--listen", f"127.0.0.1:{port}",
+            proc = Proc(["chunkserver", *self.security(f"cs{i}"), "--meta", self.meta_address,
+                         "--listen", f"127.0.0.1:{port}",
                          "--data-dir", os.path.join(self.root, f"cs{i}"), *self.chunkserver_args],
                         os.path.join(self.root, f"cs{i}.log"))
             proc.start()
@@ -147,6 +184,9 @@ class Cluster:
         wait_for(lambda: self.live_servers() >= count, timeout, f"{count} live chunkservers", interval=0.2)
 
     def client(self, **options) -> kvfs.SyncClient:
+        """A native client; on a TLS cluster with the "client" certificate unless ``tls_dir`` says otherwise."""
+        if self.tls:
+            options.setdefault("tls_dir", self.tls_dirs["client"])
         return kvfs.SyncClient(self.meta_address, kvfs.ClientOptions(timeout=options.pop("timeout", 10.0), **options))
 
     # ------------------------------------------------------------------ faults
@@ -174,7 +214,8 @@ class Cluster:
             os.makedirs(mountpoint, exist_ok=True)
         except FileExistsError:
             pass  # a dead mount from a killed `kvfs mount` (stat fails): the new mount cleans it up
-        self.mounts[mountpoint] = start_mount(self.root, self.meta_address, mountpoint, len(self.mounts), *extra)
+        self.mounts[mountpoint] = start_mount(self.root, self.meta_address, mountpoint, len(self.mounts),
+                                              *self.security("client"), *extra)
         return mountpoint
 
     def unmount(self, mountpoint: str) -> None:

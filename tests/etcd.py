@@ -188,14 +188,14 @@ class HaCluster:
             port = free_port()
             self.meta_ports.append(port)
             self.meta_procs.append(Proc(
-                ["meta", "--engine", self.etcd.url(), "--listen", f"127.0.0.1:{port}", "--leader-ttl",
+                ["meta", "--insecure", "--engine", self.etcd.url(), "--listen", f"127.0.0.1:{port}", "--leader-ttl",
                  str(self.leader_ttl), "--replication", str(self.replication), "--chunk-size", "1M",
                  "--heartbeat-timeout", "3"], os.path.join(self.root, f"meta{i}.log")))
             self.meta_procs[-1].start()
         self.wait_leader()
         for i in range(self.chunkservers):
             port = free_port()
-            proc = Proc(["chunkserver", "--meta", self.meta_address, "--listen", f"127.0.0.1:{port}",
+            proc = Proc(["chunkserver", "--insecure", "--meta", self.meta_address, "--listen", f"127.0.0.1:{port}",
                          "--data-dir", os.path.join(self.root, f"cs{i}"), "--fsync", "never"],
                         os.path.join(self.root, f"cs{i}.log"))
             proc.start()

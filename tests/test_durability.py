@@ -459,22 +459,22 @@ def test_cli_status_unreachable_meta():
 
 
 def test_cli_chunkserver_readonly_data_dir(readonly_dir):
-    proc = run_cli("chunkserver", "--data-dir", os.path.join(readonly_dir, "cs"), "--meta", "127.0.0.1:1",
+    proc = run_cli("chunkserver", "--insecure", "--data-dir", os.path.join(readonly_dir, "cs"), "--meta", "127.0.0.1:1",
                    "--listen", f"127.0.0.1:{free_port()}")
     assert_one_line_error(proc, "data dir")
 
 
 def test_cli_chunkserver_data_dir_under_proc():
-    proc = run_cli("chunkserver", "--data-dir", "/proc/kvfs-test/cs", "--meta", "127.0.0.1:1",
+    proc = run_cli("chunkserver", "--insecure", "--data-dir", "/proc/kvfs-test/cs", "--meta", "127.0.0.1:1",
                    "--listen", f"127.0.0.1:{free_port()}")
     assert_one_line_error(proc, "/proc/kvfs-test/cs")
 
 
 def test_cli_meta_readonly_data_dir(readonly_dir):
-    proc = run_cli("meta", "--data-dir", os.path.join(readonly_dir, "meta"), "--listen", f"127.0.0.1:{free_port()}")
+    proc = run_cli("meta", "--insecure", "--data-dir", os.path.join(readonly_dir, "meta"), "--listen", f"127.0.0.1:{free_port()}")
     assert_one_line_error(proc, "data dir")
 
 
 def test_cli_bad_values():
-    assert_one_line_error(run_cli("meta", "--data-dir", "/tmp/x", "--chunk-size", "lots"), "lots")
-    assert_one_line_error(run_cli("meta", "--data-dir", "/tmp/x", "--listen", "nowhere"), "nowhere")
+    assert_one_line_error(run_cli("meta", "--insecure", "--data-dir", "/tmp/x", "--chunk-size", "lots"), "lots")
+    assert_one_line_error(run_cli("meta", "--insecure", "--data-dir", "/tmp/x", "--listen", "nowhere"), "nowhere")

@@ -513,6 +513,6 @@ def test_meta_engine_usage_errors_are_one_line(args, message):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "kvfs.cli", "meta", "--listen", "127.0.0.1:0", *args],
+    out = subprocess.run([sys.executable, "-m", "kvfs.cli", "meta", "--insecure", "--listen", "127.0.0.1:0", *args],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
