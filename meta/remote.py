@@ -34,7 +34,6 @@ from kvfs.errors import error
 from kvfs.meta import records as R
 from kvfs.meta.engine import Batch
 from kvfs.meta.namespace import ROOT_INO, Namespace, check_name, now_ns
-from kvfs.meta.tenants import scope_root
 from kvfs.meta.remote_fills import RemoteFills
 from kvfs.meta.remote_records import (
     CLEAN,
@@ -56,6 +55,7 @@ from kvfs.meta.remote_records import (
     upload_key,
 )
 from kvfs.meta.remote_uploads import RemoteUploads
+from kvfs.meta.tenants import scope_root
 from kvfs.remote.allow import check as check_allowed
 
 log = logging.getLogger("kvfs.meta.remote")

@@ -196,7 +196,7 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._entry(await self.client.link(inode, self._k(new_parent_inode), os.fsdecode(new_name)))
+        return self._entry(await self.client.link(self._k(inode), self._k(new_parent_inode), os.fsdecode(new_name)))
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):

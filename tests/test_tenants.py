@@ -28,7 +28,7 @@ PAYLOAD = b"secret of tenant a " * 1000
 
 
 def kvfs_cli(tls_dir: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvfs.cli", "--tls-dir", tls_dir, *args],
+    return subprocess.run([sys.executable, "-m", "kvfs.cli", "--tls-dir", tls_dir, *args], check=False,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -43,7 +43,7 @@ def tc(tmp_path_factory):
         admin = c.tls_dirs["admin"]
         for args in (("a", "--uid", str(UID), "--gid", str(UID)), ("b",),
                      ("q", "--quota-files", "5", "--quota-bytes", "2M", "--quota-kv-blocks", "2")):
-            out = kvfs_cli(admin, "--meta", c.meta_address, "tenant", "add", *args)
+            out = kvfs_cli(admin, "tenant", "add", *args, "--meta", c.meta_address)
             assert out.returncode == 0, out.stderr
         c.tenant_dirs = {}
         for tenant in ("a", "b", "q", "ghost"):
@@ -72,9 +72,9 @@ def raw(c, tenant: str, method: int, request: P.Struct):
     return trio.run(go)
 
 
-def raises_errno(code: int, fn, *args):
+def raises_errno(code: int, fn, *args, **kwargs):
     with pytest.raises(OSError) as info:
-        fn(*args)
+        fn(*args, **kwargs)
     assert info.value.errno == code, f"{info.value!r}: expected {errno.errorcode[code]}"
 
 
@@ -145,6 +145,7 @@ def test_raw_rpcs_naming_another_tenants_inodes_fail(tc, a_files):
         (P.META_SYMLINK, P.Symlink(docs, "planted", "/x")),
         (P.META_PURGE, P.Purge(f)), (P.META_RENEW_LEASES, P.RenewLeases("evil", [f])),
         (P.META_RESOLVE, P.ResolvePath("/tenants/a/docs/secret.txt")),
+        (P.META_GETATTR, P.GetAttr(blk)), (P.META_GET_CHUNKS, P.GetChunks(blk)),
         (P.META_KV_PUBLISH, P.KVPublish(kvdir, "planted", 0o644, 0, 0, 0, [])),
         (P.META_REMOTE_INFO, P.RemoteInfo(f)),
     ]
@@ -158,7 +159,10 @@ def test_raw_rpcs_naming_another_tenants_inodes_fail(tc, a_files):
                             (P.META_TENANT_ADD, P.TenantSpec("evil")), (P.META_TENANT_REMOVE, P.TenantName("a")),
                             (P.META_KV_EVICT, P.Empty())):
         raises_errno(errno.EACCES, raw, tc, "b", method, request)
-    # A block a allocated but has not published yet cannot be published by b under b's name.
+    # a's committed chunk cannot be adopted into a file of b's (it is not a fresh, unpublished chunk) ...
+    raises_errno(errno.EINVAL, raw, tc, "b", P.META_KV_PUBLISH,
+                 P.KVPublish(b_root, "grab", 0o644, 0, 0, 10, [P.ChunkRef(0, a_files["chunk"], 10, [])]))
+    # ... and neither can a block a allocated but has not published yet.
     pending = raw(tc, "a", P.META_KV_ALLOC, P.KVAlloc(3))
     raises_errno(errno.EINVAL, raw, tc, "b", P.META_KV_PUBLISH,
                  P.KVPublish(b_root, "grab", 0o644, 0, 0, 3, [P.ChunkRef(0, pending.chunk_id, 3, [])]))
@@ -241,7 +245,7 @@ def test_quotas_give_edquot_and_keep_what_was_written(tc):
         q.unlink("/f2")  # made before the byte quota refused its data: frees a file
         assert kv.put("/kv", "b2", b"h", [memoryview(b"2" * 10)], False)
     admin = tc.tls_dirs["admin"]
-    assert kvfs_cli(admin, "--meta", tc.meta_address, "tenant", "set", "q", "--quota-files", "0").returncode == 0
+    assert kvfs_cli(admin, "tenant", "set", "q", "--quota-files", "0", "--meta", tc.meta_address).returncode == 0
     with as_tenant(tc, "q") as q:
         with pytest.raises(OSError) as info:
             NativeBackend(q).put("/kv", "b3", b"h", [memoryview(b"3" * 10)], False)  # a 3rd block: quota 2
