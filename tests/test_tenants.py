@@ -107,6 +107,8 @@ def test_tenant_sees_its_root_as_slash(tc, a_files):
 
 
 def test_native_client_cannot_reach_another_tenant(tc, a_files):
+    with as_tenant(tc, "a") as a:  # meta caches a lookup's directories: a's must not answer b's
+        assert NativeBackend(a).exists_many("/kv/m", ["blk0"], False) == ([True], 1)
     with as_tenant(tc, "b") as b:
         assert b.listdir("/") == []
         for path in ("/docs/secret.txt", "/tenants/a/docs/secret.txt", "/../a/docs/secret.txt",
@@ -242,6 +244,8 @@ def test_quotas_give_edquot_and_keep_what_was_written(tc):
             q.mkdir("/d")
         assert info.value.errno == errno.EDQUOT
         assert kv.exists_many("/kv", ["b1", "b2"], False) == ([True, False], 1)
+        st = q.statfs()  # df in a tenant's mount: its quota and its own inodes
+        assert st.total_bytes == 2 << 20 and st.files == 5
         q.unlink("/f2")  # made before the byte quota refused its data: frees a file
         assert kv.put("/kv", "b2", b"h", [memoryview(b"2" * 10)], False)
     admin = tc.tls_dirs["admin"]
