@@ -395,6 +395,11 @@ def _status_sections(c) -> list[str]:
     section = status_section(c)
     if section:
         sections.append(section)
+    from kvfs.tenant_cli import status_section as tenants_section
+
+    section = tenants_section(c)
+    if section:
+        sections.append(section)
     return sections
 
 
@@ -534,7 +539,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
 
 # Feature modules that add subcommands. They may import torch, boto3 or pyarrow (seconds of start-up),
 # so the service commands, which start often (tests, restarts), do not load them.
-EXTENSIONS = ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli")
+EXTENSIONS = ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli", "kvfs.tenant_cli")
 CORE_COMMANDS = {"up", "meta", "chunkserver", "mount", "status", "certs"}
 
 

@@ -61,6 +61,7 @@ class Client(ClientReads, ClientWrites):
                                 ssl_context=self._tls)
         self.client_id = client_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.chunk_size = 4 << 20
+        self.root_ino, self.tenant = ROOT_INO, ""
         self.files: dict[int, FileState] = {}
         self.listings = ListingCache(self.options.dir_cache_ttl, self.options.dir_cache_burst)
         self._changes = ChangeLog()  # this client's namespace changes: a listing fetched across one is not kept
@@ -82,6 +83,9 @@ class Client(ClientReads, ClientWrites):
         self._nursery = nursery
         reply = await self.meta.request(P.META_HELLO, P.Hello(P.PROTOCOL_VERSION))
         self.chunk_size = reply.chunk_size
+        # A tenant's credential confines it to its tenant's root: that directory is this client's "/"
+        # (paths are resolved there by meta; the mount maps its root inode to it).
+        self.root_ino, self.tenant = reply.root_ino or ROOT_INO, reply.tenant
         self._host_id = host_id()
         await self.refresh_servers()
         nursery.start_soon(self._renew_leases, reply.lease_seconds)

@@ -357,6 +357,9 @@ class HelloReply(Struct):
     chunk_size: int
     cluster_id: str
     lease_seconds: float = 60.0  # write leases expire this long after their last renewal
+    # The caller's "/" : its tenant's root directory (meta/tenants.py), or 1 (the whole namespace).
+    root_ino: int = 1
+    tenant: str = ""
 
 
 META_HELLO = 1
@@ -762,6 +765,58 @@ META_METHODS.update({
 })
 
 
+# --------------------------------------------------------------------------- meta service: tenants (issue 13)
+
+
+class TenantSpec(Struct):
+    """TENANT_ADD / TENANT_SET. None leaves a setting as it is (SET) or takes the default (ADD: uid/gid
+    0, no quota). A quota of 0 means unlimited."""
+
+    name: str
+    uid: int | None = None
+    gid: int | None = None
+    quota_bytes: int | None = None
+    quota_files: int | None = None
+    quota_kv_blocks: int | None = None
+
+
+class TenantName(Struct):
+    name: str
+
+
+class TenantInfo(Struct):
+    """A tenant's settings and usage (bytes: logical file data; files: inodes; kv_blocks: KV_PUBLISHed files)."""
+
+    name: str
+    root_ino: int
+    root_path: str
+    uid: int
+    gid: int
+    quota_bytes: int
+    quota_files: int
+    quota_kv_blocks: int
+    used_bytes: int
+    files: int
+    kv_blocks: int
+
+
+class TenantListReply(Struct):
+    tenants: list[TenantInfo]
+
+
+META_TENANT_ADD = 120
+META_TENANT_SET = 121
+META_TENANT_LIST = 122  # admins: every tenant; a tenant's client: its own row
+META_TENANT_REMOVE = 123
+
+META_METHODS.update({
+    META_TENANT_ADD: (TenantSpec, TenantInfo),
+    META_TENANT_SET: (TenantSpec, TenantInfo),
+    META_TENANT_LIST: (Empty, TenantListReply),
+    META_TENANT_REMOVE: (TenantName, Empty),
+})
+
+
 # --------------------------------------------------------------------------- HA meta (etcd engine)
 
 
@@ -806,6 +861,7 @@ META_IDEMPOTENT = frozenset({
     META_GET_CHUNKS, META_ALLOC_CHUNK, META_COMMIT, META_PURGE, META_RENEW_LEASES, META_REGISTER,
     META_HEARTBEAT, META_LIST_CHUNKSERVERS, META_REPORT_BAD_CHUNK, META_CHUNK_LOCATIONS, META_KV_EXISTS,
     META_KV_STATUS, META_KV_CHUNKS, META_KV_ALLOC, META_REMOTE_LIST, META_REMOTE_INFO, META_HA_STATUS,
+    META_TENANT_LIST, META_TENANT_SET,
 })
 
 
@@ -834,6 +890,9 @@ META_ROLES: dict[int, frozenset[str]] = {
     META_REMOTE_SYNC: ADMIN_ROLES,
     META_REMOTE_EVICT: ADMIN_ROLES,
     META_KV_EVICT: ADMIN_ROLES,  # an eviction pass on demand
+    META_TENANT_ADD: ADMIN_ROLES,  # and not confined to a tenant (meta/tenants.py)
+    META_TENANT_SET: ADMIN_ROLES,
+    META_TENANT_REMOVE: ADMIN_ROLES,
 }
 
 CHUNK_ROLES: dict[int, frozenset[str]] = {

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 from kvfs.meta import records as R
 from kvfs.meta.namespace import ROOT_INO, Namespace
+from kvfs.meta.tenants import scope_root
 
 from kvfs import protocol as P
 from kvfs.kv.policy import EVICTIONS_XATTR, POLICY_XATTRS, STATS_PREFIXES, Policy
@@ -83,7 +84,7 @@ class KVCache:
                  quota_low: float = 0.90, interval: float = 5.0, tmp_max_age: float = 3600.0, clock=time.time):
         self.ns = ns
         # exists_under's cache: base path -> (inode, subdirectory -> dentry key prefix)
-        self._lookup_dirs: dict[str, tuple[int, dict[str, bytes]]] = {}
+        self._lookup_dirs: dict[tuple[int, str], tuple[int, dict[str, bytes]]] = {}
         self._lookup_epoch = -1
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
@@ -338,7 +339,8 @@ class KVCache:
         if self._lookup_epoch != self.ns.dir_epoch:
             self._lookup_dirs.clear()
             self._lookup_epoch = self.ns.dir_epoch
-        cached = self._lookup_dirs.get(base)
+        key = (scope_root(ROOT_INO), base)  # a tenant's "/" is its root
+        cached = self._lookup_dirs.get(key)
         if cached is None:
             try:
                 base_ino = self.ns.resolve(base).ino
@@ -346,7 +348,7 @@ class KVCache:
                 return P.ExistsManyReply(exists, 0)
             if len(self._lookup_dirs) > 1024:
                 self._lookup_dirs.clear()
-            cached = self._lookup_dirs[base] = (base_ino, {"": R.dentry_prefix(base_ino)})
+            cached = self._lookup_dirs[key] = (base_ino, {"": R.dentry_prefix(base_ino)})
         base_ino, dirs = cached
         child = self.ns._child
 

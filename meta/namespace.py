@@ -18,6 +18,7 @@ from kvfs.meta import records as R
 from kvfs.meta.engine import Batch, MetaEngine
 from kvfs.meta.pending import PendingChunks
 from kvfs.meta.registry import Registry, new_cluster_id
+from kvfs.meta.tenants import Tenants, scope_root
 
 ROOT_INO = 1
 XATTR_CREATE = 1
@@ -72,6 +73,22 @@ class Namespace:
         self.used_bytes = 0
         for _, raw in engine.scan(b"C"):
             self.used_bytes += R.decode_chunk(raw).length
+        self.tenants = Tenants(self)
+
+    def _charge(self, node: R.Inode, *, files: int = 0, nbytes: int = 0, kv_blocks: int = 0) -> None:
+        """Usage changed: the cluster's totals, and the tenant's whose tree holds ``node``."""
+        self.files += files
+        self.used_bytes += nbytes
+        if node.tenant:
+            self.tenants.charge(node.tenant, files=files, nbytes=nbytes, kv_blocks=kv_blocks)
+
+    def charge_bytes(self, ino: int, nbytes: int) -> None:
+        """File data of ``ino`` was added or dropped outside the namespace's own calls (remote fills)."""
+        raw = self.engine.get(R.inode_key(ino))
+        if raw is None:
+            self.used_bytes += nbytes
+        else:
+            self._charge(R.decode_inode(raw), nbytes=nbytes)
 
     # ------------------------------------------------------------------ helpers
 
@@ -128,6 +145,8 @@ class Namespace:
         if name == ".":
             return self.attr(parent)
         if name == "..":
+            if parent == scope_root(ROOT_INO):  # a tenant's root is its "/": ".." stays there
+                return self.attr(parent)
             return self.attr(self.inode(parent).parent or ROOT_INO)
         if len(name.encode("utf-8", "surrogateescape")) > P.NAME_MAX:
             raise error(errno.ENAMETOOLONG, "file name too long")
@@ -140,7 +159,7 @@ class Namespace:
         """Walk an absolute path (no symlink following) in one call."""
         if len(path) > P.PATH_MAX:
             raise error(errno.ENAMETOOLONG, "path too long")
-        ino = ROOT_INO
+        ino = scope_root(ROOT_INO)
         for part in path.split("/"):
             if part in ("", "."):
                 continue
@@ -182,7 +201,7 @@ class Namespace:
     # ------------------------------------------------------------------ creation
 
     def mknode(self, parent: int, name: str, mode: int, uid: int, gid: int, rdev: int = 0,
-               exclusive: bool = True, target: str = "", lease_client: str = "") -> P.Attr:
+               exclusive: bool = True, target: str = "", lease_client: str = "", tenant: str | None = None) -> P.Attr:
         check_name(name)
         pnode = self._dir(parent)
         existing = self._child(parent, name)
@@ -203,7 +222,8 @@ class Namespace:
         t = now_ns()
         is_dir = stat.S_ISDIR(mode)
         node = R.Inode(mode, 2 if is_dir else 1, uid, gid, len(target.encode()) if target else 0, t, t, t, rdev,
-                       parent=parent if is_dir else 0, target=target)
+                       parent=parent if is_dir else 0, target=target,
+                       tenant=pnode.tenant if tenant is None else tenant)
         self._put(batch, ino, node)
         batch.append((R.dentry_key(parent, name), R.U64.pack(ino)))
         pnode.mtime_ns = pnode.ctime_ns = t
@@ -211,7 +231,7 @@ class Namespace:
             pnode.nlink += 1
         self._put(batch, parent, pnode)
         self.engine.write(batch)
-        self.files += 1
+        self._charge(node, files=1)
         if lease_client and stat.S_ISREG(mode):
             self._check_lease(ino, lease_client)
         return self.attr(ino, node)
@@ -227,6 +247,7 @@ class Namespace:
         if stat.S_ISDIR(node.mode):
             raise error(errno.EPERM, "hard links to directories are not allowed")
         pnode = self._dir(new_parent)
+        _same_tenant(node, pnode)
         if self._child(new_parent, new_name) is not None:
             raise error(errno.EEXIST, f"{new_name}: file exists")
         t = now_ns()
@@ -286,6 +307,8 @@ class Namespace:
             raise error(errno.ENOTDIR, f"{name}: not a directory")
         if not self._dir_empty(ino):
             raise error(errno.ENOTEMPTY, f"{name}: directory not empty")
+        if self.tenants.is_root(ino):
+            raise error(errno.EBUSY, f"{name}: the root of a tenant (kvfs tenant remove)")
         t = now_ns()
         pnode.nlink -= 1
         pnode.mtime_ns = pnode.ctime_ns = t
@@ -293,7 +316,7 @@ class Namespace:
         batch.extend((k, None) for k, _ in self.engine.scan(R.xattr_prefix(ino)))
         self._put(batch, parent, pnode)
         self.engine.write(batch)
-        self.files -= 1
+        self._charge(node, files=-1)
         self.dir_epoch += 1
 
     def purge(self, ino: int) -> None:
@@ -313,9 +336,8 @@ class Namespace:
             dropped.append(rec)
         batch.extend((k, None) for k, _ in self.engine.scan(R.xattr_prefix(ino)))
         self.engine.write(batch)
-        self.files -= 1
+        self._charge(node, files=-1, nbytes=-sum(rec.length for rec in dropped), kv_blocks=-int(node.kv_block))
         for rec in dropped:
-            self.used_bytes -= rec.length
             self.registry.drop_chunk(rec.chunk_id)
         self.leases.pop(ino, None)
 
@@ -344,6 +366,7 @@ class Namespace:
             raise error(errno.EINVAL, "unsupported rename flags")
         src_parent_node = self._dir(parent)
         dst_parent_node = self._dir(new_parent) if new_parent != parent else src_parent_node
+        _same_tenant(src_parent_node, dst_parent_node)
         src = self._child(parent, name)
         if src is None:
             raise error(errno.ENOENT, f"{name}: no such file or directory")
@@ -386,9 +409,11 @@ class Namespace:
                         raise error(errno.EISDIR, f"{new_name}: is a directory")
                     if not self._dir_empty(dst):
                         raise error(errno.ENOTEMPTY, f"{new_name}: directory not empty")
+                    if self.tenants.is_root(dst):
+                        raise error(errno.EBUSY, f"{new_name}: the root of a tenant")
                     batch.append((R.inode_key(dst), None))
                     dst_parent_node.nlink -= 1
-                    self.files -= 1
+                    self._charge(dnode, files=-1)
                 else:
                     if src_is_dir:
                         raise error(errno.ENOTDIR, f"{new_name}: not a directory")
@@ -556,7 +581,8 @@ class Namespace:
         ino = self._alloc_ino(batch)
         t = now_ns()
         mode = stat.S_IFREG | (r.mode & 0o7777)
-        node = R.Inode(mode, 1, r.uid, r.gid, r.size, t, t, t, 0, parent=0, target="")
+        node = R.Inode(mode, 1, r.uid, r.gid, r.size, t, t, t, 0, parent=0, target="", tenant=pnode.tenant,
+                       kv_block=True)
         self._put(batch, ino, node)
         batch.append((R.dentry_key(r.parent, r.name), R.U64.pack(ino)))
         for c in refs:
@@ -567,8 +593,7 @@ class Namespace:
         self.engine.write(batch)
         for c in refs:
             self.registry.adopt(c.chunk_id)
-        self.files += 1
-        self.used_bytes += r.size
+        self._charge(node, files=1, nbytes=r.size, kv_blocks=1)
         return P.KVPublishReply(True, self.attr(ino, node))
 
     def _unpublished(self, chunk_id: int) -> bool:
@@ -658,7 +683,7 @@ class Namespace:
             self.registry.adopt(ref.chunk_id)
         for chunk_id in dropped + garbage:
             self.registry.drop_chunk(chunk_id)
-        self.used_bytes += delta
+        self._charge(node, nbytes=delta)
         return self.attr(req.ino, node)
 
     def expire_pending(self) -> int:
@@ -674,6 +699,12 @@ class Namespace:
             if self.engine.get(R.live_chunk_key(chunk_id)) is None:
                 self.registry.drop_chunk(chunk_id)
         return len(expired)
+
+
+def _same_tenant(a: R.Inode, b: R.Inode) -> None:
+    """Nothing moves or links across tenants (admins included): an inode's tenant never changes."""
+    if a.tenant != b.tenant:
+        raise error(errno.EXDEV, "cannot rename or link across tenants")
 
 
 def default_uid_gid() -> tuple[int, int]:

@@ -10,6 +10,7 @@ Key layout (all integers big endian so byte order is numeric order)::
     O <ino:8>                 -> <unlinked_at_ns:8>   unlinked but maybe still open (orphans)
     P <chunk_id:8>            -> PendingRecord        allocated, not yet committed (meta/pending.py)
     S <node_id>               -> ServerRecord         chunkserver identities
+    T <name>                  -> TenantRecord         tenants (meta/tenants.py)
     N                         -> Counters
 """
 
@@ -35,6 +36,10 @@ class Inode(msgspec.Struct, array_like=True):
     parent: int = 0  # directories only: their single parent (rename loop checks, "..")
     target: str = ""  # symlinks only
     generation: int = 0
+    # The tenant whose tree holds this inode ("" = none): inherited from the parent at creation and
+    # never changed (rename and link across tenants are refused), so checking it needs no tree walk.
+    tenant: str = ""
+    kv_block: bool = False  # created whole by KV_PUBLISH: counts against the tenant's KV-block quota
 
 
 class ChunkRecord(msgspec.Struct, array_like=True):
@@ -52,6 +57,16 @@ class ServerRecord(msgspec.Struct, array_like=True):
     address: str
     data_dir: str
     host_id: str
+
+
+class TenantRecord(msgspec.Struct, array_like=True):
+    name: str
+    root_ino: int
+    uid: int = 0
+    gid: int = 0
+    quota_bytes: int = 0  # 0: unlimited
+    quota_files: int = 0
+    quota_kv_blocks: int = 0
 
 
 class Counters(msgspec.Struct, array_like=True):
@@ -108,6 +123,13 @@ def server_key(node_id: str) -> bytes:
     return b"S" + node_id.encode()
 
 
+TENANT_PREFIX = b"T"
+
+
+def tenant_key(name: str) -> bytes:
+    return TENANT_PREFIX + name.encode()
+
+
 COUNTERS_KEY = b"N"
 
 encode = msgspec.msgpack.Encoder().encode
@@ -116,8 +138,10 @@ _chunk_decoder = msgspec.msgpack.Decoder(ChunkRecord)
 _server_decoder = msgspec.msgpack.Decoder(ServerRecord)
 _pending_decoder = msgspec.msgpack.Decoder(PendingRecord)
 _counters_decoder = msgspec.msgpack.Decoder(Counters)
+_tenant_decoder = msgspec.msgpack.Decoder(TenantRecord)
 decode_inode = _inode_decoder.decode
 decode_chunk = _chunk_decoder.decode
 decode_server = _server_decoder.decode
 decode_pending = _pending_decoder.decode
 decode_counters = _counters_decoder.decode
+decode_tenant = _tenant_decoder.decode

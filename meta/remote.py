@@ -55,6 +55,7 @@ from kvfs.meta.remote_records import (
     upload_key,
 )
 from kvfs.meta.remote_uploads import RemoteUploads
+from kvfs.meta.tenants import scope_root
 from kvfs.remote.allow import check as check_allowed
 
 log = logging.getLogger("kvfs.meta.remote")
@@ -375,7 +376,7 @@ class RemoteTier(RemoteFills, RemoteUploads):
         batch.append((file_key(ino), _enc(rec)))
         batch.append((upload_key(ino), None))
         self.ns.engine.write(batch)
-        self._release_chunks(dropped)
+        self._release_chunks(ino, dropped)
         self._validated[ino] = trio.current_time()
 
     def _drop_chunks(self, batch: Batch, ino: int) -> list[R.ChunkRecord]:
@@ -387,9 +388,9 @@ class RemoteTier(RemoteFills, RemoteUploads):
             dropped.append(rec)
         return dropped
 
-    def _release_chunks(self, dropped: list[R.ChunkRecord]) -> None:
+    def _release_chunks(self, ino: int, dropped: list[R.ChunkRecord]) -> None:
+        self.ns.charge_bytes(ino, -sum(rec.length for rec in dropped))
         for rec in dropped:
-            self.ns.used_bytes -= rec.length
             self.ns.registry.drop_chunk(rec.chunk_id)
 
     async def sync_path(self, path: str) -> P.RemoteSyncReply:
@@ -419,7 +420,7 @@ class RemoteTier(RemoteFills, RemoteUploads):
         return total
 
     async def resolve(self, path: str) -> P.Attr:
-        ino = ROOT_INO
+        ino = scope_root(ROOT_INO)  # a tenant's paths start at its root (meta/tenants.py)
         for part in path.split("/"):
             if part in ("", "."):
                 continue

@@ -71,7 +71,7 @@ class RemoteFills:
                 continue
             batch.append((R.chunk_key(r.ino, ref.index), R.encode(R.ChunkRecord(ref.chunk_id, ref.length))))
             batch.append((R.live_chunk_key(ref.chunk_id), b""))
-            self.ns.used_bytes += ref.length
+            self.ns.charge_bytes(r.ino, ref.length)
             out.append(P.ChunkRef(ref.index, ref.chunk_id, ref.length, self.ns.registry.replicas_of(ref.chunk_id)))
         if batch:
             self.ns.engine.write(batch)
@@ -98,7 +98,7 @@ class RemoteFills:
             dropped.append(rec)
         if batch:
             self.ns.engine.write(batch)
-            self._release_chunks(dropped)
+            self._release_chunks(r.ino, dropped)
             log.warning("%s/%s: %d fetched chunk(s) unreadable; fetching them again", info.url, info.key,
                         len(dropped))
 
@@ -114,7 +114,7 @@ class RemoteFills:
         if not dropped:
             return 0
         self.ns.engine.write(batch)
-        self._release_chunks(dropped)
+        self._release_chunks(ino, dropped)
         return sum(c.length for c in dropped)
 
     async def evict_path(self, path: str) -> P.RemoteEvictReply:

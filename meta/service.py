@@ -14,6 +14,8 @@ from kvfs.meta.durability import GroupCommit
 from kvfs.meta.eviction import KVCache
 from kvfs.meta.namespace import Namespace
 from kvfs.meta.replication import Replicator
+from kvfs.meta.tenant_guard import TenantGuard
+from kvfs.meta.tenants import pending_owner, tenant_handlers
 from kvfs.rpc import RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
@@ -109,10 +111,11 @@ class MetaService:
             P.META_KV_STATUS: lambda r, _: _now(self.kv.status()),
             P.META_KV_EVICT: lambda r, _: _now(self.kv.run_once()),
             P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths)),
-            P.META_KV_ALLOC: lambda r, _: _now(ns.alloc_pending_chunk(r.size_hint)),
+            P.META_KV_ALLOC: lambda r, _: _now(ns.alloc_pending_chunk(r.size_hint, 0, pending_owner())),
             P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
             # A lone meta (RocksDB); meta/leader.py answers this for an HA group on etcd.
             P.META_HA_STATUS: lambda r, _: _now(P.HaStatusReply("rocksdb", "", "single", "", [], [])),
+            **tenant_handlers(ns.tenants, self.kv.path_of),
         }
 
     def build(self):
@@ -123,7 +126,8 @@ class MetaService:
         options = TierOptions() if self.remote_allow is None else TierOptions(allow=self.remote_allow)
         tier = RemoteTier(self.ns, options)  # remote capacity tier (issue 3): layers over the namespace handlers
         handlers = {method: self.commits.wrap(h) for method, h in tier.wrap(self.handlers()).items()}
-        return handlers, tier
+        # Outermost: a tenant's request is checked and scoped before the tier or the namespace sees it.
+        return TenantGuard(self.ns, self.kv.path_of).wrap(handlers), tier
 
     async def run(self, tier, meta_address: str) -> None:
         """Background work of a serving meta: group commit, housekeeping, re-replication, remote uploads."""

@@ -79,12 +79,17 @@ class KvfsOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ helpers
 
+    def _k(self, inode: int) -> int:
+        """The kvfs inode of a kernel inode: the kernel's root is the client's root (a tenant's root
+        directory, or kvfs's own root; tenants never see kvfs inode 1, so nothing else maps to it)."""
+        return self.client.root_ino if inode == pyfuse3.ROOT_INODE else inode
+
     def _entry(self, attr: P.Attr, *, count: bool = True) -> pyfuse3.EntryAttributes:
         self.sent_attrs[attr.ino] = (attr.mtime_ns, attr.size)
         if count:
             self.lookups[attr.ino] += 1
         e = pyfuse3.EntryAttributes()
-        e.st_ino = attr.ino
+        e.st_ino = pyfuse3.ROOT_INODE if attr.ino == self.client.root_ino else attr.ino
         e.generation = attr.generation
         e.entry_timeout = self.entry_timeout
         e.attr_timeout = self.attr_timeout
@@ -122,10 +127,11 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(await self.client.lookup(parent_inode, os.fsdecode(name)))
+        return self._entry(await self.client.lookup(self._k(parent_inode), os.fsdecode(name)))
 
     async def forget(self, inode_list):
-        for ino, nlookup in inode_list:
+        for fuse_ino, nlookup in inode_list:
+            ino = self._k(fuse_ino)
             left = self.lookups.get(ino, 0) - nlookup
             if left > 0:
                 self.lookups[ino] = left
@@ -139,13 +145,13 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode, ctx=None):
-        return self._entry(await self.client.getattr(inode), count=False)
+        return self._entry(await self.client.getattr(self._k(inode)), count=False)
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         size = attr.st_size if fields.update_size else None
         attr_out = await self.client.setattr(
-            inode,
+            self._k(inode),
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -157,7 +163,7 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def readlink(self, inode, ctx):
-        return os.fsencode(await self.client.readlink(inode))
+        return os.fsencode(await self.client.readlink(self._k(inode)))
 
     @_errors
     async def statfs(self, ctx):
@@ -175,38 +181,38 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        attr = await self.client.mknode(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid, rdev)
+        attr = await self.client.mknode(self._k(parent_inode), os.fsdecode(name), mode, ctx.uid, ctx.gid, rdev)
         return self._entry(attr)
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        attr = await self.client.mknode(parent_inode, os.fsdecode(name), stat.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
+        attr = await self.client.mknode(self._k(parent_inode), os.fsdecode(name), stat.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
         return self._entry(attr)
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        attr = await self.client.symlink_at(parent_inode, os.fsdecode(name), os.fsdecode(target), ctx.uid, ctx.gid)
+        attr = await self.client.symlink_at(self._k(parent_inode), os.fsdecode(name), os.fsdecode(target), ctx.uid, ctx.gid)
         return self._entry(attr)
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._entry(await self.client.link(inode, new_parent_inode, os.fsdecode(new_name)))
+        return self._entry(await self.client.link(self._k(inode), self._k(new_parent_inode), os.fsdecode(new_name)))
 
     @_errors
     async def unlink(self, parent_inode, name, ctx):
         # Meta purges the inode in the same call unless one of ours has it open (then release does).
         keep = list(set(self.open_counts) | set(self.client.files))
-        attr = await self.client.unlink_at(parent_inode, os.fsdecode(name), keep_open=keep)
+        attr = await self.client.unlink_at(self._k(parent_inode), os.fsdecode(name), keep_open=keep)
         if attr.ino in keep:
             await self._after_unlink(attr)
 
     @_errors
     async def rmdir(self, parent_inode, name, ctx):
-        await self.client.rmdir_at(parent_inode, os.fsdecode(name))
+        await self.client.rmdir_at(self._k(parent_inode), os.fsdecode(name))
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        replaced = await self.client.rename_at(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
+        replaced = await self.client.rename_at(self._k(parent_inode_old), os.fsdecode(name_old), self._k(parent_inode_new),
                                                os.fsdecode(name_new), flags)
         if replaced:
             self.unlinked.add(replaced)
@@ -236,11 +242,11 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
-        return await self._open(inode, flags)
+        return await self._open(self._k(inode), flags)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        attr = await self.client.mknode(parent_inode, os.fsdecode(name), stat.S_IFREG | (mode & 0o7777), ctx.uid,
+        attr = await self.client.mknode(self._k(parent_inode), os.fsdecode(name), stat.S_IFREG | (mode & 0o7777), ctx.uid,
                                         ctx.gid, exclusive=bool(flags & os.O_EXCL), lease=True)
         info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags, attr)
         return info, self._entry(attr)
@@ -286,6 +292,7 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode, ctx):
+        inode = self._k(inode)
         attr = await self.client.getattr(inode)
         if not stat.S_ISDIR(attr.mode):
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -327,18 +334,18 @@ class KvfsOperations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         if name == _CAPABILITY:
             raise OSError(errno.ENOTSUP, "kvfs has no file capabilities")
-        await self.client.setxattr(inode, os.fsdecode(name), bytes(value))
+        await self.client.setxattr(self._k(inode), os.fsdecode(name), bytes(value))
 
     @_errors
     async def getxattr(self, inode, name, ctx):
         if name == _CAPABILITY:
             raise OSError(errno.ENODATA, "kvfs has no file capabilities")
-        return await self.client.getxattr(inode, os.fsdecode(name))
+        return await self.client.getxattr(self._k(inode), os.fsdecode(name))
 
     @_errors
     async def listxattr(self, inode, ctx):
-        return [os.fsencode(n) for n in await self.client.listxattr(inode)]
+        return [os.fsencode(n) for n in await self.client.listxattr(self._k(inode))]
 
     @_errors
     async def removexattr(self, inode, name, ctx):
-        await self.client.removexattr(inode, os.fsdecode(name))
+        await self.client.removexattr(self._k(inode), os.fsdecode(name))
