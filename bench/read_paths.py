@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--dir", default="/var/tmp/kvfs-read-paths")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--chunkservers", type=int, default=1, help="chunks spread over this many (TCP rows)")
     args = p.parse_args(argv)
 
     import torch
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from kvfs.models.reader import ClientFileReader, _local_chunks
 
     pinned = torch.cuda.is_available()
-    cluster = Cluster(args.dir, chunkservers=1, replication=1, chunk_size="4M",
+    cluster = Cluster(args.dir, chunkservers=args.chunkservers, replication=1, chunk_size="4M",
                       chunkserver_args=("--fsync", "never")).start()
     try:
         size = int(args.gib * (1 << 30)) // (4 * MiB) * 4 * MiB
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             from kvfs import protocol as P
             from kvfs.rpc_blocking import BlockingChunkClient
 
-            blocking = BlockingChunkClient(chunks[0].address, timeout=60)
+            blocking = {ch.address: BlockingChunkClient(ch.address, timeout=60) for ch in chunks}
 
             def run(name: str) -> float:
                 def one(i: int) -> None:
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     ch = chunks[i]
                     dest = view[:ch.length]
                     if name == "tcp-blocking":
-                        reply, data = blocking.read(P.ReadChunk(ch.chunk_id, 0, ch.length), dest)
+                        reply, data = blocking[ch.address].read(P.ReadChunk(ch.chunk_id, 0, ch.length), dest)
                         chunkio.verify(ch.chunk_id, ch.address, data, reply.data_offset, reply.checksums,
                                        reply.chunk_length)
                         return
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             reader.close()
             tcp_reader.close()
             tcp_client.close()
-            blocking.close()
-            print(f"{size / 1e9:.2f} GB, {args.threads} threads, {'pinned' if pinned else 'pageable'} buffers, "
+            for b in blocking.values():
+                b.close()
+            print(f"{size / 1e9:.2f} GB, {args.threads} threads, {args.chunkservers} chunkserver(s), {'pinned' if pinned else 'pageable'} buffers, "
                   f"C block hasher {chunkio._BLOCKHASH is not None}")
             for name, v in results.items():
                 print(f"  {name:18s} best {max(v):6.2f} GB/s  (runs: {', '.join(f'{x:.2f}' for x in v)})")

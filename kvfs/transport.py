@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from kvfs.rpc import FileRange
 
 SEND_FILE_PIECE = 1 << 20  # TLS send_file reads this much of the file at a time
+# Plaintext file replies at least this large are sent by a worker thread: sendfile copies the bytes in
+# the caller's thread, so on one event loop a chunkserver sends one reply at a time (issue 10).
+THREAD_SEND_MIN = 1 << 20
+SEND_STALL = 30.0  # a peer that takes no bytes for this long fails the send (the thread never hangs)
 LINGER = 1.0  # seconds a refused connection is kept half-open so the peer reads why
 
 
@@ -53,6 +57,23 @@ def _looks_closed(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def _send_file_blocking(sock_fd: int, file_fd: int, offset: int, remaining: int) -> None:
+    """sendfile on a non-blocking socket from a worker thread: wait for room with poll, bounded."""
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT | select.POLLERR | select.POLLHUP)
+    while remaining > 0:
+        try:
+            sent = os.sendfile(sock_fd, file_fd, offset, remaining)
+        except BlockingIOError:
+            if not poller.poll(SEND_STALL * 1000):
+                raise TimeoutError(errno.ETIMEDOUT, f"sendfile: peer took nothing for {SEND_STALL:g}s") from None
+            continue
+        if sent == 0:
+            raise OSError(errno.EIO, "sendfile: file shorter than expected")
+        offset += sent
+        remaining -= sent
+
+
 class Plain:
     """A trio socket; ``recv_into`` and ``send`` are the socket's own methods (the fast path)."""
 
@@ -65,6 +86,9 @@ class Plain:
         self.close = sock.close
 
     async def send_file(self, rng: FileRange) -> None:
+        if rng.length >= THREAD_SEND_MIN:
+            await trio.to_thread.run_sync(_send_file_blocking, self.sock.fileno(), rng.fd, rng.offset, rng.length)
+            return
         offset, remaining = rng.offset, rng.length
         while remaining > 0:
             await trio.lowlevel.wait_writable(self.sock)
