@@ -10,6 +10,7 @@ Key layout (all integers big endian so byte order is numeric order)::
     O <ino:8>                 -> <unlinked_at_ns:8>   unlinked but maybe still open (orphans)
     P <chunk_id:8>            -> PendingRecord        allocated, not yet committed (meta/pending.py)
     S <node_id>               -> ServerRecord         chunkserver identities
+    H <key_id:4>              -> TokenKeyRecord       chunk capability keys (meta/chunk_keys.py)
     N                         -> Counters
 """
 
@@ -52,6 +53,12 @@ class ServerRecord(msgspec.Struct, array_like=True):
     address: str
     data_dir: str
     host_id: str
+
+
+class TokenKeyRecord(msgspec.Struct, array_like=True):
+    key_id: int
+    secret: bytes
+    active_from: float  # unix seconds: signs tokens from then until the next key's active_from
 
 
 class Counters(msgspec.Struct, array_like=True):
@@ -110,6 +117,13 @@ def server_key(node_id: str) -> bytes:
 
 COUNTERS_KEY = b"N"
 
+TOKEN_KEY_PREFIX = b"H"
+
+
+def token_key_key(key_id: int) -> bytes:
+    return TOKEN_KEY_PREFIX + key_id.to_bytes(4, "big")
+
+
 encode = msgspec.msgpack.Encoder().encode
 _inode_decoder = msgspec.msgpack.Decoder(Inode)
 _chunk_decoder = msgspec.msgpack.Decoder(ChunkRecord)
@@ -121,3 +135,4 @@ decode_chunk = _chunk_decoder.decode
 decode_server = _server_decoder.decode
 decode_pending = _pending_decoder.decode
 decode_counters = _counters_decoder.decode
+decode_token_key = msgspec.msgpack.Decoder(TokenKeyRecord).decode
