@@ -234,3 +234,30 @@ def test_key_ring_rotates_and_persists():
     verifier = captoken.Verifier(clock=lambda: now[0])
     verifier.set_keys(again.keys())
     verifier.check(ring.issue(9, P.TOKEN_READ | P.TOKEN_WRITE), 9, P.TOKEN_WRITE)
+
+
+def test_standby_that_takes_over_accepts_the_leaders_tokens(tmp_path):
+    """HA on etcd: the keys live in etcd, so tokens the old leader issued still read after a failover,
+    and the new leader signs with the same key."""
+    import signal
+
+    from etcd import HaCluster, etcd_binary
+
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (./dev.sh test installs it)")
+    ha = HaCluster(str(tmp_path / "ha"), metas=2, chunkservers=2, replication=2).start()
+    try:
+        data = os.urandom(150 * KiB)
+        with ha.client() as c:
+            c.write_file("/f", data)
+            ref = c.chunk_map(c.stat("/f").ino).chunks[0]
+        ha.meta_procs[ha.leader()].kill(signal.SIGKILL)
+        ha.wait_leader()
+        ha.wait_servers(2)
+        for address in ref.replicas:
+            assert read_raw(address, ref.chunk_id, ref.token) == data
+        with ha.client() as c:
+            fresh = c.chunk_map(c.stat("/f").ino).chunks[0]
+        assert captoken.fields(fresh.token)[0] == captoken.fields(ref.token)[0]
+    finally:
+        ha.stop()
