@@ -41,7 +41,7 @@ def micro(n: int) -> dict[str, float]:
 
     ring = KeyRing(MemoryEngine())
     verifier = captoken.Verifier()
-    verifier.set_keys(ring.keys())
+    verifier.set_keys(ring.accepted())
     token = ring.issue(12345, P.TOKEN_READ)
     sign = min(timeit.repeat(lambda: ring.issue(12345, P.TOKEN_READ), number=n, repeat=5)) / n
     check = min(timeit.repeat(lambda: verifier.check(token, 12345, P.TOKEN_READ), number=n, repeat=5)) / n
@@ -100,9 +100,9 @@ def read_many(pythons: list[tuple[str, str]], rounds: int, size_mib: int, random
     for label, runs in results.items():
         summary[label] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
     first = pythons[0][0]
-    for label in summary:
-        summary[label]["ratio_random"] = summary[label]["random_64k_per_s"] / summary[first]["random_64k_per_s"]
-        summary[label]["ratio_seq"] = summary[label]["seq_MBps"] / summary[first]["seq_MBps"]
+    for row in summary.values():
+        row["ratio_random"] = row["random_64k_per_s"] / summary[first]["random_64k_per_s"]
+        row["ratio_seq"] = row["seq_MBps"] / summary[first]["seq_MBps"]
     return {"rounds": rounds, "size_mib": size_mib, "random_reads": random_reads, "medians": summary, "runs": results}
 
 

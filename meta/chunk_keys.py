@@ -79,13 +79,13 @@ class KeyRing:
     def signing_key(self) -> R.TokenKeyRecord:
         self.maintain()
         now = self.clock()
-        return [r for r in self.records if r.active_from <= now][-1]
+        return next(r for r in reversed(self.records) if r.active_from <= now)
 
     def issue(self, chunk_id: int, ops: int) -> bytes:
         key = self.signing_key()
         return captoken.sign(key.key_id, key.secret, chunk_id, ops, math.ceil(self.clock() + self.token_seconds))
 
-    def keys(self) -> list[P.ChunkKey]:
+    def accepted(self) -> list[P.ChunkKey]:
         """Every key a chunkserver must accept: the signing one, older ones still in use, the next one."""
         self.maintain()
         return [P.ChunkKey(r.key_id, r.secret) for r in self.records]
@@ -117,23 +117,16 @@ class Capabilities:
 
     def stamp(self, reply: Any, request: Any = None) -> None:
         issue = self.ring.issue
-        if isinstance(reply, P.GetChunksReply):
+        if isinstance(reply, (P.GetChunksReply, P.RemoteFillCommitReply)):  # committed chunks: read
             for ref in reply.chunks:
                 ref.token = issue(ref.chunk_id, P.TOKEN_READ)
-        elif isinstance(reply, P.AllocChunkReply):
+        elif isinstance(reply, P.AllocChunkReply):  # a new chunk: write, and read back
             reply.token = issue(reply.chunk_id, READ_WRITE)
-        elif isinstance(reply, P.KVChunksReply):
-            for f in reply.files:
-                if f is not None:
-                    self.stamp(f)
-        elif isinstance(reply, P.RemoteFillAllocReply):
-            for a in reply.chunks:
-                self.stamp(a)
-        elif isinstance(reply, P.RemoteFillCommitReply):
-            for ref in reply.chunks:
-                ref.token = issue(ref.chunk_id, P.TOKEN_READ)
+        elif isinstance(reply, (P.KVChunksReply, P.RemoteFillAllocReply)):
+            for part in getattr(reply, "files", None) or getattr(reply, "chunks", []):
+                if part is not None:
+                    self.stamp(part)
         elif isinstance(reply, P.ChunkLocationsReply) and isinstance(request, P.ChunkLocations):
             reply.tokens = [issue(c, P.TOKEN_READ) for c in request.chunk_ids]
-        elif isinstance(reply, (P.RegisterReply, P.HeartbeatReply)):
-            if getattr(reply, "known", True):
-                reply.keys = self.ring.keys()
+        elif isinstance(reply, (P.RegisterReply, P.HeartbeatReply)) and getattr(reply, "known", True):
+            reply.keys = self.ring.accepted()

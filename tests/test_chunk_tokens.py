@@ -42,7 +42,7 @@ def call(service: str, address: str, method: int, request, data=None):
 
 
 def read_raw(address: str, chunk_id: int, token: bytes, length: int = 1 << 30) -> bytes:
-    reply, data = call("chunkserver", address, P.CHUNK_READ, P.ReadChunk(chunk_id, 0, length, token))
+    _, data = call("chunkserver", address, P.CHUNK_READ, P.ReadChunk(chunk_id, 0, length, token))
     return bytes(data or b"")
 
 
@@ -222,17 +222,17 @@ def test_key_ring_rotates_and_persists():
     now = [1_000_000.0]
     engine = MemoryEngine()
     ring = KeyRing(engine, token_seconds=600, rotate_seconds=3600, clock=lambda: now[0])
-    assert [k.key_id for k in ring.keys()] == [1, 2]  # the signing key and the next one, sent ahead
+    assert [k.key_id for k in ring.accepted()] == [1, 2]  # the signing key and the next one, sent ahead
     assert captoken.fields(ring.issue(7, P.TOKEN_READ))[0] == 1
     now[0] += 3600
     assert captoken.fields(ring.issue(7, P.TOKEN_READ))[0] == 2
-    assert [k.key_id for k in ring.keys()] == [1, 2, 3]  # key 1's tokens may still be alive
+    assert [k.key_id for k in ring.accepted()] == [1, 2, 3]  # key 1's tokens may still be alive
     now[0] += 602
-    assert [k.key_id for k in ring.keys()] == [2, 3]
+    assert [k.key_id for k in ring.accepted()] == [2, 3]
     again = KeyRing(engine, token_seconds=600, rotate_seconds=3600, clock=lambda: now[0])
-    assert again.keys() == ring.keys()
+    assert again.accepted() == ring.accepted()
     verifier = captoken.Verifier(clock=lambda: now[0])
-    verifier.set_keys(again.keys())
+    verifier.set_keys(again.accepted())
     verifier.check(ring.issue(9, P.TOKEN_READ | P.TOKEN_WRITE), 9, P.TOKEN_WRITE)
 
 
