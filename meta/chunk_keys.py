@@ -64,10 +64,11 @@ class KeyRing:
             log.info("chunk capability key %d retired", old.key_id)
         if batch:
             self.engine.write(batch)  # made durable by group commit (or the HA leader's flush) with the reply
-        due = [self.records[-1].active_from]
+        due = [self.records[-1].active_from]  # the next key starts signing then: nothing changes before
         if len(self.records) > 2:
             due.append(self.records[1].active_from + self.token_seconds + 1)
         self._next_check = min(due)
+        self._signing = next(r for r in reversed(self.records) if r.active_from <= now)
 
     def _add(self, batch: Batch, active_from: float) -> None:
         key_id = (self.records[-1].key_id + 1) if self.records else 1
@@ -78,8 +79,7 @@ class KeyRing:
 
     def signing_key(self) -> R.TokenKeyRecord:
         self.maintain()
-        now = self.clock()
-        return next(r for r in reversed(self.records) if r.active_from <= now)
+        return self._signing
 
     def issue(self, chunk_id: int, ops: int) -> bytes:
         key = self.signing_key()
