@@ -218,6 +218,21 @@ def test_client_reads_past_token_expiry(make_cluster):
         c.release(ino)
 
 
+def test_mount_reads_past_token_expiry(make_cluster, tmp_path):
+    """The mount keeps chunk maps (and their tokens) of open files: a read after they expired works."""
+    cluster = make_cluster(chunkservers=1, replication=1, meta_args=("--chunk-token-seconds", "1"))
+    data = os.urandom(8 * 1024 * KiB)  # 8 chunks of 1 MiB
+    with cluster.client() as c:
+        c.write_file("/big", data)
+    mnt = cluster.mount(str(tmp_path / "mnt"), "--no-local-reads")
+    with open(os.path.join(mnt, "big"), "rb") as f:
+        assert f.read(4096) == data[:4096]
+        time.sleep(2.5)  # past the tokens of the chunk map the mount fetched at open
+        f.seek(7 * 1024 * KiB)  # a chunk nothing has read or prefetched yet
+        assert f.read() == data[7 * 1024 * KiB:]
+    cluster.unmount(mnt)
+
+
 def test_key_ring_rotates_and_persists():
     now = [1_000_000.0]
     engine = MemoryEngine()
