@@ -93,6 +93,17 @@ def instance(work: str, name: str, spec: dict) -> dict:
     return out
 
 
+def model_and_cluster(work: str, layers: int, hidden: int) -> tuple[str, Cluster]:
+    """A random Llama under ``work/model`` and a started one-chunkserver cluster (KV blocks are a cache:
+    no fsync)."""
+    os.makedirs(work, exist_ok=True)
+    model = os.path.join(work, "model")
+    subprocess.run([sys.executable, "-c", BUILD, model, str(layers), str(hidden)], check=True, capture_output=True)
+    cluster = Cluster(os.path.join(work, "cluster"), chunkservers=1, replication=1, chunk_size="4M",
+                      chunkserver_args=("--fsync", "never")).start()
+    return model, cluster
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prefix", type=int, default=4096, help="prompt tokens (default 4096)")
@@ -117,12 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
         work = args.workdir or tmp
-        os.makedirs(work, exist_ok=True)
-        model = os.path.join(work, "model")
-        subprocess.run([sys.executable, "-c", BUILD, model, str(args.layers), str(args.hidden)], check=True,
-                       capture_output=True)
-        cluster = Cluster(os.path.join(work, "cluster"), chunkservers=1, replication=1, chunk_size="4M",
-                          chunkserver_args=("--fsync", "never")).start()
+        model, cluster = model_and_cluster(work, args.layers, args.hidden)
         try:
             mnt = cluster.mount(os.path.join(work, "mnt"))
             os.makedirs(os.path.join(mnt, "kv"))

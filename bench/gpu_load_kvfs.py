@@ -10,7 +10,9 @@ warm (every source read once before timing):
 * ``local``: the model directory on local disk (the ceiling, not a kvfs figure);
 * ``kvfs-native``: the same files in kvfs through ``SyncClient``, chunk files read directly on this host
   (short-circuit);
-* ``kvfs-tcp``: the same with ``ClientOptions(local_reads=False)`` (chunk data over loopback TCP).
+* ``kvfs-tcp``: the same with ``ClientOptions(local_reads=False)`` (chunk data over loopback TCP),
+  received in ``--read-threads`` worker threads (kvfs/rpc_blocking.py);
+* ``kvfs-tcp-loop``: TCP received on the client's event loop (``thread_read_min=0``: the path before).
 
 Each load is bit-exact-checked (xxh3 of every tensor's bytes against the local load) outside the timing.
 Reported: GB/s (best of the reps), the ratio to ``local``, and CPU-seconds per GB of this process plus
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunkservers", type=int, default=3)
     p.add_argument("--chunk-size", default="4M", help="kvfs chunk size (kvfs meta --chunk-size)")
     p.add_argument("--sources", default="local,kvfs-native,kvfs-tcp")
+    p.add_argument("--read-threads", type=int, default=8, help="ClientOptions.read_threads for kvfs-tcp")
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
 
@@ -103,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                     c.write_file(f"/m/{f.name}", f.read_bytes())
             say(f"copied into kvfs in {time.perf_counter() - t0:.1f} s")
         clients["kvfs-native"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(timeout=60))
-        clients["kvfs-tcp"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(timeout=60, local_reads=False))
+        clients["kvfs-tcp"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(
+            timeout=60, local_reads=False, read_threads=args.read_threads))
+        clients["kvfs-tcp-loop"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(
+            timeout=60, local_reads=False, thread_read_min=0))
 
         def load(source: str):
             if source == "local":

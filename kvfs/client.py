@@ -43,6 +43,7 @@ from kvfs.dircache import ChangeLog, ListingCache
 from kvfs.errors import error
 from kvfs.meta_router import meta_client
 from kvfs.rpc import RpcClient
+from kvfs.rpc_blocking import BlockingChunkClient
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.client")
@@ -62,6 +63,8 @@ class Client(ClientReads, ClientWrites):
         self._changes = ChangeLog()  # this client's namespace changes: a listing fetched across one is not kept
         self._servers: dict[str, _ServerInfo] = {}
         self._chunk_clients: dict[str, RpcClient] = {}
+        self._thread_clients: dict[str, BlockingChunkClient] = {}  # bulk reads in worker threads
+        self._read_threads = trio.CapacityLimiter(max(1, self.options.read_threads))
         self._upload_slots = trio.Semaphore(self.options.max_upload_inflight)
         self._host_id = ""
         self._nursery: trio.Nursery | None = None
@@ -116,6 +119,15 @@ class Client(ClientReads, ClientWrites):
         self.meta.close()
         for c in self._chunk_clients.values():
             c.close()
+        for b in self._thread_clients.values():
+            b.close()
+
+    def _thread_chunkserver(self, address: str) -> BlockingChunkClient:
+        b = self._thread_clients.get(address)
+        if b is None:
+            b = self._thread_clients[address] = BlockingChunkClient(
+                address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout)
+        return b
 
     def _chunkserver(self, address: str) -> RpcClient:
         c = self._chunk_clients.get(address)

@@ -287,15 +287,25 @@ class ClientReads:
         start = offset // BLOCK * BLOCK
         aligned = start == offset and (len(out) % BLOCK == 0 or offset + len(out) >= ref.length)
         into = out if aligned else memoryview(bytearray(offset + len(out) - start + BLOCK))
-        reply, data = await self._chunkserver(address).call(
-            P.CHUNK_READ, P.ReadChunk(ref.chunk_id, offset, len(out), ref.token), into=into)
-        data = data if data is not None else memoryview(b"")
-        _verify(ref.chunk_id, address, data, reply.data_offset, reply.checksums, reply.chunk_length)
-        skip = offset - reply.data_offset
-        if len(data) - skip < len(out):
-            raise error(errno.EIO, f"chunk {ref.chunk_id:x} on {address}: short read")
-        if not aligned:
-            out[:] = data[skip: skip + len(out)]
+        request = P.ReadChunk(ref.chunk_id, offset, len(out), ref.token)
+
+        def finish(reply: P.ReadChunkReply, data: memoryview | None) -> None:
+            data = data if data is not None else memoryview(b"")
+            _verify(ref.chunk_id, address, data, reply.data_offset, reply.checksums, reply.chunk_length)
+            skip = offset - reply.data_offset
+            if len(data) - skip < len(out):
+                raise error(errno.EIO, f"chunk {ref.chunk_id:x} on {address}: short read")
+            if not aligned:
+                out[:] = data[skip: skip + len(out)]
+
+        if self.options.thread_read_min and len(out) >= self.options.thread_read_min:
+            # Large reads: receive and verify in a worker thread (kvfs/rpc_blocking.py), several at once.
+            def work() -> None:
+                finish(*self._thread_chunkserver(address).read(request, into))
+
+            await trio.to_thread.run_sync(work, limiter=self._read_threads)
+            return
+        finish(*await self._chunkserver(address).call(P.CHUNK_READ, request, into=into))
 
     async def _fetch_local(self, info: _ServerInfo, ref: P.ChunkRef, offset: int, out: memoryview) -> None:
         """Short-circuit read of a chunk file on this host, straight into ``out`` (kvfs.chunkio)."""

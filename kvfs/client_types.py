@@ -25,6 +25,10 @@ class ClientOptions:
     # 0 turns it off. Same staleness bound as the mount's attribute cache.
     dir_cache_ttl: float = 1.0
     dir_cache_burst: int = 16  # lookups in one directory within the ttl before it is listed
+    # TCP reads of at least this many bytes are received and verified in worker threads on blocking
+    # sockets (kvfs/rpc_blocking.py), several at once, instead of on the event loop; 0 turns it off.
+    thread_read_min: int = 1 << 20
+    read_threads: int = 8  # such reads in flight at once per client
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""Bulk chunk reads over TCP in worker threads: blocking sockets, one exchange per thread.
+
+Why: the trio client receives every byte on its one event-loop thread, so a reader that pulls chunks
+from several chunkservers at once is capped by that one core (about 2-3 GB/s on loopback, issue 10).
+A blocking ``recv_into`` releases the GIL for the whole copy out of the kernel, and the checksum check
+that follows (``kvfs.chunkio``, C, no GIL) runs in the same thread, so N threads receive and verify N
+chunks in parallel. Frames are the same as ``kvfs.rpc``'s (``kvfs.protocol``), to the same
+chunkserver port; only the client side differs.
+
+The trio path stays the default for small reads and for anything but ``CHUNK_READ``; ``Client`` sends
+reads of at least ``ClientOptions.thread_read_min`` bytes here (see kvfs/client_read.py).
+
+Error handling: as ``kvfs.rpc.RpcClient``: errno replies raise the matching OSError; a refused, reset
+or timed-out connection raises ``TransportError(EIO)`` naming the server. Every socket operation runs
+under the client's timeout, so a worker thread never blocks for longer than that per call.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import threading
+import time
+
+from kvfs import protocol as P
+from kvfs.errors import error
+from kvfs.rpc import SOCKET_BUFFER, ConnectError, TransportError, parse_address
+
+
+class BlockingChunkClient:
+    """A thread-safe pool of blocking connections to one chunkserver, for CHUNK_READ only."""
+
+    def __init__(self, address: str, *, timeout: float = 30.0, connect_timeout: float = 5.0):
+        self.address = address
+        self.host, self.port = parse_address(address)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._next_id = 0
+
+    def _fail(self, what: str) -> TransportError:
+        return TransportError(errno.EIO, f"chunkserver {self.address}: {what}")
+
+    def _connect(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(errno.EIO, f"chunkserver {self.address}: cannot connect "
+                               f"({exc.strerror or exc})") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        return sock
+
+    def _take(self) -> tuple[socket.socket, int]:
+        with self._lock:
+            self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            request_id = self._next_id
+            sock = None
+            while self._idle and sock is None:
+                sock = self._idle.pop()
+                if _looks_closed(sock):  # the server closed it while idle (restart, idle timeout)
+                    sock.close()
+                    sock = None
+        return (sock if sock is not None else self._connect()), request_id
+
+    def read(self, request: P.ReadChunk, into: memoryview) -> tuple[P.ReadChunkReply, memoryview]:
+        """One CHUNK_READ; the data lands in ``into`` when it fits (else in a new buffer)."""
+        sock, request_id = self._take()
+        deadline = time.monotonic() + self.timeout
+        try:
+            payload = P.encode(request)
+            sock.settimeout(self.timeout)
+            sock.sendall(P.pack_header(P.KIND_REQUEST, P.CHUNK_READ, 0, request_id, len(payload), 0) + payload)
+            header = bytearray(P.HEADER_SIZE)
+            _recv_into(sock, memoryview(header), deadline)
+            frame = P.unpack_header(header)
+            reply_payload = bytearray(frame.payload_len)
+            _recv_into(sock, memoryview(reply_payload), deadline)
+            data = into[:frame.data_len] if len(into) >= frame.data_len else memoryview(bytearray(frame.data_len))
+            _recv_into(sock, data, deadline)
+            if frame.request_id != request_id:
+                raise ValueError("reply does not match request")
+        except TimeoutError:
+            sock.close()
+            raise self._fail(f"request timed out after {self.timeout:g}s") from None
+        except ValueError as exc:
+            sock.close()
+            raise self._fail(f"bad reply: {exc}") from None
+        except OSError as exc:
+            sock.close()
+            raise self._fail(f"connection failed ({exc.strerror or exc})") from None
+        except BaseException:
+            sock.close()
+            raise
+        with self._lock:
+            self._idle.append(sock)
+        if frame.status:
+            raise error(frame.status, P.decode(P.ErrorReply, reply_payload).message)  # type: ignore[attr-defined]
+        return P.decode(P.ReadChunkReply, reply_payload), data  # type: ignore[return-value]
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._idle:
+                sock.close()
+            self._idle.clear()
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    got = 0
+    while got < len(view):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionResetError(errno.ECONNRESET, "connection closed by peer")
+        got += n
+
+
+def _looks_closed(sock: socket.socket) -> bool:
+    # An idle connection has nothing to read: readable means EOF, reset or garbage.
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
