@@ -1,4 +1,8 @@
-"""The chunkserver service: a thin trio server over ChunkStore, plus registration and heartbeats."""
+"""The chunkserver service: a thin trio server over ChunkStore, plus registration and heartbeats.
+
+Every chunk operation needs a capability token signed by meta (kvfs/captoken.py) for that chunk and
+operation; the keys to check them arrive in meta's register and heartbeat replies. Deletes listed in
+heartbeat replies come from meta itself and need none."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import os
 import trio
 
 from kvfs import protocol as P
+from kvfs.captoken import Verifier
 from kvfs.chunkserver.store import ChunkStore, block_checksums, host_id
 from kvfs.meta_router import meta_client
 from kvfs.rpc import FileRange, RpcClient, RpcServer, ServerLimits
@@ -29,6 +34,7 @@ class ChunkService:
         self.host_id = host_id()
         self._peers: dict[str, RpcClient] = {}
         self._disk = trio.CapacityLimiter(disk_threads)
+        self.tokens = Verifier()
 
     def _peer(self, address: str) -> RpcClient:
         client = self._peers.get(address)
@@ -37,6 +43,7 @@ class ChunkService:
         return client
 
     async def write(self, req: P.WriteChunk, data: memoryview | None) -> P.Empty:
+        self.tokens.check(req.token, req.chunk_id, P.TOKEN_WRITE)
         data = data if data is not None else memoryview(b"")
 
         async def local() -> None:
@@ -54,15 +61,18 @@ class ChunkService:
 
     async def _forward(self, req: P.WriteChunk, data: memoryview) -> None:
         nxt, rest = req.chain[0], req.chain[1:]
-        await self._peer(nxt).call(P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, req.checksums, rest, req.durable), data)
+        await self._peer(nxt).call(P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, req.checksums, rest, req.durable,
+                                                              req.token), data)
 
     async def read(self, req: P.ReadChunk, _data) -> tuple[P.ReadChunkReply, FileRange]:
+        self.tokens.check(req.token, req.chunk_id, P.TOKEN_READ)
         loc = self.store.locate(req.chunk_id, req.offset, req.length)
         # A dup keeps the file readable even if the chunk is deleted while the reply is in flight.
         rng = FileRange(os.dup(loc.fd), loc.data_offset, loc.data_length, owned=True)
         return P.ReadChunkReply(loc.data_offset, loc.checksums, loc.chunk_length), rng
 
     async def replicate(self, req: P.ReplicateChunk, _data) -> P.Empty:
+        self.tokens.check(req.token, req.chunk_id, P.TOKEN_REPLICATE)
         if not req.targets:
             return P.Empty()
 
@@ -79,10 +89,14 @@ class ChunkService:
 
         data, sums = await trio.to_thread.run_sync(load, limiter=self._disk)
         await self._peer(req.targets[0]).call(
-            P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, sums, req.targets[1:]), data)
+            P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, sums, req.targets[1:], token=req.write_token), data)
         return P.Empty()
 
     async def delete(self, req: P.DeleteChunks, _data) -> P.Empty:
+        if len(req.tokens) != len(req.chunk_ids):
+            raise PermissionError(errno.EACCES, "delete needs one capability token per chunk")
+        for chunk_id, token in zip(req.chunk_ids, req.tokens):
+            self.tokens.check(token, chunk_id, P.TOKEN_DELETE)
         await trio.to_thread.run_sync(self.store.delete, req.chunk_ids, limiter=self._disk)
         return P.Empty()
 
@@ -107,6 +121,7 @@ class ChunkService:
             self.store.node_id, self.address, self.store.data_dir, self.host_id,
             self.store.capacity, self.store.used, self.store.chunk_ids()))
         self.server_id = reply.server_id
+        self.tokens.set_keys(reply.keys)
         log.info("registered with meta %s as server %d (%s)", self.meta.address, self.server_id, self.address)
 
     async def _heartbeat_loop(self) -> None:
@@ -122,6 +137,7 @@ class ChunkService:
                 if not reply.known:
                     self.server_id = 0
                     continue
+                self.tokens.set_keys(reply.keys)
                 if reply.delete_chunk_ids:
                     await trio.to_thread.run_sync(self.store.delete, reply.delete_chunk_ids, limiter=self._disk)
             except OSError as exc:

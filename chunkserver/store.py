@@ -4,6 +4,9 @@ Layout under ``<data_dir>/chunks/<xx>/``: ``<id:016x>`` holds the data, ``<id:01
 every CHECKSUM_BLOCK. A chunk is written to temporary names, fsynced (per policy), and renamed into
 place sum first, data last: the data rename is the commit point, so a crash or a full disk never
 leaves a half-written chunk that reads back as data. Startup rescans and removes leftovers.
+
+A committed chunk is never overwritten in place: writing an id the store holds is refused (EEXIST)
+unless it is the same content (a retried write or replication), which succeeds without rewriting.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class ChunkStore:
         self._fds: OrderedDict[int, tuple[int, list[int]]] = OrderedDict()
         self._max_open = max_open_files
         self._lock = threading.Lock()
+        self._writing: set[int] = set()  # chunk ids being written now (a second writer is refused)
         os.makedirs(os.path.join(self.data_dir, "chunks"), exist_ok=True)
         probe = os.path.join(self.data_dir, ".write-probe")
         with open(probe, "wb") as f:  # fails early (EROFS/EACCES) on an unusable data dir
@@ -149,9 +153,38 @@ class ChunkStore:
     def write(self, chunk_id: int, data: memoryview, checksums: list[int], durable: bool = True) -> None:
         """Store a chunk, durably unless ``durable`` is False (a re-fetchable cache copy: no fsyncs; the
         page cache writes it back, and a copy torn by a machine crash fails its checksums). Error handling: EINVAL on checksum mismatch (corrupted in flight),
-        ENOSPC when the disk or the configured capacity is full; nothing partial is left behind."""
+        ENOSPC when the disk or the configured capacity is full; nothing partial is left behind;
+        EEXIST for an id this store holds with other content, or that another write is storing now."""
         if block_checksums(data) != list(checksums):
             raise error(errno.EINVAL, f"chunk {chunk_id:x}: checksum mismatch on receive")
+        with self._lock:
+            if chunk_id in self._writing:
+                raise error(errno.EEXIST, f"chunk {chunk_id:x} is being written by another request")
+            self._writing.add(chunk_id)
+        try:
+            if chunk_id in self._lengths and self._holds(chunk_id, len(data), checksums):
+                return  # the same bytes are committed already: an idempotent retry
+            self._store(chunk_id, data, checksums, durable)
+        finally:
+            with self._lock:
+                self._writing.discard(chunk_id)
+
+    def _holds(self, chunk_id: int, length: int, checksums: list[int]) -> bool:
+        """True when the committed chunk has exactly this content; EEXIST when it has other content.
+        False (rewrite it) only when the stored copy no longer matches its own checksums (torn or
+        corrupt): the new bytes are the chunk's true content, so that is a repair, not an overwrite."""
+        path = chunk_path(self.data_dir, chunk_id)
+        try:
+            stored_sums = read_sums(path)
+        except FileNotFoundError:
+            return False
+        if stored_sums != list(checksums):
+            raise error(errno.EEXIST, f"chunk {chunk_id:x} is committed with other content; chunks are immutable")
+        with open(path, "rb") as f:
+            stored = f.read()
+        return len(stored) == length and block_checksums(stored) == stored_sums
+
+    def _store(self, chunk_id: int, data: memoryview, checksums: list[int], durable: bool) -> None:
         length = len(data)
         if self._configured_capacity and self.used + length > self._configured_capacity:
             raise error(errno.ENOSPC, "chunkserver capacity full")
@@ -183,6 +216,9 @@ class ChunkStore:
             raise
         with self._lock:
             self._lengths[chunk_id] = length
+            stale = self._fds.pop(chunk_id, None)  # a repaired copy: readers dup'ed the old fd already
+        if stale is not None:
+            os.close(stale[0])
 
     def _write_file(self, path: str, data: bytes | memoryview, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

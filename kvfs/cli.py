@@ -108,7 +108,7 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
 
         def make_service(engine):
             return MetaService(namespace_on(engine, **options), rereplicate_delay=args.rereplicate_delay,
-                               remote_allow=_remote_allow(args, ()))
+                               remote_allow=_remote_allow(args, ()), **_token_options(args))
 
         await HaMeta(args.engine, make_service, ttl=int(args.leader_ttl), advertise=args.advertise or "",
                      limits=_server_limits(args)).serve(host, port, task_status=task_status)
@@ -117,10 +117,21 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         raise UsageError("kvfs meta needs --data-dir (RocksDB) or --engine etcd://...")
     ns = open_namespace(args.data_dir, sync=not args.no_sync, **options)
     try:
-        await MetaService(ns, rereplicate_delay=args.rereplicate_delay, remote_allow=_remote_allow(args, ())).serve(
-            host, port, limits=_server_limits(args), task_status=task_status)
+        await MetaService(ns, rereplicate_delay=args.rereplicate_delay, remote_allow=_remote_allow(args, ()),
+                          **_token_options(args)).serve(host, port, limits=_server_limits(args), task_status=task_status)
     finally:
         ns.engine.close()
+
+
+def _token_options(args) -> dict[str, float]:
+    """Chunk capability lifetimes (issue 13) from ``--chunk-token-seconds`` / ``--chunk-key-rotate-hours``."""
+    options = {"token_seconds": args.chunk_token_seconds}
+    rotate_hours = getattr(args, "chunk_key_rotate_hours", None)  # `kvfs up` keeps the default
+    if rotate_hours is not None:
+        options["key_rotate_seconds"] = rotate_hours * 3600
+    if options["token_seconds"] < 1 or options.get("key_rotate_seconds", 3600) < 60:
+        raise UsageError("--chunk-token-seconds must be at least 1 and --chunk-key-rotate-hours at least 1/60")
+    return options
 
 
 def open_store(args):
@@ -263,7 +274,8 @@ def cmd_up(args) -> None:
     async def body() -> None:
         async with open_nursery() as nursery:
             # Loopback, one user: any remote may be attached unless --remote-allow narrows it.
-            meta_port = await nursery.start(MetaService(ns, remote_allow=_remote_allow(args, ("*",))).serve, host, port)
+            meta_port = await nursery.start(MetaService(ns, remote_allow=_remote_allow(args, ("*",)),
+                                                        **_token_options(args)).serve, host, port)
             meta_address = f"{host}:{meta_port}"
             servers = []
             for i in range(args.chunkservers):
@@ -444,6 +456,11 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
                         "process but not a power loss or VM reset). Default: every acknowledged change is "
                         "on disk (group commit)")
 
+    def token_flag(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--chunk-token-seconds", type=float, default=600.0,
+                        help="lifetime of the chunk capability tokens meta hands out with chunk maps (clients renew "
+                        "expired ones on their own)")
+
     def mount_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel (and the mount's client: directory listings "
                         "and attributes) may answer from cache; 0 asks meta every time")
@@ -461,6 +478,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--fsync", choices=["always", "never"], default="always",
                     help="chunkservers fsync every chunk before acknowledging it (default always)")
     no_sync_flag(sp)
+    token_flag(sp)
     remote_allow_flag(sp, "any (kvfs up listens on loopback)")
     client_flags(sp)
     mount_flags(sp)
@@ -492,6 +510,10 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--rereplicate-delay", type=float, default=30.0,
                     help="seconds a chunkserver must stay down before its chunks are copied elsewhere")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
+    token_flag(sp)
+    sp.add_argument("--chunk-key-rotate-hours", type=float, default=24.0,
+                    help="a new chunk capability key signs every this many hours (the previous one stays valid "
+                    "until its tokens expire)")
     server_flags(sp)
     tls_flag(sp, server=True)
     remote_allow_flag(sp, "none")

@@ -203,8 +203,9 @@ class ClientReads:
         """Read ``len(out)`` bytes of a chunk at ``offset`` from some replica, verified."""
         replicas = list(ref.replicas)
         if not replicas:
-            replicas = await self._locate(ref.chunk_id)
+            replicas = await self._locate(ref)
         tried: set[str] = set()
+        renewed = False
         while True:
             last = await self._fetch_from(ref, offset, out, [a for a in self._order_replicas(replicas)
                                                              if a not in tried], tried)
@@ -216,6 +217,16 @@ class ClientReads:
                 reply = await self.meta.request(P.META_CHUNK_LOCATIONS, P.ChunkLocations([ref.chunk_id]))
             except OSError:
                 break
+            if last.errno == errno.EACCES:
+                # The capability expired while the file stayed open (or its key retired): take the
+                # fresh one meta just sent, for this and later reads of the chunk, and try once more.
+                if renewed or not reply.tokens:
+                    raise last
+                renewed = True
+                ref.token = reply.tokens[0]
+                tried.clear()
+                replicas = reply.replicas[0] or replicas
+                continue
             replicas = [a for a in reply.replicas[0] if a not in tried]
             if not replicas:
                 break
@@ -243,18 +254,23 @@ class ClientReads:
                     await self.meta.request(P.META_REPORT_BAD_CHUNK, P.ReportBadChunk(ref.chunk_id, address, str(exc)))
                 except OSError:
                     pass
+            except PermissionError as exc:
+                return exc  # every replica checks the same capability
             except OSError as exc:
                 log.warning("reading chunk %x from %s: %s", ref.chunk_id, address, exc)
                 last = exc
         return last if last is not None else error(errno.EIO, f"chunk {ref.chunk_id:x}: no replica available")
 
-    async def _locate(self, chunk_id: int) -> list[str]:
+    async def _locate(self, ref: P.ChunkRef) -> list[str]:
         """Replica addresses when meta has none yet (it restarted and servers are re-registering)."""
+        chunk_id = ref.chunk_id
         deadline = trio.current_time() + min(self.options.timeout, 15.0)
         while True:
             reply = await self.meta.request(P.META_CHUNK_LOCATIONS, P.ChunkLocations([chunk_id]))
             if reply.replicas[0]:
                 await self.refresh_servers()
+                if reply.tokens:
+                    ref.token = reply.tokens[0]
                 return reply.replicas[0]
             if trio.current_time() > deadline:
                 raise error(errno.EIO, f"chunk {chunk_id:x}: no live replica")
@@ -271,7 +287,7 @@ class ClientReads:
         start = offset // BLOCK * BLOCK
         aligned = start == offset and (len(out) % BLOCK == 0 or offset + len(out) >= ref.length)
         into = out if aligned else memoryview(bytearray(offset + len(out) - start + BLOCK))
-        request = P.ReadChunk(ref.chunk_id, offset, len(out))
+        request = P.ReadChunk(ref.chunk_id, offset, len(out), ref.token)
 
         def finish(reply: P.ReadChunkReply, data: memoryview | None) -> None:
             data = data if data is not None else memoryview(b"")

@@ -18,6 +18,11 @@ from kvfs.errors import error
 log = logging.getLogger("kvfs.client")
 
 
+def written_ref(index: int, alloc: P.AllocChunkReply, length: int) -> P.ChunkRef:
+    """The ref of a chunk this client just wrote (its write capability also reads it back)."""
+    return P.ChunkRef(index, alloc.chunk_id, length, alloc.replicas, alloc.token)
+
+
 class ClientWrites:
     """Mixed into Client: uses its open files (``self.files``), meta connection, upload slots and nursery."""
 
@@ -114,7 +119,8 @@ class ClientWrites:
         from kvfs.chunkserver.store import block_checksums
 
         await self._chunkserver(alloc.replicas[0]).call(P.CHUNK_WRITE, P.WriteChunk(
-            alloc.chunk_id, block_checksums(data) if sums is None else sums, alloc.replicas[1:], durable), data)
+            alloc.chunk_id, block_checksums(data) if sums is None else sums, alloc.replicas[1:], durable,
+            alloc.token), data)
 
     async def upload_chunk(self, index: int, data: bytearray | bytes | memoryview, alloc_method: int,
                            alloc_request: Any) -> P.ChunkRef:
@@ -131,7 +137,7 @@ class ClientWrites:
             alloc = await self.meta.request(alloc_method, alloc_request)
             try:
                 await self.write_chunk(alloc, data, sums)
-                return P.ChunkRef(index, alloc.chunk_id, len(data), alloc.replicas)
+                return written_ref(index, alloc, len(data))
             except OSError as exc:
                 last = exc
                 if exc.errno == errno.ENOSPC:

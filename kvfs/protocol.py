@@ -76,6 +76,7 @@ class ChunkRef(Struct):
     chunk_id: int
     length: int
     replicas: list[str]  # chunkserver addresses "host:port"; the first is the write-chain primary
+    token: bytes = b""  # a chunk capability (CHUNK_TOKEN below) for reading it; "" in requests to meta
 
 
 class ChunkserverInfo(Struct):
@@ -279,6 +280,7 @@ class AllocChunk(Struct):
 class AllocChunkReply(Struct):
     chunk_id: int
     replicas: list[str]
+    token: bytes = b""  # a chunk capability to write (and read) the new chunk
 
 
 class Commit(Struct):
@@ -308,10 +310,18 @@ class RegisterChunkserver(Struct):
     chunk_ids: list[int]
 
 
+class ChunkKey(Struct):
+    """A secret that signs chunk capabilities; meta hands every chunkserver the keys it must accept."""
+
+    key_id: int
+    secret: bytes
+
+
 class RegisterReply(Struct):
     server_id: int
     delete_chunk_ids: list[int]
     chunk_size: int
+    keys: list[ChunkKey] = []  # chunk capability keys (replaces what the chunkserver knew)
 
 
 class Heartbeat(Struct):
@@ -324,6 +334,7 @@ class Heartbeat(Struct):
 class HeartbeatReply(Struct):
     delete_chunk_ids: list[int]
     known: bool = True  # False: meta lost track of this server (restart): register again
+    keys: list[ChunkKey] = []  # as RegisterReply.keys (rotation reaches chunkservers this way)
 
 
 class ListChunkserversReply(Struct):
@@ -346,6 +357,7 @@ class ChunkLocations(Struct):
 
 class ChunkLocationsReply(Struct):
     replicas: list[list[str]]
+    tokens: list[bytes] = []  # a read capability per chunk id (a fresh one for a client whose token expired)
 
 
 class Hello(Struct):
@@ -445,12 +457,14 @@ class WriteChunk(Struct):
     checksums: list[int]  # xxh3_64 of each CHECKSUM_BLOCK of the data
     chain: list[str]
     durable: bool = True
+    token: bytes = b""  # write capability; forwarded unchanged down the chain
 
 
 class ReadChunk(Struct):
     chunk_id: int
     offset: int
     length: int
+    token: bytes = b""  # read capability
 
 
 class ReadChunkReply(Struct):
@@ -467,6 +481,7 @@ class ReadChunkReply(Struct):
 
 class DeleteChunks(Struct):
     chunk_ids: list[int]
+    tokens: list[bytes] = []  # a delete capability per chunk id
 
 
 class ReplicateChunk(Struct):
@@ -474,6 +489,8 @@ class ReplicateChunk(Struct):
 
     chunk_id: int
     targets: list[str]
+    token: bytes = b""  # a replicate capability for chunk_id (only meta's replicator gets one)
+    write_token: bytes = b""  # the write capability passed to the targets
 
 
 class ChunkserverStat(Struct):
@@ -497,6 +514,17 @@ CHUNK_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
     CHUNK_STAT: (Empty, ChunkserverStat),
     CHUNK_REPLICATE: (ReplicateChunk, Empty),
 }
+
+# Chunk capability tokens (issue 13, kvfs/captoken.py): meta signs them, chunkservers verify them.
+# Layout: CHUNK_TOKEN (key id u32, chunk id u64, expiry u32 unix seconds, operation bits u8), then the
+# first CHUNK_TOKEN_MAC bytes of HMAC-SHA256(key, CHUNK_TOKEN_DOMAIN + those 17 bytes): 33 bytes.
+CHUNK_TOKEN = struct.Struct("<IQIB")
+CHUNK_TOKEN_MAC = 16
+CHUNK_TOKEN_DOMAIN = b"kvfs-chunk-token-v1\0"
+TOKEN_READ = 1  # CHUNK_READ
+TOKEN_WRITE = 2  # CHUNK_WRITE (a chain forwards it)
+TOKEN_DELETE = 4  # CHUNK_DELETE
+TOKEN_REPLICATE = 8  # CHUNK_REPLICATE: push the chunk to other chunkservers (meta's replicator only)
 
 
 # --------------------------------------------------------------------------- encoding

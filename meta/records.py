@@ -11,6 +11,7 @@ Key layout (all integers big endian so byte order is numeric order)::
     P <chunk_id:8>            -> PendingRecord        allocated, not yet committed (meta/pending.py)
     S <node_id>               -> ServerRecord         chunkserver identities
     T <name>                  -> TenantRecord         tenants (meta/tenants.py)
+    H <key_id:4>              -> TokenKeyRecord       chunk capability keys (meta/chunk_keys.py)
     N                         -> Counters
 """
 
@@ -67,6 +68,12 @@ class TenantRecord(msgspec.Struct, array_like=True):
     quota_bytes: int = 0  # 0: unlimited
     quota_files: int = 0
     quota_kv_blocks: int = 0
+
+
+class TokenKeyRecord(msgspec.Struct, array_like=True):
+    key_id: int
+    secret: bytes
+    active_from: float  # unix seconds: signs tokens from then until the next key's active_from
 
 
 class Counters(msgspec.Struct, array_like=True):
@@ -132,6 +139,13 @@ def tenant_key(name: str) -> bytes:
 
 COUNTERS_KEY = b"N"
 
+TOKEN_KEY_PREFIX = b"H"
+
+
+def token_key_key(key_id: int) -> bytes:
+    return TOKEN_KEY_PREFIX + key_id.to_bytes(4, "big")
+
+
 encode = msgspec.msgpack.Encoder().encode
 _inode_decoder = msgspec.msgpack.Decoder(Inode)
 _chunk_decoder = msgspec.msgpack.Decoder(ChunkRecord)
@@ -145,3 +159,4 @@ decode_server = _server_decoder.decode
 decode_pending = _pending_decoder.decode
 decode_counters = _counters_decoder.decode
 decode_tenant = _tenant_decoder.decode
+decode_token_key = msgspec.msgpack.Decoder(TokenKeyRecord).decode

@@ -25,9 +25,11 @@ log = logging.getLogger("kvfs.meta")
 
 
 class Replicator:
-    def __init__(self, registry: Registry, replication: int, is_live_chunk: Callable[[int], bool], *,
-                 delay: float = 30.0, batch: int = 64, clock=time.monotonic):
+    def __init__(self, registry: Registry, replication: int, is_live_chunk: Callable[[int], bool],
+                 issue_token: Callable[[int, int], bytes], *, delay: float = 30.0, batch: int = 64,
+                 clock=time.monotonic):
         self.registry = registry
+        self.issue_token = issue_token  # (chunk id, P.TOKEN_* bits) -> capability (meta/chunk_keys.py)
         self.replication = replication
         self.is_live_chunk = is_live_chunk
         self.delay = delay
@@ -99,7 +101,10 @@ class Replicator:
             if client is None:
                 client = self._clients[source] = RpcClient("chunkserver", source, P.CHUNK_METHODS, timeout=60.0)
             try:
-                await client.call(P.CHUNK_REPLICATE, P.ReplicateChunk(chunk_id, targets))
+                # The source may push this chunk only; the targets may store only it.
+                await client.call(P.CHUNK_REPLICATE, P.ReplicateChunk(
+                    chunk_id, targets, self.issue_token(chunk_id, P.TOKEN_REPLICATE),
+                    self.issue_token(chunk_id, P.TOKEN_WRITE)))
             except OSError as exc:
                 log.warning("re-replicating chunk %x from %s to %s failed: %s", chunk_id, source, targets, exc)
                 continue

@@ -10,6 +10,7 @@ import trio
 from kvfs import identity
 from kvfs import protocol as P
 from kvfs.kv.policy import POLICY_XATTRS
+from kvfs.meta.chunk_keys import DEFAULT_ROTATE_SECONDS, DEFAULT_TOKEN_SECONDS, Capabilities, KeyRing
 from kvfs.meta.durability import GroupCommit
 from kvfs.meta.eviction import KVCache
 from kvfs.meta.namespace import Namespace
@@ -29,10 +30,15 @@ def _policy_needs_admin(xattr: str) -> None:
 
 
 class MetaService:
-    def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0, remote_allow: tuple[str, ...] | None = None):
+    def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0, remote_allow: tuple[str, ...] | None = None,
+                 token_seconds: float = DEFAULT_TOKEN_SECONDS, key_rotate_seconds: float = DEFAULT_ROTATE_SECONDS):
         self.ns = ns
         self.remote_allow = remote_allow  # None: KVFS_REMOTE_ALLOW (kvfs.remote.allow)
-        self.replicator = Replicator(ns.registry, ns.replication, ns.is_live_chunk, delay=rereplicate_delay)
+        # Chunk capabilities (issue 13): keys in the engine, tokens in every reply with chunk locations.
+        self.keys = KeyRing(ns.engine, token_seconds=token_seconds, rotate_seconds=key_rotate_seconds)
+        self.capabilities = Capabilities(self.keys)
+        self.replicator = Replicator(ns.registry, ns.replication, ns.is_live_chunk, self.keys.issue,
+                                     delay=rereplicate_delay)
         self.kv = KVCache(ns)
         self.commits = GroupCommit(ns.engine)
 
@@ -125,8 +131,10 @@ class MetaService:
 
         options = TierOptions() if self.remote_allow is None else TierOptions(allow=self.remote_allow)
         tier = RemoteTier(self.ns, options)  # remote capacity tier (issue 3): layers over the namespace handlers
-        handlers = {method: self.commits.wrap(h) for method, h in tier.wrap(self.handlers()).items()}
-        # Outermost: a tenant's request is checked and scoped before the tier or the namespace sees it.
+        handlers = {method: self.commits.wrap(h)
+                    for method, h in self.capabilities.wrap(tier.wrap(self.handlers())).items()}
+        # Outermost: a tenant's request is checked and scoped before the tier or the namespace sees it,
+        # so chunk tokens only go out in replies that passed the tenant checks.
         return TenantGuard(self.ns, self.kv.path_of).wrap(handlers), tier
 
     async def run(self, tier, meta_address: str) -> None:

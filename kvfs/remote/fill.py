@@ -22,6 +22,7 @@ import weakref
 import trio
 
 from kvfs import protocol as P
+from kvfs.client_write import written_ref
 from kvfs.errors import error
 from kvfs.tasks import open_nursery
 
@@ -79,7 +80,7 @@ class _Filler:
             async def store_chunk(index: int, a: P.AllocChunkReply, data: memoryview) -> None:
                 try:
                     await client.write_chunk(a, data, durable=FILL_FSYNC)
-                    got[index] = (P.ChunkRef(index, a.chunk_id, len(data), a.replicas), data)
+                    got[index] = (written_ref(index, a, len(data)), data)
                 except OSError as exc:
                     failures.append(exc)
 
