@@ -195,9 +195,7 @@ def _server_tls(args, role: str) -> None:
     if args.insecure:
         if args.tls_dir:
             raise UsageError("--insecure and --tls-dir exclude each other")
-        tls.configure(None)
-        log.warning("serving plaintext without authentication (--insecure): any host that reaches this port "
-                    "may call any method")
+        tls.configure(None)  # kvfs.rpc warns once it listens on a non-loopback address
         return
     if not directory:
         raise UsageError(f"kvfs {role} needs TLS material: --tls-dir DIR or {tls.ENV} (make it with `kvfs certs "

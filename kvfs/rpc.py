@@ -209,6 +209,9 @@ class RpcServer:
         await listener.bind((host, port))
         listener.listen(512)
         bound_port = listener.getsockname()[1]
+        if self.ssl_context is None and host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("%s: serving plaintext without authentication on %s:%d (--insecure): any host that "
+                        "reaches this port may call any method", self.name, host or "*", bound_port)
         try:
             async with open_nursery() as nursery:
                 task_status.started(bound_port)

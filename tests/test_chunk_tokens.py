@@ -174,7 +174,7 @@ def test_tokens_survive_meta_and_chunkserver_restarts(make_cluster):
 
 def test_chunkserver_without_keys_refuses_with_eagain(tmp_path):
     port = free_port()
-    proc = Proc(["chunkserver", "--meta", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{port}",
+    proc = Proc(["chunkserver", "--insecure", "--meta", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{port}",
                  "--data-dir", str(tmp_path / "cs")], str(tmp_path / "cs.log"))
     proc.start()
     try:
