@@ -318,9 +318,19 @@ class KVCache:
         """Attributes and chunk maps (with replica addresses) of several files in one call: a batch
         of block reads needs no other meta round trip. None for a path that is not a regular file."""
         out: list[P.GetChunksReply | None] = []
+        parents: dict[str, int | None] = {}  # a batch's blocks share a few directories: walk each once
         for path in paths:
+            head, _, name = path.rstrip("/").rpartition("/")
+            if head not in parents:
+                try:
+                    parents[head] = self.ns.resolve(head or "/").ino
+                except OSError:
+                    parents[head] = None
+            parent = parents[head]
             try:
-                attr = self.ns.resolve(path)
+                if parent is None:
+                    raise FileNotFoundError
+                attr = self.ns.lookup(parent, name) if name not in ("", ".", "..") else self.ns.resolve(path)
             except OSError:
                 out.append(None)
                 continue

@@ -167,7 +167,43 @@ class NativeBackend:
             return []
         # One meta round trip for every block's attributes and chunk map, then only chunk reads.
         reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks([j[0] for j in jobs]))
+        batched = await self._read_many_local(reply.files, jobs)
+        if batched is not None:
+            return batched
         return await self._gather(self._read_file, [(info, *job) for info, job in zip(reply.files, jobs)])
+
+    async def _read_many_local(self, infos: list, jobs: Sequence[tuple]) -> list[ReadResult | None] | None:
+        """Every block's chunks are on this host: read the whole batch in a few worker-thread hops, one
+        verified read per chunk (header and payload together), instead of a task, a hop and a file open
+        per piece of each block. None when that cannot be done (a chunk is not local, a read failed, an
+        odd size): the caller then reads block by block, which handles misses and failover."""
+        plans, pieces = [], []
+        for info, (_path, expect_size, header_len, out, _touch) in zip(infos, jobs):
+            if info is None:
+                plans.append(None)
+                continue
+            head = memoryview(bytearray(min(info.attr.size, max(SCRATCH, header_len))))
+            if info.attr.size != expect_size or len(head) < header_len:
+                return None
+            ranges = [(0, head), *((header_len + off, v) for off, v in split_into(out, len(head) - header_len))]
+            pieces += _merge_pieces(_split_at_chunks(info, ranges))
+            plans.append((info.attr, head))
+        if not await self._read_local(pieces):
+            return None
+        results: list[ReadResult | None] = []
+        for plan, (_path, _size, header_len, out, touch_before_ns) in zip(plans, jobs):
+            if plan is None:
+                results.append(None)
+                continue
+            attr, head = plan
+            copy_into(out, head[header_len:])  # the payload bytes that came in with the head
+            if attr.atime_ns < touch_before_ns:
+                try:
+                    await self.c.setattr(attr.ino, atime_ns=time.time_ns())
+                except OSError:
+                    pass  # evicted meanwhile: recency is best effort
+            results.append(ReadResult(head, attr.size, attr.atime_ns, True))
+        return results
 
     async def _read_file(self, info: P.GetChunksReply | None, path: str, expect_size: int, header_len: int,
                          out: Sequence[memoryview], touch_before_ns: int) -> ReadResult | None:
@@ -200,18 +236,8 @@ class NativeBackend:
 
     async def _fetch_ranges(self, info: P.GetChunksReply, ranges: list[tuple[int, memoryview]]) -> None:
         """Fetch file byte ranges into views, split at chunk boundaries, all concurrently."""
-        cs = info.chunk_size
-        refs = {c.index: c for c in info.chunks}
-        pieces = []
-        for offset, view in ranges:
-            pos = 0
-            while pos < len(view):
-                index, in_chunk = divmod(offset + pos, cs)
-                n = min(cs - in_chunk, len(view) - pos)
-                pieces.append((refs.get(index), in_chunk, view[pos:pos + n]))
-                pos += n
-
-        if await self._read_local(pieces):
+        pieces = _split_at_chunks(info, ranges)
+        if await self._read_local([(ref, in_chunk, [view]) for ref, in_chunk, view in pieces]):
             return
 
         async def one(ref: P.ChunkRef | None, in_chunk: int, dest: memoryview) -> None:
@@ -233,16 +259,18 @@ class NativeBackend:
                 nursery.start_soon(one, *piece)
 
     async def _read_local(self, pieces: list) -> bool:
-        """Every piece's chunk has a replica on this host: read them all in one worker thread, straight
+        """``pieces``: (chunk ref, offset in the chunk, consecutive destination views).
+        Every piece's chunk has a replica on this host: read them all in one worker thread, straight
         into the destination views and verified (kvfs.chunkio), instead of one event-loop task and
         thread hop per chunk. False (nothing to rely on) when a chunk is not local or a read fails:
         the caller then reads through the client, which fails over and reports bad replicas."""
         local = []
-        for ref, in_chunk, dest in pieces:
-            lc = self.c.local_chunk(ref) if ref is not None and in_chunk + len(dest) <= ref.length else None
+        for ref, in_chunk, dests in pieces:
+            n = sum(len(d) for d in dests)
+            lc = self.c.local_chunk(ref) if ref is not None and in_chunk + n <= ref.length else None
             if lc is None:
                 return False
-            local.append((lc, in_chunk, dest))
+            local.append((lc, in_chunk, dests, n))
 
         # Pieces in groups of about GROUP_BYTES per thread hop: a lone 32 MiB block still reads on a few
         # threads at once, a batch of blocks does not pay one hop per chunk.
@@ -253,12 +281,12 @@ class NativeBackend:
                 groups.append([])
                 size = 0
             groups[-1].append(piece)
-            size += len(piece[2])
+            size += piece[3]
         failed = False
 
         def work(group: list) -> None:
-            for lc, in_chunk, dest in group:
-                read_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, in_chunk, [dest])
+            for lc, in_chunk, dests, _n in group:
+                read_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, in_chunk, dests)
 
         async def run(group: list) -> None:
             nonlocal failed
@@ -326,3 +354,30 @@ class NativeBackend:
 
     def close(self) -> None:
         pass
+
+
+def _split_at_chunks(info: P.GetChunksReply, ranges: list[tuple[int, memoryview]]) -> list[tuple]:
+    """File byte ranges as (chunk ref or None, offset in the chunk, view) pieces, split at chunk ends."""
+    cs = info.chunk_size
+    refs = {c.index: c for c in info.chunks}
+    pieces = []
+    for offset, view in ranges:
+        pos = 0
+        while pos < len(view):
+            index, in_chunk = divmod(offset + pos, cs)
+            n = min(cs - in_chunk, len(view) - pos)
+            pieces.append((refs.get(index), in_chunk, view[pos:pos + n]))
+            pos += n
+    return pieces
+
+
+def _merge_pieces(pieces: list[tuple]) -> list[tuple]:
+    """Consecutive pieces of the same chunk as one (ref, offset, [views]): one verified read each."""
+    merged: list[tuple] = []
+    for ref, in_chunk, view in pieces:
+        if merged and ref is not None and merged[-1][0] is ref and merged[-1][1] + merged[-1][3] == in_chunk:
+            prev = merged[-1]
+            merged[-1] = (ref, prev[1], prev[2] + [view], prev[3] + len(view))
+        else:
+            merged.append((ref, in_chunk, [view], len(view)))
+    return [(ref, in_chunk, views) for ref, in_chunk, views, _n in merged]
