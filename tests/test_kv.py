@@ -809,7 +809,9 @@ def test_chunkserver_high_watermark_evicts_real_cluster(make_cluster):
     block_file = MID.nbytes + 4096
     with cluster.client() as c:
         c.mkdir("/kvwm/model", parents=True, exist_ok=True)
-        set_policy(c, "/kvwm")  # no quota, no TTL: evicted only under chunkserver pressure
+        # No quota, no TTL: evicted only under chunkserver pressure. One hour-long LRU window, so every
+        # block is in the same window however slowly a loaded machine writes them.
+        set_policy(c, "/kvwm", window=3600)
         c.write_file("/weights.bin", b"w" * (512 << 10))
         s = KVStore("/kvwm/model", MID, client=c)
         hashes = block_hashes(list(range(16 * 200)), 16)
