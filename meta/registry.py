@@ -41,8 +41,10 @@ class Registry:
         self.servers: dict[int, ServerState] = {}
         self.by_node: dict[str, int] = {}
         self.locations: dict[int, set[int]] = {}  # chunk id -> server ids
-        # Chunks that lost a copy to a confirmed bad-chunk report: the replicator brings them back to R.
-        self.degraded: set[int] = set()
+        # Chunks that lost a copy to a confirmed bad-chunk report -> the servers whose copy was bad: the
+        # replicator brings them back to R copies elsewhere (a bad server still has the file until its
+        # delete lands, and would take a write of the same checksums as already done).
+        self.degraded: dict[int, set[int]] = {}
         # Chunks a server reported that no file references: deleted after a grace period, since a
         # client may still be about to commit a chunk it wrote just before meta restarted.
         self.suspects: dict[tuple[int, int], float] = {}
@@ -190,7 +192,7 @@ class Registry:
             return
         holders.discard(server_id)
         state.pending_deletes.add(chunk_id)
-        self.degraded.add(chunk_id)
+        self.degraded.setdefault(chunk_id, set()).add(server_id)
 
     def info(self, drain_states: dict[int, tuple[str, int]] | None = None) -> list[P.ChunkserverInfo]:
         """One row per server; ``drain_states``: server id -> (state, chunks left) of draining servers."""

@@ -72,15 +72,16 @@ class Replicator:
             sources = [sid for sid in holders if sid in live]
             counted = [sid for sid in sources if sid not in draining]
             if not sources or len(counted) >= self.replication:
-                reg.degraded.discard(chunk_id)  # nothing to copy from, or whole again
+                reg.degraded.pop(chunk_id, None)  # nothing to copy from, or whole again
                 continue
             if chunk_id not in reg.degraded and not holders & suspect:
                 continue
             if not self.is_live_chunk(chunk_id):
-                reg.degraded.discard(chunk_id)
+                reg.degraded.pop(chunk_id, None)
                 continue
+            bad = reg.degraded.get(chunk_id, ())
             candidates = [s for sid, s in live.items()
-                          if sid not in holders and sid not in draining and s.capacity - s.used > 0]
+                          if sid not in holders and sid not in draining and sid not in bad and s.capacity - s.used > 0]
             need = self.replication - len(counted)
             if not candidates:
                 continue
