@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 
 from kvfs import protocol as P
@@ -25,15 +26,21 @@ from kvfs.meta.registry import Registry, ServerState
 
 log = logging.getLogger("kvfs.meta")
 
+REFRESH_SECONDS = 2.0  # progress is a scan of every chunk location: at most this often (clients list servers)
+
 DRAINING = "draining"
 DECOMMISSIONED = "decommissioned"
 
 
 class Decommissioner:
-    def __init__(self, registry: Registry, replication: int, is_live_chunk: Callable[[int], bool]):
+    def __init__(self, registry: Registry, replication: int, is_live_chunk: Callable[[int], bool], *,
+                 clock=time.monotonic):
         self.registry = registry
         self.replication = replication
         self.is_live_chunk = is_live_chunk
+        self.clock = clock
+        self._states: dict[int, tuple[str, int]] = {}
+        self._states_at = float("-inf")
 
     def start(self, address: str, cancel: bool = False) -> P.ChunkserverInfo:
         reg = self.registry
@@ -56,6 +63,7 @@ class Decommissioner:
     def _set(self, state: ServerState, drain: str) -> None:
         state.record.drain = drain
         self.registry.save(state)
+        self._states_at = float("-inf")  # the next look recomputes
 
     def chunks_left(self) -> dict[int, int]:
         """Draining server id -> how many of its chunks still lack R copies on live, non-draining servers."""
@@ -73,7 +81,11 @@ class Decommissioner:
         return left
 
     def states(self) -> dict[int, tuple[str, int]]:
-        """Draining server id -> (state, chunks left); persists the moves to and from "decommissioned"."""
+        """Draining server id -> (state, chunks left), at most REFRESH_SECONDS old; persists the moves to
+        and from "decommissioned"."""
+        now = self.clock()
+        if now - self._states_at < REFRESH_SECONDS:
+            return self._states
         reg = self.registry
         out = {}
         for sid, left in self.chunks_left().items():
@@ -89,6 +101,7 @@ class Decommissioner:
                 log.info("chunkserver %s: %s", state.record.address,
                          "decommissioned (safe to stop)" if done else f"draining again ({left} chunks left)")
             out[sid] = (want, left)
+        self._states, self._states_at = out, now
         return out
 
     def info(self) -> list[P.ChunkserverInfo]:
