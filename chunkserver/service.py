@@ -42,8 +42,13 @@ class ChunkService:
             client = self._peers[address] = RpcClient("chunkserver", address, P.CHUNK_METHODS, timeout=self.rpc_timeout)
         return client
 
-    async def write(self, req: P.WriteChunk, data: memoryview | None) -> P.Empty:
+    def check_write(self, req: P.WriteChunk) -> None:
+        """CHUNK_WRITE's token, checked by RpcServer before the chunk's data is received (a refused write
+        costs no transfer and no buffer)."""
         self.tokens.check(req.token, req.chunk_id, P.TOKEN_WRITE)
+
+    async def write(self, req: P.WriteChunk, data: memoryview | None) -> P.Empty:
+        # The token was checked before the data arrived (check_write, a pre-check in serve).
         data = data if data is not None else memoryview(b"")
 
         async def local() -> None:
@@ -77,20 +82,36 @@ class ChunkService:
             return P.Empty()
 
         def load() -> tuple[bytes, list[int]]:
-            loc = self.store.locate(req.chunk_id, 0, 1 << 62)
-            fd = os.dup(loc.fd)
-            try:
-                data = os.pread(fd, loc.data_length, 0)
-            finally:
-                os.close(fd)
-            if block_checksums(data) != loc.checksums:
+            data, sums = self._load_verified(req.chunk_id)
+            if data is None:
                 raise OSError(errno.EIO, f"chunk {req.chunk_id:x}: local copy is corrupt; not replicating it")
-            return data, loc.checksums
+            return data, sums
 
         data, sums = await trio.to_thread.run_sync(load, limiter=self._disk)
         await self._peer(req.targets[0]).call(
             P.CHUNK_WRITE, P.WriteChunk(req.chunk_id, sums, req.targets[1:], token=req.write_token), data)
         return P.Empty()
+
+    def _load_verified(self, chunk_id: int) -> tuple[bytes | None, list[int]]:
+        """The whole chunk and its stored block checksums; data None when they disagree (a disk thread).
+        Error handling: ENOENT when the chunk is not here; other OSErrors from the disk."""
+        loc = self.store.locate(chunk_id, 0, 1 << 62)
+        fd = os.dup(loc.fd)
+        try:
+            data = os.pread(fd, loc.data_length, 0)
+        finally:
+            os.close(fd)
+        return (data if block_checksums(data) == loc.checksums else None), loc.checksums
+
+    async def verify(self, req: P.VerifyChunk, _data) -> P.VerifyChunkReply:
+        """Meta asks before it drops this copy on a client's bad-chunk report (meta/bad_chunks.py)."""
+        try:
+            data, _ = await trio.to_thread.run_sync(self._load_verified, req.chunk_id, limiter=self._disk)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return P.VerifyChunkReply(False, "missing")
+            return P.VerifyChunkReply(False, f"unreadable: {exc.strerror or exc}")
+        return P.VerifyChunkReply(True) if data is not None else P.VerifyChunkReply(False, "checksum mismatch")
 
     async def delete(self, req: P.DeleteChunks, _data) -> P.Empty:
         if len(req.tokens) != len(req.chunk_ids):
@@ -108,8 +129,8 @@ class ChunkService:
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
         server = RpcServer("chunkserver", P.CHUNK_METHODS, {
             P.CHUNK_WRITE: self.write, P.CHUNK_READ: self.read, P.CHUNK_DELETE: self.delete, P.CHUNK_STAT: self.stat,
-            P.CHUNK_REPLICATE: self.replicate,
-        }, limits)
+            P.CHUNK_REPLICATE: self.replicate, P.CHUNK_VERIFY: self.verify,
+        }, limits, prechecks={P.CHUNK_WRITE: self.check_write})
         async with open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
             self.address = advertise or f"{host}:{bound}"

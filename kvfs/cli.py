@@ -210,6 +210,12 @@ def cmd_meta(args) -> None:
 
 
 def cmd_chunkserver(args) -> None:
+    if args.action:
+        from kvfs.decom_cli import cmd_decommission
+
+        return cmd_decommission(args)
+    if not args.data_dir:
+        raise UsageError("kvfs chunkserver needs --data-dir")
     _server_tls(args, "chunkserver")
     metrics.serve_metrics(args.metrics_port)
     trio.run(_until_signal, serve_chunkserver, args)
@@ -325,11 +331,12 @@ def cmd_status(args) -> None:
             print(section)
         raise
     from kvfs.config import format_size
+    from kvfs.decom_cli import server_state
 
     rows = [("ID", "ADDRESS", "STATE", "CHUNKS", "USED", "CAPACITY", "USE%", "DATA DIR")]
     for s in reply.servers:
         pct = f"{100 * s.used / s.capacity:.1f}" if s.capacity else "-"
-        rows.append((str(s.server_id), s.address, "up" if s.alive else "DOWN", str(s.chunks), format_size(s.used),
+        rows.append((str(s.server_id), s.address, server_state(s), str(s.chunks), format_size(s.used),
                      format_size(s.capacity), pct, s.data_dir))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"meta {args.meta}: {reply.files} inodes, {format_size(reply.used_bytes)} of file data, "
@@ -517,11 +524,17 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     remote_allow_flag(sp, "none")
     sp.set_defaults(func=cmd_meta)
 
-    sp = sub.add_parser("chunkserver", help="run a chunkserver")
+    sp = sub.add_parser("chunkserver", help="run a chunkserver; `kvfs chunkserver decommission ADDRESS [--cancel]` "
+                        "drains one (admin)")
+    sp.add_argument("action", nargs="?", choices=["decommission"], help="drain the chunkserver at ADDRESS: no new "
+                    "chunks, its chunks copied to other servers; `kvfs status` says when it is decommissioned")
+    sp.add_argument("address", nargs="?", help="with decommission: the server's address as `kvfs status` lists it")
+    sp.add_argument("--cancel", action="store_true", help="with decommission: put the server back into placement")
+    sp.add_argument("--timeout", type=float, default=10.0, help="with decommission: seconds before meta calls fail")
     sp.add_argument("--meta", default=config.default_meta_address())
     sp.add_argument("--listen", default="0.0.0.0:9500")
     sp.add_argument("--advertise", help="address clients use to reach this server (default: the listen address)")
-    sp.add_argument("--data-dir", required=True)
+    sp.add_argument("--data-dir", help="where chunks are stored (required to run a chunkserver)")
     sp.add_argument("--capacity", default="")
     sp.add_argument("--fsync", choices=["always", "never"], default="always")
     sp.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")

@@ -89,6 +89,10 @@ class ChunkserverInfo(Struct):
     chunks: int
     alive: bool
     last_heartbeat: float
+    # Decommissioning (meta/decommission.py): "live", "dead", "draining" (chunks_left of its chunks still
+    # lack their full replica count elsewhere) or "decommissioned" (safe to stop).
+    state: str = ""
+    chunks_left: int = 0
 
 
 class Empty(Struct):
@@ -351,6 +355,13 @@ class ReportBadChunk(Struct):
     reason: str
 
 
+class Decommission(Struct):
+    """Drain the chunkserver at ``address`` (admin): no new chunks, its chunks copied to other servers."""
+
+    address: str
+    cancel: bool = False  # put it back into placement
+
+
 class ChunkLocations(Struct):
     chunk_ids: list[int]
 
@@ -405,6 +416,7 @@ META_HEARTBEAT = 41
 META_LIST_CHUNKSERVERS = 42
 META_REPORT_BAD_CHUNK = 43
 META_CHUNK_LOCATIONS = 44
+META_DECOMMISSION = 45
 
 META_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
     META_HELLO: (Hello, HelloReply),
@@ -438,6 +450,7 @@ META_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
     META_LIST_CHUNKSERVERS: (Empty, ListChunkserversReply),
     META_REPORT_BAD_CHUNK: (ReportBadChunk, Empty),
     META_CHUNK_LOCATIONS: (ChunkLocations, ChunkLocationsReply),
+    META_DECOMMISSION: (Decommission, ChunkserverInfo),
 }
 
 # --------------------------------------------------------------------------- chunkserver service
@@ -493,6 +506,18 @@ class ReplicateChunk(Struct):
     write_token: bytes = b""  # the write capability passed to the targets
 
 
+class VerifyChunk(Struct):
+    """Re-read a chunk and check it against its stored block checksums (meta, before it acts on a
+    client's bad-chunk report)."""
+
+    chunk_id: int
+
+
+class VerifyChunkReply(Struct):
+    ok: bool  # False: missing, unreadable or a checksum mismatch (``reason`` says which)
+    reason: str = ""
+
+
 class ChunkserverStat(Struct):
     capacity: int
     used: int
@@ -506,6 +531,7 @@ CHUNK_READ = 2
 CHUNK_DELETE = 3
 CHUNK_STAT = 4
 CHUNK_REPLICATE = 5
+CHUNK_VERIFY = 6
 
 CHUNK_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
     CHUNK_WRITE: (WriteChunk, Empty),
@@ -513,6 +539,7 @@ CHUNK_METHODS: dict[int, tuple[type[Struct], type[Struct]]] = {
     CHUNK_DELETE: (DeleteChunks, Empty),
     CHUNK_STAT: (Empty, ChunkserverStat),
     CHUNK_REPLICATE: (ReplicateChunk, Empty),
+    CHUNK_VERIFY: (VerifyChunk, VerifyChunkReply),
 }
 
 # Chunk capability tokens (issue 13, kvfs/captoken.py): meta signs them, chunkservers verify them.
@@ -889,7 +916,7 @@ META_IDEMPOTENT = frozenset({
     META_GET_CHUNKS, META_ALLOC_CHUNK, META_COMMIT, META_PURGE, META_RENEW_LEASES, META_REGISTER,
     META_HEARTBEAT, META_LIST_CHUNKSERVERS, META_REPORT_BAD_CHUNK, META_CHUNK_LOCATIONS, META_KV_EXISTS,
     META_KV_STATUS, META_KV_CHUNKS, META_KV_ALLOC, META_REMOTE_LIST, META_REMOTE_INFO, META_HA_STATUS,
-    META_TENANT_LIST, META_TENANT_SET,
+    META_TENANT_LIST, META_TENANT_SET, META_DECOMMISSION,
 })
 
 
@@ -921,12 +948,14 @@ META_ROLES: dict[int, frozenset[str]] = {
     META_TENANT_ADD: ADMIN_ROLES,  # and not confined to a tenant (meta/tenants.py)
     META_TENANT_SET: ADMIN_ROLES,
     META_TENANT_REMOVE: ADMIN_ROLES,
+    META_DECOMMISSION: ADMIN_ROLES,
 }
 
 CHUNK_ROLES: dict[int, frozenset[str]] = {
     CHUNK_WRITE: CLIENT_ROLES | {ROLE_CHUNKSERVER},  # chunkservers forward along a replication chain
     CHUNK_DELETE: frozenset({ROLE_META}),
     CHUNK_REPLICATE: frozenset({ROLE_META}),
+    CHUNK_VERIFY: frozenset({ROLE_META}),  # reads a whole chunk from disk: meta's bad-chunk checks only
     CHUNK_STAT: ANY_ROLE,
 }
 

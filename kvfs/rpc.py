@@ -53,6 +53,7 @@ class FileRange:
 Bulk = bytes | bytearray | memoryview | FileRange | None
 Stream = Plain | Tls
 Handler = Callable[[Any, memoryview | None], Awaitable[Any]]
+Precheck = Callable[[Any], None]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -187,15 +188,20 @@ class RpcServer:
 
     def __init__(self, name: str, methods: dict[int, tuple[type[P.Struct], type[P.Struct]]],
                  handlers: dict[int, Handler], limits: ServerLimits | None = None, *,
-                 ssl_context: ssl.SSLContext | None | bool = True):
+                 ssl_context: ssl.SSLContext | None | bool = True, prechecks: dict[int, Precheck] | None = None):
         """``ssl_context``: True takes the process's (``kvfs.tls.server_context()``, None when it has no
-        TLS material); None or False serves plaintext."""
+        TLS material); None or False serves plaintext.
+
+        ``prechecks``: method -> ``fn(request)`` run on the decoded request before its bulk data is
+        received (e.g. a chunk write's capability token). Raising ``OSError`` refuses the request with
+        that errno; the data still on the wire is never read, so the connection is then closed."""
         missing = set(methods) - set(handlers)
         if missing:
             raise ValueError(f"{name}: no handler for methods {sorted(missing)}")
         self.name = name
         self.methods = methods
         self.handlers = handlers
+        self.prechecks = prechecks or {}
         self.limits = limits or ServerLimits()
         self.request_limits = P.request_limits(methods)
         self.roles = P.method_roles(methods)
@@ -336,6 +342,19 @@ class RpcServer:
         if not await _timely(_recv_exactly_into(sock, memoryview(payload), stall), deadline):
             log.warning("%s: %s stalled sending a request: closing", self.name, peer)
             return False
+        request: Any = None
+        precheck = self.prechecks.get(frame.method)
+        if precheck is not None and frame.kind == P.KIND_REQUEST:
+            request, refusal = self._precheck(precheck, frame.method, payload)
+            if refusal is not None:
+                # Refused before the bulk data: none of it is received or buffered.
+                await self._reply(sock, frame, refusal[0], P.ErrorReply(refusal[1]), None, time.perf_counter())
+                if frame.data_len:
+                    log.warning("%s: refused a %d-byte request from %s before its data: %s", self.name,
+                                frame.data_len, peer, refusal[1])
+                    sock.shutdown_write()  # the reply, then end of stream: the unread data resets the connection
+                    return False
+                return True
         # Room for the bulk data first (a budget shared by every connection), then the buffer. A server
         # whose budget stays full (slow or stalled senders holding it) refuses rather than queueing.
         reserved = 0
@@ -352,14 +371,31 @@ class RpcServer:
             if data is not None and not await _timely(_recv_exactly_into(sock, data, stall), deadline):
                 log.warning("%s: %s stalled sending %d bytes of data: closing", self.name, peer, frame.data_len)
                 return False
-            await self._dispatch(sock, frame, payload, data)
+            await self._dispatch(sock, frame, payload, data, request)
             return True
         finally:
             if reserved:
                 self.budget.release(reserved)
 
+    def _decode(self, method: int, payload: bytearray) -> tuple[Any, tuple[int, str] | None]:
+        try:
+            return P.decode(self.methods[method][0], payload), None
+        except Exception as exc:  # msgspec.ValidationError / DecodeError
+            return None, (errno.EINVAL, f"{self.name}: malformed request: {exc}")
+
+    def _precheck(self, precheck: Precheck, method: int, payload: bytearray) -> tuple[Any, tuple[int, str] | None]:
+        """(decoded request, None) when ``precheck`` lets it through, else (None, (errno, message))."""
+        request, refusal = self._decode(method, payload)
+        if refusal is None:
+            try:
+                precheck(request)
+            except OSError as exc:
+                refusal = errno_of(exc), exc.strerror or str(exc)
+        return request, refusal
+
     async def _dispatch(self, sock: Stream, frame: P.FrameHeader, payload: bytearray,
-                        data: memoryview | None) -> None:
+                        data: memoryview | None, request: Any = None) -> None:
+        """Run the handler (``request``: already decoded by a pre-check) and send its reply."""
         method = frame.method
         types = self.methods.get(method)
         bulk: Bulk = None
@@ -367,10 +403,11 @@ class RpcServer:
         if frame.kind != P.KIND_REQUEST or types is None:
             status, reply = errno.ENOSYS, P.ErrorReply(f"{self.name}: unknown method {method}")
         else:
-            try:
-                request = P.decode(types[0], payload)
-            except Exception as exc:  # msgspec.ValidationError / DecodeError
-                status, reply = errno.EINVAL, P.ErrorReply(f"{self.name}: malformed request: {exc}")
+            refusal = None
+            if request is None:
+                request, refusal = self._decode(method, payload)
+            if refusal is not None:
+                status, reply = refusal[0], P.ErrorReply(refusal[1])
             else:
                 try:
                     result = await self.handlers[method](request, data)
@@ -384,15 +421,19 @@ class RpcServer:
                 except Exception as exc:
                     log.exception("%s: method %d failed", self.name, method)
                     status, reply = errno.EIO, P.ErrorReply(f"{self.name}: internal error: {exc!r}")
-        name = metrics.method_name(self.name, method)
-        metrics.RPC_REQUESTS.labels(self.name, name, metrics.status_name(status)).inc()
-        metrics.RPC_SECONDS.labels(self.name, name).observe(time.perf_counter() - started)
         if data is not None:
             metrics.RPC_BYTES.labels(self.name, "in").inc(len(data))
+        await self._reply(sock, frame, status, reply, bulk, started)
+
+    async def _reply(self, sock: Stream, frame: P.FrameHeader, status: int, reply: P.Struct, bulk: Bulk,
+                     started: float) -> None:
+        name = metrics.method_name(self.name, frame.method)
+        metrics.RPC_REQUESTS.labels(self.name, name, metrics.status_name(status)).inc()
+        metrics.RPC_SECONDS.labels(self.name, name).observe(time.perf_counter() - started)
         if isinstance(bulk, FileRange):
             metrics.RPC_BYTES.labels(self.name, "out").inc(bulk.length)
         try:
-            await _send_frame(sock, P.KIND_REPLY, method, status, frame.request_id, reply, bulk)
+            await _send_frame(sock, P.KIND_REPLY, frame.method, status, frame.request_id, reply, bulk)
         finally:
             if isinstance(bulk, FileRange) and bulk.owned:
                 os.close(bulk.fd)
@@ -506,11 +547,24 @@ class RpcClient:
         limit = self.timeout if timeout is None else timeout
         async with self._limit:
             conn: _Connection | None = None
+            refused_early: OSError | None = None
             try:
                 with trio.fail_after(limit):
                     conn = await self._get()
-                    await _send_frame(conn.sock, P.KIND_REQUEST, method, 0, request_id, request, data)
-                    await _recv_exactly_into(conn.sock, memoryview(conn.header))
+                    try:
+                        await _send_frame(conn.sock, P.KIND_REQUEST, method, 0, request_id, request, data)
+                    except OSError as exc:
+                        if data is None:
+                            raise
+                        # A server may refuse a request before its bulk data (RpcServer prechecks), answer
+                        # and close: its reply is then waiting, and says why better than the broken pipe.
+                        refused_early = exc
+                    try:
+                        await _recv_exactly_into(conn.sock, memoryview(conn.header))
+                    except OSError:
+                        if refused_early is not None:
+                            raise refused_early from None
+                        raise
                     frame = P.unpack_header(conn.header)
                     payload = await _recv_exactly(conn.sock, frame.payload_len)
                     bulk: memoryview | None = None
@@ -542,7 +596,10 @@ class RpcClient:
                 if conn is not None:
                     conn.sock.close()
                 raise
-            self._idle.append(conn)
+            if refused_early is None:
+                self._idle.append(conn)
+            else:
+                conn.sock.close()
         if frame.status:
             err = P.decode(P.ErrorReply, payload)
             if frame.status == P.NOT_LEADER:

@@ -50,6 +50,18 @@ async def linger(sock: trio.socket.SocketType | ssl.SSLSocket) -> None:
         pass
 
 
+def _shutdown_write(sock: trio.socket.SocketType | ssl.SSLSocket) -> None:
+    """End our side of the stream (what was sent still arrives); a gone peer is no error."""
+    try:
+        os_sock = socket.socket(fileno=sock.fileno())
+        try:
+            os_sock.shutdown(socket.SHUT_WR)
+        finally:
+            os_sock.detach()
+    except OSError:
+        pass
+
+
 def _looks_closed(fd: int) -> bool:
     # An idle connection has nothing to read: readable means EOF/reset (or garbage).
     poller = select.poll()
@@ -103,6 +115,9 @@ class Plain:
 
     def looks_closed(self) -> bool:
         return _looks_closed(self.sock.fileno())
+
+    def shutdown_write(self) -> None:
+        _shutdown_write(self.sock)
 
 
 class Tls:
@@ -162,6 +177,10 @@ class Tls:
 
     def looks_closed(self) -> bool:
         return self.ssock.pending() > 0 or _looks_closed(self.ssock.fileno())
+
+    def shutdown_write(self) -> None:
+        # The TCP half-close only: SSLSocket.shutdown would also drop the TLS state.
+        _shutdown_write(self.ssock)
 
     def close(self) -> None:
         if self.ssock.fileno() >= 0:

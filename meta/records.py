@@ -58,6 +58,7 @@ class ServerRecord(msgspec.Struct, array_like=True):
     address: str
     data_dir: str
     host_id: str
+    drain: str = ""  # "" | "draining" | "decommissioned" (meta/decommission.py)
 
 
 class TenantRecord(msgspec.Struct, array_like=True):

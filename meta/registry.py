@@ -41,6 +41,10 @@ class Registry:
         self.servers: dict[int, ServerState] = {}
         self.by_node: dict[str, int] = {}
         self.locations: dict[int, set[int]] = {}  # chunk id -> server ids
+        # Chunks that lost a copy to a confirmed bad-chunk report -> the servers whose copy was bad: the
+        # replicator brings them back to R copies elsewhere (a bad server still has the file until its
+        # delete lands, and would take a write of the same checksums as already done).
+        self.degraded: dict[int, set[int]] = {}
         # Chunks a server reported that no file references: deleted after a grace period, since a
         # client may still be about to commit a chunk it wrote just before meta restarted.
         self.suspects: dict[tuple[int, int], float] = {}
@@ -55,13 +59,24 @@ class Registry:
     def is_alive(self, state: ServerState) -> bool:
         return state.registered and self.clock() - state.last_heartbeat < self.heartbeat_timeout
 
+    @staticmethod
+    def is_draining(state: ServerState) -> bool:
+        """Being (or done being) decommissioned: serves reads, gets no new chunks, its copies don't count."""
+        return bool(state.record.drain)
+
+    def save(self, state: ServerState) -> None:
+        """Persist a server's record (identity and drain state)."""
+        node_id = next(n for n, sid in self.by_node.items() if sid == state.record.server_id)
+        self.engine.write([(R.server_key(node_id), R.encode(state.record))])
+
     def register(self, req: P.RegisterChunkserver, is_live_chunk) -> P.RegisterReply:
         server_id = self.by_node.get(req.node_id)
         if server_id is None:
             server_id = self.counters.next_server_id
             self.counters.next_server_id += 1
             self.by_node[req.node_id] = server_id
-        record = R.ServerRecord(server_id, req.address, req.data_dir, req.host_id)
+        old = self.servers.get(server_id)
+        record = R.ServerRecord(server_id, req.address, req.data_dir, req.host_id, old.record.drain if old else "")
         # Persist only the server id counter. The stored inode/chunk counters are the namespace's
         # reserved limits, ahead of the in-memory ones: writing those back would let a restarted
         # meta hand out inode and chunk ids again (overwriting files and chunks).
@@ -117,7 +132,7 @@ class Registry:
 
     def place(self, replication: int, size_hint: int) -> list[ServerState]:
         """Pick ``replication`` distinct live servers, weighted towards free space."""
-        alive = self.live_servers()
+        alive = [s for s in self.live_servers() if not self.is_draining(s)]
         if not alive:
             # Not a full disk: none is reachable (or none has re-registered since meta restarted).
             # EIO, which writers retry, not ENOSPC, which tells a user to delete data.
@@ -151,7 +166,7 @@ class Registry:
         """Addresses of live servers holding ``chunk_id``, most free space first."""
         holders = [self.servers[sid] for sid in self.locations.get(chunk_id, ()) if sid in self.servers]
         live = [s for s in holders if self.is_alive(s)]
-        live.sort(key=lambda s: s.used - s.capacity)
+        live.sort(key=lambda s: (self.is_draining(s), s.used - s.capacity))  # draining servers: a last resort
         return [s.record.address for s in live]
 
     def drop_chunk(self, chunk_id: int) -> None:
@@ -161,22 +176,36 @@ class Registry:
             if state is not None:
                 state.pending_deletes.add(chunk_id)
 
-    def report_bad(self, chunk_id: int, address: str) -> None:
-        for sid in list(self.locations.get(chunk_id, ())):
+    def holder_at(self, chunk_id: int, address: str) -> int | None:
+        """The id of the server at ``address`` if meta believes it holds ``chunk_id``."""
+        for sid in self.locations.get(chunk_id, ()):
             state = self.servers.get(sid)
             if state is not None and state.record.address == address:
-                self.locations[chunk_id].discard(sid)
-                state.pending_deletes.add(chunk_id)
+                return sid
+        return None
 
-    def info(self) -> list[P.ChunkserverInfo]:
+    def drop_replica(self, chunk_id: int, server_id: int) -> None:
+        """That copy is bad (its server confirmed it): forget it, delete it, and copy the chunk again."""
+        holders = self.locations.get(chunk_id)
+        state = self.servers.get(server_id)
+        if holders is None or server_id not in holders or state is None:
+            return
+        holders.discard(server_id)
+        state.pending_deletes.add(chunk_id)
+        self.degraded.setdefault(chunk_id, set()).add(server_id)
+
+    def info(self, drain_states: dict[int, tuple[str, int]] | None = None) -> list[P.ChunkserverInfo]:
+        """One row per server; ``drain_states``: server id -> (state, chunks left) of draining servers."""
         now = time.time()
         mono = self.clock()
         out = []
         for sid, s in sorted(self.servers.items()):
             age = mono - s.last_heartbeat if s.registered else float("inf")
+            alive = self.is_alive(s)
+            state, left = (drain_states or {}).get(sid, ("live" if alive else "dead", 0))
             out.append(P.ChunkserverInfo(sid, s.record.address, s.record.data_dir, s.record.host_id,
-                                         s.capacity, s.used, s.chunks, self.is_alive(s),
-                                         now - age if age != float("inf") else 0.0))
+                                         s.capacity, s.used, s.chunks, alive,
+                                         now - age if age != float("inf") else 0.0, state, left))
         return out
 
 

@@ -10,7 +10,9 @@ import trio
 from kvfs import identity
 from kvfs import protocol as P
 from kvfs.kv.policy import POLICY_XATTRS
+from kvfs.meta.bad_chunks import BadChunkChecks
 from kvfs.meta.chunk_keys import DEFAULT_ROTATE_SECONDS, DEFAULT_TOKEN_SECONDS, Capabilities, KeyRing
+from kvfs.meta.decommission import Decommissioner
 from kvfs.meta.durability import GroupCommit
 from kvfs.meta.eviction import KVCache
 from kvfs.meta.namespace import Namespace
@@ -39,6 +41,8 @@ class MetaService:
         self.capabilities = Capabilities(self.keys)
         self.replicator = Replicator(ns.registry, ns.replication, ns.is_live_chunk, self.keys.issue,
                                      delay=rereplicate_delay)
+        self.decommissioner = Decommissioner(ns.registry, ns.replication, ns.is_live_chunk)
+        self.bad_chunks = BadChunkChecks(ns.registry, self.replicator.client)
         self.kv = KVCache(ns)
         self.commits = GroupCommit(ns.engine)
 
@@ -72,12 +76,12 @@ class MetaService:
             return E
 
         async def report_bad(r, _):
-            log.warning("chunk %d on %s reported bad: %s", r.chunk_id, r.address, r.reason)
-            ns.registry.report_bad(r.chunk_id, r.address)
+            self.bad_chunks.report(r, identity.peer().describe())  # verified with the server before acting
             return E
 
         async def list_servers(r, _):
-            return P.ListChunkserversReply(ns.registry.info(), ns.chunk_size, ns.replication, ns.files, ns.used_bytes)
+            return P.ListChunkserversReply(self.decommissioner.info(), ns.chunk_size, ns.replication, ns.files,
+                                           ns.used_bytes)
 
         return {
             P.META_HELLO: hello,
@@ -111,6 +115,7 @@ class MetaService:
             P.META_HEARTBEAT: lambda r, _: _now(ns.registry.heartbeat(r, ns.is_live_chunk)),
             P.META_LIST_CHUNKSERVERS: list_servers,
             P.META_REPORT_BAD_CHUNK: report_bad,
+            P.META_DECOMMISSION: lambda r, _: _now(self.decommissioner.start(r.address, r.cancel)),
             P.META_CHUNK_LOCATIONS: lambda r, _: _now(
                 P.ChunkLocationsReply([ns.registry.replicas_of(c) for c in r.chunk_ids])),
             P.META_KV_EXISTS: lambda r, _: _now(self.kv.exists_under(r.base, r.names, r.leading_only)),
@@ -143,6 +148,7 @@ class MetaService:
             nursery.start_soon(self.commits.run)
             nursery.start_soon(self._housekeeping)
             nursery.start_soon(self.replicator.loop)
+            nursery.start_soon(self.bad_chunks.run)
             nursery.start_soon(tier.run, meta_address)
 
     async def serve(self, host: str, port: int, *, limits: ServerLimits | None = None,

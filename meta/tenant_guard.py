@@ -87,10 +87,6 @@ class TenantGuard:
                                       "on this cluster (kvfs tenant add)")
             if not allowed:
                 raise PermissionError(errno.EACCES, f"method {method} is not open to tenants ({caller.describe()})")
-            if method == P.META_REPORT_BAD_CHUNK:
-                # Would drop a replica of any chunk, another tenant's too: logged, not acted on.
-                log.warning("ignored a bad-chunk report for chunk %d from %s", r.chunk_id, caller.describe())
-                return P.Empty()
             token = scope.set(rec)
             try:
                 self._check_inodes(rec, r)

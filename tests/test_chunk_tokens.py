@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import socket
 import time
 
 import pytest
@@ -114,6 +115,41 @@ def test_refusals_are_eacces(cluster, two_files):
         call("chunkserver", where, P.CHUNK_DELETE, P.DeleteChunks([cid]))
     # Nothing of the above touched the chunk.
     assert read_raw(where, cid, ref.token) == a
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        got = sock.recv(n - len(buf))
+        assert got, "connection closed before the reply"
+        buf += got
+    return buf
+
+
+def test_refused_write_is_answered_before_its_data(two_files):
+    """A CHUNK_WRITE's token is checked before its data is received (RpcServer pre-check): a bad token
+    declaring 64 MiB is refused while not one byte of the data was sent, then the connection is closed."""
+    (a, ref), _ = two_files
+    address = ref.replicas[0]
+    host, port = address.rsplit(":", 1)
+    size = 64 << 20
+    bad = captoken.sign(4242, secrets.token_bytes(32), ref.chunk_id + 1, P.TOKEN_WRITE, int(time.time()) + 600)
+    payload = P.encode(P.WriteChunk(ref.chunk_id + 1, [0] * (size // P.CHECKSUM_BLOCK), [], True, bad))
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(P.pack_header(P.KIND_REQUEST, P.CHUNK_WRITE, 0, 7, len(payload), size) + payload)
+        frame = P.unpack_header(_recv_exactly(sock, P.HEADER_SIZE))  # a socket timeout here: it waited for data
+        message = P.decode(P.ErrorReply, _recv_exactly(sock, frame.payload_len)).message
+        assert (frame.status, frame.request_id) == (errno.EACCES, 7)
+        assert "unknown key 4242" in message
+        try:
+            assert sock.recv(1) == b""  # closed: the unsent data can't be mistaken for a next frame
+        except ConnectionResetError:
+            pass
+    # A client that sends the whole 64 MiB anyway gets the refusal too (not a broken pipe), and the
+    # server keeps serving.
+    with pytest.raises(PermissionError, match="unknown key 4242"):
+        write_raw(address, ref.chunk_id + 1, os.urandom(size), bad)
+    assert read_raw(address, ref.chunk_id, ref.token) == a
 
 
 def test_committed_chunk_is_never_overwritten(cluster):

@@ -176,6 +176,22 @@ def test_raw_rpcs_naming_another_tenants_inodes_fail(tc, a_files):
     assert raw(tc, "b", P.META_TENANT_LIST, P.Empty()).tenants[0].name == "b"  # its own row only
 
 
+def test_a_tenants_false_bad_chunk_report_drops_nothing(tc, a_files):
+    """Reports are honoured from tenants too, but only once the chunkserver confirms the copy is bad
+    (meta/bad_chunks.py): tenant b naming tenant a's only replica changes nothing."""
+    from cluster import wait_for
+
+    with tc.client(tls_dir=tc.tls_dirs["admin"]) as admin:
+        ref = admin.chunk_map(a_files["file"]).chunks[0]
+    assert raw(tc, "b", P.META_REPORT_BAD_CHUNK, P.ReportBadChunk(ref.chunk_id, ref.replicas[0], "lies")) == P.Empty()
+    wait_for(lambda: f"chunk {ref.chunk_id:x} on {ref.replicas[0]} checked out fine" in tc.meta.log(), 20,
+             "meta to verify the reported copy")
+    assert "app-b (client, tenant b): lies" in tc.meta.log()
+    with as_tenant(tc, "a") as a:
+        assert a.read_file("/docs/secret.txt") == PAYLOAD
+        assert a.chunk_map(a.stat("/docs/secret.txt").ino).chunks[0].replicas == ref.replicas
+
+
 def test_unknown_tenant_is_refused(tc):
     for method, request in ((P.META_HELLO, P.Hello(P.PROTOCOL_VERSION)), (P.META_GETATTR, P.GetAttr(ROOT_INO)),
                             (P.META_RESOLVE, P.ResolvePath("/")), (P.META_LIST_CHUNKSERVERS, P.Empty())):

@@ -168,6 +168,31 @@ def test_roles_client_may_not_register_attach_evict_or_set_policies(secure, tmp_
         assert all(s.address != "10.9.9.9:1" for s in c.refresh_servers().servers)
 
 
+def test_only_admins_decommission_and_verify_and_refused_writes_answer_over_tls(secure):
+    client_ctx, admin_ctx = tls.load(secure.tls_dirs["client"]).client, tls.load(secure.tls_dirs["admin"]).client
+    address = cs_address(secure)
+    with pytest.raises(PermissionError, match="decommission needs role admin"):
+        call(secure.meta_address, "meta", P.META_DECOMMISSION, P.Decommission(address), client_ctx)
+    decom = ["chunkserver", "decommission", address, "--meta", secure.meta_address]
+    out = cli("--tls-dir", secure.tls_dirs["client"], *decom)
+    assert out.returncode == 1 and "needs role admin" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    # An admin passes the role check; draining one of 3 servers for replication 3 is refused (ENOSPC).
+    with pytest.raises(OSError, match="would leave 2 live chunkservers for replication 3") as refused:
+        call(secure.meta_address, "meta", P.META_DECOMMISSION, P.Decommission(address), admin_ctx)
+    assert refused.value.errno == errno.ENOSPC
+    out = cli("--tls-dir", secure.tls_dirs["admin"], *decom)
+    assert out.returncode == 1 and "replication 3" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    with secure.client() as c:
+        assert all(s.state == "live" for s in c.refresh_servers().servers)
+    # Verifying a chunk (a whole-chunk read) is meta's.
+    with pytest.raises(PermissionError, match="needs role meta"):
+        call(address, "chunkserver", P.CHUNK_VERIFY, P.VerifyChunk(1), admin_ctx)
+    # A write refused by its token before the data arrived still reaches a TLS client as EACCES.
+    data = os.urandom(8 * MiB)
+    with pytest.raises(PermissionError, match="needs a capability token"):
+        call(address, "chunkserver", P.CHUNK_WRITE, P.WriteChunk(1 << 60, [0] * 128, []), client_ctx, data)
+
+
 def test_servers_refuse_to_start_without_tls_or_insecure(tmp_path):
     env = {tls.ENV: ""}
     for args in (["meta", "--data-dir", str(tmp_path / "m"), "--listen", f"127.0.0.1:{free_port()}"],
