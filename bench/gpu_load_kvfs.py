@@ -16,6 +16,9 @@ warm (every source read once before timing):
 * ``kvfs-mount``: the same loader on the model's path in a ``kvfs mount`` of the cluster (FUSE; needs
   pyfuse3, see docs/benchmarks.md for building it on a host without libfuse headers).
 
+``local`` and ``kvfs-mount`` use the loader's pinned pipeline; ``local-kvikio`` and ``kvfs-mount-kvikio``
+read with kvikio ``CuFile`` (compat mode through FUSE: POSIX reads by kvikio's threads).
+
 Each load is bit-exact-checked (xxh3 of every tensor's bytes against the local load) outside the timing.
 Reported: GB/s (best of the reps), the ratio to ``local``, and CPU-seconds per GB of this process plus
 the kvfs processes. ``--device cpu`` runs the same on the CPU (a dry run on a machine without a GPU).
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_load import generate
 
     import kvfs
-    from kvfs.models import load_safetensors
+    from kvfs.models import LoadOptions, load_safetensors
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,14 +118,15 @@ def main(argv: list[str] | None = None) -> int:
 
         sources = [s for s in args.sources.split(",") if s]
         mountpoint = str(model.parent / "kvfs-mnt")
-        if "kvfs-mount" in sources:
+        if any(s.startswith("kvfs-mount") for s in sources):
             cluster.mount(mountpoint)
 
         def load(source: str):
-            if source == "local":
-                return load_safetensors(str(model), device=args.device)
-            if source == "kvfs-mount":
-                return load_safetensors(os.path.join(mountpoint, "m"), device=args.device)
+            opts = LoadOptions(use_kvikio=source.endswith("-kvikio"))
+            if source.startswith("local"):
+                return load_safetensors(str(model), device=args.device, options=opts)
+            if source.startswith("kvfs-mount"):
+                return load_safetensors(os.path.join(mountpoint, "m"), device=args.device, options=opts)
             return load_safetensors("/m", device=args.device, client=clients[source])
 
         ref = digest(load("local"))
