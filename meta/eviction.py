@@ -41,12 +41,11 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+from kvfs import protocol as P
+from kvfs.kv.policy import EVICTIONS_XATTR, POLICY_XATTRS, STATS_PREFIXES, Policy
 from kvfs.meta import records as R
 from kvfs.meta.namespace import ROOT_INO, Namespace
 from kvfs.meta.tenants import scope_root
-
-from kvfs import protocol as P
-from kvfs.kv.policy import EVICTIONS_XATTR, POLICY_XATTRS, STATS_PREFIXES, Policy
 
 log = logging.getLogger("kvfs.meta.eviction")
 

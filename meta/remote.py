@@ -33,7 +33,8 @@ from kvfs import protocol as P
 from kvfs.errors import error
 from kvfs.meta import records as R
 from kvfs.meta.engine import Batch
-from kvfs.meta.namespace import ROOT_INO, Namespace, check_name, now_ns
+from kvfs.meta.names import check_name, now_ns
+from kvfs.meta.namespace import ROOT_INO, Namespace
 from kvfs.meta.remote_fills import RemoteFills
 from kvfs.meta.remote_records import (
     CLEAN,
