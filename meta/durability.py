@@ -6,7 +6,8 @@ task syncs the engine's log in a worker thread, and every reply whose changes th
 released together. Under many concurrent clients one fsync acknowledges many operations. A reply with
 no other request in flight syncs on the trio thread itself: the handoff to a worker thread and back
 costs more than the fsync, and nobody is waiting to be served meanwhile (not for an engine whose
-sync is a network round trip that can hang for seconds: ``inline_sync = False``, the etcd engine).
+sync is a network round trip that can hang for seconds: ``inline_sync = False``, the etcd engine). An
+engine with ``sync_async`` (etcd) is synced by awaiting it on the event loop: no thread hand-off.
 
 If the sync fails, nothing waiting is acknowledged: the waiters get EIO, and so does every later
 change (the log's state on disk is unknown after a failed fsync), until meta is restarted.
@@ -66,8 +67,12 @@ class GroupCommit:
 
     async def _sync_async(self) -> None:
         upto = self.engine.writes
+        sync_async = getattr(self.engine, "sync_async", None)
         try:
-            await trio.to_thread.run_sync(self.engine.sync)
+            if sync_async is not None:
+                await sync_async()  # a network round trip the event loop waits for without a thread
+            else:
+                await trio.to_thread.run_sync(self.engine.sync)
         except OSError as exc:
             self._fail(exc)
         else:

@@ -51,6 +51,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from sortedcontainers import SortedDict
@@ -111,6 +112,36 @@ def parse_url(url: str) -> tuple[list[str], bytes]:
     return endpoints, prefix
 
 
+def parse_reply(endpoint: str, status: int, data: bytes) -> dict:
+    """The gateway's JSON reply. Error handling: EtcdError (etcd said no), OSError(EIO) (not JSON)."""
+    try:
+        reply = json.loads(data) if data else {}
+    except ValueError:
+        raise OSError(errno.EIO, f"etcd {endpoint}: bad reply (HTTP {status})") from None
+    if status != 200 or "error" in reply:
+        raise EtcdError(endpoint, status, reply)
+    return reply
+
+
+def retry_slices(n: int, total: float) -> Iterator[tuple[int, float | None]]:
+    """The tries of one call over ``n`` endpoints within ``total`` seconds: (try number, its time), and
+    (try number, None) after each round, where the caller pauses 50 ms. Each try gets a slice of the time
+    (a raft leader election takes a second or two: a member without a leader holds requests), then the
+    next member is asked, round after round."""
+    deadline = time.monotonic() + total
+    per_try = max(0.5, total / 4)
+    i = 0
+    while (left := deadline - time.monotonic()) > 0:
+        yield i, min(left, per_try)
+        i += 1
+        if i % n == 0:
+            yield i, None
+
+
+def unavailable(total: float, errors: dict[str, str]) -> OSError:
+    return OSError(errno.EIO, f"etcd unavailable for {total:g}s ({'; '.join(errors.values()) or 'timed out'})")
+
+
 class EtcdClient:
     """Blocking JSON-gateway client over keep-alive HTTP connections, one per endpoint (not thread-safe:
     each thread that talks to etcd uses its own client)."""
@@ -149,35 +180,25 @@ class EtcdClient:
             self._drop(endpoint)
             raise OSError(errno.EIO, f"etcd {endpoint}: {exc or type(exc).__name__}") from None
         try:
-            reply = json.loads(data) if data else {}
-        except ValueError:
+            return parse_reply(endpoint, resp.status, data)
+        except OSError:
             self._drop(endpoint)
-            raise OSError(errno.EIO, f"etcd {endpoint}: bad reply (HTTP {resp.status})") from None
-        if resp.status != 200 or "error" in reply:
-            raise EtcdError(endpoint, resp.status, reply)
-        return reply
+            raise
 
     def call(self, path: str, body: dict, *, timeout: float | None = None) -> dict:
-        """``call_one`` on the endpoints in turn until one answers, for about ``timeout`` in all.
-
-        Each try gets a slice of the time (a raft leader election takes a second or two: a member
-        without a leader holds requests), then the next member is asked, round after round.
-        Only use it for requests that are safe to repeat (reads, and meta's writes: see ``write``).
+        """``call_one`` on the endpoints in turn until one answers, for about ``timeout`` in all
+        (``retry_slices``). Only use it for requests that are safe to repeat (reads, and meta's writes: see ``write``).
         Error handling: OSError(EIO) naming the endpoints when none answered in time; OSError(EIO)
         with etcd's message when etcd refused the request for good."""
         total = timeout or self.timeout
-        deadline = time.monotonic() + total
-        per_try = max(0.5, total / 4)
         errors: dict[str, str] = {}
-        n = len(self.endpoints)
-        i = 0
-        while True:
-            endpoint = self.endpoints[(self._current + i) % n]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        for i, per_try in retry_slices(len(self.endpoints), total):
+            if per_try is None:
+                time.sleep(0.05)
+                continue
+            endpoint = self.endpoints[(self._current + i) % len(self.endpoints)]
             try:
-                reply = self.call_one(endpoint, path, body, min(left, per_try))
+                reply = self.call_one(endpoint, path, body, per_try)
             except EtcdError as exc:
                 if not exc.transient:
                     raise OSError(errno.EIO, str(exc)) from None
@@ -185,12 +206,9 @@ class EtcdClient:
             except OSError as exc:
                 errors[endpoint] = exc.strerror or str(exc)
             else:
-                self._current = (self._current + i) % n
+                self._current = (self._current + i) % len(self.endpoints)
                 return reply
-            i += 1
-            if i % n == 0:
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        raise OSError(errno.EIO, f"etcd unavailable for {total:g}s ({'; '.join(errors.values()) or 'timed out'})")
+        raise unavailable(total, errors)
 
     # -- small typed helpers over the gateway
 
@@ -250,6 +268,7 @@ class EtcdEngine:
         self.writes = 0
         self.broken: str | None = None  # why the engine stopped trusting its copy (it then refuses everything)
         self._fence: dict | None = None
+        self._aclient: Any = None  # sync_async's AsyncEtcdClient, made on first use (in the event loop)
         self._cache: SortedDict | None = None
         if cache:
             self._cache = SortedDict()
@@ -340,8 +359,10 @@ class EtcdEngine:
                           f"transaction may be (kvfs needs etcd started with {' '.join(ETCD_FLAGS)})")
         return ops, size
 
-    def _send(self, ops: dict[bytes, bytes | None]) -> None:
-        """One fenced transaction. Error handling: see ``write``."""
+    def _txn(self, ops: dict[bytes, bytes | None]) -> dict:
+        """The fenced transaction of ``ops``. Safe to send again to another member after an unknown
+        outcome: only this leader writes (the fence), one transaction at a time, and puts and deletes
+        applied twice leave the same keys."""
         success = [
             {"request_delete_range": {"key": _b64(self.prefix + k)}} if v is None
             else {"request_put": {"key": _b64(self.prefix + k), "value": _b64(v)}}
@@ -350,18 +371,26 @@ class EtcdEngine:
         body: dict = {"success": success}
         if self._fence is not None:
             body["compare"] = [self._fence]
-        try:
-            # Safe to send again to another member after an unknown outcome: only this leader writes
-            # (the fence), one transaction at a time, and puts and deletes applied twice leave the same keys.
-            reply = self.client.call("/v3/kv/txn", body)
-        except OSError as exc:
-            if "too many operations" in str(exc) or "request is too large" in str(exc):
-                raise OSError(errno.EIO, f"{exc} (kvfs needs etcd started with {' '.join(ETCD_FLAGS)})") from None
-            self.broken = f"a write's outcome is unknown ({exc.strerror or exc})"
-            raise OSError(errno.EIO, f"metadata write failed: {exc.strerror or exc}") from None
+        return body
+
+    def _failed(self, exc: OSError) -> OSError:
+        if "too many operations" in str(exc) or "request is too large" in str(exc):
+            return OSError(errno.EIO, f"{exc} (kvfs needs etcd started with {' '.join(ETCD_FLAGS)})")
+        self.broken = f"a write's outcome is unknown ({exc.strerror or exc})"
+        return OSError(errno.EIO, f"metadata write failed: {exc.strerror or exc}")
+
+    def _answered(self, reply: dict) -> None:
         if self._fence is not None and not reply.get("succeeded"):
             self.broken = "this meta is no longer the leader"
             raise Fenced(errno.EIO, "metadata write refused: this meta is no longer the leader")
+
+    def _send(self, ops: dict[bytes, bytes | None]) -> None:
+        """One fenced transaction. Error handling: see ``write``."""
+        try:
+            reply = self.client.call("/v3/kv/txn", self._txn(ops))
+        except OSError as exc:
+            raise self._failed(exc) from None
+        self._answered(reply)
 
     def write(self, batch: Batch) -> None:
         """Apply the batch atomically: at once as one etcd transaction conditional on the fence, or
@@ -389,26 +418,51 @@ class EtcdEngine:
     def unsynced(self) -> bool:
         return bool(self._queue)
 
+    def _take_queue(self) -> Iterator[dict[bytes, bytes | None]]:
+        """Everything queued, in order, whole batches merged into as few transactions as the limits allow."""
+        with self._queue_lock:
+            queue, self._queue = self._queue, []
+        if self.broken:
+            raise OSError(errno.EIO, f"metadata engine stopped: {self.broken}")
+        merged: dict[bytes, bytes | None] = {}
+        size = 0
+        for ops, ops_size in queue:
+            if merged and (len(merged) + len(ops) > self.max_txn_ops or size + ops_size > self.max_request_bytes):
+                yield merged
+                merged, size = {}, 0
+            merged.update(ops)
+            size += ops_size
+        if merged:
+            yield merged
+
     def sync(self) -> None:
-        """``pipelined``: send every queued batch, in order, whole batches merged into as few fenced
-        transactions as the limits allow (group commit over etcd: concurrent clients share a raft round).
-        Otherwise nothing to do: etcd replied to each write after a quorum fsynced it.
-        Error handling: EIO (the engine is then broken)."""
+        """``pipelined``: send every queued batch (``_take_queue``) as fenced transactions (group commit
+        over etcd: concurrent clients share a raft round). Otherwise nothing to do: etcd replied to each
+        write after a quorum fsynced it. Never at the same time as ``sync_async``: the leader calls this
+        one only before it serves and after it stopped. Error handling: EIO (the engine is then broken)."""
         with self._sync_lock:
-            with self._queue_lock:
-                queue, self._queue = self._queue, []
-            if self.broken:
-                raise OSError(errno.EIO, f"metadata engine stopped: {self.broken}")
-            merged: dict[bytes, bytes | None] = {}
-            size = 0
-            for ops, ops_size in queue:
-                if merged and (len(merged) + len(ops) > self.max_txn_ops or size + ops_size > self.max_request_bytes):
-                    self._send(merged)
-                    merged, size = {}, 0
-                merged.update(ops)
-                size += ops_size
-            if merged:
-                self._send(merged)
+            for ops in self._take_queue():
+                self._send(ops)
+
+    async def sync_async(self) -> None:
+        """``sync`` on the trio event loop (meta/etcd_async.py: no worker thread), for group commit.
+        Cancelled while a transaction is out, its outcome is unknown: the engine is then broken.
+        Error handling: as ``sync``."""
+        if self._aclient is None:
+            from kvfs.meta.etcd_async import AsyncEtcdClient  # it imports this module
+
+            self._aclient = AsyncEtcdClient(self.client.endpoints, timeout=self.client.timeout)
+        for ops in self._take_queue():
+            done = False
+            try:
+                reply = await self._aclient.call("/v3/kv/txn", self._txn(ops))
+                done = True
+            except OSError as exc:
+                raise self._failed(exc) from None
+            finally:
+                if not done and not self.broken:
+                    self.broken = "a write's outcome is unknown (cancelled)"
+            self._answered(reply)
 
     def close(self) -> None:
         """Send what is queued (``pipelined``) and close the connections. Error handling: EIO."""
@@ -416,4 +470,15 @@ class EtcdEngine:
             if self.durable and not self.broken:
                 self.sync()
         finally:
+            self.client.close()
+
+    async def aclose(self) -> None:
+        """``close`` on the event loop, for an engine that used ``sync_async`` (its connections live
+        in that trio run). Error handling: EIO."""
+        try:
+            if self.durable and not self.broken:
+                await self.sync_async()
+        finally:
+            if self._aclient is not None:
+                await self._aclient.aclose()
             self.client.close()

@@ -321,7 +321,7 @@ class HaMeta:
     async def _close(self, engine: EtcdEngine) -> None:
         """Close the engine (sending what is queued, fenced: refused if we no longer lead)."""
         try:
-            await trio.to_thread.run_sync(engine.close)
+            await engine.aclose()
         except OSError as exc:
             log.warning("meta %s: closing the metadata engine: %s", self.address, exc)
 

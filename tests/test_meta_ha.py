@@ -89,6 +89,52 @@ def test_etcd_batches_limits_and_pipelined_group_commit(tmp_path):
         etcd.stop()
 
 
+def test_etcd_sync_on_the_event_loop_is_fenced_and_ordered(tmp_path):
+    """``sync_async`` (group commit without a worker thread): queued batches reach etcd in order over
+    the trio client; a deposed leader's queue is refused (Fenced); a sync cancelled mid-transaction
+    leaves the engine refusing everything (its outcome is unknown)."""
+    etcd = EtcdCluster(str(tmp_path / "etcd"), size=1).start()
+    try:
+        endpoints = etcd.endpoints
+        old = Election(endpoints, b"/a", "old:1", ttl=2)
+        c = old.client()
+        lease = old.grant(c)
+        rev = old.acquire(c, lease)
+        engine = EtcdEngine(endpoints, b"/a", cache=True, pipelined=True, max_txn_ops=10)
+        engine.fence(old.key, rev)
+        for round_ in range(5):
+            engine.write([(b"k%d" % i, b"%d" % round_) for i in range(6)])
+        engine.write([(b"k0", None), (b"big", b"x" * 100_000)])  # a request and a reply over one segment
+        plain = EtcdEngine(endpoints, b"/a")
+        cancelled = EtcdEngine(endpoints, b"/b", cache=True, pipelined=True)
+
+        async def main():
+            await engine.sync_async()
+            assert not engine.unsynced
+            assert [(k, v) for k, v in plain.scan(b"k")] == [(b"k%d" % i, b"4") for i in range(1, 6)]
+            assert plain.get(b"big") == b"x" * 100_000
+            engine.write([(b"k1", b"5")])
+            c.call("/v3/lease/revoke", {"ID": str(lease)})  # deposed: another meta may lead now
+            with pytest.raises(Fenced):
+                await engine.sync_async()
+            assert plain.get(b"k1") == b"4" and engine.broken
+            await engine.aclose()
+
+            cancelled.write([(b"x", b"1")])
+            with trio.move_on_after(0):  # cancelled at its first checkpoint: the request may be out
+                await cancelled.sync_async()
+            assert cancelled.broken
+            with pytest.raises(OSError):
+                cancelled.get(b"x")
+            await cancelled.aclose()
+
+        trio.run(main)
+        plain.close()
+        c.close()
+    finally:
+        etcd.stop()
+
+
 class Writers:
     """Native clients and a mount writing files in a loop; records what was acknowledged and when."""
 
