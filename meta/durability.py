@@ -70,7 +70,10 @@ class GroupCommit:
         sync_async = getattr(self.engine, "sync_async", None)
         try:
             if sync_async is not None:
-                await sync_async()  # a network round trip the event loop waits for without a thread
+                # On the event loop, without a thread; shielded as a thread would be: a transaction
+                # cut off mid-flight has an unknown outcome (bounded by the engine's own timeout).
+                with trio.CancelScope(shield=True):
+                    await sync_async()
             else:
                 await trio.to_thread.run_sync(self.engine.sync)
         except OSError as exc:
@@ -94,6 +97,12 @@ class GroupCommit:
     def _fail(self, exc: OSError) -> None:
         log.critical("syncing the metadata log failed: %s; refusing every change from now on", exc)
         self._failed = exc
+
+    def close(self, reason: str) -> None:
+        """Release every reply still waiting with EIO: the syncer stopped (this meta stepped down)."""
+        if self._failed is None:
+            self._failed = OSError(errno.EIO, reason)
+        self._done.set()
 
     def wrap(self, handler):
         """``handler`` whose reply waits until the changes it made are durable."""

@@ -312,6 +312,7 @@ class HaMeta:
         finally:
             self.active = self.warming = None
             self.leading_revision = 0
+            service.commits.close("this meta stepped down before the change reached etcd")  # type: ignore[attr-defined]
             if self.leader == self.address:
                 self.leader = ""
             with trio.CancelScope(shield=True):
