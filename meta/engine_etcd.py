@@ -26,7 +26,8 @@ Read cache (``cache=True``, what the meta leader uses): the leader is the only w
 the whole namespace once and serves ``get``/``scan`` from memory; writes go to etcd first and are
 applied to the copy only when etcd acknowledged them. A write whose outcome is unknown (every
 endpoint failed) leaves the copy untrusted: the engine then refuses everything (``broken``) and the
-leader steps down and reloads (meta/leader.py).
+leader steps down and reloads (meta/leader.py). A standby hands its warm copy in instead (``loaded``,
+meta/etcd_mirror.py), so taking over needs no load.
 
 Durability: etcd replies to a transaction only after a quorum of members has it in its fsynced raft
 log. A plain engine sends each write as it comes (``durable`` False: nothing left for group commit to
@@ -247,12 +248,34 @@ def kv(item: dict) -> tuple[bytes, bytes]:
     return _unb64(item["key"]), _unb64(item.get("value", ""))
 
 
+def load_namespace(client: EtcdClient, prefix: bytes) -> tuple[SortedDict, int]:
+    """Every key under ``prefix`` (the prefix cut off) as of one revision, and that revision: pages of
+    ``LOAD_PAGE`` all read at the first page's revision, so a watch from the next one misses nothing."""
+    cache = SortedDict()
+    start, end, cut = prefix, prefix_end(prefix), len(prefix)
+    revision = 0
+    while True:
+        body: dict = {"key": _b64(start), "range_end": _b64(end), "limit": LOAD_PAGE}
+        if revision:
+            body["revision"] = str(revision)
+        reply = client.call("/v3/kv/range", body)
+        revision = revision or int(reply["header"]["revision"])
+        page = reply.get("kvs", [])
+        for item in page:
+            k, v = kv(item)
+            cache[k[cut:]] = v
+        if not reply.get("more") or not page:
+            return cache, revision
+        start = _unb64(page[-1]["key"]) + b"\0"
+
+
 class EtcdEngine:
     inline_sync = False  # sync() is a raft round trip that can hang for the timeout: never on the event loop
 
     def __init__(self, endpoints: list[str], prefix: bytes = b"/kvfs", *, timeout: float = 5.0, cache: bool = False,
-                 pipelined: bool = False, max_txn_ops: int = MAX_TXN_OPS, max_request_bytes: int = MAX_REQUEST_BYTES):
-        if pipelined and not cache:
+                 pipelined: bool = False, max_txn_ops: int = MAX_TXN_OPS, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 loaded: SortedDict | None = None):
+        if pipelined and not (cache or loaded is not None):
             raise ValueError("a pipelined etcd engine needs its in-memory copy (cache=True)")
         # Plain: each write is one transaction, acknowledged by etcd once a quorum fsynced it, so group
         # commit has nothing to wait for. Pipelined: writes queue, and sync() sends them (group commit).
@@ -270,18 +293,10 @@ class EtcdEngine:
         self._fence: dict | None = None
         self._aclient: Any = None  # sync_async's AsyncEtcdClient, made on first use (in the event loop)
         self._cache: SortedDict | None = None
-        if cache:
-            self._cache = SortedDict()
-            start = self.prefix
-            end = prefix_end(self.prefix)
-            while True:  # page through the whole namespace (one revision per page is enough: no other writer)
-                page = self.client.range(start, end, limit=LOAD_PAGE)
-                for item in page:
-                    k, v = kv(item)
-                    self._cache[k[len(self.prefix):]] = v
-                if len(page) < LOAD_PAGE:
-                    break
-                start = _unb64(page[-1]["key"]) + b"\0"
+        if loaded is not None:  # a standby's warm copy (meta/etcd_mirror.py), already current
+            self._cache = loaded
+        elif cache:
+            self._cache = load_namespace(self.client, self.prefix)[0]
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> EtcdEngine:

@@ -3,9 +3,11 @@ native-client writers; the leader is killed, paused, and etcd loses members (met
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -16,6 +18,7 @@ from etcd import EtcdCluster, HaCluster, etcd_binary
 
 from kvfs import protocol as P
 from kvfs.meta.engine_etcd import EtcdEngine, Fenced
+from kvfs.meta.etcd_mirror import Mirror
 from kvfs.meta.leader import Election
 from kvfs.rpc import NotLeader, RpcClient
 
@@ -135,6 +138,61 @@ def test_etcd_sync_on_the_event_loop_is_fenced_and_ordered(tmp_path):
         etcd.stop()
 
 
+def test_standby_copy_follows_every_change_and_hands_over_at_the_election_revision(tmp_path):
+    """The warm standby copy (meta/etcd_mirror.py) equals a fresh load of the namespace at the revision
+    the new leader won at, including changes the old leader acknowledged just before it lost the key,
+    deletes, and changes made while the watch was broken or past a compaction (reloaded)."""
+    etcd = EtcdCluster(str(tmp_path / "etcd"), size=3).start()
+    try:
+        endpoints = etcd.endpoints
+        old, new = Election(endpoints, b"/w", "old:1", ttl=2), Election(endpoints, b"/w", "new:1", ttl=2)
+        c = old.client()
+        lease = old.grant(c)
+        rev = old.acquire(c, lease)
+        leader = EtcdEngine(endpoints, b"/w", cache=True, pipelined=True)
+        leader.fence(old.key, rev)
+        leader.write([(b"before-%d" % i, b"%d" % i) for i in range(50)])
+        leader.sync()
+        mirror = Mirror(endpoints, b"/w")
+        follower = threading.Thread(target=mirror.run)
+        follower.start()
+        for i in range(200):  # puts, overwrites and deletes, in batches of several keys
+            leader.write([(b"f%03d" % i, b"v%d" % i), (b"before-%d" % (i % 50), None if i % 3 else b"again%d" % i)])
+            if i % 7 == 0:
+                leader.sync()
+            if i == 100:  # the watch breaks (the member it reads from dies): reopened elsewhere
+                with mirror._cond:
+                    conn = mirror._conn
+                if conn is not None and conn.sock is not None:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+        leader.sync()  # acknowledged just before the old leader loses its key
+        c.call("/v3/lease/revoke", {"ID": str(lease)})
+        won = new.acquire(c, new.grant(c))
+        copy = mirror.take(won, timeout=10)
+        follower.join(10)
+        assert copy is not None and not follower.is_alive()
+        fresh = EtcdEngine(endpoints, b"/w", cache=True)
+        assert dict(copy) == dict(fresh.scan(b"")) and len(copy) > 200
+        assert mirror.events > 0 and mirror.loads == 1
+
+        # A copy that falls behind a compaction is loaded again, then follows on.
+        behind = Mirror(endpoints, b"/w")
+        behind.revision, behind.cache = 1, copy.copy()  # as if stopped at revision 1
+        reply = c.call("/v3/kv/put", {"key": base64.b64encode(b"/w/m/late").decode(), "value": "eA=="})
+        c.call("/v3/kv/compaction", {"revision": reply["header"]["revision"]})
+        follower = threading.Thread(target=behind.run)
+        follower.start()
+        reply = c.call("/v3/kv/put", {"key": base64.b64encode(b"/w/m/later").decode(), "value": "eQ=="})
+        copy = behind.take(int(reply["header"]["revision"]), timeout=10)
+        follower.join(10)
+        assert copy is not None and copy[b"late"] == b"x" and copy[b"later"] == b"y" and behind.loads == 1
+        fresh.close()
+        leader.close()
+        c.close()
+    finally:
+        etcd.stop()
+
+
 class Writers:
     """Native clients and a mount writing files in a loop; records what was acknowledged and when."""
 
@@ -241,6 +299,10 @@ def test_kill_leader_mid_workload_loses_nothing_and_clients_resume(ha, tmp_path)
     assert max(resumed) < 10.0, (resumed, w.errors[-5:])
     new_leader = ha.leader()
     assert new_leader != leader
+    # The new leader took over from its warm standby copy (meta/etcd_mirror.py), not a reload, and that
+    # copy had every write acknowledged up to the kill.
+    took_over = [line for line in ha.meta_procs[new_leader].log().splitlines() if ": leader (term revision" in line]
+    assert took_over and "from the warm standby copy" in took_over[-1], took_over
     check_acked(ha, w.acked)
     # Every file the mount acknowledged is there through the mount as well.
     for path, data in w.acked.items():
