@@ -32,9 +32,10 @@ meta/etcd_mirror.py), so taking over needs no load.
 Durability: etcd replies to a transaction only after a quorum of members has it in its fsynced raft
 log. A plain engine sends each write as it comes (``durable`` False: nothing left for group commit to
 wait for). The leader runs it ``pipelined``: a write is applied to the in-memory copy at once and
-queued; ``sync()`` (meta/durability.py's group commit, in a worker thread) sends everything queued, in
-order, whole batches merged into as few transactions as the limits allow, and replies wait for it.
-The event loop then never waits on etcd, and concurrent clients share a raft round, as they share an
+queued; group commit (meta/durability.py) awaits ``sync_async()``, which sends everything queued, in
+order, whole batches merged into as few transactions as the limits allow, from the event loop itself
+(meta/etcd_async.py: no worker-thread hand-off), and replies wait for it. The event loop then never
+blocks on etcd, and concurrent clients share a raft round, as they share an
 fsync on RocksDB. As there, another client can read a change before it is acknowledged; if the leader
 dies in that window the change is gone, but no acknowledged change ever is.
 
@@ -281,7 +282,7 @@ class EtcdEngine:
         # commit has nothing to wait for. Pipelined: writes queue, and sync() sends them (group commit).
         self.durable = pipelined
         self._queue: list[tuple[dict[bytes, bytes | None], int]] = []
-        self._queue_lock = threading.Lock()  # write() on the event loop, sync() in a worker thread
+        self._queue_lock = threading.Lock()  # write() on the event loop, sync() maybe in a worker thread
         self._sync_lock = threading.Lock()
         self.client = EtcdClient(endpoints, timeout=timeout)
         self.root = prefix
