@@ -5,6 +5,7 @@ One run, one machine, real processes (tests/cluster.py, tests/etcd.py):
 * ``etcd``: 3 etcd members on loopback, 2 ``kvfs meta --engine etcd://...`` (one leads), 1 chunkserver;
 * ``rocksdb``: one ``kvfs meta --data-dir`` with the durable default (group commit);
 * ``rocksdb-nosync``: the same with ``--no-sync``;
+* ``etcd-cold``: as ``etcd`` with ``--cold-standby`` (the standby keeps no copy of the namespace);
 * ``etcd-baseline`` (with ``--baseline-python``): as ``etcd``, its processes run by another checkout's
   interpreter (before/after in the same run).
 
@@ -202,7 +203,8 @@ def main() -> None:
     p.add_argument("--kills", type=int, default=5, help="leader kills for the failover time (0: skip)")
     p.add_argument("--leader-ttl", type=int, default=3)
     p.add_argument("--engines", default="etcd,rocksdb,rocksdb-nosync",
-                   help="also etcd-baseline: etcd with the processes of --baseline-python's checkout")
+                   help="also etcd-cold (standby without a namespace copy) and etcd-baseline (etcd with the processes "
+                   "of --baseline-python's checkout)")
     p.add_argument("--baseline-python", metavar="PYTHON",
                    help="interpreter of a baseline checkout (e.g. main's .venv/bin/python) for etcd-baseline")
     p.add_argument("--repeat", type=int, default=3, help="rounds over the engines (the table has medians)")
@@ -225,14 +227,15 @@ def main() -> None:
         # Every engine is up for the whole run and the rounds go round robin, so a change in the
         # machine's load (it is shared) hits all of them; the table has the medians.
         for engine in engines:
-            if engine in ("etcd", "etcd-baseline"):
+            if engine in ("etcd", "etcd-cold", "etcd-baseline"):
                 # etcd-baseline: the same cluster whose meta, chunkserver and mount run the checkout of
                 # --baseline-python (tests/cluster.py's Proc.python), round robin with this one.
                 if engine == "etcd-baseline":
                     os.environ["KVFS_TEST_PYTHON"] = args.baseline_python
                 try:
                     clusters[engine] = HaCluster(os.path.join(root, engine), metas=2, chunkservers=1, replication=1,
-                                                 leader_ttl=args.leader_ttl).start()
+                                                 leader_ttl=args.leader_ttl,
+                                                 meta_args=("--cold-standby",) if engine == "etcd-cold" else ()).start()
                     mounts[engine] = clusters[engine].mount(os.path.join(root, f"mnt-{engine}"))
                 finally:
                     os.environ.pop("KVFS_TEST_PYTHON", None)
@@ -271,7 +274,7 @@ def main() -> None:
         lines += ["", f"One raw etcd transaction of 2 puts (sent alone from the bench process through the same gateway "
                   f"client, once per round, median): {txn:.0f} µs. 1 client, through the mount, in transactions: "
                   + "; ".join(f"{e} create {results[e][1]['create'] / txn:.2f}x, unlink {results[e][1]['unlink'] / txn:.2f}x"
-                              for e in ("etcd", "etcd-baseline") if e in results) + "."]
+                              for e in ("etcd", "etcd-cold", "etcd-baseline") if e in results) + "."]
     if failover:
         lines += ["", f"Failover (kill -9 of the leader until a native client's next `write_file` succeeds), "
                   f"`--leader-ttl {args.leader_ttl}`, {len(failover)} kills: p50 {statistics.median(failover):.2f} s, "
