@@ -52,8 +52,10 @@ class Proc:
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
+        # Another checkout's interpreter must not import this checkout's kvfs/ from the working directory.
+        cwd = None if self.python == sys.executable else os.path.dirname(os.path.abspath(self.log_path))
         self.popen = subprocess.Popen([self.python, "-m", "kvfs.cli", *self.args], stdout=log, stderr=log,
-                                      start_new_session=True)
+                                      start_new_session=True, cwd=cwd)
         log.close()
 
     def alive(self) -> bool:
