@@ -312,6 +312,33 @@ def test_kill_leader_mid_workload_loses_nothing_and_clients_resume(ha, tmp_path)
     ha.meta_procs[leader].start()  # back as a standby
 
 
+def test_cold_standby_takes_over_by_loading_the_namespace(tmp_path):
+    """``--cold-standby`` (and a warm copy that cannot catch up) falls back to loading the namespace
+    from etcd: nothing acknowledged is lost either way."""
+    ha = HaCluster(str(tmp_path / "cold"), metas=2, chunkservers=1, replication=1,
+                   meta_args=("--cold-standby",)).start()
+    try:
+        leader = ha.leader()
+        acked = {}
+        with ha.client(timeout=10.0) as c:
+            c.mkdir("/cold", exist_ok=True)
+            for i in range(30):
+                acked[f"/cold/f{i}"] = b"%d" % i
+                c.write_file(f"/cold/f{i}", acked[f"/cold/f{i}"])
+            c.unlink("/cold/f0")
+            del acked["/cold/f0"]
+        ha.meta_procs[leader].kill(signal.SIGKILL)
+        new_leader = ha.wait_leader()
+        assert new_leader != leader
+        took_over = [line for line in ha.meta_procs[new_leader].log().splitlines() if ": leader (term revision" in line]
+        assert took_over and "loaded from etcd" in took_over[-1], took_over
+        check_acked(ha, acked)
+        with ha.client(timeout=10.0) as c:
+            assert sorted(c.listdir("/cold")) == sorted(p.rsplit("/", 1)[1] for p in acked)
+    finally:
+        ha.stop()
+
+
 def test_one_etcd_member_down_service_goes_on(ha):
     victim = ha.etcd.raft_leader()  # the hardest one: etcd elects another leader first
     ha.etcd.kill(victim)
