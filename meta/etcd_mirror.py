@@ -50,37 +50,48 @@ class Mirror:
         self.loads = 0
         self.events = 0
         self._cond = threading.Condition()
+        self.failures = 0  # loads and watches that failed (retried)
         self._stopped = False
+        self._ended = False  # run() returned
         self._conn: http.client.HTTPConnection | None = None
 
     def run(self) -> None:
         """Load, then follow the watch until ``take`` (blocking: a worker thread). Errors are logged and
         retried after a pause; nothing is raised."""
         client = EtcdClient(self.endpoints, timeout=self.timeout)
-        endpoint = 0
         try:
-            while not self._stopped:
-                try:
-                    if self.cache is None:
-                        cache, revision = load_namespace(client, self.prefix)
-                        with self._cond:
-                            self.cache, self.revision = cache, revision
-                            self.loads += 1
-                            self._cond.notify_all()
-                    self._follow(self.endpoints[endpoint % len(self.endpoints)])
-                except _Compacted:
-                    log.info("standby copy fell behind etcd's compaction; loading it again")
-                    with self._cond:
-                        self.cache = None
-                except TimeoutError:
-                    pass  # idle: reopened from the same revision
-                except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
-                    if not self._stopped:
-                        log.debug("standby copy: watch on %s: %s", self.endpoints[endpoint % len(self.endpoints)], exc)
-                        endpoint += 1
-                        time.sleep(0.2)
+            self._loop(client)
         finally:
             client.close()
+            with self._cond:
+                self._ended = True  # take() stops waiting for a copy that will not come
+                self._cond.notify_all()
+
+    def _loop(self, client: EtcdClient) -> None:
+        endpoint = 0
+        while not self._stopped:
+            try:
+                if self.cache is None:
+                    cache, revision = load_namespace(client, self.prefix)
+                    with self._cond:
+                        self.cache, self.revision = cache, revision
+                        self.loads += 1
+                        self._cond.notify_all()
+                self._follow(self.endpoints[endpoint % len(self.endpoints)])
+            except _Compacted:
+                log.info("standby copy fell behind etcd's compaction; loading it again")
+                with self._cond:
+                    self.cache = None
+            except TimeoutError:
+                pass  # idle: reopened from the same revision
+            except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+                if not self._stopped:
+                    log.debug("standby copy: watch on %s: %s", self.endpoints[endpoint % len(self.endpoints)], exc)
+                    with self._cond:
+                        self.failures += 1
+                        self._cond.notify_all()
+                    endpoint += 1
+                    time.sleep(0.2)
 
     def _follow(self, endpoint: str) -> None:
         host, _, port = endpoint.rpartition(":")
@@ -133,9 +144,12 @@ class Mirror:
             self._cond.notify_all()
 
     def take(self, revision: int, timeout: float) -> SortedDict | None:
-        """Stop following; the copy once it holds every change up to ``revision`` (blocking up to
-        ``timeout``), or None when it did not get there in time (the caller loads from etcd)."""
+        """Stop following; the copy once it holds every change up to ``revision``, or None when it
+        cannot get there (the caller loads from etcd). Blocks while a first load is under way and
+        succeeding (it is what the caller would do next anyway), then up to ``timeout`` to catch up."""
         with self._cond:
+            failures = self.failures
+            self._cond.wait_for(lambda: self.cache is not None or self._ended or self.failures > failures)
             ready = self._cond.wait_for(lambda: self.cache is not None and self.revision >= revision, timeout)
             self._stopped = True
             if self._conn is not None and self._conn.sock is not None:

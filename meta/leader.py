@@ -30,7 +30,6 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from functools import partial
 
 import trio
 from sortedcontainers import SortedDict
@@ -203,7 +202,7 @@ class HaMeta:
                 copy = None
                 async with open_nursery() as standby:
                     if mirror is not None:
-                        standby.start_soon(partial(trio.to_thread.run_sync, mirror.run, abandon_on_cancel=True))
+                        standby.start_soon(self._keep_copy, mirror)
                     revision, self.term_lease = await self._campaign()
                     if mirror is not None:
                         copy = await trio.to_thread.run_sync(mirror.take, revision, max(2.0, self.engine_timeout))
@@ -244,6 +243,12 @@ class HaMeta:
             c.close()
 
     # ------------------------------------------------------------------ standby: wait for the leader key
+
+    async def _keep_copy(self, mirror: Mirror) -> None:
+        try:
+            await trio.to_thread.run_sync(mirror.run, abandon_on_cancel=True)
+        except Exception:  # a bug in the copy must not stop the standby: it loads from etcd instead
+            log.exception("meta %s: the standby copy of the namespace failed", self.address)
 
     async def _campaign(self) -> tuple[int, int]:
         """Wait until this process holds the leader key; returns its create revision and its lease."""
