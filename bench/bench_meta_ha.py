@@ -4,7 +4,10 @@ One run, one machine, real processes (tests/cluster.py, tests/etcd.py):
 
 * ``etcd``: 3 etcd members on loopback, 2 ``kvfs meta --engine etcd://...`` (one leads), 1 chunkserver;
 * ``rocksdb``: one ``kvfs meta --data-dir`` with the durable default (group commit);
-* ``rocksdb-nosync``: the same with ``--no-sync``.
+* ``rocksdb-nosync``: the same with ``--no-sync``;
+* ``etcd-cold``: as ``etcd`` with ``--cold-standby`` (the standby keeps no copy of the namespace);
+* ``etcd-baseline`` (with ``--baseline-python``): as ``etcd``, its processes run by another checkout's
+  interpreter (before/after in the same run).
 
 Each engine gets a FUSE mount; ``--files`` empty files are created (open O_CREAT + close), stat'ed
 (kernel caches dropped and the mount's 1 s cache expired first) and unlinked through it by 1 and by 4 client threads (each thread in its own directory; the threads
@@ -115,21 +118,43 @@ def failover_times(ha: HaCluster, kills: int) -> list[float]:
     return times
 
 
-def takeover_times(endpoints: list[str], sizes: list[int]) -> list[tuple[int, int, float, float]]:
-    """(KV blocks, etcd keys, seconds to load the namespace as a new leader does, etcd db bytes) per size.
+def raw_txn_us(endpoints: list[str], n: int = 200) -> float:
+    """Microseconds per etcd transaction of 2 puts (what one create costs in etcd), sent one after another
+    from this process through the same gateway client meta uses: the floor under a create."""
+    from kvfs.meta.engine_etcd import EtcdEngine
+
+    engine = EtcdEngine(endpoints, b"/rawtxn")
+    t0 = time.perf_counter()
+    for i in range(n):
+        engine.write([(b"i%d" % (i % 50), b"x" * 120), (b"d%d" % (i % 50), b"y" * 40)])
+    elapsed = time.perf_counter() - t0
+    engine.close()
+    return elapsed / n * 1e6
+
+
+def takeover_times(endpoints: list[str], sizes: list[int]) -> list[tuple[int, int, float, float, float]]:
+    """(KV blocks, etcd keys, cold s, warm s, etcd db bytes) per size.
 
     The namespace under its own prefix is filled with ``size`` published KV blocks (one 64 KiB chunk
-    each, 1,000 per directory) by a Namespace over a pipelined engine, as the leader writes them; then
-    the load a new leader does after winning the election (EtcdEngine cache=True + Namespace) is timed."""
+    each, 1,000 per directory) by a Namespace over a pipelined engine, as the leader writes them, while
+    a standby's warm copy (meta/etcd_mirror.py) follows it in a thread. Then a leader key is created (as
+    an election does) and timed: cold, what a new leader did before warm standbys (load everything from
+    etcd: EtcdEngine cache=True + Namespace); warm, what it does now (the copy catches up to the election
+    revision and is handed over: Mirror.take + EtcdEngine(loaded=...) + Namespace)."""
     import stat as st
 
     from kvfs import protocol as P
     from kvfs.meta.engine_etcd import EtcdClient, EtcdEngine
+    from kvfs.meta.etcd_mirror import Mirror
+    from kvfs.meta.leader import Election
     from kvfs.meta.namespace import ROOT_INO, Namespace
 
     out = []
     for size in sizes:
         prefix = f"/takeover{size}".encode()
+        mirror = Mirror(endpoints, prefix)
+        follower = threading.Thread(target=mirror.run)
+        follower.start()
         engine = EtcdEngine(endpoints, prefix, cache=True, pipelined=True)
         ns = Namespace(engine, chunk_size=1 << 20)
         parent = 0
@@ -143,17 +168,32 @@ def takeover_times(endpoints: list[str], sizes: list[int]) -> list[tuple[int, in
             engine.write(batch)
             ns.publish(P.KVPublish(parent, f"b{i:08x}", 0o644, 0, 0, 64 << 10, [P.ChunkRef(0, chunk_id, 64 << 10, [])]))
         engine.close()
+        election = Election(endpoints, prefix, "bench:1", ttl=60)
+        c = election.client()
+        won = election.acquire(c, election.grant(c))
         t0 = time.perf_counter()
-        engine = EtcdEngine(endpoints, prefix, cache=True, pipelined=True)
-        ns = Namespace(engine, chunk_size=1 << 20)
-        elapsed = time.perf_counter() - t0
-        keys = sum(1 for _ in engine.scan(b""))
+        copy = mirror.take(won, timeout=120)
+        assert copy is not None, "the warm copy did not catch up"
+        engine = EtcdEngine(endpoints, prefix, cache=True, pipelined=True, loaded=copy)
+        Namespace(engine, chunk_size=1 << 20)
+        warm = time.perf_counter() - t0
+        follower.join()
+        t0 = time.perf_counter()
+        cold_engine = EtcdEngine(endpoints, prefix, cache=True, pipelined=True)
+        Namespace(cold_engine, chunk_size=1 << 20)
+        cold = time.perf_counter() - t0
+        keys = sum(1 for _ in cold_engine.scan(b""))
+        same = dict(cold_engine.scan(b"")) == dict(engine.scan(b""))
+        cold_engine.close()
         engine.close()
+        election.resign(c, won)
+        c.close()
         c = EtcdClient(endpoints)
         db = float(c.call("/v3/maintenance/status", {}).get("dbSize", 0))
         c.close()
-        out.append((size, keys, elapsed, db))
-        print("takeover", size, keys, f"{elapsed:.2f}s", f"db {db / 1e6:.0f} MB", flush=True)
+        out.append((size, keys, cold, warm, db))
+        print("takeover", size, keys, f"cold {cold:.2f}s warm {warm:.3f}s (copy equal to a load: {same})",
+              f"db {db / 1e6:.0f} MB", flush=True)
     return out
 
 
@@ -162,32 +202,51 @@ def main() -> None:
     p.add_argument("--files", type=int, default=400, help="files per (engine, client count)")
     p.add_argument("--kills", type=int, default=5, help="leader kills for the failover time (0: skip)")
     p.add_argument("--leader-ttl", type=int, default=3)
-    p.add_argument("--engines", default="etcd,rocksdb,rocksdb-nosync")
+    p.add_argument("--engines", default="etcd,rocksdb,rocksdb-nosync",
+                   help="also etcd-cold (standby without a namespace copy) and etcd-baseline (etcd with the processes "
+                   "of --baseline-python's checkout)")
+    p.add_argument("--baseline-python", metavar="PYTHON",
+                   help="interpreter of a baseline checkout (e.g. main's .venv/bin/python) for etcd-baseline")
     p.add_argument("--repeat", type=int, default=3, help="rounds over the engines (the table has medians)")
     p.add_argument("--takeover", default="10000,50000",
                    help="KV-block counts for the new-leader load time (comma-separated; empty: skip)")
     p.add_argument("--record", metavar="MD", help="write the results into this markdown file's section")
     args = p.parse_args()
+    if "etcd-baseline" in args.engines.split(",") and not args.baseline_python:
+        p.error("etcd-baseline needs --baseline-python")
     load_before = os.getloadavg()[0]
     root = tempfile.mkdtemp(prefix="kvfs-bench-ha-")
     engines = args.engines.split(",")
     runs: dict[str, dict[int, list[dict[str, float]]]] = {e: {1: [], 4: []} for e in engines}
     failover: list[float] = []
-    takeover: list[tuple[int, int, float, float]] = []
+    takeover: list[tuple[int, int, float, float, float]] = []
+    raw: list[float] = []
     clusters: dict[str, Cluster | HaCluster] = {}
     mounts: dict[str, str] = {}
     try:
         # Every engine is up for the whole run and the rounds go round robin, so a change in the
         # machine's load (it is shared) hits all of them; the table has the medians.
         for engine in engines:
-            if engine == "etcd":
-                clusters[engine] = HaCluster(os.path.join(root, engine), metas=2, chunkservers=1, replication=1,
-                                             leader_ttl=args.leader_ttl).start()
-            else:
-                clusters[engine] = Cluster(os.path.join(root, engine), chunkservers=1, replication=1,
-                                           meta_args=("--no-sync",) if engine == "rocksdb-nosync" else ()).start()
+            if engine in ("etcd", "etcd-cold", "etcd-baseline"):
+                # etcd-baseline: the same cluster whose meta, chunkserver and mount run the checkout of
+                # --baseline-python (tests/cluster.py's Proc.python), round robin with this one.
+                if engine == "etcd-baseline":
+                    os.environ["KVFS_TEST_PYTHON"] = args.baseline_python
+                try:
+                    clusters[engine] = HaCluster(os.path.join(root, engine), metas=2, chunkservers=1, replication=1,
+                                                 leader_ttl=args.leader_ttl,
+                                                 meta_args=("--cold-standby",) if engine == "etcd-cold" else ()).start()
+                    mounts[engine] = clusters[engine].mount(os.path.join(root, f"mnt-{engine}"))
+                finally:
+                    os.environ.pop("KVFS_TEST_PYTHON", None)
+                continue
+            clusters[engine] = Cluster(os.path.join(root, engine), chunkservers=1, replication=1,
+                                       meta_args=("--no-sync",) if engine == "rocksdb-nosync" else ()).start()
             mounts[engine] = clusters[engine].mount(os.path.join(root, f"mnt-{engine}"))
         for r in range(args.repeat):
+            if "etcd" in clusters:
+                raw.append(raw_txn_us(clusters["etcd"].etcd.endpoints))  # type: ignore[union-attr]
+                print("raw etcd txn", round(raw[-1]), "us", flush=True)
             for engine in engines:
                 for n in (1, 4):
                     result = meta_ops(mounts[engine], args.files, n, f"{engine}-r{r}")
@@ -210,15 +269,23 @@ def main() -> None:
     for engine, by_clients in results.items():
         for n, r in by_clients.items():
             lines.append(f"| {engine} | {n} | {r['create']:.0f} | {r['stat']:.0f} | {r['unlink']:.0f} |")
+    if raw:
+        txn = statistics.median(raw)
+        lines += ["", f"One raw etcd transaction of 2 puts (sent alone from the bench process through the same gateway "
+                  f"client, once per round, median): {txn:.0f} µs. 1 client, through the mount, in transactions: "
+                  + "; ".join(f"{e} create {results[e][1]['create'] / txn:.2f}x, unlink {results[e][1]['unlink'] / txn:.2f}x"
+                              for e in ("etcd", "etcd-cold", "etcd-baseline") if e in results) + "."]
     if failover:
         lines += ["", f"Failover (kill -9 of the leader until a native client's next `write_file` succeeds), "
                   f"`--leader-ttl {args.leader_ttl}`, {len(failover)} kills: p50 {statistics.median(failover):.2f} s, "
                   f"max {max(failover):.2f} s (each: {', '.join(f'{t:.2f}' for t in failover)})."]
     if takeover:
-        lines += ["", "New leader's namespace load (what a standby does after winning the election, on top of the "
-                  "leader TTL), by namespace size; one 64 KiB chunk per KV block, 1,000 blocks per directory:", "",
-                  "| KV blocks | etcd keys | load s | etcd db size after |", "| --- | --- | --- | --- |"]
-        lines += [f"| {n} | {k} | {t:.2f} | {db / 1e6:.0f} MB |" for n, k, t, db in takeover]
+        lines += ["", "New leader's takeover of the namespace (on top of the leader TTL), by namespace size; one 64 KiB "
+                  "chunk per KV block, 1,000 blocks per directory. Cold: load it all from etcd; warm: the standby's "
+                  "copy, kept by etcd's watch, catches up to the election revision:", "",
+                  "| KV blocks | etcd keys | cold load s | warm takeover s | etcd db size after |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {n} | {k} | {cold:.2f} | {warm:.3f} | {db / 1e6:.0f} MB |" for n, k, cold, warm, db in takeover]
     print()
     print("\n".join(lines))
     if args.record:

@@ -111,7 +111,7 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                                remote_allow=_remote_allow(args, ()), **_token_options(args))
 
         await HaMeta(args.engine, make_service, ttl=int(args.leader_ttl), advertise=args.advertise or "",
-                     limits=_server_limits(args)).serve(host, port, task_status=task_status)
+                     limits=_server_limits(args), warm_standby=not args.cold_standby).serve(host, port, task_status=task_status)
         return
     if not args.data_dir:
         raise UsageError("kvfs meta needs --data-dir (RocksDB) or --engine etcd://...")
@@ -500,6 +500,9 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
                     "(default: the listen address)")
     sp.add_argument("--leader-ttl", type=float, default=5.0,
                     help="with --engine: seconds a dead leader keeps leadership before a standby takes over")
+    sp.add_argument("--cold-standby", action="store_true",
+                    help="with --engine: stand by without a copy of the namespace (less memory and CPU; "
+                    "a takeover then loads the whole namespace from etcd)")
     sp.add_argument("--replication", type=int, default=3)
     sp.add_argument("--chunk-size", default="4M")
     no_sync_flag(sp)

@@ -6,7 +6,8 @@ task syncs the engine's log in a worker thread, and every reply whose changes th
 released together. Under many concurrent clients one fsync acknowledges many operations. A reply with
 no other request in flight syncs on the trio thread itself: the handoff to a worker thread and back
 costs more than the fsync, and nobody is waiting to be served meanwhile (not for an engine whose
-sync is a network round trip that can hang for seconds: ``inline_sync = False``, the etcd engine).
+sync is a network round trip that can hang for seconds: ``inline_sync = False``, the etcd engine). An
+engine with ``sync_async`` (etcd) is synced by awaiting it on the event loop: no thread hand-off.
 
 If the sync fails, nothing waiting is acknowledged: the waiters get EIO, and so does every later
 change (the log's state on disk is unknown after a failed fsync), until meta is restarted.
@@ -66,8 +67,15 @@ class GroupCommit:
 
     async def _sync_async(self) -> None:
         upto = self.engine.writes
+        sync_async = getattr(self.engine, "sync_async", None)
         try:
-            await trio.to_thread.run_sync(self.engine.sync)
+            if sync_async is not None:
+                # On the event loop, without a thread; shielded as a thread would be: a transaction
+                # cut off mid-flight has an unknown outcome (bounded by the engine's own timeout).
+                with trio.CancelScope(shield=True):
+                    await sync_async()
+            else:
+                await trio.to_thread.run_sync(self.engine.sync)
         except OSError as exc:
             self._fail(exc)
         else:
@@ -89,6 +97,12 @@ class GroupCommit:
     def _fail(self, exc: OSError) -> None:
         log.critical("syncing the metadata log failed: %s; refusing every change from now on", exc)
         self._failed = exc
+
+    def close(self, reason: str) -> None:
+        """Release every reply still waiting with EIO: the syncer stopped (this meta stepped down)."""
+        if self._failed is None:
+            self._failed = OSError(errno.EIO, reason)
+        self._done.set()
 
     def wrap(self, handler):
         """``handler`` whose reply waits until the changes it made are durable."""

@@ -20,7 +20,8 @@ class MetaEngine(Protocol):
     # ``sync`` makes every earlier write durable (group commit, meta/durability.py).
     durable: bool
     # Optional, default True: group commit may call ``sync`` on the event loop when a request is
-    # alone. False for an engine whose sync is a network round trip (etcd): always in a worker thread.
+    # alone. False for an engine whose sync is a network round trip (etcd): always in a worker thread,
+    # or, for an engine that has ``async def sync_async()`` (etcd), awaited on the event loop instead.
 
     def get(self, key: bytes) -> bytes | None: ...
 

@@ -26,14 +26,16 @@ Read cache (``cache=True``, what the meta leader uses): the leader is the only w
 the whole namespace once and serves ``get``/``scan`` from memory; writes go to etcd first and are
 applied to the copy only when etcd acknowledged them. A write whose outcome is unknown (every
 endpoint failed) leaves the copy untrusted: the engine then refuses everything (``broken``) and the
-leader steps down and reloads (meta/leader.py).
+leader steps down and reloads (meta/leader.py). A standby hands its warm copy in instead (``loaded``,
+meta/etcd_mirror.py), so taking over needs no load.
 
 Durability: etcd replies to a transaction only after a quorum of members has it in its fsynced raft
 log. A plain engine sends each write as it comes (``durable`` False: nothing left for group commit to
 wait for). The leader runs it ``pipelined``: a write is applied to the in-memory copy at once and
-queued; ``sync()`` (meta/durability.py's group commit, in a worker thread) sends everything queued, in
-order, whole batches merged into as few transactions as the limits allow, and replies wait for it.
-The event loop then never waits on etcd, and concurrent clients share a raft round, as they share an
+queued; group commit (meta/durability.py) awaits ``sync_async()``, which sends everything queued, in
+order, whole batches merged into as few transactions as the limits allow, from the event loop itself
+(meta/etcd_async.py: no worker-thread hand-off), and replies wait for it. The event loop then never
+blocks on etcd, and concurrent clients share a raft round, as they share an
 fsync on RocksDB. As there, another client can read a change before it is acknowledged; if the leader
 dies in that window the change is gone, but no acknowledged change ever is.
 
@@ -51,6 +53,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from sortedcontainers import SortedDict
@@ -111,6 +114,36 @@ def parse_url(url: str) -> tuple[list[str], bytes]:
     return endpoints, prefix
 
 
+def parse_reply(endpoint: str, status: int, data: bytes) -> dict:
+    """The gateway's JSON reply. Error handling: EtcdError (etcd said no), OSError(EIO) (not JSON)."""
+    try:
+        reply = json.loads(data) if data else {}
+    except ValueError:
+        raise OSError(errno.EIO, f"etcd {endpoint}: bad reply (HTTP {status})") from None
+    if status != 200 or "error" in reply:
+        raise EtcdError(endpoint, status, reply)
+    return reply
+
+
+def retry_slices(n: int, total: float) -> Iterator[tuple[int, float | None]]:
+    """The tries of one call over ``n`` endpoints within ``total`` seconds: (try number, its time), and
+    (try number, None) after each round, where the caller pauses 50 ms. Each try gets a slice of the time
+    (a raft leader election takes a second or two: a member without a leader holds requests), then the
+    next member is asked, round after round."""
+    deadline = time.monotonic() + total
+    per_try = max(0.5, total / 4)
+    i = 0
+    while (left := deadline - time.monotonic()) > 0:
+        yield i, min(left, per_try)
+        i += 1
+        if i % n == 0:
+            yield i, None
+
+
+def unavailable(total: float, errors: dict[str, str]) -> OSError:
+    return OSError(errno.EIO, f"etcd unavailable for {total:g}s ({'; '.join(errors.values()) or 'timed out'})")
+
+
 class EtcdClient:
     """Blocking JSON-gateway client over keep-alive HTTP connections, one per endpoint (not thread-safe:
     each thread that talks to etcd uses its own client)."""
@@ -149,35 +182,25 @@ class EtcdClient:
             self._drop(endpoint)
             raise OSError(errno.EIO, f"etcd {endpoint}: {exc or type(exc).__name__}") from None
         try:
-            reply = json.loads(data) if data else {}
-        except ValueError:
+            return parse_reply(endpoint, resp.status, data)
+        except OSError:
             self._drop(endpoint)
-            raise OSError(errno.EIO, f"etcd {endpoint}: bad reply (HTTP {resp.status})") from None
-        if resp.status != 200 or "error" in reply:
-            raise EtcdError(endpoint, resp.status, reply)
-        return reply
+            raise
 
     def call(self, path: str, body: dict, *, timeout: float | None = None) -> dict:
-        """``call_one`` on the endpoints in turn until one answers, for about ``timeout`` in all.
-
-        Each try gets a slice of the time (a raft leader election takes a second or two: a member
-        without a leader holds requests), then the next member is asked, round after round.
-        Only use it for requests that are safe to repeat (reads, and meta's writes: see ``write``).
+        """``call_one`` on the endpoints in turn until one answers, for about ``timeout`` in all
+        (``retry_slices``). Only use it for requests that are safe to repeat (reads, and meta's writes: see ``write``).
         Error handling: OSError(EIO) naming the endpoints when none answered in time; OSError(EIO)
         with etcd's message when etcd refused the request for good."""
         total = timeout or self.timeout
-        deadline = time.monotonic() + total
-        per_try = max(0.5, total / 4)
         errors: dict[str, str] = {}
-        n = len(self.endpoints)
-        i = 0
-        while True:
-            endpoint = self.endpoints[(self._current + i) % n]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        for i, per_try in retry_slices(len(self.endpoints), total):
+            if per_try is None:
+                time.sleep(0.05)
+                continue
+            endpoint = self.endpoints[(self._current + i) % len(self.endpoints)]
             try:
-                reply = self.call_one(endpoint, path, body, min(left, per_try))
+                reply = self.call_one(endpoint, path, body, per_try)
             except EtcdError as exc:
                 if not exc.transient:
                     raise OSError(errno.EIO, str(exc)) from None
@@ -185,12 +208,9 @@ class EtcdClient:
             except OSError as exc:
                 errors[endpoint] = exc.strerror or str(exc)
             else:
-                self._current = (self._current + i) % n
+                self._current = (self._current + i) % len(self.endpoints)
                 return reply
-            i += 1
-            if i % n == 0:
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        raise OSError(errno.EIO, f"etcd unavailable for {total:g}s ({'; '.join(errors.values()) or 'timed out'})")
+        raise unavailable(total, errors)
 
     # -- small typed helpers over the gateway
 
@@ -229,18 +249,40 @@ def kv(item: dict) -> tuple[bytes, bytes]:
     return _unb64(item["key"]), _unb64(item.get("value", ""))
 
 
+def load_namespace(client: EtcdClient, prefix: bytes) -> tuple[SortedDict, int]:
+    """Every key under ``prefix`` (the prefix cut off) as of one revision, and that revision: pages of
+    ``LOAD_PAGE`` all read at the first page's revision, so a watch from the next one misses nothing."""
+    cache = SortedDict()
+    start, end, cut = prefix, prefix_end(prefix), len(prefix)
+    revision = 0
+    while True:
+        body: dict = {"key": _b64(start), "range_end": _b64(end), "limit": LOAD_PAGE}
+        if revision:
+            body["revision"] = str(revision)
+        reply = client.call("/v3/kv/range", body)
+        revision = revision or int(reply["header"]["revision"])
+        page = reply.get("kvs", [])
+        for item in page:
+            k, v = kv(item)
+            cache[k[cut:]] = v
+        if not reply.get("more") or not page:
+            return cache, revision
+        start = _unb64(page[-1]["key"]) + b"\0"
+
+
 class EtcdEngine:
     inline_sync = False  # sync() is a raft round trip that can hang for the timeout: never on the event loop
 
     def __init__(self, endpoints: list[str], prefix: bytes = b"/kvfs", *, timeout: float = 5.0, cache: bool = False,
-                 pipelined: bool = False, max_txn_ops: int = MAX_TXN_OPS, max_request_bytes: int = MAX_REQUEST_BYTES):
-        if pipelined and not cache:
+                 pipelined: bool = False, max_txn_ops: int = MAX_TXN_OPS, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 loaded: SortedDict | None = None):
+        if pipelined and not (cache or loaded is not None):
             raise ValueError("a pipelined etcd engine needs its in-memory copy (cache=True)")
         # Plain: each write is one transaction, acknowledged by etcd once a quorum fsynced it, so group
         # commit has nothing to wait for. Pipelined: writes queue, and sync() sends them (group commit).
         self.durable = pipelined
         self._queue: list[tuple[dict[bytes, bytes | None], int]] = []
-        self._queue_lock = threading.Lock()  # write() on the event loop, sync() in a worker thread
+        self._queue_lock = threading.Lock()  # write() on the event loop, sync() maybe in a worker thread
         self._sync_lock = threading.Lock()
         self.client = EtcdClient(endpoints, timeout=timeout)
         self.root = prefix
@@ -250,19 +292,12 @@ class EtcdEngine:
         self.writes = 0
         self.broken: str | None = None  # why the engine stopped trusting its copy (it then refuses everything)
         self._fence: dict | None = None
+        self._aclient: Any = None  # sync_async's AsyncEtcdClient, made on first use (in the event loop)
         self._cache: SortedDict | None = None
-        if cache:
-            self._cache = SortedDict()
-            start = self.prefix
-            end = prefix_end(self.prefix)
-            while True:  # page through the whole namespace (one revision per page is enough: no other writer)
-                page = self.client.range(start, end, limit=LOAD_PAGE)
-                for item in page:
-                    k, v = kv(item)
-                    self._cache[k[len(self.prefix):]] = v
-                if len(page) < LOAD_PAGE:
-                    break
-                start = _unb64(page[-1]["key"]) + b"\0"
+        if loaded is not None:  # a standby's warm copy (meta/etcd_mirror.py), already current
+            self._cache = loaded
+        elif cache:
+            self._cache = load_namespace(self.client, self.prefix)[0]
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> EtcdEngine:
@@ -340,8 +375,10 @@ class EtcdEngine:
                           f"transaction may be (kvfs needs etcd started with {' '.join(ETCD_FLAGS)})")
         return ops, size
 
-    def _send(self, ops: dict[bytes, bytes | None]) -> None:
-        """One fenced transaction. Error handling: see ``write``."""
+    def _txn(self, ops: dict[bytes, bytes | None]) -> dict:
+        """The fenced transaction of ``ops``. Safe to send again to another member after an unknown
+        outcome: only this leader writes (the fence), one transaction at a time, and puts and deletes
+        applied twice leave the same keys."""
         success = [
             {"request_delete_range": {"key": _b64(self.prefix + k)}} if v is None
             else {"request_put": {"key": _b64(self.prefix + k), "value": _b64(v)}}
@@ -350,18 +387,26 @@ class EtcdEngine:
         body: dict = {"success": success}
         if self._fence is not None:
             body["compare"] = [self._fence]
-        try:
-            # Safe to send again to another member after an unknown outcome: only this leader writes
-            # (the fence), one transaction at a time, and puts and deletes applied twice leave the same keys.
-            reply = self.client.call("/v3/kv/txn", body)
-        except OSError as exc:
-            if "too many operations" in str(exc) or "request is too large" in str(exc):
-                raise OSError(errno.EIO, f"{exc} (kvfs needs etcd started with {' '.join(ETCD_FLAGS)})") from None
-            self.broken = f"a write's outcome is unknown ({exc.strerror or exc})"
-            raise OSError(errno.EIO, f"metadata write failed: {exc.strerror or exc}") from None
+        return body
+
+    def _failed(self, exc: OSError) -> OSError:
+        if "too many operations" in str(exc) or "request is too large" in str(exc):
+            return OSError(errno.EIO, f"{exc} (kvfs needs etcd started with {' '.join(ETCD_FLAGS)})")
+        self.broken = f"a write's outcome is unknown ({exc.strerror or exc})"
+        return OSError(errno.EIO, f"metadata write failed: {exc.strerror or exc}")
+
+    def _answered(self, reply: dict) -> None:
         if self._fence is not None and not reply.get("succeeded"):
             self.broken = "this meta is no longer the leader"
             raise Fenced(errno.EIO, "metadata write refused: this meta is no longer the leader")
+
+    def _send(self, ops: dict[bytes, bytes | None]) -> None:
+        """One fenced transaction. Error handling: see ``write``."""
+        try:
+            reply = self.client.call("/v3/kv/txn", self._txn(ops))
+        except OSError as exc:
+            raise self._failed(exc) from None
+        self._answered(reply)
 
     def write(self, batch: Batch) -> None:
         """Apply the batch atomically: at once as one etcd transaction conditional on the fence, or
@@ -389,26 +434,51 @@ class EtcdEngine:
     def unsynced(self) -> bool:
         return bool(self._queue)
 
+    def _take_queue(self) -> Iterator[dict[bytes, bytes | None]]:
+        """Everything queued, in order, whole batches merged into as few transactions as the limits allow."""
+        with self._queue_lock:
+            queue, self._queue = self._queue, []
+        if self.broken:
+            raise OSError(errno.EIO, f"metadata engine stopped: {self.broken}")
+        merged: dict[bytes, bytes | None] = {}
+        size = 0
+        for ops, ops_size in queue:
+            if merged and (len(merged) + len(ops) > self.max_txn_ops or size + ops_size > self.max_request_bytes):
+                yield merged
+                merged, size = {}, 0
+            merged.update(ops)
+            size += ops_size
+        if merged:
+            yield merged
+
     def sync(self) -> None:
-        """``pipelined``: send every queued batch, in order, whole batches merged into as few fenced
-        transactions as the limits allow (group commit over etcd: concurrent clients share a raft round).
-        Otherwise nothing to do: etcd replied to each write after a quorum fsynced it.
-        Error handling: EIO (the engine is then broken)."""
+        """``pipelined``: send every queued batch (``_take_queue``) as fenced transactions (group commit
+        over etcd: concurrent clients share a raft round). Otherwise nothing to do: etcd replied to each
+        write after a quorum fsynced it. Never at the same time as ``sync_async``: the leader calls this
+        one only before it serves and after it stopped. Error handling: EIO (the engine is then broken)."""
         with self._sync_lock:
-            with self._queue_lock:
-                queue, self._queue = self._queue, []
-            if self.broken:
-                raise OSError(errno.EIO, f"metadata engine stopped: {self.broken}")
-            merged: dict[bytes, bytes | None] = {}
-            size = 0
-            for ops, ops_size in queue:
-                if merged and (len(merged) + len(ops) > self.max_txn_ops or size + ops_size > self.max_request_bytes):
-                    self._send(merged)
-                    merged, size = {}, 0
-                merged.update(ops)
-                size += ops_size
-            if merged:
-                self._send(merged)
+            for ops in self._take_queue():
+                self._send(ops)
+
+    async def sync_async(self) -> None:
+        """``sync`` on the trio event loop (meta/etcd_async.py: no worker thread), for group commit.
+        Cancelled while a transaction is out, its outcome is unknown: the engine is then broken.
+        Error handling: as ``sync``."""
+        if self._aclient is None:
+            from kvfs.meta.etcd_async import AsyncEtcdClient  # it imports this module
+
+            self._aclient = AsyncEtcdClient(self.client.endpoints, timeout=self.client.timeout)
+        for ops in self._take_queue():
+            done = False
+            try:
+                reply = await self._aclient.call("/v3/kv/txn", self._txn(ops))
+                done = True
+            except OSError as exc:
+                raise self._failed(exc) from None
+            finally:
+                if not done and not self.broken:
+                    self.broken = "a write's outcome is unknown (cancelled)"
+            self._answered(reply)
 
     def close(self) -> None:
         """Send what is queued (``pipelined``) and close the connections. Error handling: EIO."""
@@ -416,4 +486,15 @@ class EtcdEngine:
             if self.durable and not self.broken:
                 self.sync()
         finally:
+            self.client.close()
+
+    async def aclose(self) -> None:
+        """``close`` on the event loop, for an engine that used ``sync_async`` (its connections live
+        in that trio run). Error handling: EIO."""
+        try:
+            if self.durable and not self.broken:
+                await self.sync_async()
+        finally:
+            if self._aclient is not None:
+                await self._aclient.aclose()
             self.client.close()

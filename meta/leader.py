@@ -6,8 +6,10 @@ three to four times per TTL) with a presence key ``<prefix>/members/<address>``.
 it disappears when the leader dies or is cut off for a TTL. Standbys poll it and campaign when it is
 gone.
 
-A new leader loads the namespace from etcd (``EtcdEngine(cache=True, pipelined=True)``: the leader is
-the only writer, so it serves reads from memory, and its writes reach etcd by group commit), rebuilds what lived only in the old leader's memory the way a restart
+A new leader takes the namespace from its warm standby copy (meta/etcd_mirror.py: loaded once, then
+kept current through etcd's watch; loaded from etcd when the copy cannot catch up) into
+``EtcdEngine(pipelined=True)`` (the leader is the only writer, so it serves reads from memory, and its
+writes reach etcd by group commit), rebuilds what lived only in the old leader's memory the way a restart
 does (write leases of writers with pending chunks, pending chunks from their ``P`` records, id counters
 from the reserved blocks in ``N``, chunk locations from chunkservers re-registering), and fences the
 engine to its leader key's create revision: every transaction is conditional on that key, so a
@@ -30,9 +32,11 @@ import time
 from collections.abc import Callable
 
 import trio
+from sortedcontainers import SortedDict
 
 from kvfs import protocol as P
 from kvfs.meta.engine_etcd import EtcdClient, EtcdEngine, parse_url
+from kvfs.meta.etcd_mirror import Mirror
 from kvfs.rpc import NotLeader, RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
@@ -116,13 +120,15 @@ class HaMeta:
     """One meta process of an HA group: serves as leader or standby on one listening socket."""
 
     def __init__(self, url: str, make_service: Callable[[EtcdEngine], object], *, ttl: int = 5,
-                 advertise: str = "", engine_timeout: float = 5.0, limits: ServerLimits | None = None):
+                 advertise: str = "", engine_timeout: float = 5.0, limits: ServerLimits | None = None,
+                 warm_standby: bool = True):
         self.endpoints, self.root = parse_url(url)
         self.make_service = make_service  # engine -> MetaService (builds the Namespace over the engine)
         self.ttl = max(2, int(ttl))
         self.advertise = advertise
         self.engine_timeout = engine_timeout
         self.limits = limits
+        self.warm_standby = warm_standby
         self.address = ""
         self.election: Election | None = None
         self.leader = ""  # last known leader address
@@ -190,8 +196,18 @@ class HaMeta:
             log.info("meta %s: standing by (etcd %s, prefix %s)", self.address, ",".join(self.endpoints),
                      self.root.decode())
             while True:
-                revision, self.term_lease = await self._campaign()
-                await self._lead(revision)
+                # A standby keeps a warm copy of the namespace (meta/etcd_mirror.py): taking over
+                # is a catch-up to the election's revision, not a load of the whole namespace.
+                mirror = Mirror(self.endpoints, self.root, timeout=self.engine_timeout) if self.warm_standby else None
+                copy = None
+                async with open_nursery() as standby:
+                    if mirror is not None:
+                        standby.start_soon(self._keep_copy, mirror)
+                    revision, self.term_lease = await self._campaign()
+                    if mirror is not None:
+                        copy = await trio.to_thread.run_sync(mirror.take, revision, max(2.0, self.engine_timeout))
+                    standby.cancel_scope.cancel()  # a load still under way finishes alone and is dropped
+                await self._lead(revision, copy)
 
     # ------------------------------------------------------------------ the lease (always, leader or not)
 
@@ -228,6 +244,12 @@ class HaMeta:
 
     # ------------------------------------------------------------------ standby: wait for the leader key
 
+    async def _keep_copy(self, mirror: Mirror) -> None:
+        try:
+            await trio.to_thread.run_sync(mirror.run, abandon_on_cancel=True)
+        except Exception:  # a bug in the copy must not stop the standby: it loads from etcd instead
+            log.exception("meta %s: the standby copy of the namespace failed", self.address)
+
     async def _campaign(self) -> tuple[int, int]:
         """Wait until this process holds the leader key; returns its create revision and its lease."""
         assert self.election is not None
@@ -259,13 +281,16 @@ class HaMeta:
 
     # ------------------------------------------------------------------ leader
 
-    async def _lead(self, revision: int) -> None:
+    async def _lead(self, revision: int, copy: SortedDict | None = None) -> None:
+        """Serve as the leader until the lease or the engine fails. ``copy``: the standby's warm copy of
+        the namespace, current up to ``revision`` (None: load it from etcd)."""
         assert self.election is not None
         election = self.election
         started = time.monotonic()
 
         def load() -> EtcdEngine:  # the network part (the whole namespace) off the event loop
-            engine = EtcdEngine(self.endpoints, self.root, timeout=self.engine_timeout, cache=True, pipelined=True)
+            engine = EtcdEngine(self.endpoints, self.root, timeout=self.engine_timeout, cache=True, pipelined=True,
+                                loaded=copy)
             engine.fence(election.key, revision)
             return engine
 
@@ -285,8 +310,8 @@ class HaMeta:
         self.leading_revision = revision
         self.terms += 1
         handlers, tier = service.build()  # type: ignore[attr-defined]
-        log.info("meta %s: leader (term revision %d), namespace loaded in %.2fs", self.address, revision,
-                 time.monotonic() - started)
+        log.info("meta %s: leader (term revision %d), namespace %s in %.2fs", self.address, revision,
+                 "from the warm standby copy" if copy is not None else "loaded from etcd", time.monotonic() - started)
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(service.run, tier, self.address)  # type: ignore[attr-defined]
@@ -312,6 +337,7 @@ class HaMeta:
         finally:
             self.active = self.warming = None
             self.leading_revision = 0
+            service.commits.close("this meta stepped down before the change reached etcd")  # type: ignore[attr-defined]
             if self.leader == self.address:
                 self.leader = ""
             with trio.CancelScope(shield=True):
@@ -321,7 +347,7 @@ class HaMeta:
     async def _close(self, engine: EtcdEngine) -> None:
         """Close the engine (sending what is queued, fenced: refused if we no longer lead)."""
         try:
-            await trio.to_thread.run_sync(engine.close)
+            await engine.aclose()
         except OSError as exc:
             log.warning("meta %s: closing the metadata engine: %s", self.address, exc)
 

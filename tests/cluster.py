@@ -46,11 +46,16 @@ class Proc:
     args: list[str]
     log_path: str
     popen: subprocess.Popen | None = None
+    # The interpreter (and so the kvfs checkout) that runs it: KVFS_TEST_PYTHON when the Proc was made, so a
+    # benchmark can run a baseline checkout's processes beside this one's.
+    python: str = field(default_factory=lambda: os.environ.get("KVFS_TEST_PYTHON") or sys.executable)
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen([sys.executable, "-m", "kvfs.cli", *self.args], stdout=log, stderr=log,
-                                      start_new_session=True)
+        # Another checkout's interpreter must not import this checkout's kvfs/ from the working directory.
+        cwd = None if self.python == sys.executable else os.path.dirname(os.path.abspath(self.log_path))
+        self.popen = subprocess.Popen([self.python, "-m", "kvfs.cli", *self.args], stdout=log, stderr=log,
+                                      start_new_session=True, cwd=cwd)
         log.close()
 
     def alive(self) -> bool:

@@ -166,6 +166,7 @@ class HaCluster:
     chunkservers: int = 3
     replication: int = 2
     leader_ttl: int = 3  # survives an etcd raft election (about a second) without stepping down
+    meta_args: tuple[str, ...] = ()
     etcd: EtcdCluster | None = None
     meta_procs: list = field(default_factory=list)
     meta_ports: list[int] = field(default_factory=list)
@@ -190,7 +191,7 @@ class HaCluster:
             self.meta_procs.append(Proc(
                 ["meta", "--insecure", "--engine", self.etcd.url(), "--listen", f"127.0.0.1:{port}", "--leader-ttl",
                  str(self.leader_ttl), "--replication", str(self.replication), "--chunk-size", "1M",
-                 "--heartbeat-timeout", "3"], os.path.join(self.root, f"meta{i}.log")))
+                 "--heartbeat-timeout", "3", *self.meta_args], os.path.join(self.root, f"meta{i}.log")))
             self.meta_procs[-1].start()
         self.wait_leader()
         for i in range(self.chunkservers):

@@ -3,9 +3,11 @@ native-client writers; the leader is killed, paused, and etcd loses members (met
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -16,6 +18,7 @@ from etcd import EtcdCluster, HaCluster, etcd_binary
 
 from kvfs import protocol as P
 from kvfs.meta.engine_etcd import EtcdEngine, Fenced
+from kvfs.meta.etcd_mirror import Mirror
 from kvfs.meta.leader import Election
 from kvfs.rpc import NotLeader, RpcClient
 
@@ -85,6 +88,107 @@ def test_etcd_batches_limits_and_pipelined_group_commit(tmp_path):
         assert [k for k, _ in plain.scan(b"k")] == [b"k%d" % i for i in range(1, 6)]
         plain.close()
         engine.close()
+    finally:
+        etcd.stop()
+
+
+def test_etcd_sync_on_the_event_loop_is_fenced_and_ordered(tmp_path):
+    """``sync_async`` (group commit without a worker thread): queued batches reach etcd in order over
+    the trio client; a deposed leader's queue is refused (Fenced); a sync cancelled mid-transaction
+    leaves the engine refusing everything (its outcome is unknown)."""
+    etcd = EtcdCluster(str(tmp_path / "etcd"), size=1).start()
+    try:
+        endpoints = etcd.endpoints
+        old = Election(endpoints, b"/a", "old:1", ttl=2)
+        c = old.client()
+        lease = old.grant(c)
+        rev = old.acquire(c, lease)
+        engine = EtcdEngine(endpoints, b"/a", cache=True, pipelined=True, max_txn_ops=10)
+        engine.fence(old.key, rev)
+        for round_ in range(5):
+            engine.write([(b"k%d" % i, b"%d" % round_) for i in range(6)])
+        engine.write([(b"k0", None), (b"big", b"x" * 100_000)])  # a request and a reply over one segment
+        plain = EtcdEngine(endpoints, b"/a")
+        cancelled = EtcdEngine(endpoints, b"/b", cache=True, pipelined=True)
+
+        async def main():
+            await engine.sync_async()
+            assert not engine.unsynced
+            assert [(k, v) for k, v in plain.scan(b"k")] == [(b"k%d" % i, b"4") for i in range(1, 6)]
+            assert plain.get(b"big") == b"x" * 100_000
+            engine.write([(b"k1", b"5")])
+            c.call("/v3/lease/revoke", {"ID": str(lease)})  # deposed: another meta may lead now
+            with pytest.raises(Fenced):
+                await engine.sync_async()
+            assert plain.get(b"k1") == b"4" and engine.broken
+            await engine.aclose()
+
+            cancelled.write([(b"x", b"1")])
+            with trio.move_on_after(0):  # cancelled at its first checkpoint: the request may be out
+                await cancelled.sync_async()
+            assert cancelled.broken
+            with pytest.raises(OSError):
+                cancelled.get(b"x")
+            await cancelled.aclose()
+
+        trio.run(main)
+        plain.close()
+        c.close()
+    finally:
+        etcd.stop()
+
+
+def test_standby_copy_follows_every_change_and_hands_over_at_the_election_revision(tmp_path):
+    """The warm standby copy (meta/etcd_mirror.py) equals a fresh load of the namespace at the revision
+    the new leader won at, including changes the old leader acknowledged just before it lost the key,
+    deletes, and changes made while the watch was broken or past a compaction (reloaded)."""
+    etcd = EtcdCluster(str(tmp_path / "etcd"), size=3).start()
+    try:
+        endpoints = etcd.endpoints
+        old, new = Election(endpoints, b"/w", "old:1", ttl=2), Election(endpoints, b"/w", "new:1", ttl=2)
+        c = old.client()
+        lease = old.grant(c)
+        rev = old.acquire(c, lease)
+        leader = EtcdEngine(endpoints, b"/w", cache=True, pipelined=True)
+        leader.fence(old.key, rev)
+        leader.write([(b"before-%d" % i, b"%d" % i) for i in range(50)])
+        leader.sync()
+        mirror = Mirror(endpoints, b"/w")
+        follower = threading.Thread(target=mirror.run)
+        follower.start()
+        for i in range(200):  # puts, overwrites and deletes, in batches of several keys
+            leader.write([(b"f%03d" % i, b"v%d" % i), (b"before-%d" % (i % 50), None if i % 3 else b"again%d" % i)])
+            if i % 7 == 0:
+                leader.sync()
+            if i == 100:  # the watch breaks (the member it reads from dies): reopened elsewhere
+                with mirror._cond:
+                    conn = mirror._conn
+                if conn is not None and conn.sock is not None:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+        leader.sync()  # acknowledged just before the old leader loses its key
+        c.call("/v3/lease/revoke", {"ID": str(lease)})
+        won = new.acquire(c, new.grant(c))
+        copy = mirror.take(won, timeout=10)
+        follower.join(10)
+        assert copy is not None and not follower.is_alive()
+        fresh = EtcdEngine(endpoints, b"/w", cache=True)
+        assert dict(copy) == dict(fresh.scan(b"")) and len(copy) > 200
+        assert mirror.events > 0 and mirror.loads == 1
+
+        # A copy that falls behind a compaction is loaded again, then follows on.
+        behind = Mirror(endpoints, b"/w")
+        behind.revision, behind.cache = 1, copy.copy()  # as if stopped at revision 1
+        reply = c.call("/v3/kv/put", {"key": base64.b64encode(b"/w/m/late").decode(), "value": "eA=="})
+        c.call("/v3/kv/compaction", {"revision": reply["header"]["revision"]})
+        follower = threading.Thread(target=behind.run)
+        follower.start()
+        reply = c.call("/v3/kv/put", {"key": base64.b64encode(b"/w/m/later").decode(), "value": "eQ=="})
+        copy = behind.take(int(reply["header"]["revision"]), timeout=10)
+        follower.join(10)
+        assert copy is not None and copy[b"late"] == b"x" and copy[b"later"] == b"y" and behind.loads == 1
+        fresh.close()
+        leader.close()
+        c.close()
     finally:
         etcd.stop()
 
@@ -195,6 +299,10 @@ def test_kill_leader_mid_workload_loses_nothing_and_clients_resume(ha, tmp_path)
     assert max(resumed) < 10.0, (resumed, w.errors[-5:])
     new_leader = ha.leader()
     assert new_leader != leader
+    # The new leader took over from its warm standby copy (meta/etcd_mirror.py), not a reload, and that
+    # copy had every write acknowledged up to the kill.
+    took_over = [line for line in ha.meta_procs[new_leader].log().splitlines() if ": leader (term revision" in line]
+    assert took_over and "from the warm standby copy" in took_over[-1], took_over
     check_acked(ha, w.acked)
     # Every file the mount acknowledged is there through the mount as well.
     for path, data in w.acked.items():
@@ -202,6 +310,33 @@ def test_kill_leader_mid_workload_loses_nothing_and_clients_resume(ha, tmp_path)
             with open(mountpoint + path, "rb") as f:
                 assert f.read() == data
     ha.meta_procs[leader].start()  # back as a standby
+
+
+def test_cold_standby_takes_over_by_loading_the_namespace(tmp_path):
+    """``--cold-standby`` (and a warm copy that cannot catch up) falls back to loading the namespace
+    from etcd: nothing acknowledged is lost either way."""
+    ha = HaCluster(str(tmp_path / "cold"), metas=2, chunkservers=1, replication=1,
+                   meta_args=("--cold-standby",)).start()
+    try:
+        leader = ha.leader()
+        acked = {}
+        with ha.client(timeout=10.0) as c:
+            c.mkdir("/cold", exist_ok=True)
+            for i in range(30):
+                acked[f"/cold/f{i}"] = b"%d" % i
+                c.write_file(f"/cold/f{i}", acked[f"/cold/f{i}"])
+            c.unlink("/cold/f0")
+            del acked["/cold/f0"]
+        ha.meta_procs[leader].kill(signal.SIGKILL)
+        new_leader = ha.wait_leader()
+        assert new_leader != leader
+        took_over = [line for line in ha.meta_procs[new_leader].log().splitlines() if ": leader (term revision" in line]
+        assert took_over and "loaded from etcd" in took_over[-1], took_over
+        check_acked(ha, acked)
+        with ha.client(timeout=10.0) as c:
+            assert sorted(c.listdir("/cold")) == sorted(p.rsplit("/", 1)[1] for p in acked)
+    finally:
+        ha.stop()
 
 
 def test_one_etcd_member_down_service_goes_on(ha):
