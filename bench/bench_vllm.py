@@ -33,12 +33,9 @@ same greedy token as recompute.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -51,7 +48,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, HERE)
 
 from cluster import Cluster
-from mdsection import write_section
+from mdsection import command_line, run_facts, write_section
 
 SECTION = "vLLM: time to first token with a shared prefix (issue 11)"
 LOAD_SECTION = "vLLM: engine start with weights on kvfs (issue 11)"
@@ -175,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        cmd = "python bench/bench_vllm.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        cmd = command_line("bench_vllm.py", argv)
         import torch
         import vllm
 
-        body = (f"## {SECTION}\n\nCommand: `{cmd.strip()}` ({datetime.date.today()}, {platform.node()}, "
-                f"{os.cpu_count()} CPUs, vLLM {vllm.__version__}, torch {torch.__version__}). Model: random bf16 "
+        body = (f"## {SECTION}\n\nCommand: `{cmd.strip()}` ({run_facts()}, "
+                f"vLLM {vllm.__version__}, torch {torch.__version__}). Model: random bf16 "
                 f"Llama, {args.layers} layers, hidden {args.hidden}, 4 KV heads; prompts of {args.prefix} tokens, "
                 f"block size {BLOCK}; TTFT = one `generate` call with `max_tokens=1` in a fresh vLLM process "
                 f"after another process served the same prompts.\n\n{table}\n")
@@ -230,9 +227,9 @@ def loading(args: argparse.Namespace, argv: list[str] | None) -> int:
         import torch
         import vllm
 
-        cmd = "python bench/bench_vllm.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        body = (f"## {LOAD_SECTION}\n\nCommand: `{cmd.strip()}` ({datetime.date.today()}, {platform.node()}, "
-                f"{os.cpu_count()} CPUs, vLLM {vllm.__version__}, torch {torch.__version__}). Model: random bf16 "
+        cmd = command_line("bench_vllm.py", argv)
+        body = (f"## {LOAD_SECTION}\n\nCommand: `{cmd.strip()}` ({run_facts()}, "
+                f"vLLM {vllm.__version__}, torch {torch.__version__}). Model: random bf16 "
                 f"Llama, {args.load_layers} layers, hidden {args.load_hidden}, vocab 32000, {size / 1e9:.2f} GB; "
                 f"runs alternate between loaders; every run answered the same first token.\n\n{table}\n")
         write_section(args.record, LOAD_SECTION, body)

@@ -25,11 +25,8 @@ token for every request.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -39,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
 from bench_vllm import BLOCK, instance, model_and_cluster
-from mdsection import write_section
+from mdsection import command_line, run_facts, write_section
 
 SECTION = "vLLM: hit rate over time, shared prefixes across instances (issue 11)"
 
@@ -139,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         import vllm
 
-        cmd = "python bench/bench_vllm_multi.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        body = (f"## {SECTION}\n\nCommand: `{cmd.strip()}` ({datetime.date.today()}, {platform.node()}, "
-                f"{os.cpu_count()} CPUs, vLLM {vllm.__version__}, torch {torch.__version__}). {args.requests} requests, "
+        cmd = command_line("bench_vllm_multi.py", argv)
+        body = (f"## {SECTION}\n\nCommand: `{cmd.strip()}` ({run_facts()}, "
+                f"vLLM {vllm.__version__}, torch {torch.__version__}). {args.requests} requests, "
                 f"each one of {args.prefixes} shared {args.prefix_tokens}-token prefixes (random) plus its own "
                 f"{args.suffix} tokens, served in order by {args.instances} fresh vLLM processes in turn (A, B, C...: a "
                 f"rolling restart); model: random bf16 Llama, {args.layers} layers, hidden {args.hidden}; block size "

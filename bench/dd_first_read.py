@@ -16,10 +16,7 @@ Needs root (drop_caches) and bindfs. Benchmarks are not tests: nothing here asse
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -31,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
-from mdsection import write_section
+from mdsection import command_line, run_facts, write_section
 from run import bindfs_target, drop_caches, kvfs_target, local_target
 
 from kvfs.config import parse_size
@@ -81,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.record:
         load = os.getloadavg()[0]
-        cmd = "python bench/dd_first_read.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        body = (f"## {SECTION}\n\nCommand: `{cmd.strip()}` ({datetime.date.today()}, {platform.node()}, "
-                f"{os.cpu_count()} CPUs, load average {load:.1f} at the end). `dd if=FILE of=/dev/null bs=1M` of a "
+        cmd = command_line("dd_first_read.py", argv)
+        body = (f"## {SECTION}\n\nCommand: `{cmd.strip()}` ({run_facts()}, "
+                f"load average {load:.1f} at the end). `dd if=FILE of=/dev/null bs=1M` of a "
                 f"{size >> 20} MiB file after `sync` and `echo 3 > /proc/sys/vm/drop_caches`, rounds alternating "
                 f"the target order; kvfs: meta + 1 chunkserver (replication 1, 4 MiB chunks) + `kvfs mount` with "
                 f"default options; bindfs 1.14 of a directory on the same disk. Target: kvfs >= 1.0x bindfs.\n\n"

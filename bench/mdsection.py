@@ -6,6 +6,12 @@ hand-written notes of this section below ``NOTES_MARK``, stay as they are.
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
+import shlex
+import sys
+
 NOTES_MARK = "<!-- notes below are written by hand and kept when the runner rewrites the table -->"
 HEADER = "# kvfs benchmarks\n\nEach section is written by its own runner; see its command line.\n"
 
@@ -29,3 +35,14 @@ def write_section(path: str, section: str, body: str) -> None:
         new = "".join(lines[:start]) + body + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
     with open(path, "w") as f:
         f.write(new)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How to rerun a runner: ``python bench/<script> <its arguments>`` (``argv`` None: this process's)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"bench/{script}", *(shlex.quote(a) for a in args)])
+
+
+def run_facts() -> str:
+    """Date, host and CPU count, for a section's command line."""
+    return f"{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs"
