@@ -527,12 +527,14 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     remote_allow_flag(sp, "none")
     sp.set_defaults(func=cmd_meta)
 
-    sp = sub.add_parser("chunkserver", help="run a chunkserver; `kvfs chunkserver decommission ADDRESS [--cancel]` "
+    sp = sub.add_parser("chunkserver", help="run a chunkserver; `kvfs chunkserver decommission ADDRESS [--cancel | --forget]` "
                         "drains one (admin)")
     sp.add_argument("action", nargs="?", choices=["decommission"], help="drain the chunkserver at ADDRESS: no new "
                     "chunks, its chunks copied to other servers; `kvfs status` says when it is decommissioned")
     sp.add_argument("address", nargs="?", help="with decommission: the server's address as `kvfs status` lists it")
     sp.add_argument("--cancel", action="store_true", help="with decommission: put the server back into placement")
+    sp.add_argument("--forget", action="store_true", help="with decommission: drop a decommissioned server that "
+                    "has been stopped from the cluster's list")
     sp.add_argument("--timeout", type=float, default=10.0, help="with decommission: seconds before meta calls fail")
     sp.add_argument("--meta", default=config.default_meta_address())
     sp.add_argument("--listen", default="0.0.0.0:9500")

@@ -360,6 +360,7 @@ class Decommission(Struct):
 
     address: str
     cancel: bool = False  # put it back into placement
+    forget: bool = False  # drop a decommissioned, stopped server from the cluster's list
 
 
 class ChunkLocations(Struct):

@@ -10,7 +10,8 @@ locations, never stored: if another server dies, a decommissioned one that is st
 to draining until its chunks are safe again.
 
 Error handling: ``start`` raises ENOENT for an unknown address and ENOSPC when draining the server would
-leave fewer live servers than the replication factor.
+leave fewer live servers than the replication factor. ``forget`` (a decommissioned server that has been
+stopped leaves the list) raises EBUSY for any other server.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ class Decommissioner:
         self._states: dict[int, tuple[str, int]] = {}
         self._states_at = float("-inf")
 
-    def start(self, address: str, cancel: bool = False) -> P.ChunkserverInfo:
+    def start(self, address: str, cancel: bool = False, forget: bool = False) -> P.ChunkserverInfo:
         reg = self.registry
         state = next((s for s in reg.servers.values() if s.record.address == address), None)
         if state is None:
             raise error(errno.ENOENT, f"no chunkserver at {address} (kvfs status lists them)")
+        if forget:
+            return self._forget(state)
         if cancel:
             if state.record.drain:
                 self._set(state, "")
@@ -59,6 +62,20 @@ class Decommissioner:
             self._set(state, DRAINING)
             log.info("chunkserver %s: decommissioning (draining %d chunks)", address, state.chunks)
         return next(i for i in self.info() if i.server_id == state.record.server_id)
+
+    def _forget(self, state: ServerState) -> P.ChunkserverInfo:
+        """Drop a decommissioned server that has been stopped from the cluster's list (and its record)."""
+        address = state.record.address
+        if state.record.drain != DECOMMISSIONED or self.registry.is_alive(state):
+            now = "still running" if self.registry.is_alive(state) else f"{state.record.drain or 'not decommissioned'}"
+            raise error(errno.EBUSY, f"chunkserver {address} is {now}: only a decommissioned server that has been "
+                        "stopped can be forgotten")
+        row = next(i for i in self.info() if i.server_id == state.record.server_id)
+        self.registry.forget(state)
+        self._states_at = float("-inf")
+        log.info("chunkserver %s: forgotten (it was decommissioned and stopped)", address)
+        row.state = "forgotten"
+        return row
 
     def _set(self, state: ServerState, drain: str) -> None:
         state.record.drain = drain

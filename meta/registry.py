@@ -69,6 +69,20 @@ class Registry:
         node_id = next(n for n, sid in self.by_node.items() if sid == state.record.server_id)
         self.engine.write([(R.server_key(node_id), R.encode(state.record))])
 
+    def forget(self, state: ServerState) -> None:
+        """Remove a server from the cluster: its record, and it as a holder of any chunk. If it ever
+        registers again it is a new server, and its chunk files are judged like any server's."""
+        sid = state.record.server_id
+        node_id = next(n for n, i in self.by_node.items() if i == sid)
+        self.engine.write([(R.server_key(node_id), None)])
+        del self.by_node[node_id]
+        del self.servers[sid]
+        for holders in self.locations.values():
+            holders.discard(sid)
+        for bad in self.degraded.values():
+            bad.discard(sid)
+        self.suspects = {k: t for k, t in self.suspects.items() if k[0] != sid}
+
     def register(self, req: P.RegisterChunkserver, is_live_chunk) -> P.RegisterReply:
         server_id = self.by_node.get(req.node_id)
         if server_id is None:

@@ -115,7 +115,7 @@ class MetaService:
             P.META_HEARTBEAT: lambda r, _: _now(ns.registry.heartbeat(r, ns.is_live_chunk)),
             P.META_LIST_CHUNKSERVERS: list_servers,
             P.META_REPORT_BAD_CHUNK: report_bad,
-            P.META_DECOMMISSION: lambda r, _: _now(self.decommissioner.start(r.address, r.cancel)),
+            P.META_DECOMMISSION: lambda r, _: _now(self.decommissioner.start(r.address, r.cancel, r.forget)),
             P.META_CHUNK_LOCATIONS: lambda r, _: _now(
                 P.ChunkLocationsReply([ns.registry.replicas_of(c) for c in r.chunk_ids])),
             P.META_KV_EXISTS: lambda r, _: _now(self.kv.exists_under(r.base, r.names, r.leading_only)),

@@ -1,6 +1,7 @@
 """Decommissioning chunkservers (issue 13) with real processes: a draining server gets no new chunks,
 its chunks are copied away until it is `decommissioned`, and then killing it loses nothing. The drain
-state survives a meta restart; unknown servers and drains that would leave too few servers are refused.
+state survives a meta restart; unknown servers and drains that would leave too few servers are refused;
+a decommissioned server that has been stopped can be forgotten (and only such a server).
 (Admin-only: tests/test_tls.py.)"""
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def test_decommissioned_server_can_be_killed_without_losing_data(make_cluster, t
     out = decommission(cl, victim)
     assert out.returncode == 0, out.stderr
     assert f"chunkserver {victim}: " in out.stdout and ("draining" in out.stdout or "decommissioned" in out.stdout)
+    refused = decommission(cl, victim, "--forget")  # still running: cannot be forgotten
+    assert refused.returncode == 1 and "only a decommissioned server that has been stopped" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
     # New chunks never land on it, draining or done.
     fresh = {f"/new{i}": os.urandom(3 * MiB + i) for i in range(4)}
@@ -77,6 +81,19 @@ def test_decommissioned_server_can_be_killed_without_losing_data(make_cluster, t
         with open(mountpoint + path, "rb") as f:
             assert f.read() == data, path
     assert server(cl, victim).state == "decommissioned"  # stopped after it was done: stays so
+
+    # Stopped and decommissioned: an admin drops it from the list; every file still reads back.
+    out = decommission(cl, victim, "--forget")
+    assert out.returncode == 0 and "forgotten" in out.stdout, out.stderr
+    with cl.client(local_reads=False) as c:
+        assert victim not in {s.address for s in c.refresh_servers().servers}
+        for path, data in files.items():
+            assert c.read_file(path) == data, path
+    cl.restart_meta()  # the record is gone for good, not just from memory
+    cl.wait_servers(3)
+    with cl.client(local_reads=False) as c:
+        assert victim not in {s.address for s in c.refresh_servers().servers}
+        assert all(c.read_file(p) == d for p, d in files.items())
 
 
 def test_drain_state_survives_meta_restart_and_can_be_cancelled(make_cluster):
