@@ -45,7 +45,6 @@ interface (hybrid models: Mamba/SWA sidecar pools). ``clear`` leaves kvfs alone 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +58,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from kvfs.engines.guard import Guard
-from kvfs.engines.naming import model_path_level, open_kv_store
+from kvfs.engines.naming import LazyStore, model_path_level
 from kvfs.kv import BlockError, KVLayout, KVStore
 from kvfs.kv.hashing import check_hashes
 from kvfs.kv.layout import dtype_name
@@ -92,9 +91,8 @@ class KvfsHiCacheStorage(HiCacheStorage):
         self._layout: KVLayout | None = None
         self._page_shape: tuple[int, ...] = ()
         self._perm: tuple[int, ...] = ()
-        self._store: KVStore | None = None
-        self._store_lock = threading.Lock()  # SGLang's prefetch and backup threads share the backend
-        self._client: Any = None
+        # SGLang's prefetch and backup threads share the backend (and so the store).
+        self._kv = LazyStore(self._root, model_id, self._meta_addr, self._guard.timeout)
         self._disabled = "" if self._root else 'extra config needs "root"'
         if storage_config.attn_cp_size > 1:
             self._disabled = "attention context parallelism is not supported"
@@ -139,12 +137,8 @@ class KvfsHiCacheStorage(HiCacheStorage):
 
     def _open(self) -> KVStore:
         """The store, opened on first use (inside a guarded call: a dead meta cannot block the engine)."""
-        with self._store_lock:
-            if self._store is None:
-                assert self._layout is not None
-                self._store, self._client = open_kv_store(self._root, self._model_id, self._layout, self._meta_addr,
-                                                          self._client, self._guard.timeout)
-            return self._store
+        assert self._layout is not None
+        return self._kv.get(self._layout)
 
     @property
     def enabled(self) -> bool:
@@ -308,9 +302,5 @@ class KvfsHiCacheStorage(HiCacheStorage):
         return None  # counters go to kvfs (``kvfs status``), not to SGLang's storage metrics
 
     def close(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            self._guard.call(store.close, "close")
-        client, self._client = self._client, None
-        if client is not None:
-            self._guard.call(client.close, "close")
+        for closer in self._kv.take():
+            self._guard.call(closer.close, "close")

@@ -64,7 +64,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvfs.engines.guard import Guard
-from kvfs.engines.naming import model_path_level, open_kv_store
+from kvfs.engines.naming import LazyStore, model_path_level
 from kvfs.engines.pages import PageOrder
 from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
 from kvfs.kv.layout import dtype_name
@@ -123,9 +123,7 @@ class KvfsConnector(KVConnectorBase_V1):
         self._stats_lock = threading.Lock()
         self._guard = Guard(log, timeout=float(extra.get("timeout", 5.0)),
                             retry_after=float(extra.get("retry_after", 10.0)), on_event=self._event)
-        self._store: KVStore | None = None
-        self._store_lock = threading.Lock()
-        self._client: Any = None
+        self._kv = LazyStore(self._root, self._model_id, self._meta_addr, self._guard.timeout)
         parallel = vllm_config.parallel_config
         if role == KVConnectorRole.WORKER:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -169,12 +167,8 @@ class KvfsConnector(KVConnectorBase_V1):
 
     def _open(self) -> KVStore:
         """The store, opened on first use (inside a guarded call: a dead meta cannot block start-up)."""
-        with self._store_lock:
-            if self._store is None:
-                assert self._layout is not None
-                self._store, self._client = open_kv_store(self._root, self._model_id, self._layout, self._meta_addr,
-                                                          self._client, self._guard.timeout)
-            return self._store
+        assert self._layout is not None
+        return self._kv.get(self._layout)
 
     def _event(self, event: dict[str, Any]) -> None:
         if not self._stats_path:
@@ -412,12 +406,8 @@ class KvfsConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
-        with self._store_lock:
-            store, self._store = self._store, None
-            client, self._client = self._client, None
-        for closer in (store, client):
-            if closer is not None:
-                self._guard.call(closer.close, "close")
+        for closer in self._kv.take():
+            self._guard.call(closer.close, "close")
 
 
 def _layout(kv_cache_config: KVCacheConfig, tp_rank: int, tp_size: int) -> tuple[KVLayout, list[str]] | str:
