@@ -59,6 +59,8 @@ def _block_hasher():
 
 
 _BLOCKHASH = _block_hasher()
+# Read and verify in one C call (older builds of the extension lack it).
+_PREADV_VERIFY = getattr(_BLOCKHASH, "preadv_verify", None)
 
 
 def block_checksums(data) -> list[int]:
@@ -222,6 +224,24 @@ def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offse
         tail = memoryview(bytearray(end - offset - length)) if end > offset + length else None
         iov = ([head] if head is not None else []) + [d for d in dests if len(d)] + ([tail] if tail is not None else [])
         want = end - start
+        first, count = start // BLOCK * 8, (end - start + BLOCK - 1) // BLOCK * 8
+        if all_sums is not None:
+            raw = all_sums[first:first + count]
+        else:
+            with open(sums_path, "rb") as f:
+                f.seek(first)
+                raw = f.read(count)
+        if _PREADV_VERIFY is not None:
+            # The common case: read and check in one call without the GIL (kvfs/_blockhash.c).
+            got, bad = _PREADV_VERIFY(fd, start, iov, raw, BLOCK)
+            if got < want:
+                raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
+            if bad >= len(raw) // 8:
+                raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: data not covered by checksums")
+            if bad >= 0:
+                raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: checksum mismatch at block "
+                                               f"{start // BLOCK + bad} (corrupt replica)")
+            return
         got, pos, rest = 0, start, iov
         while rest:  # preadv may stop short (signals); continue after what arrived
             n = os.preadv(fd, rest[:IOV_MAX], pos)
@@ -235,13 +255,6 @@ def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offse
     finally:
         if files is None:
             os.close(fd)
-    first, count = start // BLOCK * 8, (end - start + BLOCK - 1) // BLOCK * 8
-    if all_sums is not None:
-        raw = all_sums[first:first + count]
-    else:
-        with open(sums_path, "rb") as f:
-            f.seek(first)
-            raw = f.read(count)
     verify_views(chunk_id, where, iov, start, parse_sums(raw), chunk_length, raw)
 
 

@@ -15,12 +15,15 @@ from kvfs.chunkio import BLOCK, ChecksumError, OpenChunks, read_local_chunk, ver
 from kvfs.chunkserver.store import block_checksums
 
 
-@pytest.fixture(params=["native", "python"], autouse=True)
+@pytest.fixture(params=["preadv", "native", "python"], autouse=True)
 def hashing(request, monkeypatch):
-    """Every test runs with the C helper (kvfs._blockhash, built by the install) and without it."""
-    if request.param == "native":
-        assert chunkio._BLOCKHASH is not None, "kvfs._blockhash was not built"
-    else:
+    """Every test runs with the C helper (kvfs._blockhash, built by the install): reading and verifying
+    in one call ("preadv") or verifying runs of blocks after a Python read ("native"); and without it."""
+    assert chunkio._BLOCKHASH is not None, "kvfs._blockhash was not built"
+    assert chunkio._PREADV_VERIFY is not None, "kvfs._blockhash lacks preadv_verify"
+    if request.param != "preadv":
+        monkeypatch.setattr(chunkio, "_PREADV_VERIFY", None)
+    if request.param == "python":
         monkeypatch.setattr(chunkio, "_BLOCKHASH", None)
         monkeypatch.setattr(chunkio, "_XXH3", None)
     return request.param
@@ -95,3 +98,32 @@ def test_blocks_straddling_buffers_are_verified(tmp_path):
     data[BLOCK + 3] ^= 0xFF  # inside the block that straddles the second and third view
     with pytest.raises(ChecksumError, match="block 1"):
         verify_views(1, "t", views, 0, sums, len(data))
+
+
+def test_corrupt_block_straddling_destination_buffers(tmp_path):
+    """A read whose destination buffers split checksum blocks: the split block is checked whole."""
+    data = os.urandom(3 * BLOCK)
+    path, sums = write_chunk(tmp_path, data)
+    sizes = [100, BLOCK + 7 - 100, 2 * BLOCK - 7]
+    dests = [memoryview(bytearray(n)) for n in sizes]
+    read_local_chunk(path, sums, 1, "test", 0, dests)
+    assert b"".join(bytes(d) for d in dests) == data
+    with open(path, "r+b") as f:  # block 1 straddles the second and third buffer
+        f.seek(BLOCK + 3)
+        f.write(bytes([data[BLOCK + 3] ^ 0xFF]))
+    with pytest.raises(ChecksumError, match="block 1"):
+        read_local_chunk(path, sums, 1, "test", 0, [memoryview(bytearray(n)) for n in sizes])
+
+
+def test_read_error_is_an_oserror(tmp_path):
+    """A descriptor that cannot be read (a directory): the system's errno, not a checksum error."""
+    data = os.urandom(BLOCK)
+    path, sums = write_chunk(tmp_path, data)
+    files = OpenChunks()
+    fd = os.open(str(tmp_path), os.O_RDONLY)
+    with open(sums, "rb") as f:
+        files._files[path] = (fd, BLOCK, f.read())
+    with pytest.raises(OSError) as info:
+        read_local_chunk(path, sums, 1, "test", 0, [memoryview(bytearray(BLOCK))], files)
+    assert info.value.errno == errno.EISDIR
+    files.close()

@@ -870,3 +870,48 @@ def test_native_get_falls_back_from_a_corrupt_local_replica(cluster):
         flip(ref.replicas[1])
         with pytest.raises((OSError, BlockError)):
             s.get(h)
+
+
+def test_native_batch_reports_each_block_as_it_lands(cluster):
+    """The native backend settles each block of a batch as soon as it has landed (``on_ready``, from the
+    reading thread), once per block: hits, a miss, and a block whose every replica is corrupt (read
+    again through the client, which fails it). The staged route copies each hit as it is reported."""
+    import threading
+
+    from kvfs.chunkserver.store import chunk_path
+
+    with cluster.client() as client:
+        s = KVStore("/kvtest/on-ready", MID, client=client, device_io="staged", concurrency=8)
+        hs = block_hashes(range(16 * 5), 16, salt="ready")
+        s.put_many([(h, block_for(MID, h)) for h in hs[:4]])  # hs[4]: never stored
+        servers = {x.address: x.data_dir for x in client.refresh_servers().servers}
+        ref = client.chunk_map(client.resolve(s.path(hs[2])).ino).chunks[0]
+        for address in ref.replicas:
+            with open(chunk_path(servers[address], ref.chunk_id), "r+b") as f:
+                f.seek(40_000)
+                byte = f.read(1)
+                f.seek(40_000)
+                f.write(bytes([byte[0] ^ 0x10]))
+        calls = []
+        real = s.backend.read_many
+
+        def spy(jobs, on_ready=None):
+            def record(i, res):
+                calls.append((i, threading.current_thread() is threading.main_thread(), res))
+                on_ready(i, res)
+
+            return real(jobs, record)
+
+        s.backend.read_many = spy
+        outs = _outs(MID, 5)
+        with pytest.raises((OSError, BlockError)):
+            s.get_many(hs[:5], outs)
+        assert sorted(i for i, _, _ in calls) == [0, 1, 2, 3, 4]
+        by_index = {i: (main, res) for i, main, res in calls}
+        for i in (0, 1, 3):
+            main, res = by_index[i]
+            assert not main and res.payload_done  # settled by the thread that read it
+            assert torch.equal(_as_block(outs[i], MID), block_for(MID, hs[i]))
+        assert isinstance(by_index[2][1], OSError)
+        assert by_index[4][1] is None
+        s.close()

@@ -12,7 +12,7 @@ Error handling: primitives raise ``OSError`` with an errno; ``read`` returns Non
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +20,8 @@ from typing import Protocol
 # of the payload), and the rest of the payload straight into the caller's tensors from this offset,
 # which is a multiple of the client's 64 KiB checksum block so the chunk reads need no bounce buffer.
 SCRATCH = 64 << 10
+
+OnReady = Callable[[int, "ReadResult | None | OSError"], None]
 
 
 @dataclass
@@ -54,8 +56,11 @@ class Backend(Protocol):
     def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
         """``put(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot."""
 
-    def read_many(self, jobs: Sequence[tuple]) -> list[ReadResult | None | OSError]:
-        """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot."""
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None) -> list[ReadResult | None | OSError]:
+        """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot.
+        ``on_ready(i, result)``, if given, is called once per job as soon as that job's result is final,
+        from whichever thread finished it, so a caller can use each block while others still read (the
+        staged GPU route starts each block's copy then). It must not raise."""
 
     def close(self) -> None: ...
 

@@ -16,13 +16,13 @@ payload reaches ``out``:
   (pending kernels may still use ``out``); kvikio's reads are complete when the call returns.
 * **staged** (any ``out``): the payload is read into a reusable host staging buffer (pinned when CUDA
   is available), verified there exactly as on the host route, then copied into ``out``: for CUDA, with
-  ``copy_(non_blocking=True)`` on a side stream that first waits for the device's current stream; the
-  call synchronizes before it returns. A batch is read in windows of ``concurrency`` blocks
-  (concurrent within a window; the copies of one window overlap the reads of the next), so staging
-  memory is at most ``2 x concurrency`` blocks per ``get_many`` call in flight; buffers are reused
-  across calls and freed by ``KVStore.close``. A window's payload checksums are computed on threads
-  (xxh3 runs without the GIL; so are the host route's for a batch). Works with both backends (the
-  native client reads straight into the staging buffer).
+  ``copy_(non_blocking=True)`` on a side stream that first waits for the caller's current stream; the
+  call synchronizes before it returns. Each block is verified and its copy started as soon as it has
+  landed, in the thread that read it (the backend's ``on_ready``), so copies overlap the reads of the
+  rest of the batch. A batch is read in windows of ``concurrency`` blocks (concurrent within a
+  window), so staging memory is at most ``2 x concurrency`` blocks per ``get_many`` call in flight;
+  buffers are reused across calls and freed by ``KVStore.close``. Works with both backends (the native
+  client reads straight into the staging buffer).
 
 ``KVStore(device_io=...)`` picks, per block, by its ``out`` tensors' device (``choose_route``):
 
@@ -303,7 +303,9 @@ class DeviceIO:
         w = self.window
         bufs = self.pool.take(min(len(jobs), 2 * w))
         copied: list[list[Any]] = [[] for _ in bufs]  # per buffer: CUDA events of the copies out of it
-        streams: dict[Any, Any] = {}
+        pending: list[Any] = []  # every copy's event: waited for before returning
+        after = self._caller_events(jobs)
+        lock = threading.Lock()
         results: list[Any] = []
         try:
             for start in range(0, len(jobs), w):
@@ -313,23 +315,55 @@ class DeviceIO:
                     for ev in copied[b]:
                         ev.synchronize()  # the copy out of this buffer two windows ago is done
                     copied[b] = []
+                done: list[Any] = [None] * len(window)
+                seen = [False] * len(window)
+
+                def ready(k: int, res: Any, window=window, idx=idx, done=done, seen=seen) -> None:
+                    # As each block lands (in the thread that read it): verify it, start its copy.
+                    j, b = window[k], idx[k]
+                    seen[k] = True
+                    try:
+                        r = _finish(check, j, res, [bufs[b].view])
+                        if r is j.target.out:
+                            ev = self._copy(bufs[b].tensor, j.target, after)
+                            if ev is not None:
+                                with lock:
+                                    copied[b].append(ev)
+                                    pending.append(ev)
+                    except Exception as exc:  # noqa: BLE001  (reported in the block's slot)
+                        r = exc
+                    done[k] = r
+
                 reads = backend.read_many([(j.path, j.expect_size, j.header_len, [bufs[b].view], j.touch_before_ns)
-                                           for j, b in zip(window, idx)])
-                done = self._finish_all(check, [(j, res, [bufs[b].view]) for j, b, res in zip(window, idx, reads)])
-                for j, b, r in zip(window, idx, done):
-                    if r is j.target.out:
-                        ev = self._copy(bufs[b].tensor, j.target, streams)
-                        if ev is not None:
-                            copied[b].append(ev)
-                    results.append(r)
+                                           for j, b in zip(window, idx)], ready)
+                for k, res in enumerate(reads):
+                    if not seen[k]:  # a backend that did not report this one as it landed
+                        ready(k, res)
+                results += done
         finally:
-            for s in streams.values():
-                s.synchronize()
+            for ev in pending:
+                ev.synchronize()
             self.pool.give(bufs)
         return results
 
-    def _copy(self, src: Any, target: Target, streams: dict[Any, Any]) -> Any:
-        """Copy one staged payload into ``target``'s tensors; for CUDA, the event after the copies."""
+    def _caller_events(self, jobs: Sequence[ReadJob]) -> dict[Any, Any]:
+        """Per CUDA device of ``jobs``: an event on the caller's current stream. Copies (from reader
+        threads, on their own streams) wait for it: kernels the caller queued may still use ``out``."""
+        devices = {j.target.device for j in jobs if j.target.device.type == "cuda"}
+        if not devices:
+            return {}
+        import torch
+
+        events = {}
+        for dev in devices:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            events[dev] = ev
+        return events
+
+    def _copy(self, src: Any, target: Target, after: dict[Any, Any]) -> Any:
+        """Copy one staged payload into ``target``'s tensors; for CUDA, on this thread's side stream
+        after ``after[device]``, returning the event after the copies."""
         import torch
 
         if target.device.type == "cpu":
@@ -339,22 +373,20 @@ class DeviceIO:
                 dst.copy_(src[pos:pos + dst.numel()])
                 pos += dst.numel()
             return None
-        s = streams.get(target.device)
-        if s is None:
-            per_thread = self._local.__dict__.setdefault("streams", {})
+        per_thread = self._local.__dict__.setdefault("streams", {})
+        with torch.cuda.device(target.device):
             s = per_thread.get(target.device)
             if s is None:
                 s = per_thread[target.device] = torch.cuda.Stream(target.device)
-            s.wait_stream(torch.cuda.current_stream(target.device))
-            streams[target.device] = s
-        with torch.cuda.stream(s):
-            pos = 0
-            for t in target.tensors:
-                dst = _bytes(t)
-                dst.copy_(src[pos:pos + dst.numel()], non_blocking=True)
-                pos += dst.numel()
-            ev = torch.cuda.Event()
-            ev.record(s)
+            s.wait_event(after[target.device])
+            with torch.cuda.stream(s):
+                pos = 0
+                for t in target.tensors:
+                    dst = _bytes(t)
+                    dst.copy_(src[pos:pos + dst.numel()], non_blocking=True)
+                    pos += dst.numel()
+                ev = torch.cuda.Event()
+                ev.record(s)
         return ev
 
     def _finish_all(self, check: Check, items: list[tuple[ReadJob, Any, list[memoryview] | None]]) -> list[Any]:
