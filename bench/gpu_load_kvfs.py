@@ -10,6 +10,9 @@ warm (every source read once before timing):
 * ``local``: the model directory on local disk (the ceiling, not a kvfs figure);
 * ``kvfs-native``: the same files in kvfs through ``SyncClient``, chunk files read directly on this host
   (short-circuit);
+* ``kvfs-native-kvikio``: the same client, ``LoadOptions(use_kvikio=True)``: kvikio reads the file's
+  chunk files on this host by path (``kvfs.chunkfiles``; the one route whose bytes skip the chunk
+  checksums, documented there);
 * ``kvfs-tcp``: the same with ``ClientOptions(local_reads=False)`` (chunk data over loopback TCP),
   received in ``--read-threads`` worker threads (kvfs/rpc_blocking.py);
 * ``kvfs-tcp-loop``: TCP received on the client's event loop (``thread_read_min=0``: the path before);
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 return load_safetensors(str(model), device=args.device, options=opts)
             if source.startswith("kvfs-mount"):
                 return load_safetensors(os.path.join(mountpoint, "m"), device=args.device, options=opts)
-            return load_safetensors("/m", device=args.device, client=clients[source])
+            return load_safetensors("/m", device=args.device, client=clients[source.removesuffix("-kvikio")],
+                                    options=opts)
 
         ref = digest(load("local"))
         for s in sources:  # warm every source's page cache, and check bit-exactness once

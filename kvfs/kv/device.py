@@ -55,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from kvfs.gds import is_kvfs_mount, kvikio_available, kvikio_settings
+from kvfs.gds import is_kvfs_mount, kvikio_available, kvikio_settings, wait_all
 from kvfs.kv.backend import Backend, ReadResult
 from kvfs.kv.block import BlockError, byte_view, check_tensors
 from kvfs.kv.layout import KVLayout
@@ -287,17 +287,7 @@ class DeviceIO:
                 n = t.numel() * t.element_size()
                 futures.append(cf.pread(_bytes(t), n, pos))
                 pos += n
-            got, first_error = 0, None
-            for fut in futures:  # wait for every read, even after an error: they write into ``out``
-                try:
-                    got += fut.get()
-                except Exception as exc:  # noqa: BLE001
-                    first_error = first_error or exc
-        if first_error is not None:
-            if isinstance(first_error, OSError):
-                raise first_error
-            raise OSError(errno.EIO, f"kvikio read of {path} failed: {first_error}") from first_error
-        return got
+            return wait_all(futures, f"kvikio read of {path}")
 
     def _read_staged(self, backend: Backend, jobs: Sequence[ReadJob], check: Check) -> list[Any]:
         w = self.window

@@ -26,6 +26,7 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Protocol
 
+from kvfs.chunkfiles import ChunkFiles
 from kvfs.chunkio import OpenChunks, read_local_chunk
 
 if TYPE_CHECKING:
@@ -164,6 +165,16 @@ class ClientFileReader:
             found = client.call(_local_chunks, client.client, attr.ino)
             if found is not None and any(v is not None for v in found[1].values()):
                 self._chunk_size, self._local = found
+
+    def chunk_files(self, open_file) -> ChunkFiles | None:
+        """The file as its chunk files on this host, for kvikio (``kvfs.chunkfiles``: reads that skip the
+        chunk checksums), or None when some chunk has no replica here or short-circuit reads are off."""
+        if self._local is None or self.size == 0:
+            return None
+        count = (self.size + self._chunk_size - 1) // self._chunk_size
+        if any(self._local.get(i) is None for i in range(count)):
+            return None
+        return ChunkFiles(self.name, self._chunk_size, dict(self._local), self.size, open_file)
 
     def readv_into(self, offset: int, bufs: list[memoryview]) -> None:
         if self._local is not None:
