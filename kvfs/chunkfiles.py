@@ -40,6 +40,8 @@ class PosixFile:
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def pread(self, buf: Any, n: int, offset: int) -> _Done:
+        if hasattr(buf, "numpy"):  # a CPU torch tensor (kvikio takes tensors too)
+            buf = buf.numpy()
         view = memoryview(buf).cast("B")[:n]
         got = 0
         while got < n:
@@ -75,12 +77,12 @@ class ChunkFiles:
     """One kvfs file's chunk files on this host. Thread-safe; ``close`` closes what it opened."""
 
     def __init__(self, name: str, chunk_size: int, local: dict[int, LocalChunk | None], size: int,
-                 open_file: Callable[[str], Any]):
+                 open_file: Callable[[str], Any] = PosixFile):
         self.name = name
         self.chunk_size = chunk_size
         self.size = size
         self._local = local
-        self._open_file = open_file
+        self.open_file = open_file  # may be replaced before the first read (kvfs.kv.device sets kvikio's)
         self._open: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -109,7 +111,7 @@ class ChunkFiles:
         with self._lock:
             f = self._open.get(path)
             if f is None:
-                f = self._open[path] = self._open_file(path)
+                f = self._open[path] = self.open_file(path)
             return f
 
     def pread(self, buf: Any, n: int, offset: int) -> _Pending:

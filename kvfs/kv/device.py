@@ -6,13 +6,15 @@ payload reaches ``out``:
 
 * **host** (CPU ``out``): the backend reads the payload straight into ``out``'s memory; the payload
   checksum is verified there. This is the path of ``kvfs.kv.store`` and ``posix``/``native``.
-* **kvikio** (CUDA ``out``, directory store, kvikio importable): ``kvikio.CuFile.pread`` reads the
-  payload from the file straight into ``out`` (GPUDirect Storage where the system has it, else kvikio's
+* **kvikio** (CUDA ``out``, kvikio importable): ``kvikio.CuFile.pread`` reads the payload from the
+  block file (a directory store), or from the block's chunk files on this host (the native client,
+  ``kvfs.chunkfiles``; only when asked for with ``device_io="kvikio"``, ENXIO if a chunk is elsewhere),
+  straight into ``out`` (GPUDirect Storage where the system has it, else kvikio's
   POSIX compat mode through its own pinned bounce buffers; compat mode is always on for a FUSE path,
   ``kvfs.gds``). The payload's xxh3 is **not** recomputed: its bytes never sit in host memory where
   that is cheap. What still guards them: the header check, the file size, and, on the kvfs mount, the
   mount's client, which verifies every 64 KiB of every chunk it serves against the chunk checksums (a
-  local-disk store has no such check). Before writing, the device's current stream is synchronized
+  local-disk store and the native client's chunk files have no such check). Before writing, the device's current stream is synchronized
   (pending kernels may still use ``out``); kvikio's reads are complete when the call returns.
 * **staged** (any ``out``): the payload is read into a reusable host staging buffer (pinned when CUDA
   is available), verified there exactly as on the host route, then copied into ``out``: for CUDA, with
@@ -30,8 +32,8 @@ payload reaches ``out``:
   skipping the payload checksum gives nothing up (``verify=False``, or the root is on a kvfs mount,
   whose client verifies every byte); else staged. So the default never drops a check that nothing
   else makes.
-* ``"kvikio"``: CUDA -> kvikio always (payload not re-verified, as above); CPU -> host. ImportError at
-  construction if kvikio does not import, ValueError with a client (kvikio reads files by path).
+* ``"kvikio"``: CUDA -> kvikio always (payload not re-verified, as above), with a client too (its chunk
+  files); CPU -> host. ImportError at construction if kvikio does not import.
 * ``"staged"``: every block staged, CPU ``out`` too (a plain copy): the same code path with or without a
   GPU, which is how CI tests it.
 
@@ -55,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from kvfs.chunkfiles import ChunkFiles
 from kvfs.gds import is_kvfs_mount, kvikio_available, kvikio_settings, wait_all
 from kvfs.kv.backend import Backend, ReadResult
 from kvfs.kv.block import BlockError, byte_view, check_tensors
@@ -172,9 +175,6 @@ class DeviceIO:
         if device_io not in DEVICE_IO:
             raise ValueError(f"device_io must be one of {', '.join(map(repr, DEVICE_IO))}, not {device_io!r}")
         if device_io == KVIKIO:
-            if not directory:
-                raise ValueError("device_io='kvikio' reads block files by path: it needs a directory store "
-                                 "(client=None, e.g. the kvfs mount); use 'staged' with a client")
             try:
                 import kvikio  # noqa: F401
             except Exception as exc:  # ImportError, or a missing libcufile/libcudart underneath
@@ -197,7 +197,7 @@ class DeviceIO:
     @functools.cached_property
     def kvikio_ok(self) -> bool:
         """The kvikio route is possible: a directory store and kvikio imports."""
-        return self.directory and (self.mode == KVIKIO or kvikio_available())
+        return self.mode == KVIKIO or (self.directory and kvikio_available())
 
     @functools.cached_property
     def verified_in_transit(self) -> bool:
@@ -247,8 +247,10 @@ class DeviceIO:
             return (job.path, job.expect_size, job.header_len, t.views, job.touch_before_ns)
         path, tensors = job.path, t.tensors
 
-        def land(fd: int, offset: int) -> int:
-            return self._kvikio_read(path, fd, offset, tensors)
+        def land(src: int | ChunkFiles, offset: int) -> int:
+            if isinstance(src, ChunkFiles):  # the native client: the block's chunk files on this host
+                return self._kvikio_chunks(src, offset, tensors)
+            return self._kvikio_read(path, src, offset, tensors)
 
         return (job.path, job.expect_size, job.header_len, [], job.touch_before_ns, land)
 
@@ -281,13 +283,32 @@ class DeviceIO:
             a, b = os.fstat(fd), os.fstat(cf.fileno())
             if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
                 raise OSError(errno.ESTALE, f"{path} was replaced while it was read")
-            futures = []
-            pos = offset
-            for t in tensors:
-                n = t.numel() * t.element_size()
-                futures.append(cf.pread(_bytes(t), n, pos))
-                pos += n
-            return wait_all(futures, f"kvikio read of {path}")
+            return self._pread_tensors(cf, offset, tensors, path)
+
+    def _kvikio_chunks(self, chunks: ChunkFiles, offset: int, tensors: Sequence[Any]) -> int:
+        """kvikio reads of a block's payload from its chunk files (kvfs.chunkfiles) into ``tensors``."""
+        import kvikio
+        import kvikio.defaults
+
+        path = chunks.first_path or chunks.name
+
+        def open_file(p: str) -> Any:
+            with _kvikio_open, kvikio.defaults.set(kvikio_settings(p)):
+                return kvikio.CuFile(p, "r")
+
+        chunks.open_file = open_file
+        return self._pread_tensors(chunks, offset, tensors, path)
+
+    @staticmethod
+    def _pread_tensors(f: Any, offset: int, tensors: Sequence[Any], what: str) -> int:
+        """``f.pread`` (kvikio's shape) of consecutive payload bytes from ``offset`` into each tensor."""
+        futures = []
+        pos = offset
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            futures.append(f.pread(_bytes(t), n, pos))
+            pos += n
+        return wait_all(futures, f"kvikio read of {what}")
 
     def _read_staged(self, backend: Backend, jobs: Sequence[ReadJob], check: Check) -> list[Any]:
         w = self.window
