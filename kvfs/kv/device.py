@@ -188,6 +188,7 @@ class DeviceIO:
         self.window = max(1, concurrency)
         self.pool = StagingPool(layout.nbytes)
         self._kvikio_threads_set = False
+        self._chunk_settings: dict[str, Any] | None = None  # kvikio settings for the native client's chunk files
         self._verifier: ThreadPoolExecutor | None = None  # checks a batch's payloads in parallel
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: device -> side stream for staged copies
@@ -291,9 +292,12 @@ class DeviceIO:
         import kvikio.defaults
 
         path = chunks.first_path or chunks.name
+        if self._chunk_settings is None:  # chunk directories are local disks: resolved once, not per file
+            self._chunk_settings = kvikio_settings(path)
+        settings = self._chunk_settings
 
         def open_file(p: str) -> Any:
-            with _kvikio_open, kvikio.defaults.set(kvikio_settings(p)):
+            with _kvikio_open, kvikio.defaults.set(settings):
                 return kvikio.CuFile(p, "r")
 
         chunks.open_file = open_file
