@@ -78,6 +78,16 @@ def _address(view: memoryview) -> int | None:
     return ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
 
 
+def xxh3_64(data) -> int:
+    """XXH3-64 of a buffer, without the GIL where the C function is reachable and the buffer writable
+    (python-xxhash holds the GIL while it hashes, so threads hashing big payloads queue on it)."""
+    view = memoryview(data).cast("B")
+    base = _address(view)
+    if base is None:
+        return xxhash.xxh3_64_intdigest(view)
+    return _XXH3(base, len(view))
+
+
 def parse_sums(raw: bytes) -> list[int]:
     """A chunk's checksum file (or part of it): little-endian u64 per block."""
     return list(struct.unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
