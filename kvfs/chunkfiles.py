@@ -73,6 +73,75 @@ class _Pending:
         return wait_all(self._futures, "chunk file read")
 
 
+class OpenFileCache:
+    """Open files shared by many ``ChunkFiles`` (a ``kvikio.CuFile`` open costs two ``open`` calls and
+    kvikio's set-up, and a KV batch touches dozens of chunk files): used as their ``open_file``, it
+    hands out leases on one handle per path. A lease's ``close`` returns it; handles nobody holds are
+    closed, least recently used first, beyond ``capacity``. A committed chunk file never changes, so a
+    kept handle reads the same bytes as a fresh one; a deleted one keeps its inode until closed."""
+
+    def __init__(self, open_file: Callable[[str], Any], capacity: int = 1024):
+        self._open_file = open_file
+        self.capacity = capacity
+        self._files: dict[str, list] = {}  # path -> [handle, leases held]; insertion order = recency
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str) -> _Lease:
+        with self._lock:
+            entry = self._files.pop(path, None)
+            if entry is not None:
+                self._files[path] = entry  # most recently used last
+                entry[1] += 1
+                return _Lease(self, path, entry[0])
+        handle = self._open_file(path)
+        with self._lock:
+            entry = self._files.get(path)
+            if entry is None:
+                entry = self._files[path] = [handle, 0]
+            else:  # another thread opened it meanwhile: use theirs
+                handle.close()
+            entry[1] += 1
+            self._trim()
+            return _Lease(self, path, entry[0])
+
+    def _release(self, path: str) -> None:
+        with self._lock:
+            entry = self._files.get(path)
+            if entry is not None:
+                entry[1] -= 1
+            self._trim()
+
+    def _trim(self) -> None:
+        over = len(self._files) - self.capacity
+        if over <= 0:
+            return
+        for path in [p for p, e in self._files.items() if e[1] == 0][:over]:
+            self._files.pop(path)[0].close()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def close(self) -> None:
+        """Close every handle nobody holds (call when no read is in flight)."""
+        with self._lock:
+            idle = [p for p, e in self._files.items() if e[1] == 0]
+            for path in idle:
+                self._files.pop(path)[0].close()
+
+
+class _Lease:
+    def __init__(self, cache: OpenFileCache, path: str, handle: Any):
+        self._cache, self._path, self._handle = cache, path, handle
+
+    def pread(self, buf: Any, n: int, offset: int) -> Any:
+        return self._handle.pread(buf, n, offset)
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache._release(self._path)
+            self._cache = None
+
+
 class ChunkFiles:
     """One kvfs file's chunk files on this host. Thread-safe; ``close`` closes what it opened."""
 

@@ -403,3 +403,41 @@ def test_fuse_mount_bit_exact(mounted: Any, tmp_path: Path) -> None:
     assert_same(load_safetensors(shard_dir, options=SMALL), ref)
     # kvikio must run in compat mode on a FUSE path: the loader tells a mount path from a local one.
     assert is_fuse(str(remote)) and not is_fuse(str(local))
+
+
+def test_open_file_cache_shares_handles_and_closes_idle_ones(tmp_path: Path) -> None:
+    """kvfs.chunkfiles.OpenFileCache: one handle per path however many leases; handles in use are never
+    closed; idle ones beyond the capacity are, least recently used first; reads go to the handle."""
+    from kvfs.chunkfiles import OpenFileCache, PosixFile
+
+    opened, closed = [], []
+
+    class Counting(PosixFile):
+        def __init__(self, path: str):
+            super().__init__(path)
+            opened.append(path)
+
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"c{i}"
+        p.write_bytes(bytes([i]) * 100)
+        paths.append(str(p))
+    cache = OpenFileCache(Counting, capacity=2)
+    a, b = cache(paths[0]), cache(paths[0])
+    assert opened == [paths[0]]  # one open for two leases
+    buf = bytearray(10)
+    assert a.pread(buf, 10, 5).get() == 10 and buf == bytes([0]) * 10
+    held = [cache(p) for p in paths[1:]]  # 4 files in use: over capacity, nothing may close
+    assert len(cache) == 4 and closed == []
+    for lease in held:
+        lease.close()
+    assert len(cache) == 2 and len(closed) == 2  # two idle ones went; paths[0] is still held
+    a.close()
+    b.close()
+    b.close()  # a second close of a lease is harmless
+    cache.close()
+    assert len(cache) == 0 and len(closed) == 4

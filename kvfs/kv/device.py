@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from kvfs.chunkfiles import ChunkFiles
+from kvfs.chunkfiles import ChunkFiles, OpenFileCache
 from kvfs.gds import is_kvfs_mount, kvikio_available, kvikio_settings, wait_all
 from kvfs.kv.backend import Backend, ReadResult
 from kvfs.kv.block import BlockError, byte_view, check_tensors
@@ -188,7 +188,7 @@ class DeviceIO:
         self.window = max(1, concurrency)
         self.pool = StagingPool(layout.nbytes)
         self._kvikio_threads_set = False
-        self._chunk_settings: dict[str, Any] | None = None  # kvikio settings for the native client's chunk files
+        self._chunk_files: OpenFileCache | None = None  # the native client's chunk files, open in kvikio
         self._verifier: ThreadPoolExecutor | None = None  # checks a batch's payloads in parallel
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: device -> side stream for staged copies
@@ -287,21 +287,23 @@ class DeviceIO:
             return self._pread_tensors(cf, offset, tensors, path)
 
     def _kvikio_chunks(self, chunks: ChunkFiles, offset: int, tensors: Sequence[Any]) -> int:
-        """kvikio reads of a block's payload from its chunk files (kvfs.chunkfiles) into ``tensors``."""
-        import kvikio
-        import kvikio.defaults
+        """kvikio reads of a block's payload from its chunk files (kvfs.chunkfiles) into ``tensors``;
+        the files stay open across calls (``OpenFileCache``), closed by ``close``."""
+        with self._lock:
+            if self._chunk_files is None:
+                import kvikio
+                import kvikio.defaults
 
-        path = chunks.first_path or chunks.name
-        if self._chunk_settings is None:  # chunk directories are local disks: resolved once, not per file
-            self._chunk_settings = kvikio_settings(path)
-        settings = self._chunk_settings
+                # Chunk directories are local disks: the settings are resolved once, not per file.
+                settings = kvikio_settings(chunks.first_path or chunks.name)
 
-        def open_file(p: str) -> Any:
-            with _kvikio_open, kvikio.defaults.set(settings):
-                return kvikio.CuFile(p, "r")
+                def open_file(p: str) -> Any:
+                    with _kvikio_open, kvikio.defaults.set(settings):
+                        return kvikio.CuFile(p, "r")
 
-        chunks.open_file = open_file
-        return self._pread_tensors(chunks, offset, tensors, path)
+                self._chunk_files = OpenFileCache(open_file)
+        chunks.open_file = self._chunk_files
+        return self._pread_tensors(chunks, offset, tensors, chunks.first_path or chunks.name)
 
     @staticmethod
     def _pread_tensors(f: Any, offset: int, tensors: Sequence[Any], what: str) -> int:
@@ -416,6 +418,8 @@ class DeviceIO:
 
     def close(self) -> None:
         self.pool.close()
+        if self._chunk_files is not None:
+            self._chunk_files.close()
         with self._lock:
             verifier, self._verifier = self._verifier, None
         if verifier is not None:

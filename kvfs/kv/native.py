@@ -286,13 +286,28 @@ class NativeBackend:
             return None
         attr = info.attr
         head = memoryview(bytearray(min(attr.size, max(SCRATCH, header_len))))
-        await self._fetch_ranges(info, [(0, head)])
         if attr.size != expect_size or len(head) < header_len:
+            await self._fetch_ranges(info, [(0, head)])
             return ReadResult(head, attr.size, attr.atime_ns, False)
         local = {c.index: self.c.local_chunk(c) for c in info.chunks}
         chunks = ChunkFiles(path, info.chunk_size, local, attr.size)
+        head_pieces = self._local_pieces(_merge_pieces(_split_at_chunks(info, [(0, head)])))
+
+        def work() -> int | None:
+            # One thread hop for the head (read and verified here) and the payload (``land``).
+            if head_pieces is not None:
+                try:
+                    for lc, in_chunk, dests, _n in head_pieces:
+                        read_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, in_chunk, dests)
+                except OSError:
+                    return None  # the client's path below fails over and reports the replica
+            return land(chunks, header_len)
+
         try:
-            got = await trio.to_thread.run_sync(land, chunks, header_len, limiter=self.c._io)
+            got = await trio.to_thread.run_sync(work, limiter=self.c._io) if head_pieces is not None else None
+            if got is None:
+                await self._fetch_ranges(info, [(0, head)])
+                got = await trio.to_thread.run_sync(land, chunks, header_len, limiter=self.c._io)
         finally:
             chunks.close()
         if got != expect_size - header_len:
