@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", default="local,kvfs-native,kvfs-tcp")
     p.add_argument("--read-threads", type=int, default=8, help="ClientOptions.read_threads for kvfs-tcp")
     p.add_argument("--out", default=".")
+    p.add_argument("--load-threads", type=int, default=0, help="LoadOptions.threads (0: its default)")
     p.add_argument("--cold", action="store_true",
                    help="sync and drop the page cache before every timed load; adds the 'disk' row")
     args = p.parse_args(argv)
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def load(source: str):
             opts = LoadOptions(use_kvikio=source.endswith("-kvikio"))
+            if args.load_threads:
+                opts.threads = args.load_threads
             if source.startswith("local"):
                 return load_safetensors(str(model), device=args.device, options=opts)
             if source.startswith("kvfs-mount"):
