@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = LoadOptions(use_kvikio=source.endswith("-kvikio"))
             if args.load_threads:
                 opts.threads = args.load_threads
+                opts.pinned_buffers = max(opts.pinned_buffers, args.load_threads)  # one per thread
             if source.startswith("local"):
                 return load_safetensors(str(model), device=args.device, options=opts)
             if source.startswith("kvfs-mount"):
