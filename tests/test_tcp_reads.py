@@ -148,3 +148,42 @@ def test_loader_reader_reads_chunks_over_tcp_from_its_own_threads(cluster):
                 span(i)
         assert exc.value.errno == errno.EIO
         reader.close()
+
+
+def test_a_peer_that_stalls_mid_data_times_out(tmp_path):
+    """A hostile or hung peer that announces 4 MiB of chunk data, sends part of it and stops: the
+    blocking receive (MSG_WAITALL, bounded by SO_RCVTIMEO) gives up at the client's timeout with EIO,
+    never hangs."""
+    import threading
+    import time
+
+    from kvfs import protocol as P
+    from kvfs.rpc_blocking import BlockingChunkClient
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    release = threading.Event()
+
+    def stall() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            header = P.unpack_header(conn.recv(P.HEADER_SIZE, socket.MSG_WAITALL))
+            conn.recv(header.payload_len, socket.MSG_WAITALL)
+            reply = P.encode(P.ReadChunkReply(0, [], 4 * MiB))
+            conn.sendall(P.pack_header(P.KIND_REPLY, P.CHUNK_READ, 0, header.request_id, len(reply), 4 * MiB) + reply)
+            conn.sendall(os.urandom(MiB))  # a quarter of what was announced, then nothing
+            release.wait(30)
+
+    server = threading.Thread(target=stall, daemon=True)
+    server.start()
+    client = BlockingChunkClient(f"127.0.0.1:{port}", timeout=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as exc:
+        client.read(P.ReadChunk(1, 0, 4 * MiB), memoryview(bytearray(4 * MiB)))
+    assert exc.value.errno == errno.EIO and "timed out" in str(exc.value)
+    assert time.monotonic() - t0 < 10
+    release.set()
+    client.close()
+    listener.close()
