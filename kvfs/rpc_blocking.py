@@ -21,7 +21,6 @@ import errno
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 
@@ -101,7 +100,7 @@ class BlockingChunkClient:
             reply_payload = bytearray(frame.payload_len)
             _recv_into(sock, memoryview(reply_payload), deadline)
             data = into[:frame.data_len] if len(into) >= frame.data_len else memoryview(bytearray(frame.data_len))
-            _recv_bulk(sock, data, deadline)
+            _recv_into(sock, data, deadline)
             if frame.request_id != request_id:
                 raise ValueError("reply does not match request")
         except TimeoutError:
@@ -137,30 +136,6 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
             raise TimeoutError
         sock.settimeout(left)
         n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionResetError(errno.ECONNRESET, "connection closed by peer")
-        got += n
-
-
-def _recv_bulk(sock: socket.socket, view: memoryview, deadline: float) -> None:
-    """The chunk data: on a plain socket, one blocking ``recv`` with MSG_WAITALL (the kernel fills the
-    whole buffer, the GIL is released once) instead of a poll and a ``recv`` per arriving segment,
-    which made 16 receiving threads queue on the GIL. SO_RCVTIMEO bounds each wait by the deadline."""
-    if isinstance(sock, ssl.SSLSocket) or not len(view):
-        _recv_into(sock, view, deadline)
-        return
-    sock.settimeout(None)
-    got = 0
-    while got < len(view):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        struct.pack("ll", int(left), max(1, int(left % 1 * 1e6))))
-        try:
-            n = sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
-        except BlockingIOError:  # SO_RCVTIMEO ran out with nothing received: the deadline decides
-            continue
         if n == 0:
             raise ConnectionResetError(errno.ECONNRESET, "connection closed by peer")
         got += n

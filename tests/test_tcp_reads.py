@@ -152,8 +152,7 @@ def test_loader_reader_reads_chunks_over_tcp_from_its_own_threads(cluster):
 
 def test_a_peer_that_stalls_mid_data_times_out(tmp_path):
     """A hostile or hung peer that announces 4 MiB of chunk data, sends part of it and stops: the
-    blocking receive (MSG_WAITALL, bounded by SO_RCVTIMEO) gives up at the client's timeout with EIO,
-    never hangs."""
+    blocking receive gives up at the client's timeout with EIO, never hangs."""
     import threading
     import time
 
