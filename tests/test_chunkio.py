@@ -127,3 +127,15 @@ def test_read_error_is_an_oserror(tmp_path):
         read_local_chunk(path, sums, 1, "test", 0, [memoryview(bytearray(BLOCK))], files)
     assert info.value.errno == errno.EISDIR
     files.close()
+
+
+def test_corruption_early_in_a_long_read_is_named(tmp_path):
+    """preadv_verify reads in windows and stops at the first bad block: the error names that block
+    (not "short"), for a corrupt block far before the end of a multi-MiB read."""
+    data = os.urandom(40 * BLOCK + 5)
+    path, sums = write_chunk(tmp_path, data)
+    with open(path, "r+b") as f:
+        f.seek(BLOCK + 9)
+        f.write(bytes([data[BLOCK + 9] ^ 0x01]))
+    with pytest.raises(ChecksumError, match="block 1 "):
+        read_local_chunk(path, sums, 1, "test", 0, [memoryview(bytearray(len(data)))])
