@@ -37,7 +37,8 @@ class RedisServer:
                     self.stop()
                     raise
                 time.sleep(0.05)
-        self.version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout.split()[2].removeprefix("v=")
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
+        self.version = out.split()[2].removeprefix("v=")  # "Redis server v=7.0.15 sha=..."
 
     @property
     def url(self) -> str:
