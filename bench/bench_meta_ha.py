@@ -64,9 +64,14 @@ def run_threads(n: int, fn) -> float:
     return time.perf_counter() - t0
 
 
+OPS = ("create", "stat", "unlink", "write")
+WRITE = b"w" * 4096
+
+
 def meta_ops(mountpoint: str, files: int, clients: int, tag: str, after=None) -> dict[str, float]:
-    """Microseconds per create, stat and unlink through the mount (aggregate over ``clients`` threads);
-    ``after(op)`` is called when each operation's loop is done."""
+    """Microseconds per create, stat, unlink and write (a small file whole: create, 4 KiB, close)
+    through the mount (aggregate over ``clients`` threads); ``after(op)`` is called when each
+    operation's loop is done."""
     per = files // clients
     dirs = [os.path.join(mountpoint, f"{tag}-c{clients}-{i}") for i in range(clients)]
     for d in dirs:
@@ -84,20 +89,31 @@ def meta_ops(mountpoint: str, files: int, clients: int, tag: str, after=None) ->
         for k in range(per):
             os.unlink(os.path.join(dirs[i], f"f{k}"))
 
+    def write(i: int) -> None:
+        for k in range(per):
+            fd = os.open(os.path.join(dirs[i], f"w{k}"), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, WRITE)
+            finally:
+                os.close(fd)
+
     out = {}
     total = per * clients
-    for name, fn in (("create", create), ("stat", stat), ("unlink", unlink)):
+    for name, fn in (("create", create), ("stat", stat), ("unlink", unlink), ("write", write)):
         if name == "stat":
             drop_caches()  # the kernel's dentries and attributes: stat goes to the mount and to meta
             time.sleep(1.1)  # past the mount's own 1 s attribute/listing cache
         out[name] = run_threads(clients, fn) / total * 1e6
         if after is not None:
             after(name)
+    for d in dirs:  # the written files go, untimed
+        for k in range(per):
+            os.unlink(os.path.join(d, f"w{k}"))
     return out
 
 
 def rpcs_per_op(cluster: Cluster, mountpoint: str, files: int = 100) -> dict[str, dict[str, float]]:
-    """Meta RPCs per create, stat and unlink of one client through the mount (background ones included:
+    """Meta RPCs per create, stat, unlink and write of one client through the mount (background ones included:
     heartbeats and lease renewals show up as fractions)."""
     counts: dict[str, dict[str, float]] = {}
     last = [cluster.meta_rpcs()]
@@ -313,14 +329,24 @@ def main() -> None:
     finally:
         for c in clusters.values():
             c.stop()
-    results = {e: {n: {op: statistics.median(r[op] for r in rs) for op in ("create", "stat", "unlink")}
+    results = {e: {n: {op: statistics.median(r[op] for r in rs) for op in OPS}
                    for n, rs in by_n.items()} for e, by_n in runs.items()}
     lines = [f"{args.files} files per run, median of {args.repeat} rounds run round robin over the engines; "
-             f"microseconds per operation through the mount (4 clients: aggregate, wall time / operations); load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
-             "", "| engine | clients | create µs | stat µs | unlink µs |", "| --- | --- | --- | --- | --- |"]
+             "microseconds per operation through the mount (4 clients: aggregate, wall time / operations); write: a "
+             "small file whole (open O_CREAT|O_TRUNC, one 4 KiB write, close); load average "
+             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
+             "", "| engine | clients | create µs | stat µs | unlink µs | write µs |", "| --- | --- | --- | --- | --- | --- |"]
     for engine, by_clients in results.items():
         for n, r in by_clients.items():
-            lines.append(f"| {engine} | {n} | {r['create']:.0f} | {r['stat']:.0f} | {r['unlink']:.0f} |")
+            lines.append(f"| {engine} | {n} | {r['create']:.0f} | {r['stat']:.0f} | {r['unlink']:.0f} | {r['write']:.0f} |")
+    pairs = [(e.removesuffix("-baseline"), e) for e in engines if e in BASELINES and e.removesuffix("-baseline") in runs]
+    if args.juicefs and "rocksdb" in runs:
+        pairs.append(("rocksdb", "juicefs-redis"))
+    if pairs:
+        # Rounds swing together (the machine's load): the ratio within each round is steadier than medians.
+        lines += ["", "Median over the rounds of each round's ratio, 1 client: " + "; ".join(
+            f"{a} / {b} " + ", ".join(f"{op} {statistics.median(x[op] / y[op] for x, y in zip(runs[a][1], runs[b][1])):.2f}"
+                                      for op in OPS) for a, b in pairs) + "."]
     if args.juicefs:
         jfs = clusters["juicefs-redis"]
         assert isinstance(jfs, JuiceFSRedis) and jfs.redis is not None

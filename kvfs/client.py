@@ -211,10 +211,12 @@ class Client(ClientReads, ClientWrites):
         return await self.getattr(ino)
 
     async def mknode(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
-                     exclusive: bool = True) -> P.Attr:
-        """Create a node (no write lease: ``open(created=...)`` takes a new file's lease at its first write)."""
+                     exclusive: bool = True, lease: bool = False) -> P.Attr:
+        """Create a node; ``lease`` also takes the write lease (a create about to be written; without it,
+        ``open(created=...)`` takes a new file's lease at its first write)."""
         self._changes.note(directory=parent)
-        attr = await self.meta.request(P.META_MKNODE, P.MkNode(parent, name, mode, uid, gid, rdev, exclusive))
+        attr = await self.meta.request(P.META_MKNODE, P.MkNode(
+            parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else ""))
         self.listings.added(parent, name, attr)
         self.listings.dir_touched(parent, 1 if stat.S_ISDIR(attr.mode) else 0)
         return self._overlay(attr)
@@ -382,12 +384,13 @@ class Client(ClientReads, ClientWrites):
     # ------------------------------------------------------------------ open / release
 
     async def open(self, ino: int, *, write: bool = False, truncate: bool = False,
-                   created: P.Attr | None = None) -> FileState:
+                   created: P.Attr | None = None, leased: bool = False) -> FileState:
         """Open a regular file. The chunk map is refreshed on every first open (close-to-open), and an
         open for writing takes the write lease (EBUSY while another client writes the file).
         ``created``: the attributes of a file this client just created (``mknode``): when it is empty,
         there is no chunk map to fetch and no lease to take yet: its first write takes the lease
-        (``_lease``), so a file created and closed unwritten costs no lease round trip."""
+        (``_lease``), so a file created and closed unwritten costs no lease round trip. ``leased``: its
+        ``mknode(lease=True)`` took the lease already."""
         if write:
             self._changed(ino)  # its size and times are about to change
         st = self.files.get(ino)
@@ -410,6 +413,8 @@ class Client(ClientReads, ClientWrites):
                     st.cache.clear()
                 st.attr, st.chunks, st.size = reply.attr, chunks, reply.attr.size
         st.opens += 1  # counted before the next await, so a concurrent release keeps this state
+        if leased:
+            st.leased = True
         try:
             if write and not fresh and not st.leased:
                 await self._lease(st)

@@ -141,8 +141,8 @@ class MkNode(Struct):
     gid: int = 0
     rdev: int = 0
     exclusive: bool = True  # False: return the existing regular file instead of EEXIST
-    # Non-empty: also take the write lease for this client (create + open in one call). kvfs.Client no
-    # longer sends it (a new file's lease is taken by its first write); meta still honours it.
+    # Non-empty: also take the write lease for this client (create + open in one call; the mount sends
+    # it for an O_TRUNC create; other creates take the lease at their first write).
     lease_client: str = ""
 
 

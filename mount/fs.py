@@ -220,10 +220,11 @@ class KvfsOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
 
-    async def _open(self, ino: int, flags: int, created: P.Attr | None = None) -> pyfuse3.FileInfo:
+    async def _open(self, ino: int, flags: int, created: P.Attr | None = None,
+                    leased: bool = False) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         st = await self.client.open(ino, write=writable, truncate=bool(flags & os.O_TRUNC) and writable,
-                                    created=created)
+                                    created=created, leased=leased)
         self.open_counts[ino] += 1
         fh = self._fh()
         self.handles[fh] = _Handle(ino, writable)
@@ -246,9 +247,13 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        # O_TRUNC (open(..., "w"), a shell's ">") says the file is about to be written: take its lease in
+        # the create, not in a round trip before the first write. Other creates (touch, lock files,
+        # O_EXCL markers) are often closed unwritten: no lease, so nothing to release either.
+        lease = bool(flags & os.O_TRUNC)
         attr = await self.client.mknode(self._k(parent_inode), os.fsdecode(name), stat.S_IFREG | (mode & 0o7777), ctx.uid,
-                                        ctx.gid, exclusive=bool(flags & os.O_EXCL))
-        info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags, attr)
+                                        ctx.gid, exclusive=bool(flags & os.O_EXCL), lease=lease)
+        info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags, attr, lease)
         return info, self._entry(attr)
 
     @_errors
