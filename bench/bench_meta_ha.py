@@ -242,7 +242,10 @@ def takeover_times(endpoints: list[str], sizes: list[int]) -> list[tuple[int, in
 BASELINES = ("etcd-baseline", "rocksdb-baseline")
 
 
-def start_engine(engine: str, root: str, args: argparse.Namespace) -> tuple[Cluster | HaCluster | JuiceFSRedis, str]:
+Engine = Cluster | HaCluster | JuiceFSRedis
+
+
+def start_engine(engine: str, root: str, args: argparse.Namespace) -> tuple[Engine, str]:
     """The engine's processes and its mountpoint."""
     if engine == "juicefs-redis":
         jfs = JuiceFSRedis(os.path.join(root, engine), args.juicefs).start()
@@ -271,12 +274,14 @@ def main() -> None:
     p.add_argument("--kills", type=int, default=5, help="leader kills for the failover time (0: skip)")
     p.add_argument("--leader-ttl", type=int, default=3)
     p.add_argument("--engines", default="etcd,rocksdb,rocksdb-nosync",
-                   help="also etcd-cold (standby without a namespace copy), etcd-baseline and rocksdb-baseline (the "
-                   "processes of --baseline-python's checkout)")
+                   help="also etcd-cold (standby without a namespace copy), etcd-baseline and rocksdb-baseline "
+                   "(the processes of --baseline-python's checkout)")
     p.add_argument("--baseline-python", metavar="PYTHON",
                    help="interpreter of a baseline checkout (e.g. main's .venv/bin/python) for the baselines")
-    p.add_argument("--juicefs", metavar="BINARY", help="a JuiceFS 0.14 binary: adds juicefs-redis (bench/juicefs_redis.py)")
-    p.add_argument("--rpc-counts", action="store_true", help="meta RPCs per operation through the mount (rocksdb)")
+    p.add_argument("--juicefs", metavar="BINARY",
+                   help="a JuiceFS 0.14 binary: adds juicefs-redis (bench/juicefs_redis.py)")
+    p.add_argument("--rpc-counts", action="store_true",
+                   help="meta RPCs per operation through the mount (rocksdb)")
     p.add_argument("--repeat", type=int, default=3, help="rounds over the engines (the table has medians)")
     p.add_argument("--takeover", default="10000,50000",
                    help="KV-block counts for the new-leader load time (comma-separated; empty: skip)")
@@ -296,7 +301,7 @@ def main() -> None:
     fsyncs: list[float] = []
     disk: dict[str, float] = {}
     rpcs: dict[str, dict[str, float]] = {}
-    clusters: dict[str, Cluster | HaCluster | JuiceFSRedis] = {}
+    clusters: dict[str, Engine] = {}
     mounts: dict[str, str] = {}
     try:
         # Every engine is up for the whole run and the rounds go round robin, so a change in the
@@ -335,18 +340,23 @@ def main() -> None:
              "microseconds per operation through the mount (4 clients: aggregate, wall time / operations); write: a "
              "small file whole (open O_CREAT|O_TRUNC, one 4 KiB write, close); load average "
              f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
-             "", "| engine | clients | create µs | stat µs | unlink µs | write µs |", "| --- | --- | --- | --- | --- | --- |"]
+             "", "| engine | clients | " + " | ".join(f"{op} µs" for op in OPS) + " |",
+             "| --- | --- |" + " --- |" * len(OPS)]
     for engine, by_clients in results.items():
         for n, r in by_clients.items():
-            lines.append(f"| {engine} | {n} | {r['create']:.0f} | {r['stat']:.0f} | {r['unlink']:.0f} | {r['write']:.0f} |")
-    pairs = [(e.removesuffix("-baseline"), e) for e in engines if e in BASELINES and e.removesuffix("-baseline") in runs]
+            lines.append(f"| {engine} | {n} | " + " | ".join(f"{r[op]:.0f}" for op in OPS) + " |")
+    pairs = [(e.removesuffix("-baseline"), e) for e in engines
+             if e in BASELINES and e.removesuffix("-baseline") in runs]
     if args.juicefs and "rocksdb" in runs:
         pairs.append(("rocksdb", "juicefs-redis"))
+
+    def ratio(a: str, b: str, op: str) -> float:
+        return statistics.median(x[op] / y[op] for x, y in zip(runs[a][1], runs[b][1]))
+
     if pairs:
         # Rounds swing together (the machine's load): the ratio within each round is steadier than medians.
         lines += ["", "Median over the rounds of each round's ratio, 1 client: " + "; ".join(
-            f"{a} / {b} " + ", ".join(f"{op} {statistics.median(x[op] / y[op] for x, y in zip(runs[a][1], runs[b][1])):.2f}"
-                                      for op in OPS) for a, b in pairs) + "."]
+            f"{a} / {b} " + ", ".join(f"{op} {ratio(a, b, op):.2f}" for op in OPS) for a, b in pairs) + "."]
     if args.juicefs:
         jfs = clusters["juicefs-redis"]
         assert isinstance(jfs, JuiceFSRedis) and jfs.redis is not None
