@@ -220,10 +220,11 @@ class KvfsOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
 
-    async def _open(self, ino: int, flags: int, created: P.Attr | None = None) -> pyfuse3.FileInfo:
+    async def _open(self, ino: int, flags: int, created: P.Attr | None = None,
+                    leased: bool = False) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         st = await self.client.open(ino, write=writable, truncate=bool(flags & os.O_TRUNC) and writable,
-                                    created=created)
+                                    created=created, leased=leased)
         self.open_counts[ino] += 1
         fh = self._fh()
         self.handles[fh] = _Handle(ino, writable)
@@ -246,9 +247,13 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        # O_TRUNC (open(..., "w"), a shell's ">") says the file is about to be written: take its lease in
+        # the create, not in a round trip before the first write. Other creates (touch, lock files,
+        # O_EXCL markers) are often closed unwritten: no lease, so nothing to release either.
+        lease = bool(flags & os.O_TRUNC)
         attr = await self.client.mknode(self._k(parent_inode), os.fsdecode(name), stat.S_IFREG | (mode & 0o7777), ctx.uid,
-                                        ctx.gid, exclusive=bool(flags & os.O_EXCL), lease=True)
-        info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags, attr)
+                                        ctx.gid, exclusive=bool(flags & os.O_EXCL), lease=lease)
+        info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags, attr, lease)
         return info, self._entry(attr)
 
     @_errors
@@ -265,17 +270,23 @@ class KvfsOperations(pyfuse3.Operations):
             raise OSError(errno.EBADF, "not open for writing")
         return await self.client.write(handle.ino, off, buf)
 
-    @_errors
-    async def flush(self, fh):
+    async def _commit(self, fh: int, *, closing: bool) -> None:
         handle = self.handles[fh]
         if handle.writable:
-            attr = await self.client.flush(handle.ino)
+            # close() of the only handle: the commit drops the write lease too, so the RELEASE that
+            # follows costs meta nothing. (FLUSH comes with every close of a dup'ed descriptor too; a
+            # write through one still open takes the lease again.)
+            attr = await self.client.flush(handle.ino, release=closing and self.open_counts[handle.ino] == 1)
             # Our own writes are already in the kernel page cache: the next open may keep it.
             self.seen_version[handle.ino] = (attr.mtime_ns, attr.size)
 
     @_errors
+    async def flush(self, fh):
+        await self._commit(fh, closing=True)
+
+    @_errors
     async def fsync(self, fh, datasync):
-        await self.flush(fh)
+        await self._commit(fh, closing=False)
 
     @_errors
     async def release(self, fh):
