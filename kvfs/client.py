@@ -11,7 +11,8 @@ Data path:
 * Reads fetch block-aligned ranges from a replica and verify the per-block checksums end to end; a
   corrupt replica is reported to meta and the next one tried. When the replica is a chunkserver on
   this machine, its chunk file is read directly (short-circuit read), still checksum-verified.
-  Sequential reads keep the last chunks in a small per-file cache and prefetch the next few chunks.
+  Small sequential reads are served from a small per-file cache of whole chunks, with the next few
+  chunks read ahead (kvfs/client_prefetch.py; chunk files on this host with O_DIRECT).
 
 Error handling: every method raises ``OSError`` with the right errno (ENOENT, EEXIST, ...); dead or
 slow servers raise ``OSError(EIO)`` after the configured timeout, never hang.
@@ -32,7 +33,10 @@ import trio
 
 from kvfs import protocol as P
 from kvfs import tls
+from kvfs.chunk_buffers import ChunkBuffers
 from kvfs.chunkio import ChecksumError as ChecksumError
+from kvfs.chunkio import ChunkSums
+from kvfs.client_prefetch import ClientPrefetch
 from kvfs.client_read import ClientReads
 from kvfs.client_types import BLOCK as BLOCK
 from kvfs.client_types import ClientOptions as ClientOptions
@@ -52,7 +56,7 @@ log = logging.getLogger("kvfs.client")
 ROOT_INO = 1
 
 
-class Client(ClientReads, ClientWrites):
+class Client(ClientReads, ClientPrefetch, ClientWrites):
     def __init__(self, meta_address: str, options: ClientOptions | None = None, *, client_id: str | None = None):
         self.options = options or ClientOptions()
         # One meta, or the leader of several (HA on etcd: kvfs/meta_router.py).
@@ -73,6 +77,8 @@ class Client(ClientReads, ClientWrites):
         self._host_id = ""
         self._nursery: trio.Nursery | None = None
         self._io = trio.CapacityLimiter(16)
+        self._local_sums = ChunkSums()  # checksums of local chunk files being read (short-circuit)
+        self._chunk_buffers = ChunkBuffers()  # memory of whole local chunks read with O_DIRECT, reused
 
     # ------------------------------------------------------------------ lifecycle
 

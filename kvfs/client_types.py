@@ -38,6 +38,8 @@ class _ServerInfo:
     address: str
     data_dir: str
     host_id: str
+    visible: bool = False  # its data dir is visible here (short-circuit reads), as of visible_at
+    visible_at: float = float("-inf")  # time.monotonic()
 
 
 @dataclass(frozen=True)

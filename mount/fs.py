@@ -51,6 +51,29 @@ def _errors(fn):
     return wrapper
 
 
+class _ReplyBuffers:
+    """Read reply buffers, reused, for the reads the client does not answer from a cached chunk. A fresh
+    ``bytearray`` per 1 MiB read is zero-filled and, once glibc hands large blocks back to the kernel,
+    fresh pages to fault in (7% of the mount's CPU in a profile of ``dd bs=1M``). Reuse is safe because
+    pyfuse3 copies a read's reply into the kernel right after ``read`` returns, before its task can
+    yield (``fuse_read_async``), and a buffer is only written by the task that took it."""
+
+    MIN = 64 << 10  # smaller buffers are cheap to allocate
+    KEEP = 8  # per size: the kernel sends a few reads at once (async readahead)
+
+    def __init__(self) -> None:
+        self._free: defaultdict[int, list[memoryview]] = defaultdict(list)
+
+    def take(self, size: int) -> memoryview:
+        free = self._free.get(size)
+        return free.pop() if free else memoryview(bytearray(size))
+
+    def give(self, buf: memoryview) -> None:
+        free = self._free[len(buf)]
+        if len(buf) >= self.MIN and len(free) < self.KEEP:
+            free.append(buf)
+
+
 @dataclass
 class _Handle:
     ino: int
@@ -75,6 +98,7 @@ class KvfsOperations(pyfuse3.Operations):
         self.open_counts: defaultdict[int, int] = defaultdict(int)
         self.seen_version: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) last served
         self.sent_attrs: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) in the last attributes sent
+        self.reply_buffers = _ReplyBuffers()
         self._next_fh = 1
 
     # ------------------------------------------------------------------ helpers
@@ -258,10 +282,12 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh, off, size):
-        # pyfuse3 replies from any buffer: hand it the bytearray the client filled (no bytes copy).
-        buf = bytearray(size)
-        n = await self.client.read_into(self.handles[fh].ino, off, memoryview(buf))
-        return memoryview(buf)[:n] if n < size else buf
+        # pyfuse3 replies from any buffer: hand it the client's cached chunk or the buffer it filled.
+        buf = self.reply_buffers.take(size)
+        try:
+            return await self.client.read_buffer(self.handles[fh].ino, off, size, buf)
+        finally:
+            self.reply_buffers.give(buf)  # pyfuse3 is done with it before this task yields again
 
     @_errors
     async def write(self, fh, off, buf):
