@@ -26,6 +26,7 @@ from kvfs.chunk_buffers import ALIGN, ChunkBuffers
 from kvfs.protocol import CHECKSUM_BLOCK as BLOCK
 
 IOV_MAX = 1024
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _native_xxh3():
@@ -325,17 +326,15 @@ def read_chunk_direct(path: str, sums_path: str, chunk_id: int, where: str, leng
                       sums: ChunkSums | None = None, buffers: ChunkBuffers | None = None) -> memoryview:
     """The whole chunk (``length`` bytes) of the chunk file at ``path``, verified, as a read-only view
     of page-aligned memory (from ``buffers``, else fresh). A chunk whose file is all in the page cache
-    is copied from there; otherwise it is read with ``O_DIRECT``: the disk's DMA is
+    (``cachestat``) is copied from there; otherwise it is read with ``O_DIRECT``: the disk's DMA is
     the only copy, and no page cache is filled (that costs as much CPU as the copy, and a chunk read
     whole is held by the caller anyway). Where the file system refuses ``O_DIRECT`` (tmpfs), a
     buffered read. Errors as ``read_local_chunk``."""
     view = (buffers or ChunkBuffers(0)).take(length)
     data = view[:length]
-    try:  # already in the page cache (just written, read before): copy it, no disk read
-        read_local_chunk(path, sums_path, chunk_id, where, 0, [data], sums=sums, nowait=True)
+    if _all_cached(path, length):  # just written, or read before: copy it, no disk read
+        read_local_chunk(path, sums_path, chunk_id, where, 0, [data], sums=sums)
         return data.toreadonly()
-    except NotCached:
-        pass
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
     except OSError as exc:
@@ -364,6 +363,41 @@ def read_chunk_direct(path: str, sums_path: str, chunk_id: int, where: str, leng
             sums.drop(sums_path)
         raise
     return data.toreadonly()
+
+
+class _CacheRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # Linux 6.5+, x86-64 and arm64 alike (the generic syscall table)
+_libc = ctypes.CDLL(None, use_errno=True)
+_cachestat_works = True
+
+
+def _all_cached(path: str, length: int) -> bool:
+    """Whether the first ``length`` bytes of ``path`` are all in the page cache (``cachestat``, which,
+    unlike a RWF_NOWAIT read, starts no read-ahead I/O). False where the kernel lacks it."""
+    global _cachestat_works
+    if not _cachestat_works or length <= 0:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        stat = _CacheStat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_CacheRange(0, length)), ctypes.byref(stat), 0) != 0:
+            if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+                _cachestat_works = False  # an older kernel (or a seccomp filter): always read direct
+            return False
+        return stat.nr_cache * PAGE >= length
+    finally:
+        os.close(fd)
 
 
 def _preadv(fd: int, views: list[memoryview], pos: int, flags: int) -> int:
