@@ -69,6 +69,29 @@ def block_checksums(data) -> list[int]:
     return [xxhash.xxh3_64_intdigest(view[i:i + BLOCK]) for i in range(0, len(view), BLOCK)]
 
 
+def packed_checksums(data, block: int) -> bytes:
+    """XXH3-64 of each ``block`` bytes of ``data`` as little-endian u64s (the last block may be short);
+    without the GIL when the C helper is built."""
+    view = memoryview(data).cast("B")
+    if _BLOCKHASH is not None:
+        return _BLOCKHASH.hash_blocks(view, block)
+    sums = [xxhash.xxh3_64_intdigest(view[i:i + block]) for i in range(0, len(view), block)]
+    return struct.pack(f"<{len(sums)}Q", *sums)
+
+
+def first_bad_block(data, block: int, sums: bytes) -> int:
+    """Index of the first ``block``-byte block of ``data`` whose XXH3-64 is not the little-endian u64
+    at ``sums[8*i]`` (a block with no data counts as bad), or -1: ``packed_checksums``'s check."""
+    view = memoryview(data).cast("B")
+    if _BLOCKHASH is not None:
+        return _BLOCKHASH.first_mismatch(view, block, sums)
+    for i in range(len(sums) // 8):
+        piece = view[i * block:(i + 1) * block]
+        if not len(piece) or struct.pack("<Q", xxhash.xxh3_64_intdigest(piece)) != sums[8 * i:8 * i + 8]:
+            return i
+    return -1
+
+
 def _address(view: memoryview) -> int | None:
     """Where a writable contiguous buffer's bytes start (None: read-only, hash it from Python)."""
     if _XXH3 is None or view.readonly or not len(view):

@@ -50,19 +50,29 @@ class PageOrder:
         return cls(torch.cat([can[0], can[1]], dim=-1).reshape(-1), lay)
 
     def to_pages(self, planes: torch.Tensor) -> torch.Tensor:
-        """(n, 2, heads, tokens, head_dim) canonical -> (n, heads, tokens, 2*head_dim) pages."""
+        """(n, 2, heads, tokens, head_dim) canonical -> (n, heads, tokens, 2*head_dim) pages (a new tensor)."""
+        n, (h, t, d) = planes.shape[0], self.shape
+        pages = torch.empty((n, h, t, 2 * d), dtype=planes.dtype, device=planes.device)
+        self.into_pages(planes, pages)
+        return pages
+
+    def into_pages(self, planes: torch.Tensor, pages: torch.Tensor) -> None:
+        """(n, 2, heads, tokens, head_dim) canonical -> ``pages`` (n, heads, tokens, 2*head_dim), in place:
+        one strided copy per plane, no intermediate (``pages`` may be a slice of the engine's cache; each
+        page must be contiguous)."""
         n, (h, t, d) = planes.shape[0], self.shape
         if self.kind == "per_token":
-            return torch.cat([planes[:, 0], planes[:, 1]], dim=-1)
-        if self._planar is None:
-            return planes.reshape(n, -1)[:, self.order].view(n, h, t, 2 * d)
-        pages = torch.empty((n, h, 2, t * d), dtype=planes.dtype, device=planes.device)
-        for p, transposed in enumerate(self._planar):
-            if transposed:
-                pages[:, :, p].view(n, h, d, t).copy_(planes[:, p].transpose(-1, -2))
-            else:
-                pages[:, :, p].view(n, h, t, d).copy_(planes[:, p])
-        return pages.view(n, h, t, 2 * d)
+            pages[..., :d].copy_(planes[:, 0])
+            pages[..., d:].copy_(planes[:, 1])
+        elif self._planar is None:
+            pages.view(n, -1).copy_(planes.reshape(n, -1)[:, self.order])
+        else:
+            halves = pages.view(n, h, 2, t * d)
+            for p, transposed in enumerate(self._planar):
+                if transposed:
+                    halves[:, :, p].view(n, h, d, t).copy_(planes[:, p].transpose(-1, -2))
+                else:
+                    halves[:, :, p].view(n, h, t, d).copy_(planes[:, p])
 
     def from_pages(self, pages: torch.Tensor, planes: torch.Tensor) -> None:
         """(n, heads, tokens, 2*head_dim) contiguous pages -> ``planes`` (n, 2, heads, tokens, head_dim), in place."""
@@ -77,3 +87,15 @@ class PageOrder:
             for p, transposed in enumerate(self._planar):
                 src = halves[:, :, p].view(n, h, d, t).transpose(-1, -2) if transposed else halves[:, :, p].view(n, h, t, d)
                 planes[:, p].copy_(src)
+
+
+def consecutive_spans(ids: list[int]) -> list[tuple[int, int, int]]:
+    """``ids`` as (position in ids, first id, count) runs of consecutive ids: ``[7, 8, 9, 3]`` ->
+    ``[(0, 7, 3), (3, 3, 1)]``."""
+    spans: list[tuple[int, int, int]] = []
+    for pos, i in enumerate(ids):
+        if spans and spans[-1][1] + spans[-1][2] == i:
+            spans[-1] = (spans[-1][0], spans[-1][1], spans[-1][2] + 1)
+        else:
+            spans.append((pos, i, 1))
+    return spans

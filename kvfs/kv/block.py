@@ -77,15 +77,17 @@ def encode_header(layout: KVLayout, block_hash: str, payload_checksum: int) -> b
     return head + meta + bytes(header_len - len(head) - len(meta))
 
 
-def fixed_header_len(raw: bytes | bytearray | memoryview) -> int:
-    """header_len from the first 48 bytes (to know how much more to read). Error handling: BlockError."""
+def fixed_header_len(raw: bytes | bytearray | memoryview, want_version: int = FORMAT_VERSION) -> int:
+    """header_len from the first 48 bytes (to know how much more to read). ``want_version``: a block
+    (FORMAT_VERSION) or a run (``kvfs.kv.run``); a reader of one refuses the other. Error handling:
+    BlockError."""
     if len(raw) < FIXED.size:
         raise BlockError(f"truncated block: {len(raw)} bytes, less than the {FIXED.size}-byte fixed header")
     magic, version, _flags, header_len, meta_len, _r, _pl, _pc, _hc = FIXED.unpack_from(raw)
     if magic != MAGIC:
         raise BlockError(f"not a kvfs KV block (magic {bytes(magic)!r})")
-    if version != FORMAT_VERSION:
-        raise BlockError(f"KV block format version {version} not supported (this reader knows {FORMAT_VERSION})")
+    if version != want_version:
+        raise BlockError(f"KV block format version {version} where {want_version} was expected")
     if header_len % ALIGN or not FIXED.size + meta_len <= header_len <= MAX_HEADER:
         raise BlockError(f"corrupt KV block header (header_len {header_len}, meta_len {meta_len})")
     return int(header_len)
