@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import struct
 
@@ -266,6 +267,39 @@ def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offse
             f.seek(first)
             raw = f.read(count)
     verify_views(chunk_id, where, iov, start, parse_sums(raw), chunk_length, raw)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def map_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, length: int) -> memoryview:
+    """Bytes [0, ``length``) of the chunk file at ``path``, mapped read-only instead of copied, locked in
+    memory (``mlock``) and verified against the checksum file ``sums_path``: a zero-copy verified read.
+    The lock keeps the kernel from dropping the verified pages and reading them from disk again while
+    the caller uses them, so what it reads is what was verified (kvfs never rewrites a chunk file in
+    place: a new chunk is a new file). Unlocked and unmapped when the last view of it is gone.
+
+    Error handling: ChecksumError (an OSError, EIO) for a short file or a checksum mismatch; OSError
+    from mmap or mlock (ENOMEM/EPERM where RLIMIT_MEMLOCK is small): the caller reads instead."""
+    import numpy as np
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size < length:
+            raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
+        # Read-only on purpose: locking a writable private mapping would copy every page.
+        mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(mapped)
+    address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mlock of chunk {chunk_id:x}: {os.strerror(err)}")
+    with open(sums_path, "rb") as f:
+        raw = f.read((length + BLOCK - 1) // BLOCK * 8)
+    verify_views(chunk_id, where, [view], 0, parse_sums(raw), length, raw)
+    return view
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

@@ -248,7 +248,8 @@ def test_corrupt_and_truncated_blocks_are_recomputed(work, reference, shared):
     # the recompute's saves replaced both with good runs
     for hashes in (bad, short):
         buf = torch.empty((len(hashes), *LAYOUT_A.block_shape), dtype=torch.bfloat16)
-        assert store.get_runs([hashes], [buf]) == [(len(hashes), None)]
+        [read] = store.get_runs([hashes], [buf])
+        assert (read.blocks, read.error) == (len(hashes), None)
 
 
 def test_engine_keeps_answering_when_kvfs_dies(work, models, reference, make_cluster, tmp_path):

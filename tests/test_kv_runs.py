@@ -1,7 +1,8 @@
 """KV runs (``kvfs.kv.run``: consecutive blocks of one prefix in one file) on every backend: a local
 directory, the native client on a real cluster, the FUSE mount.
 
-Checked: runs load bit-exact; ``runs_prefix`` finds the same prompt, a longer one and a shorter one that
+Checked: runs load bit-exact, copied into the caller's tensors and (native client, chunk on this host)
+mapped instead, with the same verdicts; ``runs_prefix`` finds the same prompt, a longer one and a shorter one that
 ends where a stored run ends, to the block, and a prompt that diverges inside a run up to that run's
 start; a run is published once; a corrupt block keeps the blocks before it, a truncated run, a run of
 another layout or other blocks, and a corrupt header load nothing; block and run readers refuse each
@@ -59,8 +60,19 @@ def store_prompt(s: KVStore, tokens: list[int], data: torch.Tensor) -> list[str]
     return hashes
 
 
+def get(s: KVStore, runs: list[list[str]], outs: list[torch.Tensor]) -> list[tuple[int, BlockError | None]]:
+    """(blocks, error) per run, read both ways (into ``outs``; mapped where the backend can), which must
+    agree: same blocks, same errors, same verified bytes."""
+    copied = s.get_runs(runs, outs)
+    mapped = s.get_runs(runs, [torch.empty_like(o) for o in outs], map_local=True)
+    for c, m in zip(copied, mapped):
+        assert (c.blocks, str(c.error)) == (m.blocks, str(m.error))
+        assert c.data is not None and torch.equal(c.data[:c.blocks], m.data[:m.blocks])
+    return [(r.blocks, r.error) for r in copied]
+
+
 def load(s: KVStore, hashes: list[str]) -> list[tuple[int, BlockError | None]]:
-    return s.get_runs([hashes], [torch.empty((len(hashes), *LAYOUT.block_shape), dtype=torch.bfloat16)])
+    return get(s, [hashes], [torch.empty((len(hashes), *LAYOUT.block_shape), dtype=torch.bfloat16)])
 
 
 def raw_write(s: KVStore, path: str, data: bytes) -> None:
@@ -90,8 +102,12 @@ def test_runs_roundtrip_and_prefix(make):
     assert (found.blocks, found.runs) == (10, [(0, 4), (4, 4), (8, 2)])
     assert s.runs_prefix(hashes, RUN, usable=9).blocks == 9
     outs = [torch.empty((n, *LAYOUT.block_shape), dtype=torch.bfloat16) for _, n in found.runs]
-    assert s.get_runs([hashes[a:a + n] for a, n in found.runs], outs) == [(4, None), (4, None), (2, None)]
+    assert get(s, [hashes[a:a + n] for a, n in found.runs], outs) == [(4, None), (4, None), (2, None)]
     assert torch.equal(torch.cat(outs), data)
+    mapped = s.get_runs([hashes[:4]], [torch.empty_like(outs[0])], map_local=True)[0].data
+    assert torch.equal(mapped, data[:4])
+    if s.backend.__class__.__name__ == "NativeBackend":  # one chunk, on this host: mapped, not copied
+        assert mapped.data_ptr() != outs[0].data_ptr() and not mapped.untyped_storage().resizable()
     # A longer prompt finds every block of the stored one, a shorter one those up to its last full run.
     assert s.runs_prefix(block_hashes(tokens + [7] * 12, 4), RUN).blocks == 10
     assert s.runs_prefix(hashes[:8], RUN).blocks == 8
@@ -119,7 +135,7 @@ def test_bad_runs_are_refused(make):
     bad[len(bad) - 2 * LAYOUT.nbytes + 5] ^= 0xFF  # in block 2 of 4
     raw_write(s, s.run_path(first), bytes(bad))
     out = torch.empty((4, *LAYOUT.block_shape), dtype=torch.bfloat16)
-    [(n, err)] = s.get_runs([first], [out])
+    [(n, err)] = get(s, [first], [out])
     assert n == 2 and "block 2 payload checksum" in str(err)
     assert torch.equal(out[:2], data[:2])
     # Truncated, corrupt header, another run's blocks at this name, another layout: nothing loads.
@@ -138,7 +154,7 @@ def test_bad_runs_are_refused(make):
     else:
         os.makedirs(os_dir, exist_ok=True)
     raw_write(s, other.run_path(second), raw_read(s, s.run_path(second)))
-    [(n, err)] = other.get_runs([second], [torch.empty((4, *other.layout.block_shape), dtype=torch.bfloat16)])
+    [(n, err)] = get(other, [second], [torch.empty((4, *other.layout.block_shape), dtype=torch.bfloat16)])
     assert n == 0 and "layout" in str(err)
     # Block and run readers refuse each other's files.
     raw_write(s, s.path(hashes[7]), raw_read(s, s.run_path(second)))

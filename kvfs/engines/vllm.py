@@ -53,6 +53,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +178,7 @@ class KvfsConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()  # until vLLM collects them
         self._step_failed: set[int] = set()  # this step's blocks that did not load (KV computed over them is bad)
         self._staging: torch.Tensor | None = None  # loads read runs here, then copy them into the pages
+        self._copier: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ storage
 
@@ -343,21 +345,40 @@ class KvfsConnector(KVConnectorBase_V1):
             order.from_pages(cache.index_select(0, idx).cpu(), out[:, layer])
         return out
 
-    def _scatter(self, blocks: torch.Tensor, block_ids: list[int]) -> None:
-        """Blocks (n, *layout.block_shape), canonical order, into the paged cache at ``block_ids``: straight
-        into each run of consecutive pages (one strided copy per plane), or, when the ids are scattered,
-        through one ``index_copy_`` per layer."""
+    def _scatter(self, pieces: list[tuple[torch.Tensor, list[int]]]) -> None:
+        """Blocks into the paged cache: per piece, blocks (n, *layout.block_shape) in canonical order and
+        the n vLLM block ids they belong at. Straight into each span of consecutive pages (one strided
+        copy per plane), or, when a piece's ids are scattered, through one ``index_copy_`` per layer."""
         device = self._caches[0][0].device
-        spans = consecutive_spans(block_ids)
-        if len(spans) > max(1, len(block_ids) // 8):  # many short spans: per-span copies would cost more
-            idx = torch.tensor(block_ids, dtype=torch.long, device=device)
-            for layer, (cache, order) in enumerate(self._caches):
-                cache.index_copy_(0, idx, order.to_pages(blocks[:, layer].to(device)))
+        plans = []
+        for blocks, block_ids in pieces:
+            spans = consecutive_spans(block_ids)
+            scattered = len(spans) > max(1, len(block_ids) // 8)  # per-span copies would cost more
+            idx = torch.tensor(block_ids, dtype=torch.long, device=device) if scattered else None
+            plans.append((blocks, spans, idx))
+
+        def layer_copy(layer: int) -> None:
+            cache, order = self._caches[layer]
+            for blocks, spans, idx in plans:
+                planes = blocks[:, layer].to(device)
+                if idx is not None:
+                    cache.index_copy_(0, idx, order.to_pages(planes))
+                    continue
+                for pos, first, n in spans:
+                    order.into_pages(planes[pos:pos + n], cache[first:first + n])
+
+        if device.type != "cpu" or len(self._caches) == 1:
+            for layer in range(len(self._caches)):
+                layer_copy(layer)
             return
-        for layer, (cache, order) in enumerate(self._caches):
-            planes = blocks[:, layer].to(device)
-            for pos, first, n in spans:
-                order.into_pages(planes[pos:pos + n], cache[first:first + n])
+        # On the CPU, layers in parallel: vLLM runs torch with one intra-op thread while serving.
+        list(self._copy_pool().map(layer_copy, range(len(self._caches))))
+
+    def _copy_pool(self) -> ThreadPoolExecutor:
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                              thread_name_prefix="kvfs-copy")
+        return self._copier
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -379,26 +400,32 @@ class KvfsConnector(KVConnectorBase_V1):
         (leading) were loaded. A run that fails verification is deleted (the recompute's save replaces it)."""
         assert self._layout is not None
         t0 = time.perf_counter()
-        bufs = self._staging_for(len(load.hashes))
+        bufs = self._staging_for(len(load.hashes))  # where a run is read when it cannot be mapped
         runs = load.run_hashes()
         outs = list(bufs.split(load.runs))
-        ok, got = self._guard.call(lambda: self._open().get_runs(runs, outs), "load",
+        ok, got = self._guard.call(lambda: self._open().get_runs(runs, outs, map_local=True), "load",
                                    nbytes=bufs.numel() * bufs.element_size())
         if not ok:
             self._staging = None  # a timed-out read may still land in it later: never reuse it
         t1 = time.perf_counter()
-        verified = 0  # leading blocks of the runs
-        for hashes, (n, error) in zip(runs, got if ok else []):
-            verified += n
-            if error is not None:
-                log.warning("KvfsConnector: %s; deleting the run", error)
-                self._event({"event": "bad_block", "run": run_name(hashes), "hashes": hashes, "error": str(error)})
+        pieces = []  # (verified blocks, their block ids) of the leading runs that loaded
+        pos = 0  # run-space index of the current run's first block; block_ids start at load.skip
+        for hashes, read in zip(runs, got if ok else []):
+            lo, hi = max(pos, load.skip), min(pos + read.blocks, load.skip + len(load.block_ids))
+            if hi > lo:
+                pieces.append((read.data[lo - pos:hi - pos], load.block_ids[lo - load.skip:hi - load.skip]))
+            if read.error is not None:
+                log.warning("KvfsConnector: %s; deleting the run", read.error)
+                self._event({"event": "bad_block", "run": run_name(hashes), "hashes": hashes,
+                             "error": str(read.error)})
                 self._guard.call(lambda h=hashes: self._open().delete_run(h), "delete")
-            if n < len(hashes):
+            if read.blocks < len(hashes):
                 break
-        good = max(0, min(verified - load.skip, len(load.block_ids)))
+            pos += len(hashes)
+        good = sum(len(ids) for _, ids in pieces)
         if good:
-            self._scatter(bufs[load.skip:load.skip + good], load.block_ids[:good])
+            self._scatter(pieces)
+        del got, pieces  # mapped chunks: unlock and unmap now
         self._event({"event": "load", "req": load.req_id, "blocks": len(load.block_ids), "loaded": good,
                      "runs": len(runs), "ok": ok, "read_s": round(t1 - t0, 4),
                      "copy_s": round(time.perf_counter() - t1, 4)})
@@ -453,6 +480,8 @@ class KvfsConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         for closer in self._kv.take():
             self._guard.call(closer.close, "close")
+        if self._copier is not None:
+            self._copier.shutdown(wait=False)
 
 
 def _layout(kv_cache_config: KVCacheConfig, tp_rank: int, tp_size: int) -> tuple[KVLayout, list[str]] | str:

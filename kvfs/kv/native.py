@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from kvfs import protocol as P
-from kvfs.chunkio import read_local_chunk
+from kvfs.chunkio import map_local_chunk, read_local_chunk
 from kvfs.kv.backend import SCRATCH, ReadResult, copy_into, split_into
 from kvfs.tasks import open_nursery
 
@@ -159,14 +159,18 @@ class NativeBackend:
             raise res
         return res
 
-    def read_many(self, jobs: Sequence[tuple]) -> list[ReadResult | None | OSError]:
-        return self._run(self._read_many, jobs)
+    def read_many(self, jobs: Sequence[tuple], map_local: bool = False) -> list[ReadResult | None | OSError]:
+        return self._run(self._read_many, jobs, map_local)
 
-    async def _read_many(self, jobs: Sequence[tuple]) -> list[ReadResult | None | OSError]:
+    async def _read_many(self, jobs: Sequence[tuple], map_local: bool = False) -> list[ReadResult | None | OSError]:
         if not jobs:
             return []
         # One meta round trip for every block's attributes and chunk map, then only chunk reads.
         reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks([j[0] for j in jobs]))
+        if map_local:
+            mapped = await self._map_many_local(reply.files, jobs)
+            if mapped is not None:
+                return mapped
         batched = await self._read_many_local(reply.files, jobs)
         if batched is not None:
             return batched
@@ -197,13 +201,65 @@ class NativeBackend:
                 continue
             attr, head = plan
             copy_into(out, head[header_len:])  # the payload bytes that came in with the head
-            if attr.atime_ns < touch_before_ns:
-                try:
-                    await self.c.setattr(attr.ino, atime_ns=time.time_ns())
-                except OSError:
-                    pass  # evicted meanwhile: recency is best effort
+            await self._touch(attr, touch_before_ns)
             results.append(ReadResult(head, attr.size, attr.atime_ns, True))
         return results
+
+    async def _map_many_local(self, infos: list, jobs: Sequence[tuple]) -> list[ReadResult | None] | None:
+        """Every file is one chunk with a replica on this host: map the chunk files (verified, locked:
+        kvfs.chunkio.map_local_chunk) instead of copying them. None when that cannot be done (a file in
+        several chunks or not local, an odd size, a failed map or lock): the caller reads instead."""
+        plans: list = []
+        for info, (_path, expect_size, *_rest) in zip(infos, jobs):
+            if info is None:
+                plans.append(None)
+                continue
+            ref = info.chunks[0] if len(info.chunks) == 1 else None
+            if info.attr.size != expect_size or ref is None or ref.index != 0 or ref.length != expect_size:
+                return None
+            lc = self.c.local_chunk(ref)
+            if lc is None:
+                return None
+            plans.append((info.attr, lc))
+        views: list[memoryview | None] = [None] * len(plans)
+        todo = [i for i, plan in enumerate(plans) if plan is not None]
+        failed = False
+
+        def work(part: list[int]) -> None:
+            for i in part:
+                lc = plans[i][1]
+                views[i] = map_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, lc.length)
+
+        async def run(part: list[int]) -> None:
+            nonlocal failed
+            try:
+                await trio.to_thread.run_sync(work, part, limiter=self.c._io)
+            except OSError:
+                failed = True
+
+        per = max(1, GROUP_BYTES // max(1, jobs[0][1]))  # files per thread hop
+        async with open_nursery() as nursery:
+            for k in range(0, len(todo), per):
+                nursery.start_soon(run, todo[k:k + per])
+        if failed:
+            return None
+        results: list[ReadResult | None] = []
+        for plan, view, job in zip(plans, views, jobs):
+            if plan is None or view is None:
+                results.append(None)
+                continue
+            attr = plan[0]
+            await self._touch(attr, job[4])
+            results.append(ReadResult(view[:max(SCRATCH, job[2])], attr.size, attr.atime_ns, True, mapped=view))
+        return results
+
+    async def _touch(self, attr: P.Attr, touch_before_ns: int) -> None:
+        """Record an access (the eviction engine's recency), at most once per touch interval."""
+        if attr.atime_ns < touch_before_ns:
+            try:
+                await self.c.setattr(attr.ino, atime_ns=time.time_ns())
+            except OSError:
+                pass  # evicted meanwhile: recency is best effort
 
     async def _read_file(self, info: P.GetChunksReply | None, path: str, expect_size: int, header_len: int,
                          out: Sequence[memoryview], touch_before_ns: int) -> ReadResult | None:
@@ -227,11 +283,7 @@ class NativeBackend:
             raise
         if full:
             copy_into(out, head[header_len:])  # the payload bytes that came in with the scratch read
-            if attr.atime_ns < touch_before_ns:
-                try:
-                    await self.c.setattr(attr.ino, atime_ns=time.time_ns())
-                except OSError:
-                    pass  # evicted meanwhile: recency is best effort
+            await self._touch(attr, touch_before_ns)
         return ReadResult(head, size, attr.atime_ns, full)
 
     async def _fetch_ranges(self, info: P.GetChunksReply, ranges: list[tuple[int, memoryview]]) -> None:

@@ -163,7 +163,8 @@ class PosixBackend:
     def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
         return self._gather(self.put, jobs)
 
-    def read_many(self, jobs: Sequence[tuple]) -> list[ReadResult | None | OSError]:
+    def read_many(self, jobs: Sequence[tuple], map_local: bool = False) -> list[ReadResult | None | OSError]:
+        # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
         return self._gather(self.read, jobs)
 
     def _gather(self, fn, jobs: Sequence[tuple]) -> list:

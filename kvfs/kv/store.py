@@ -63,6 +63,27 @@ class RunPrefix:
     runs: list[tuple[int, int]]
 
 
+@dataclass
+class RunRead:
+    """``KVStore.get_runs``'s answer per run: leading blocks verified, the error that stopped it (None: all
+    loaded, or a miss), and the tensor (the caller's ``out``, or a mapped chunk) holding them."""
+
+    blocks: int
+    error: BlockError | None
+    data: Any
+
+
+def _readonly_tensor(view: memoryview, dtype: Any, shape: Any) -> Any:
+    """A tensor over read-only bytes (a mapped chunk), never written: torch would warn that it could be."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(shape)
+
+
 class KVStore:
     def __init__(self, root: str, layout: KVLayout, *, client: Any = None, concurrency: int = 8,
                  verify: bool = True, check_existing: bool = True, touch_interval: float = 60.0,
@@ -256,12 +277,16 @@ class KVStore:
                 raise r
         return [bool(r) for r in results]
 
-    def get_runs(self, runs: Sequence[Sequence[str]], outs: Sequence[Any]) -> list[tuple[int, BlockError | None]]:
-        """Load runs into contiguous CPU tensors of shape ``(len(hashes), *layout.block_shape)``; per run
-        (blocks verified from its first on, the error that stopped it or None). A miss is ``(0, None)``;
-        a run whose header is bad loads nothing; a corrupt block keeps the blocks before it. Every byte
-        returned was checked against its block's checksum. Error handling: ValueError for unfit
-        ``outs``; the first OSError is raised after every run was read."""
+    def get_runs(self, runs: Sequence[Sequence[str]], outs: Sequence[Any], *, map_local: bool = False) -> list[RunRead]:
+        """Load runs into contiguous CPU tensors of shape ``(len(hashes), *layout.block_shape)``; per run a
+        ``RunRead``: blocks verified from its first on, the error that stopped it, and the tensor holding
+        them. A miss is ``RunRead(0, None, out)``; a run whose header is bad loads nothing; a corrupt block
+        keeps the blocks before it. Every byte returned was checked against its block's checksum.
+
+        ``map_local``: where the native client has a run's chunk on this host, ``data`` is a read-only
+        view of the chunk file, mapped and locked in memory (``kvfs.chunkio.map_local_chunk``), instead of
+        ``out``: no copy. Keep it only as long as needed (it pins page cache). Error handling: ValueError
+        for unfit ``outs``; the first OSError is raised after every run was read."""
         if len(outs) != len(runs):
             raise ValueError("get_runs: one out per run")
         touch_before = time.time_ns() - int(self.touch_interval * 1e9) if self.touch_interval >= 0 else 0
@@ -279,33 +304,37 @@ class KVStore:
                 header_len = self._run_header_len[key] = run_header_len(self.layout, hashes)
             jobs.append((self.run_path(hashes), header_len + len(hashes) * self.layout.nbytes, header_len,
                          [byte_view(out)], touch_before))
-        reads = self.backend.read_many(jobs)
-        items = list(zip(runs, reads, (j[3][0] for j in jobs)))
+        reads = self.backend.read_many(jobs, map_local)
+        items = list(zip(runs, reads, outs, (j[2] for j in jobs)))
         checked = list(self._verifier().map(self._check_run, items)) if len(items) > 1 else [
             self._check_run(it) for it in items]
-        good = sum(n for n, _ in checked)
+        good = sum(r.blocks for r in checked)
         self._count(get_hits=good, get_misses=sum(len(h) for h in runs) - good, get_bytes=good * self.layout.nbytes)
         for r in reads:
             if isinstance(r, OSError):
                 raise r
         return checked
 
-    def _check_run(self, item: tuple[Sequence[str], Any, memoryview]) -> tuple[int, BlockError | None]:
-        hashes, res, view = item
+    def _check_run(self, item: tuple[Sequence[str], Any, Any, int]) -> RunRead:
+        hashes, res, out, header_len = item
         if res is None or isinstance(res, BaseException):
-            return 0, None
+            return RunRead(0, None, out)
         try:
             header = parse_run_header(res.head, self.layout, hashes, res.size)
         except BlockError as exc:
-            return 0, exc
+            return RunRead(0, exc, out)
         if not res.payload_done:
-            return 0, BlockError(f"KV run {run_name(hashes)}: payload not read")
-        if not self.verify:
-            return len(hashes), None
-        bad = first_bad_block(view, self.layout.nbytes, header.sums)
+            return RunRead(0, BlockError(f"KV run {run_name(hashes)}: payload not read"), out)
+        if res.mapped is not None:
+            payload = res.mapped[header_len:header_len + header.payload_len]
+            data = _readonly_tensor(payload, self.layout.torch_dtype(), out.shape)
+        else:
+            payload, data = byte_view(out), out
+        bad = first_bad_block(payload, self.layout.nbytes, header.sums) if self.verify else -1
         if bad < 0:
-            return len(hashes), None
-        return bad, BlockError(f"corrupt KV run {run_name(hashes)}: block {bad} payload checksum mismatch")
+            return RunRead(len(hashes), None, data)
+        return RunRead(bad, BlockError(f"corrupt KV run {run_name(hashes)}: block {bad} payload checksum mismatch"),
+                       data)
 
     def _verifier(self) -> ThreadPoolExecutor:
         """Threads for runs' checksums (the C helper hashes without the GIL)."""
