@@ -132,6 +132,32 @@ def test_page_orders():
         assert torch.equal(back[:, 0], planes)
 
 
+def test_paged_cache_copies():
+    """PagedCache (no vLLM process): blocks copied in per layer on threads, for consecutive and scattered
+    page ids in one batch, land where a direct permutation puts them; gather reads them back."""
+    import torch
+
+    from kvfs.engines.pages import PagedCache, PageOrder
+
+    lay = KVLayout("bfloat16", 8, 3, 2, 4)
+    h, t, d = lay.plane_shape
+    can = torch.arange(2 * h * t * d).view(2, h, t, d)
+    order = PageOrder(torch.stack([can[0].transpose(1, 2).reshape(h, t * d), can[1].reshape(h, t * d)], 1).reshape(-1),
+                      lay)
+    pages = [torch.zeros((40, h, t, 2 * d), dtype=torch.bfloat16) for _ in range(lay.num_layers)]
+    cache = PagedCache([(p, order) for p in pages])
+    blocks = torch.randn((12, *lay.block_shape)).to(torch.bfloat16)
+    consecutive, scattered = list(range(3, 9)), [30, 12, 25, 1, 17, 38]
+    cache.start([(blocks[:6], consecutive), (blocks[6:], scattered)])
+    for layer in range(lay.num_layers):
+        cache.wait(layer)
+        want = blocks[:, layer].reshape(12, -1)[:, order.order].view(12, h, t, 2 * d)
+        assert torch.equal(pages[layer][consecutive + scattered], want)
+    assert cache.finish() > 0 and cache.finish() == 0
+    assert torch.equal(cache.gather(scattered + consecutive, lay.block_shape), torch.cat([blocks[6:], blocks[:6]]))
+    cache.close()
+
+
 def of(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e["event"] == kind]
 

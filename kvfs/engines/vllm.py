@@ -53,7 +53,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +65,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvfs.engines.guard import Guard
 from kvfs.engines.naming import LazyStore, model_path_level
-from kvfs.engines.pages import PageOrder, consecutive_spans
+from kvfs.engines.pages import PagedCache, PageOrder
 from kvfs.kv import KVLayout, KVStore, block_hashes
 from kvfs.kv.layout import dtype_name
 from kvfs.kv.run import run_name, run_spans
@@ -174,11 +173,11 @@ class KvfsConnector(KVConnectorBase_V1):
         self._requests: dict[str, _Request] = {}
         self._pending_loads: dict[str, Transfer] = {}
         # worker side
-        self._caches: list[tuple[torch.Tensor, PageOrder]] = []  # per layer, in layer order
+        self._pages: PagedCache | None = None
+        self._layer_index: dict[str, int] = {}
         self._load_errors: set[int] = set()  # until vLLM collects them
         self._step_failed: set[int] = set()  # this step's blocks that did not load (KV computed over them is bad)
         self._staging: torch.Tensor | None = None  # loads read runs here, then copy them into the pages
-        self._copier: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ storage
 
@@ -328,57 +327,12 @@ class KvfsConnector(KVConnectorBase_V1):
             log.warning("KvfsConnector disabled: %s", why)
             self._layout = None
             return
-        self._caches = caches
+        self._pages = PagedCache(caches)
+        self._layer_index = {name: i for i, name in enumerate(self._layer_names)}
         self._guard.call(self._open, "open")  # connect now, not in the first request (bounded, as always)
         t0 = caches[0][0]
         log.info("KvfsConnector: %d layers, %s pages %s on %s (%s), page order %s", len(caches), backend,
                  tuple(t0.shape), t0.device, key, caches[0][1].kind or "irregular (a gather per element)")
-
-    def _gather(self, block_ids: list[int]) -> torch.Tensor:
-        """Blocks out of the paged cache, in canonical order: a CPU tensor (n, *layout.block_shape)."""
-        assert self._layout is not None
-        lay = self._layout
-        n = len(block_ids)
-        out = torch.empty((n, *lay.block_shape), dtype=lay.torch_dtype())
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self._caches[0][0].device)
-        for layer, (cache, order) in enumerate(self._caches):
-            order.from_pages(cache.index_select(0, idx).cpu(), out[:, layer])
-        return out
-
-    def _scatter(self, pieces: list[tuple[torch.Tensor, list[int]]]) -> None:
-        """Blocks into the paged cache: per piece, blocks (n, *layout.block_shape) in canonical order and
-        the n vLLM block ids they belong at. Straight into each span of consecutive pages (one strided
-        copy per plane), or, when a piece's ids are scattered, through one ``index_copy_`` per layer."""
-        device = self._caches[0][0].device
-        plans = []
-        for blocks, block_ids in pieces:
-            spans = consecutive_spans(block_ids)
-            scattered = len(spans) > max(1, len(block_ids) // 8)  # per-span copies would cost more
-            idx = torch.tensor(block_ids, dtype=torch.long, device=device) if scattered else None
-            plans.append((blocks, spans, idx))
-
-        def layer_copy(layer: int) -> None:
-            cache, order = self._caches[layer]
-            for blocks, spans, idx in plans:
-                planes = blocks[:, layer].to(device)
-                if idx is not None:
-                    cache.index_copy_(0, idx, order.to_pages(planes))
-                    continue
-                for pos, first, n in spans:
-                    order.into_pages(planes[pos:pos + n], cache[first:first + n])
-
-        if device.type != "cpu" or len(self._caches) == 1:
-            for layer in range(len(self._caches)):
-                layer_copy(layer)
-            return
-        # On the CPU, layers in parallel: vLLM runs torch with one intra-op thread while serving.
-        list(self._copy_pool().map(layer_copy, range(len(self._caches))))
-
-    def _copy_pool(self) -> ThreadPoolExecutor:
-        if self._copier is None:
-            self._copier = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                              thread_name_prefix="kvfs-copy")
-        return self._copier
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -389,18 +343,26 @@ class KvfsConnector(KVConnectorBase_V1):
             for load in meta.loads:
                 self._load_errors.update(load.block_ids)
             return
-        for load in meta.loads:
-            good = self._load(load)
+        assert self._pages is not None
+        self._pages.finish()  # the last step's copies read the staging buffer this step's reads reuse
+        bufs = self._staging_for(sum(len(load.hashes) for load in meta.loads)).split(
+            [len(load.hashes) for load in meta.loads])
+        pieces = []
+        for load, buf in zip(meta.loads, bufs):
+            loaded = self._load(load, buf)
+            good = sum(len(ids) for _, ids in loaded)
             if good < len(load.block_ids):
                 self._load_errors.update(load.block_ids[good:])
                 self._step_failed.update(load.block_ids[good:])
+            pieces += loaded
+        if pieces:
+            self._pages.start(pieces)  # per layer, on threads: wait_for_layer_load waits for its layer
 
-    def _load(self, load: Transfer) -> int:
-        """Load a request's runs and copy their blocks into the paged cache; how many of ``load.block_ids``
-        (leading) were loaded. A run that fails verification is deleted (the recompute's save replaces it)."""
-        assert self._layout is not None
+    def _load(self, load: Transfer, bufs: torch.Tensor) -> list[tuple[torch.Tensor, list[int]]]:
+        """Read and verify a request's runs; the verified blocks to copy into the pages, with their block
+        ids (the leading ones of ``load.block_ids``). ``bufs``: where runs are read when they cannot be
+        mapped. A run that fails verification is deleted (the recompute's save replaces it)."""
         t0 = time.perf_counter()
-        bufs = self._staging_for(len(load.hashes))  # where a run is read when it cannot be mapped
         runs = load.run_hashes()
         outs = list(bufs.split(load.runs))
         ok, got = self._guard.call(lambda: self._open().get_runs(runs, outs, map_local=True), "load",
@@ -423,16 +385,12 @@ class KvfsConnector(KVConnectorBase_V1):
                 break
             pos += len(hashes)
         good = sum(len(ids) for _, ids in pieces)
-        if good:
-            self._scatter(pieces)
-        del got, pieces  # mapped chunks: unlock and unmap now
         self._event({"event": "load", "req": load.req_id, "blocks": len(load.block_ids), "loaded": good,
-                     "runs": len(runs), "ok": ok, "read_s": round(t1 - t0, 4),
-                     "copy_s": round(time.perf_counter() - t1, 4)})
+                     "runs": len(runs), "ok": ok, "read_s": round(t1 - t0, 4)})
         if good < len(load.block_ids):
             log.info("KvfsConnector: request %s: %d of %d blocks loaded, the rest is recomputed", load.req_id,
                      good, len(load.block_ids))
-        return good
+        return pieces
 
     def _staging_for(self, blocks: int) -> torch.Tensor:
         """A host buffer for ``blocks`` blocks, reused across loads up to STAGING_KEEP bytes: fresh memory
@@ -446,12 +404,17 @@ class KvfsConnector(KVConnectorBase_V1):
         return self._staging[:blocks]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # start_load_kv loaded every layer of every block before the forward began
+        if self._pages is not None:
+            self._pages.wait(self._layer_index.get(layer_name, -1))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # saved whole in wait_for_save, once every layer of the step is written
 
     def wait_for_save(self) -> None:
+        if self._pages is not None:
+            copied = self._pages.finish()  # normally done: each layer was waited for before its attention
+            if copied:
+                self._event({"event": "copied", "seconds": round(copied, 4)})
         if not self.enabled or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -462,10 +425,12 @@ class KvfsConnector(KVConnectorBase_V1):
         saves = [s for s in meta.saves if not failed.intersection(s.context, s.block_ids)]
         if not saves or not self._guard.available():
             return
+        assert self._pages is not None and self._layout is not None
         t0 = time.perf_counter()
         items: list[tuple[list[str], torch.Tensor]] = []
         for save in saves:
-            items += zip(save.run_hashes(), self._gather(save.block_ids).split(save.runs))
+            gathered = self._pages.gather(save.block_ids, self._layout.block_shape)
+            items += zip(save.run_hashes(), gathered.split(save.runs))
         blocks = sum(len(h) for h, _ in items)
         ok, published = self._guard.call(lambda: self._open().put_runs(items), "save",
                                          nbytes=blocks * self._layout.nbytes)
@@ -480,8 +445,8 @@ class KvfsConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         for closer in self._kv.take():
             self._guard.call(closer.close, "close")
-        if self._copier is not None:
-            self._copier.shutdown(wait=False)
+        if self._pages is not None:
+            self._pages.close()
 
 
 def _layout(kv_cache_config: KVCacheConfig, tp_rank: int, tp_size: int) -> tuple[KVLayout, list[str]] | str:
