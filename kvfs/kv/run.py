@@ -29,14 +29,11 @@ blocks, is truncated, or whose header is corrupt.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import xxhash
-
-from kvfs.kv.block import ALIGN, FIXED, MAGIC, BlockError, fixed_header_len
+from kvfs.kv.block import BlockError, open_header, seal_header
 from kvfs.kv.layout import KVLayout
 
 RUN_VERSION = 2
@@ -56,13 +53,9 @@ def encode_run_header(layout: KVLayout, hashes: Sequence[str], sums: bytes) -> b
     """The header of a run of ``hashes``; ``sums``: every block's payload xxh3_64, little-endian u64s."""
     n = len(hashes)
     values = struct.unpack(f"<{n}Q", sums)
-    meta = json.dumps({"hash": hashes[-1], "hashes": list(hashes), "sums": [f"{v:016x}" for v in values],
-                       "layout": layout.to_dict(), "layout_name": layout.name, "dtype": layout.dtype,
-                       "shape": [n, *layout.block_shape]}, sort_keys=True, separators=(",", ":")).encode()
-    header_len = (FIXED.size + len(meta) + ALIGN - 1) // ALIGN * ALIGN
-    head = FIXED.pack(MAGIC, RUN_VERSION, 0, header_len, len(meta), 0, n * layout.nbytes, 0, 0)
-    head = head[:40] + struct.pack("<Q", xxhash.xxh3_64_intdigest(head[:40] + meta))
-    return head + meta + bytes(header_len - len(head) - len(meta))
+    return seal_header(RUN_VERSION, {"hash": hashes[-1], "hashes": list(hashes), "sums": [f"{v:016x}" for v in values],
+                                     "layout": layout.to_dict(), "layout_name": layout.name, "dtype": layout.dtype,
+                                     "shape": [n, *layout.block_shape]}, n * layout.nbytes, 0)
 
 
 def run_header_len(layout: KVLayout, hashes: Sequence[str]) -> int:
@@ -84,15 +77,8 @@ def parse_run_header(raw: bytes | bytearray | memoryview, layout: KVLayout, hash
 
     Error handling: BlockError for a bad magic, version or header checksum, another layout or other
     blocks, a shape that does not match, or a file shorter than header + payload."""
-    header_len = fixed_header_len(raw, RUN_VERSION)
-    if len(raw) < header_len:
-        raise BlockError(f"truncated KV run: {len(raw)} bytes, header says {header_len}")
-    _m, _v, _f, _hl, meta_len, _r, payload_len, _ps, header_sum = FIXED.unpack_from(raw)
-    meta_raw = bytes(raw[FIXED.size:FIXED.size + meta_len])
-    if xxhash.xxh3_64_intdigest(bytes(raw[:40]) + meta_raw) != header_sum:
-        raise BlockError("corrupt KV run: header checksum mismatch")
+    header_len, payload_len, _checksum, meta = open_header(raw, RUN_VERSION, "KV run")
     try:
-        meta = json.loads(meta_raw)
         got_layout = KVLayout.from_dict(meta["layout"])
         got_hashes = tuple(str(h) for h in meta["hashes"])
         sums = struct.pack(f"<{len(meta['sums'])}Q", *(int(s, 16) for s in meta["sums"]))
@@ -109,5 +95,6 @@ def parse_run_header(raw: bytes | bytearray | memoryview, layout: KVLayout, hash
         raise BlockError(f"KV run {name}: shape {shape} / {payload_len} bytes / {len(sums) // 8} checksums do "
                          f"not match {n} blocks of {layout.name}")
     if file_size != header_len + payload_len:
-        raise BlockError(f"truncated KV run {name}: file has {file_size} bytes, needs {header_len + payload_len}")
+        raise BlockError(f"{'truncated ' if file_size < header_len + payload_len else ''}KV run {name}: file has "
+                         f"{file_size} bytes, header and payload are {header_len + payload_len}")
     return RunHeader(header_len, payload_len, got_hashes, sums)
