@@ -12,23 +12,29 @@ adapter: keys, layouts and error mapping live here, storage logic stays in ``kvf
 "host:port", a kvfs path read through the native client), ``model_id`` (the model path level; default
 the model name/path and ``revision``, made one path component), ``timeout`` (seconds per storage call,
 default 5, plus a second per 100 MB a load or save moves), ``retry_after`` (seconds a detected outage is trusted before kvfs is tried again, default
-10), ``stats_path`` (append one JSON line per lookup/load/save/outage event there; for tests and tools).
+10), ``stats_path`` (append one JSON line per lookup/load/save/outage event there; for tests and tools),
+``run_tokens`` (tokens per stored run, default 256: ``run_tokens // block_size`` blocks per file).
 
-**Keys**: ``<root>/<model_id>/<KVLayout.name>/<hh>/<hash>`` (docs/kv.md), where the hash is
-``kvfs.kv.block_hashes`` of the prompt's token ids (BLAKE2b chains: no PYTHONHASHSEED dependence) and
-the layout names dtype, block size, layers, KV heads, head dim and TP rank/size. Two instances of one
-model share blocks; another model, dtype or TP shape is another directory.
+**Keys**: a prompt's blocks are stored as *runs* (``kvfs.kv.run``, docs/kv.md): up to ``run_tokens``
+tokens of consecutive blocks in one file ``<root>/<model_id>/<KVLayout.name>/<hh>/<hash>-<count>``,
+named by the chained hash of the run's last block (``kvfs.kv.block_hashes`` of the prompt's token ids:
+BLAKE2b chains, no PYTHONHASHSEED dependence) and its block count, aligned to multiples of
+``run_tokens`` in the prompt. The layout names dtype, block size, layers, KV heads, head dim and TP
+rank/size. Two instances of one model share runs; another model, dtype or TP shape is another
+directory.
 
-**Scheduler side**: ``get_num_new_matched_tokens`` is one ``KVStore.longest_prefix`` round trip over
-the prompt's full blocks (never the last token: vLLM must compute at least one). The loads it
-promises are sent to the workers in ``KvfsConnectorMetadata`` with the blocks' hashes and vLLM block
-ids; so are the prompt blocks each step completes (to be saved).
+**Scheduler side**: ``get_num_new_matched_tokens`` is one ``KVStore.runs_prefix`` call over the
+prompt's full blocks (one or two round trips; never the last token: vLLM must compute at least one).
+The loads it promises are sent to the workers in ``KvfsConnectorMetadata`` with the runs' hashes and
+the vLLM block ids; so are the runs each step completes (to be saved), but for those the lookup found.
 
-**Worker side**: a whole request's blocks are loaded in ``start_load_kv`` (``KVStore.get_many``,
-verified: a corrupt, truncated or wrong-layout block is never copied in), so ``wait_for_layer_load``
-has nothing to wait for. ``wait_for_save`` (after the step's forward) copies the completed blocks out
-of every layer and publishes them atomically (``KVStore.put_many``); ``save_kv_layer`` does nothing.
-Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order, translated from
+**Worker side**: ``start_load_kv`` reads and verifies every run of the step's loads
+(``KVStore.get_runs``: each block's checksum; a corrupt, truncated or wrong-layout run is never copied
+in; through the native client a run whose chunk is on this host is mapped, not copied), then copies
+the blocks into the pages per layer on threads (``kvfs.engines.pages.PagedCache``) and returns:
+``wait_for_layer_load`` waits for its layer only, so layer 0's attention runs while later layers are
+still copied. ``wait_for_save`` (after the step's forward) copies the completed runs out of every layer
+and publishes them atomically (``KVStore.put_runs``); ``save_kv_layer`` does nothing. Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order, translated from
 each attention backend's paged layout by a per-page permutation: vLLM 0.32 hands connectors
 ``[blocks, heads, tokens, 2*head_dim]`` views on every backend, but ``CPU_ATTN`` stores a page as
 ``[heads, 2*tokens, head_dim]`` with K in an ISA-specific order (measured at start with the backend's own
@@ -40,7 +46,8 @@ the engine runs without it.
 and recompute, one log line per outage. A block that fails to load (missing, corrupt, timed out) is
 reported through ``get_block_ids_with_load_errors`` with every block after it; the connector sets
 ``kv_load_failure_policy`` to "recompute" (a cache miss must not fail a request), so vLLM recomputes
-from the first bad block. A corrupt block is also deleted, so the recompute's save replaces it.
+from the first bad block. A run with a corrupt block is also deleted (the blocks before that one still
+load), so the recompute's save replaces it.
 
 Not supported: LoRA, multimodal and prompt-embedding requests (never looked up or saved), pipeline
 parallelism, asynchronous (between-step) loads and saves.

@@ -10,6 +10,10 @@ of the hash (256-way fan-out keeps directories small). The same files are reacha
 * ``KVStore("/kv/llama", layout, client=kvfs.SyncClient(meta))``: the native client library.
 * ``KVStore("/mnt/kvfs/kv/llama", layout)``: any directory (the kvfs FUSE mount) through os calls.
 
+Runs (``kvfs.kv.run``): ``put_runs``/``get_runs``/``runs_prefix`` store and load several consecutive
+blocks of one prefix as one file ``<hh>/<last hash>-<count>`` (fewer files, headers and lookups per
+prompt); ``get_runs(map_local=True)`` maps a run's local chunk instead of copying it.
+
 ``get`` reads into CPU or CUDA tensors; how a payload reaches GPU memory (kvikio straight into it, or
 staged through pinned host memory) is ``device_io`` (``kvfs.kv.device``).
 
