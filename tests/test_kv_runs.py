@@ -166,3 +166,26 @@ def test_bad_runs_are_refused(make):
     # A miss is (0, None); the good run still loads.
     assert load(s, block_hashes([5] * 8, 4)) == [(0, None)]
     assert load(s, second) == [(4, None)]
+
+
+def test_mapping_falls_back_to_reads_when_the_lock_is_refused(cluster, monkeypatch):
+    """Without CAP_IPC_LOCK, mlock is bounded by RLIMIT_MEMLOCK (often 8 MiB): a refused lock makes the
+    native client read runs into the caller's tensors instead, then and from then on."""
+    import ctypes
+    import errno
+
+    from kvfs import chunkio
+
+    class NoLock:
+        def mlock(self, *args):
+            ctypes.set_errno(errno.ENOMEM)
+            return -1
+
+    with cluster.client() as client, KVStore("/kvruns/refused", LAYOUT, client=client) as s:
+        data = blocks(4, 3)
+        hashes = store_prompt(s, list(range(16)), data)
+        monkeypatch.setattr(chunkio, "_libc", NoLock())
+        out = torch.empty_like(data)
+        [read] = s.get_runs([hashes], [out], map_local=True)
+        assert (read.blocks, read.error) == (4, None) and read.data is out and torch.equal(out, data)
+        assert s.backend._map_refused

@@ -48,6 +48,7 @@ class NativeBackend:
         self.concurrency = concurrency
         self._dirs: dict[str, int] = {}  # directory path -> inode
         self._one_step = True  # META_KV_PUBLISH puts; off after meta refuses one (remote-bound directory)
+        self._map_refused = False  # mlock refused once (RLIMIT_MEMLOCK without CAP_IPC_LOCK): read instead
 
     def _run(self, fn, *args):
         return self.sync.call(fn, *args)
@@ -209,6 +210,8 @@ class NativeBackend:
         """Every file is one chunk with a replica on this host: map the chunk files (verified, locked:
         kvfs.chunkio.map_local_chunk) instead of copying them. None when that cannot be done (a file in
         several chunks or not local, an odd size, a failed map or lock): the caller reads instead."""
+        if self._map_refused:
+            return None
         plans: list = []
         for info, (_path, expect_size, *_rest) in zip(infos, jobs):
             if info is None:
@@ -234,8 +237,10 @@ class NativeBackend:
             nonlocal failed
             try:
                 await trio.to_thread.run_sync(work, part, limiter=self.c._io)
-            except OSError:
+            except OSError as exc:
                 failed = True
+                if exc.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+                    self._map_refused = True  # the lock limit will not grow: stop trying
 
         per = max(1, GROUP_BYTES // max(1, jobs[0][1]))  # files per thread hop
         async with open_nursery() as nursery:
