@@ -34,7 +34,9 @@ in; through the native client a run whose chunk is on this host is mapped, not c
 the blocks into the pages per layer on threads (``kvfs.engines.pages.PagedCache``) and returns:
 ``wait_for_layer_load`` waits for its layer only, so layer 0's attention runs while later layers are
 still copied. ``wait_for_save`` (after the step's forward) copies the completed runs out of every layer
-and publishes them atomically (``KVStore.put_runs``); ``save_kv_layer`` does nothing. Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order, translated from
+and publishes them atomically (``KVStore.put_runs``); ``save_kv_layer`` does nothing.
+
+Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order, translated from
 each attention backend's paged layout by a per-page permutation: vLLM 0.32 hands connectors
 ``[blocks, heads, tokens, 2*head_dim]`` views on every backend, but ``CPU_ATTN`` stores a page as
 ``[heads, 2*tokens, head_dim]`` with K in an ISA-specific order (measured at start with the backend's own
@@ -351,6 +353,8 @@ class KvfsConnector(KVConnectorBase_V1):
                 self._load_errors.update(load.block_ids)
             return
         assert self._pages is not None
+        if not meta.loads:
+            return
         self._pages.finish()  # the last step's copies read the staging buffer this step's reads reuse
         bufs = self._staging_for(sum(len(load.hashes) for load in meta.loads)).split(
             [len(load.hashes) for load in meta.loads])
