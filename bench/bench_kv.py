@@ -38,7 +38,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,8 +50,9 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 sys.path.insert(0, HERE)
 
-from cluster import Cluster, free_port
+from cluster import Cluster
 from mdsection import write_section
+from redis_server import RedisServer
 
 from kvfs.config import format_size, parse_size
 
@@ -147,40 +147,6 @@ def run_clients(kind: str, layout: str, nbytes: int, nclients: int, ops: int, co
             if p.returncode:
                 raise RuntimeError(f"{kind} client exited with {p.returncode}")
     return result
-
-
-# --------------------------------------------------------------------------- redis
-
-
-class Redis:
-    def __init__(self, workdir: str):
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server not found: apt-get install redis-server")
-        self.port = free_port()
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", workdir, "--protected-mode", "no",
-                                      "--proto-max-bulk-len", "1gb"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout.split()[2]
-
-    def flush(self) -> None:
-        import redis
-
-        redis.Redis(host="127.0.0.1", port=self.port).flushall()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------- longest_prefix
@@ -305,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         if "mount" in targets and not args.prefix_only:
             mountpoint = cluster.mount(os.path.join(work, "mnt"))
         if "redis" in targets and not args.prefix_only:
-            redis_srv = Redis(work)
+            redis_srv = RedisServer(work)
         with cluster.client() as c:
             c.mkdir("/kvbench", exist_ok=True)
         for size in [] if args.prefix_only else sizes:

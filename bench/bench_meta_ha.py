@@ -6,8 +6,10 @@ One run, one machine, real processes (tests/cluster.py, tests/etcd.py):
 * ``rocksdb``: one ``kvfs meta --data-dir`` with the durable default (group commit);
 * ``rocksdb-nosync``: the same with ``--no-sync``;
 * ``etcd-cold``: as ``etcd`` with ``--cold-standby`` (the standby keeps no copy of the namespace);
-* ``etcd-baseline`` (with ``--baseline-python``): as ``etcd``, its processes run by another checkout's
-  interpreter (before/after in the same run).
+* ``etcd-baseline``, ``rocksdb-baseline`` (with ``--baseline-python``): as ``etcd``, ``rocksdb``, their
+  processes run by another checkout's interpreter (before/after in the same run);
+* ``juicefs-redis`` (with ``--juicefs BINARY``): JuiceFS on a durable Redis through its own FUSE mount
+  (bench/juicefs_redis.py says where the binary comes from), the like-for-like anchor on this machine.
 
 Each engine gets a FUSE mount; ``--files`` empty files are created (open O_CREAT + close), stat'ed
 (kernel caches dropped and the mount's 1 s cache expired first) and unlinked through it by 1 and by 4 client threads (each thread in its own directory; the threads
@@ -17,6 +19,10 @@ spend their time in syscalls, so they run in parallel), reporting microseconds p
 Failover (``--kills N``, etcd only): kill -9 the leader, measure the time until a native client's
 next ``write_file`` succeeds (it retries from the moment of the kill), restart the killed meta as a
 standby, wait for the cluster to settle; p50 and max over N kills.
+
+The floor under a create on etcd (bench/floor.py): one raw etcd transaction, a disk fsync on the etcd
+data dir's filesystem, and etcd's own mean WAL fsync and backend commit over the rounds. With
+``--rpc-counts``, meta's RPCs per operation through the mount (kvfs_rpc_requests_total) on ``rocksdb``.
 
     python bench/bench_meta_ha.py --files 400 --repeat 3 --kills 10 --record docs/benchmarks.md
 
@@ -39,8 +45,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 sys.path.insert(0, HERE)
 
-from cluster import Cluster  # noqa: E402
+from cluster import Cluster, free_port  # noqa: E402
 from etcd import HaCluster  # noqa: E402
+from floor import etcd_disk, etcd_disk_mean_us, fsync_us  # noqa: E402
+from juicefs_redis import JuiceFSRedis  # noqa: E402
 from mdsection import write_section  # noqa: E402
 
 SECTION = "HA metadata on etcd (issue 12)"
@@ -56,8 +64,14 @@ def run_threads(n: int, fn) -> float:
     return time.perf_counter() - t0
 
 
-def meta_ops(mountpoint: str, files: int, clients: int, tag: str) -> dict[str, float]:
-    """Microseconds per create, stat and unlink through the mount (aggregate over ``clients`` threads)."""
+OPS = ("create", "stat", "unlink", "write")
+WRITE = b"w" * 4096
+
+
+def meta_ops(mountpoint: str, files: int, clients: int, tag: str, after=None) -> dict[str, float]:
+    """Microseconds per create, stat, unlink and write (a small file whole: create, 4 KiB, close)
+    through the mount (aggregate over ``clients`` threads); ``after(op)`` is called when each
+    operation's loop is done."""
     per = files // clients
     dirs = [os.path.join(mountpoint, f"{tag}-c{clients}-{i}") for i in range(clients)]
     for d in dirs:
@@ -75,14 +89,42 @@ def meta_ops(mountpoint: str, files: int, clients: int, tag: str) -> dict[str, f
         for k in range(per):
             os.unlink(os.path.join(dirs[i], f"f{k}"))
 
+    def write(i: int) -> None:
+        for k in range(per):
+            fd = os.open(os.path.join(dirs[i], f"w{k}"), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, WRITE)
+            finally:
+                os.close(fd)
+
     out = {}
     total = per * clients
-    for name, fn in (("create", create), ("stat", stat), ("unlink", unlink)):
+    for name, fn in (("create", create), ("stat", stat), ("unlink", unlink), ("write", write)):
         if name == "stat":
             drop_caches()  # the kernel's dentries and attributes: stat goes to the mount and to meta
             time.sleep(1.1)  # past the mount's own 1 s attribute/listing cache
         out[name] = run_threads(clients, fn) / total * 1e6
+        if after is not None:
+            after(name)
+    for d in dirs:  # the written files go, untimed
+        for k in range(per):
+            os.unlink(os.path.join(d, f"w{k}"))
     return out
+
+
+def rpcs_per_op(cluster: Cluster, mountpoint: str, files: int = 100) -> dict[str, dict[str, float]]:
+    """Meta RPCs per create, stat, unlink and write of one client through the mount (background ones included:
+    heartbeats and lease renewals show up as fractions)."""
+    counts: dict[str, dict[str, float]] = {}
+    last = [cluster.meta_rpcs()]
+
+    def after(op: str) -> None:
+        now = cluster.meta_rpcs()
+        counts[op] = {m: (n - last[0].get(m, 0.0)) / files for m, n in now.items() if n - last[0].get(m, 0.0)}
+        last[0] = now
+
+    meta_ops(mountpoint, files, 1, "rpcs", after)
+    return counts
 
 
 def drop_caches() -> None:
@@ -197,84 +239,144 @@ def takeover_times(endpoints: list[str], sizes: list[int]) -> list[tuple[int, in
     return out
 
 
+BASELINES = ("etcd-baseline", "rocksdb-baseline")
+
+
+Engine = Cluster | HaCluster | JuiceFSRedis
+
+
+def start_engine(engine: str, root: str, args: argparse.Namespace) -> tuple[Engine, str]:
+    """The engine's processes and its mountpoint."""
+    if engine == "juicefs-redis":
+        jfs = JuiceFSRedis(os.path.join(root, engine), args.juicefs).start()
+        return jfs, jfs.mountpoint
+    # A baseline: the same processes run by --baseline-python's checkout (tests/cluster.py's Proc.python).
+    if engine in BASELINES:
+        os.environ["KVFS_TEST_PYTHON"] = args.baseline_python
+    try:
+        cluster: Cluster | HaCluster
+        if engine.startswith("etcd"):
+            cluster = HaCluster(os.path.join(root, engine), metas=2, chunkservers=1, replication=1,
+                                leader_ttl=args.leader_ttl,
+                                meta_args=("--cold-standby",) if engine == "etcd-cold" else ()).start()
+        else:
+            cluster = Cluster(os.path.join(root, engine), chunkservers=1, replication=1,
+                              meta_args=("--no-sync",) if engine == "rocksdb-nosync" else (),
+                              meta_metrics_port=free_port() if engine == "rocksdb" else 0).start()
+        return cluster, cluster.mount(os.path.join(root, f"mnt-{engine}"))
+    finally:
+        os.environ.pop("KVFS_TEST_PYTHON", None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=400, help="files per (engine, client count)")
     p.add_argument("--kills", type=int, default=5, help="leader kills for the failover time (0: skip)")
     p.add_argument("--leader-ttl", type=int, default=3)
     p.add_argument("--engines", default="etcd,rocksdb,rocksdb-nosync",
-                   help="also etcd-cold (standby without a namespace copy) and etcd-baseline (etcd with the processes "
-                   "of --baseline-python's checkout)")
+                   help="also etcd-cold (standby without a namespace copy), etcd-baseline and rocksdb-baseline "
+                   "(the processes of --baseline-python's checkout)")
     p.add_argument("--baseline-python", metavar="PYTHON",
-                   help="interpreter of a baseline checkout (e.g. main's .venv/bin/python) for etcd-baseline")
+                   help="interpreter of a baseline checkout (e.g. main's .venv/bin/python) for the baselines")
+    p.add_argument("--juicefs", metavar="BINARY",
+                   help="a JuiceFS 0.14 binary: adds juicefs-redis (bench/juicefs_redis.py)")
+    p.add_argument("--rpc-counts", action="store_true",
+                   help="meta RPCs per operation through the mount (rocksdb)")
     p.add_argument("--repeat", type=int, default=3, help="rounds over the engines (the table has medians)")
     p.add_argument("--takeover", default="10000,50000",
                    help="KV-block counts for the new-leader load time (comma-separated; empty: skip)")
     p.add_argument("--record", metavar="MD", help="write the results into this markdown file's section")
     args = p.parse_args()
-    if "etcd-baseline" in args.engines.split(",") and not args.baseline_python:
-        p.error("etcd-baseline needs --baseline-python")
+    engines = args.engines.split(",") + (["juicefs-redis"] if args.juicefs else [])
+    if any(e in BASELINES for e in engines) and not args.baseline_python:
+        p.error("a baseline engine needs --baseline-python")
+    if args.rpc_counts and "rocksdb" not in engines:
+        p.error("--rpc-counts needs the rocksdb engine")
     load_before = os.getloadavg()[0]
     root = tempfile.mkdtemp(prefix="kvfs-bench-ha-")
-    engines = args.engines.split(",")
     runs: dict[str, dict[int, list[dict[str, float]]]] = {e: {1: [], 4: []} for e in engines}
     failover: list[float] = []
     takeover: list[tuple[int, int, float, float, float]] = []
     raw: list[float] = []
-    clusters: dict[str, Cluster | HaCluster] = {}
+    fsyncs: list[float] = []
+    disk: dict[str, float] = {}
+    rpcs: dict[str, dict[str, float]] = {}
+    clusters: dict[str, Engine] = {}
     mounts: dict[str, str] = {}
     try:
         # Every engine is up for the whole run and the rounds go round robin, so a change in the
         # machine's load (it is shared) hits all of them; the table has the medians.
         for engine in engines:
-            if engine in ("etcd", "etcd-cold", "etcd-baseline"):
-                # etcd-baseline: the same cluster whose meta, chunkserver and mount run the checkout of
-                # --baseline-python (tests/cluster.py's Proc.python), round robin with this one.
-                if engine == "etcd-baseline":
-                    os.environ["KVFS_TEST_PYTHON"] = args.baseline_python
-                try:
-                    clusters[engine] = HaCluster(os.path.join(root, engine), metas=2, chunkservers=1, replication=1,
-                                                 leader_ttl=args.leader_ttl,
-                                                 meta_args=("--cold-standby",) if engine == "etcd-cold" else ()).start()
-                    mounts[engine] = clusters[engine].mount(os.path.join(root, f"mnt-{engine}"))
-                finally:
-                    os.environ.pop("KVFS_TEST_PYTHON", None)
-                continue
-            clusters[engine] = Cluster(os.path.join(root, engine), chunkservers=1, replication=1,
-                                       meta_args=("--no-sync",) if engine == "rocksdb-nosync" else ()).start()
-            mounts[engine] = clusters[engine].mount(os.path.join(root, f"mnt-{engine}"))
+            clusters[engine], mounts[engine] = start_engine(engine, root, args)
+        etcd = clusters["etcd"].etcd if "etcd" in clusters else None  # type: ignore[union-attr]
+        disk_before = etcd_disk(etcd.endpoints) if etcd else {}
         for r in range(args.repeat):
-            if "etcd" in clusters:
-                raw.append(raw_txn_us(clusters["etcd"].etcd.endpoints))  # type: ignore[union-attr]
-                print("raw etcd txn", round(raw[-1]), "us", flush=True)
+            if etcd is not None:
+                raw.append(raw_txn_us(etcd.endpoints))
+                fsyncs.append(fsync_us(etcd.root))  # the filesystem under the etcd members' data dirs
+                print("raw etcd txn", round(raw[-1]), "us; fsync", round(fsyncs[-1]), "us", flush=True)
             for engine in engines:
                 for n in (1, 4):
                     result = meta_ops(mounts[engine], args.files, n, f"{engine}-r{r}")
                     runs[engine][n].append(result)
                     print(engine, n, {k: round(v) for k, v in result.items()}, flush=True)
+        if etcd is not None:
+            disk = etcd_disk_mean_us(disk_before, etcd_disk(etcd.endpoints))
+            print("etcd disk", {k: round(v) for k, v in disk.items()}, flush=True)
+        if args.rpc_counts:
+            rpcs = rpcs_per_op(clusters["rocksdb"], mounts["rocksdb"])  # type: ignore[arg-type]
+            print("rpcs per op", rpcs, flush=True)
         if "etcd" in clusters and args.kills:
             failover = failover_times(clusters["etcd"], args.kills)  # type: ignore[arg-type]
             print("failover", [f"{t:.2f}" for t in failover], flush=True)
-        if "etcd" in clusters and args.takeover:
-            etcd = clusters["etcd"].etcd  # type: ignore[union-attr]
+        if etcd is not None and args.takeover:
             takeover = takeover_times(etcd.endpoints, [int(x) for x in args.takeover.split(",")])
     finally:
         for c in clusters.values():
             c.stop()
-    results = {e: {n: {op: statistics.median(r[op] for r in rs) for op in ("create", "stat", "unlink")}
+    results = {e: {n: {op: statistics.median(r[op] for r in rs) for op in OPS}
                    for n, rs in by_n.items()} for e, by_n in runs.items()}
     lines = [f"{args.files} files per run, median of {args.repeat} rounds run round robin over the engines; "
-             f"microseconds per operation through the mount (4 clients: aggregate, wall time / operations); load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
-             "", "| engine | clients | create µs | stat µs | unlink µs |", "| --- | --- | --- | --- | --- |"]
+             "microseconds per operation through the mount (4 clients: aggregate, wall time / operations); write: a "
+             "small file whole (open O_CREAT|O_TRUNC, one 4 KiB write, close); load average "
+             f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
+             "", "| engine | clients | " + " | ".join(f"{op} µs" for op in OPS) + " |",
+             "| --- | --- |" + " --- |" * len(OPS)]
     for engine, by_clients in results.items():
         for n, r in by_clients.items():
-            lines.append(f"| {engine} | {n} | {r['create']:.0f} | {r['stat']:.0f} | {r['unlink']:.0f} |")
+            lines.append(f"| {engine} | {n} | " + " | ".join(f"{r[op]:.0f}" for op in OPS) + " |")
+    pairs = [(e.removesuffix("-baseline"), e) for e in engines
+             if e in BASELINES and e.removesuffix("-baseline") in runs]
+    if args.juicefs and "rocksdb" in runs:
+        pairs.append(("rocksdb", "juicefs-redis"))
+
+    def ratio(a: str, b: str, op: str) -> float:
+        return statistics.median(x[op] / y[op] for x, y in zip(runs[a][1], runs[b][1]))
+
+    if pairs:
+        # Rounds swing together (the machine's load): the ratio within each round is steadier than medians.
+        lines += ["", "Median over the rounds of each round's ratio, 1 client: " + "; ".join(
+            f"{a} / {b} " + ", ".join(f"{op} {ratio(a, b, op):.2f}" for op in OPS) for a, b in pairs) + "."]
+    if args.juicefs:
+        jfs = clusters["juicefs-redis"]
+        assert isinstance(jfs, JuiceFSRedis) and jfs.redis is not None
+        lines += ["", f"juicefs-redis: JuiceFS {jfs.version} (`--juicefs`; bench/juicefs_redis.py) through its own FUSE "
+                  f"mount, on redis-server {jfs.redis.version} with `appendonly yes`, `appendfsync always` (every "
+                  "change fsynced before its reply), `--storage file` on the local disk, default 1 s caches."]
     if raw:
         txn = statistics.median(raw)
         lines += ["", f"One raw etcd transaction of 2 puts (sent alone from the bench process through the same gateway "
                   f"client, once per round, median): {txn:.0f} µs. 1 client, through the mount, in transactions: "
                   + "; ".join(f"{e} create {results[e][1]['create'] / txn:.2f}x, unlink {results[e][1]['unlink'] / txn:.2f}x"
                               for e in ("etcd", "etcd-cold", "etcd-baseline") if e in results) + "."]
+        lines += ["", f"Floor on this machine: `os.fsync` after a 256-byte append on the etcd data dirs' filesystem, "
+                  f"median: {statistics.median(fsyncs):.0f} µs; etcd's own mean over the rounds (its metrics, "
+                  f"summed over the 3 members): WAL fsync {disk.get('etcd_disk_wal_fsync_duration_seconds', 0):.0f} µs, "
+                  f"backend commit {disk.get('etcd_disk_backend_commit_duration_seconds', 0):.0f} µs."]
+    if rpcs:
+        lines += ["", "Meta RPCs per operation through the mount (rocksdb, 1 client, 100 files; kvfs_rpc_requests_total; "
+                  "fractions are background calls): " + "; ".join(
+                      f"{op}: " + ", ".join(f"{m} {n:.2f}" for m, n in sorted(by.items())) for op, by in rpcs.items()) + "."]
     if failover:
         lines += ["", f"Failover (kill -9 of the leader until a native client's next `write_file` succeeds), "
                   f"`--leader-ttl {args.leader_ttl}`, {len(failover)} kills: p50 {statistics.median(failover):.2f} s, "

@@ -4,8 +4,13 @@ Same machine, same disk, one run: a ``--size`` file is written once into each ta
 bindfs mount of a local directory, and a kvfs cluster from ``tests/cluster.py`` with its ``kvfs mount``,
 replication 1, like ``kvfs up``), then ``--repeat`` rounds alternate between targets: ``sync``, drop the
 page cache, ``dd if=FILE of=/dev/null bs=1M``, MB/s from dd's byte count and wall time. The local
-directory is the ceiling (labelled as one). Reported: per target the rounds and the median, and the
-kvfs/bindfs ratio of medians.
+directory is the ceiling (labelled as one). Reported: per target the rounds and the median, the
+kvfs/bindfs ratio of medians, each mount's kernel readahead, and the CPU seconds the file system's own
+processes (bindfs; kvfs's mount, meta and chunkserver) used per GB read (median).
+
+The kvfs mount sets its readahead itself (``kvfs mount --readahead``, 4 MiB by default) and bindfs
+keeps the kernel's FUSE default (128 KiB), so a second bindfs target, ``bindfs-ra``, runs with kvfs's
+readahead: both comparisons are in the table. ``--no-bindfs-ra`` leaves it out.
 
     python bench/dd_first_read.py --size 1G --repeat 5
     python bench/dd_first_read.py --size 1G --repeat 5 --record docs/benchmarks.md
@@ -29,20 +34,55 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
 from mdsection import command_line, run_facts, write_section
-from run import bindfs_target, drop_caches, kvfs_target, local_target
+from run import bdi_file, bindfs_target, drop_caches, kvfs_target, local_target, set_readahead
 
 from kvfs.config import parse_size
 
 SECTION = "dd first read through the mount vs bindfs (issue 10)"
 
 
-def dd_read(path: str) -> float:
+def dd_read(path: str, pids: list[int]) -> tuple[float, float | None]:
+    """MB/s, and CPU seconds per GB of ``pids`` (None without pids)."""
     subprocess.run(["sync"], check=True)
     if not drop_caches():
         raise SystemExit("cannot drop the page cache (needs root)")
+    cpu = cpu_seconds(pids)
     t0 = time.perf_counter()
     subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
-    return os.path.getsize(path) / (time.perf_counter() - t0) / 1e6
+    elapsed = time.perf_counter() - t0
+    size = os.path.getsize(path)
+    return size / elapsed / 1e6, (cpu_seconds(pids) - cpu) / (size / 1e9) if pids else None
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def bindfs_pid(mountpoint: str) -> list[int]:
+    """The bindfs process serving ``mountpoint`` (it daemonizes: found by its command line)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(args[0]) == b"bindfs" and os.fsencode(mountpoint) in args:
+            return [int(pid)]
+    return []
+
+
+def readahead_kb(path: str) -> str:
+    try:
+        with open(bdi_file(path, "read_ahead_kb")) as f:
+            return f"{int(f.read())} KiB"
+    except OSError:
+        return "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,13 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1G")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--record", metavar="MD")
+    p.add_argument("--no-bindfs-ra", action="store_true", help="leave out bindfs with kvfs's readahead")
     args = p.parse_args(argv)
     size = parse_size(args.size)
     rows: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dd-", dir="/var/tmp") as root, ExitStack() as stack:
-        targets = [stack.enter_context(local_target(root)), stack.enter_context(bindfs_target(root)),
-                   stack.enter_context(kvfs_target(root, "kvfs", chunkservers=1, replication=1, chunk_size="4M",
-                                                   mount_args=[]))]
+        targets = [stack.enter_context(local_target(root)), stack.enter_context(bindfs_target(root))]
+        if not args.no_bindfs_ra:
+            targets.append(stack.enter_context(bindfs_target(root, "bindfs-ra")))
+        targets.append(stack.enter_context(kvfs_target(root, "kvfs", chunkservers=1, replication=1,
+                                                       chunk_size="4M", mount_args=[])))
+        pids = {t.name: list(t.pids.values()) or bindfs_pid(t.path) for t in targets}
         block = os.urandom(1 << 20)
         for t in targets:
             with open(os.path.join(t.path, "f"), "wb") as f:
@@ -64,16 +109,26 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(block)
                 f.flush()
                 os.fsync(f.fileno())
+        if not args.no_bindfs_ra:
+            # kvfs's mount has raised its readahead by now (it does so after its INIT): give bindfs the same.
+            with open(bdi_file(targets[-1].path, "read_ahead_kb")) as f:
+                set_readahead(targets[2].path, int(f.read()))
         for r in range(args.repeat):
             for t in (targets if r % 2 == 0 else targets[::-1]):
-                rows.setdefault(t.name, []).append(dd_read(os.path.join(t.path, "f")))
-                print(t.name, f"{rows[t.name][-1]:.0f} MB/s", flush=True)
+                mbs, cpu_gb = dd_read(os.path.join(t.path, "f"), pids[t.name])
+                rows.setdefault(t.name, []).append(mbs)
+                if cpu_gb is not None:
+                    cpu.setdefault(t.name, []).append(cpu_gb)
+                print(t.name, f"{mbs:.0f} MB/s", "" if cpu_gb is None else f"{cpu_gb:.2f} CPU s/GB", flush=True)
+        ras = {t.name: readahead_kb(t.path) if t.name != "local" else "-" for t in targets}
     med = {name: statistics.median(v) for name, v in rows.items()}
-    lines = ["| target | MB/s, each round | median MB/s | vs bindfs |", "| --- | --- | --- | --- |"]
+    lines = ["| target | readahead | MB/s, each round | median MB/s | vs bindfs | fs CPU s/GB (median) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, v in rows.items():
-        label = "local directory (ceiling)" if name == "local" else name
-        lines.append(f"| {label} | {', '.join(f'{x:.0f}' for x in v)} | {med[name]:.0f} | "
-                     f"{med[name] / med['bindfs']:.2f}x |")
+        label = {"local": "local directory (ceiling)", "bindfs-ra": "bindfs, kvfs's readahead"}.get(name, name)
+        cpu_med = f"{statistics.median(cpu[name]):.2f}" if name in cpu else "-"
+        lines.append(f"| {label} | {ras[name]} | {', '.join(f'{x:.0f}' for x in v)} | {med[name]:.0f} | "
+                     f"{med[name] / med['bindfs']:.2f}x | {cpu_med} |")
     table = "\n".join(lines)
     print(table)
     if args.record:
@@ -83,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"load average {load:.1f} at the end). `dd if=FILE of=/dev/null bs=1M` of a "
                 f"{size >> 20} MiB file after `sync` and `echo 3 > /proc/sys/vm/drop_caches`, rounds alternating "
                 f"the target order; kvfs: meta + 1 chunkserver (replication 1, 4 MiB chunks) + `kvfs mount` with "
-                f"default options; bindfs 1.14 of a directory on the same disk. Target: kvfs >= 1.0x bindfs.\n\n"
+                f"default options; bindfs 1.14 of a directory on the same disk, with its default readahead and "
+                f"with kvfs's. fs CPU: user + system seconds of the file system's processes (bindfs; kvfs mount, "
+                f"meta, chunkserver) per GB read; dd's own are not counted. Target: kvfs >= 1.0x bindfs.\n\n"
                 f"{table}\n")
         write_section(args.record, SECTION, body)
     return 0

@@ -26,7 +26,8 @@ Every pass is checked bitwise on the GPU against the source blocks (``torch.equa
 
 ``--native``: also starts a real meta + one chunkserver (tests/cluster.py, 4 MiB chunks, replication
 1, ``--fsync never``) on this machine, puts ``--native-gib`` GiB per size through the client library and
-loads them with the native backend's routes (``staged``, ``host+copy``; kvikio reads files by path).
+loads them with the native backend's routes (``staged``, ``host+copy``, and ``kvikio``: kvikio reads the
+blocks' chunk files on this host, ``kvfs.chunkfiles``, payload not verified).
 The services run as ``python -m kvfs.cli``, which must find ``kvfs.meta``, ``kvfs.chunkserver`` and
 ``kvfs.mount`` (an editable install does that; on the device machine, whose tree is a plain copy, link
 them: ``ln -s ../meta kvfs/meta`` etc.) and imports pyfuse3 (through ``kvfs.mount``) even for meta: where
@@ -239,9 +240,9 @@ def bench_size(nbytes: int, args: argparse.Namespace, emit, client: Any = None, 
           "GBps": round(n * nbytes / secs / 1e9, 3)})
     outs = torch.empty_like(src)
     ok = True
-    kvikio_ok = client is None and dev.type == "cuda" and kvikio_available()
+    kvikio_ok = dev.type == "cuda" and kvikio_available()  # native: kvikio reads the chunk files
     methods = (["kvikio"] if kvikio_ok else []) + ["staged", "host+copy"]
-    methods += (["baseline"] if client is None else []) + (["kvikio-raw"] if kvikio_ok else [])
+    methods += (["baseline"] if client is None else []) + (["kvikio-raw"] if kvikio_ok and client is None else [])
     for name in methods:
         device_io = name if name in ("kvikio", "staged") else "auto"  # (raw methods only use its paths)
         store = KVStore(root, layout, client=client, concurrency=args.batch, device_io=device_io)

@@ -7,8 +7,10 @@ or ordinary host buffers:
 * ``preadv``: plain ``os.preadv`` of each chunk file, no checks (the ceiling);
 * ``chunkio-noverify``: ``kvfs.chunkio.read_local_chunk`` with verification switched off;
 * ``chunkio-pyxxh``: the same, hashing with python-xxhash (which keeps the GIL while it hashes);
-* ``chunkio``: ``read_local_chunk`` as kvfs runs it (every 64 KiB block verified by kvfs._blockhash,
-  GIL released, where it was built);
+* ``chunkio-split``: the read in Python (``os.preadv``), then every 64 KiB block verified by
+  kvfs._blockhash with the GIL released (kvfs before ``preadv_verify``);
+* ``chunkio``: ``read_local_chunk`` as kvfs runs it: read and verification in one C call
+  (``kvfs._blockhash.preadv_verify``, GIL released throughout), where it was built;
 * ``reader``: ``kvfs.models`` ``ClientFileReader.readv_into`` over 16 MiB spans (what the loader does);
 * ``tcp-blocking``: each chunk over loopback TCP with ``kvfs.rpc_blocking.BlockingChunkClient`` straight
   from the worker thread (no event loop), verified as the client does (the TCP path's ceiling here);
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             st = c.open(c.resolve("/f").ino)
             chunk_size, local = c.call(_local_chunks, c.client, st.ino)
             chunks = [local[i] for i in sorted(local)]
+            tokens = {ref.chunk_id: ref.token for ref in c.client.files[st.ino].chunks.values()}
             assert all(ch is not None for ch in chunks), "chunk files not local"
             import threading
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     ch = chunks[i]
                     dest = view[:ch.length]
                     if name == "tcp-blocking":
-                        reply, data = blocking[ch.address].read(P.ReadChunk(ch.chunk_id, 0, ch.length), dest)
+                        reply, data = blocking[ch.address].read(P.ReadChunk(ch.chunk_id, 0, ch.length, tokens[ch.chunk_id]), dest)
                         chunkio.verify(ch.chunk_id, ch.address, data, reply.data_offset, reply.checksums,
                                        reply.chunk_length)
                         return
@@ -108,16 +111,19 @@ def main(argv: list[str] | None = None) -> int:
                 return size / (time.perf_counter() - t0) / 1e9
 
             real_verify, native, helper = chunkio.verify_views, chunkio._XXH3, chunkio._BLOCKHASH
+            one_call = chunkio._PREADV_VERIFY
             run("preadv")  # warm
             results: dict[str, list[float]] = {}
             for _ in range(args.reps):
-                for name in ("preadv", "chunkio-noverify", "chunkio-pyxxh", "chunkio", "reader", "tcp-blocking",
-                             "tcp-reader"):
+                for name in ("preadv", "chunkio-noverify", "chunkio-pyxxh", "chunkio-split", "chunkio", "reader",
+                             "tcp-blocking", "tcp-reader"):
                     chunkio.verify_views = (lambda *a, **k: None) if name == "chunkio-noverify" else real_verify
                     python_only = name == "chunkio-pyxxh"  # python-xxhash per block, GIL held
                     chunkio._XXH3, chunkio._BLOCKHASH = (None, None) if python_only else (native, helper)
-                    results.setdefault(name, []).append(run(name.replace("-pyxxh", "")))
+                    chunkio._PREADV_VERIFY = one_call if name in ("chunkio", "reader") else None
+                    results.setdefault(name, []).append(run(name.replace("-pyxxh", "").replace("-split", "")))
             chunkio.verify_views, chunkio._XXH3, chunkio._BLOCKHASH = real_verify, native, helper
+            chunkio._PREADV_VERIFY = one_call
             reader.close()
             tcp_reader.close()
             tcp_client.close()

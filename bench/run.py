@@ -99,6 +99,12 @@ def drop_caches() -> bool:
         return False
 
 
+def bdi_file(path: str, name: str) -> str:
+    """A file of the kernel's backing-device info of the file system holding ``path``."""
+    dev = os.stat(path).st_dev
+    return f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/{name}"
+
+
 @contextmanager
 def local_target(root: str) -> Iterator[Target]:
     path = os.path.join(root, "local")
@@ -110,18 +116,32 @@ def local_target(root: str) -> Iterator[Target]:
 
 
 @contextmanager
-def bindfs_target(root: str) -> Iterator[Target]:
-    src, mnt = os.path.join(root, "bindfs-src"), os.path.join(root, "bindfs-mnt")
+def bindfs_target(root: str, name: str = "bindfs") -> Iterator[Target]:
+    src, mnt = os.path.join(root, f"{name}-src"), os.path.join(root, f"{name}-mnt")
     os.makedirs(src)
     os.makedirs(mnt)
     subprocess.run(["bindfs", "--no-allow-other", src, mnt], check=True)
     try:
         wait_for(lambda: is_mounted(mnt), 10, "bindfs mount")
-        yield Target("bindfs", mnt)
+        yield Target(name, mnt)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, check=False)
         os.rmdir(mnt)
         shutil.rmtree(src, ignore_errors=True)
+
+
+def set_readahead(mountpoint: str, readahead_kb: int) -> None:
+    """Set a mount's kernel readahead (its bdi's ``read_ahead_kb``) until it reads back: the kernel
+    resets it when it takes a FUSE daemon's INIT reply (kvfs's mount does the same, mount/runner.py)."""
+    def stuck() -> bool:
+        with open(bdi_file(mountpoint, "read_ahead_kb")) as f:
+            if int(f.read()) == readahead_kb:
+                return True
+        with open(bdi_file(mountpoint, "read_ahead_kb"), "w") as f:
+            f.write(str(readahead_kb))
+        return False
+
+    wait_for(stuck, 10, f"readahead of {mountpoint}", interval=0.2)
 
 
 @contextmanager

@@ -18,9 +18,12 @@ import errno
 import mmap
 import os
 import struct
+import threading
+from collections import OrderedDict
 
 import xxhash
 
+from kvfs.chunk_buffers import ALIGN, ChunkBuffers
 from kvfs.protocol import CHECKSUM_BLOCK as BLOCK
 
 IOV_MAX = 1024
@@ -60,6 +63,8 @@ def _block_hasher():
 
 
 _BLOCKHASH = _block_hasher()
+# Read and verify in one C call (older builds of the extension lack it).
+_PREADV_VERIFY = getattr(_BLOCKHASH, "preadv_verify", None)
 
 
 def block_checksums(data) -> list[int]:
@@ -98,6 +103,16 @@ def _address(view: memoryview) -> int | None:
     if _XXH3 is None or view.readonly or not len(view):
         return None
     return ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
+
+
+def xxh3_64(data) -> int:
+    """XXH3-64 of a buffer, without the GIL where the C function is reachable and the buffer writable
+    (python-xxhash holds the GIL while it hashes, so threads hashing big payloads queue on it)."""
+    view = memoryview(data).cast("B")
+    base = _address(view)
+    if base is None:
+        return xxhash.xxh3_64_intdigest(view)
+    return _XXH3(base, len(view))
 
 
 def parse_sums(raw: bytes) -> list[int]:
@@ -223,14 +238,58 @@ class OpenChunks:
             self.drop(path)
 
 
+class ChunkSums:
+    """Checksum files read whole and kept, the least recently used dropped past ``limit``: a reader of
+    1 MiB pieces of 4 MiB chunks would otherwise open and read each one four times. A chunk file never
+    changes under its name, so a kept copy is never stale; ``read_local_chunk`` drops the copy of a
+    chunk that failed to verify (it may come back repaired). Thread-safe."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._sums: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sums_path: str, flags: int = 0) -> bytes:
+        with self._lock:
+            raw = self._sums.get(sums_path)
+            if raw is not None:
+                self._sums.move_to_end(sums_path)
+                return raw
+        fd = os.open(sums_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            buf = bytearray(os.fstat(fd).st_size)
+            raw = bytes(buf[:_preadv(fd, [memoryview(buf)], 0, flags)]) if buf else b""
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._sums[sums_path] = raw
+            while len(self._sums) > self.limit:
+                self._sums.popitem(last=False)
+        return raw
+
+    def drop(self, sums_path: str) -> None:
+        with self._lock:
+            self._sums.pop(sums_path, None)
+
+
+class NotCached(Exception):
+    """``read_local_chunk(..., nowait=True)``: some of the range is not in the page cache (a read would
+    wait for the disk). Nothing is verified or complete; read again without ``nowait``."""
+
+
 def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offset: int,
-                     dests: list[memoryview], files: OpenChunks | None = None) -> None:
+                     dests: list[memoryview], files: OpenChunks | None = None, nowait: bool = False,
+                     sums: ChunkSums | None = None) -> None:
     """Read chunk bytes [offset, offset + sum(len(dests))) of the chunk file at ``path`` into ``dests``
     (consecutive pieces of the range), verified against the checksum file ``sums_path``. ``files``
-    keeps the file open (and its checksums parsed) for the next read of the same chunk."""
+    keeps the file open (and its checksums parsed) for the next read of the same chunk; ``sums`` keeps
+    only the checksums. ``nowait``:
+    only from the page cache (``RWF_NOWAIT``), else ``NotCached``: an event loop can then try a read
+    itself and hand only the ones that would block to a worker thread."""
     length = sum(len(d) for d in dests)
     if not length:
         return
+    flags = os.RWF_NOWAIT if nowait else 0
     if files is not None:
         fd, chunk_length, all_sums = files.get(path, sums_path)
     else:
@@ -246,27 +305,117 @@ def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offse
         tail = memoryview(bytearray(end - offset - length)) if end > offset + length else None
         iov = ([head] if head is not None else []) + [d for d in dests if len(d)] + ([tail] if tail is not None else [])
         want = end - start
-        got, pos, rest = 0, start, iov
-        while rest:  # preadv may stop short (signals); continue after what arrived
-            n = os.preadv(fd, rest[:IOV_MAX], pos)
-            if n <= 0:
+        first, count = start // BLOCK * 8, (end - start + BLOCK - 1) // BLOCK * 8
+        if all_sums is None and sums is not None:
+            all_sums = sums.get(sums_path, flags)
+        if all_sums is not None:
+            raw = all_sums[first:first + count]
+        else:
+            raw = _read_sums(sums_path, first, count, flags)
+        try:
+            if _PREADV_VERIFY is not None and not nowait:
+                # The common case: read and check in one call without the GIL (kvfs/_blockhash.c).
+                got, bad = _PREADV_VERIFY(fd, start, iov, raw, BLOCK)
+                # It stops reading at a bad block; a short last block is a short file, not corruption.
+                if got < want and not 0 <= bad < got // BLOCK:
+                    raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
+                if bad >= len(raw) // 8:
+                    raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: data not covered by checksums")
+                if bad >= 0:
+                    raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: checksum mismatch at block "
+                                                   f"{start // BLOCK + bad} (corrupt replica)")
+                return
+            got, pos, rest = 0, start, iov
+            while rest:  # preadv may stop short (signals); continue after what arrived
+                n = _preadv(fd, rest[:IOV_MAX], pos, flags)
+                if n <= 0:
+                    raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
+                got += n
+                pos += n
+                rest = _advance(rest, n)
+            if got < want:
                 raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
-            got += n
-            pos += n
-            rest = _advance(rest, n)
-        if got < want:
-            raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
+            verify_views(chunk_id, where, iov, start, parse_sums(raw), chunk_length, raw)
+        except ChecksumError:
+            if sums is not None:
+                sums.drop(sums_path)  # it may be the checksums that are bad, or come back repaired
+            raise
     finally:
         if files is None:
             os.close(fd)
-    first, count = start // BLOCK * 8, (end - start + BLOCK - 1) // BLOCK * 8
-    if all_sums is not None:
-        raw = all_sums[first:first + count]
-    else:
-        with open(sums_path, "rb") as f:
-            f.seek(first)
-            raw = f.read(count)
-    verify_views(chunk_id, where, iov, start, parse_sums(raw), chunk_length, raw)
+
+
+def read_chunk_direct(path: str, sums_path: str, chunk_id: int, where: str, length: int,
+                      sums: ChunkSums | None = None, buffers: ChunkBuffers | None = None) -> memoryview:
+    """The whole chunk (``length`` bytes) of the chunk file at ``path``, verified, as a read-only view
+    of page-aligned memory (from ``buffers``, else fresh). A chunk whose file is all in the page cache
+    is copied from there; otherwise it is read with ``O_DIRECT``: the disk's DMA is
+    the only copy, and no page cache is filled (that costs as much CPU as the copy, and a chunk read
+    whole is held by the caller anyway). Where the file system refuses ``O_DIRECT`` (tmpfs), a
+    buffered read. Errors as ``read_local_chunk``."""
+    view = (buffers or ChunkBuffers(0)).take(length)
+    data = view[:length]
+    try:  # already in the page cache (just written, read before): copy it, no disk read
+        read_local_chunk(path, sums_path, chunk_id, where, 0, [data], sums=sums, nowait=True)
+        return data.toreadonly()
+    except NotCached:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        read_local_chunk(path, sums_path, chunk_id, where, 0, [data], sums=sums)
+        return data.toreadonly()
+    try:
+        chunk_length = os.fstat(fd).st_size
+        got = 0
+        while got < min(length, chunk_length):
+            n = os.preadv(fd, [view[got:]], got)
+            got += max(n, 0)
+            if n <= 0 or n % ALIGN:
+                break  # end of file (a short read that stops on the alignment goes on)
+    finally:
+        os.close(fd)
+    if got < length:
+        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
+    count = (length + BLOCK - 1) // BLOCK * 8
+    raw = (sums.get(sums_path) if sums is not None else _read_sums(sums_path, 0, count, 0))[:count]
+    try:
+        verify_views(chunk_id, where, [data], 0, parse_sums(raw), chunk_length, raw)
+    except ChecksumError:
+        if sums is not None:
+            sums.drop(sums_path)
+        raise
+    return data.toreadonly()
+
+
+def _preadv(fd: int, views: list[memoryview], pos: int, flags: int) -> int:
+    """``os.preadv``; with ``RWF_NOWAIT``, a read that would wait (EAGAIN, or stopping short where the
+    page cache ends: a later call would wait) is ``NotCached``."""
+    if not flags:
+        return os.preadv(fd, views, pos)
+    try:
+        n = os.preadv(fd, views, pos, flags)
+    except BlockingIOError:
+        raise NotCached from None
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:  # a file system without RWF_NOWAIT: read the ordinary way
+            raise NotCached from None
+        raise
+    if n < sum(len(v) for v in views):
+        raise NotCached
+    return n
+
+
+def _read_sums(sums_path: str, first: int, count: int, flags: int) -> bytes:
+    fd = os.open(sums_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = bytearray(count)
+        n = _preadv(fd, [memoryview(raw)], first, flags)
+        return bytes(raw[:n])  # short: verify_views reports the blocks it has no checksum for
+    finally:
+        os.close(fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

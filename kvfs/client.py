@@ -11,7 +11,8 @@ Data path:
 * Reads fetch block-aligned ranges from a replica and verify the per-block checksums end to end; a
   corrupt replica is reported to meta and the next one tried. When the replica is a chunkserver on
   this machine, its chunk file is read directly (short-circuit read), still checksum-verified.
-  Sequential reads keep the last chunks in a small per-file cache and prefetch the next few chunks.
+  Small sequential reads are served from a small per-file cache of whole chunks, with the next few
+  chunks read ahead (kvfs/client_prefetch.py; chunk files on this host with O_DIRECT).
 
 Error handling: every method raises ``OSError`` with the right errno (ENOENT, EEXIST, ...); dead or
 slow servers raise ``OSError(EIO)`` after the configured timeout, never hang.
@@ -32,7 +33,10 @@ import trio
 
 from kvfs import protocol as P
 from kvfs import tls
+from kvfs.chunk_buffers import ChunkBuffers
 from kvfs.chunkio import ChecksumError as ChecksumError
+from kvfs.chunkio import ChunkSums
+from kvfs.client_prefetch import ClientPrefetch
 from kvfs.client_read import ClientReads
 from kvfs.client_types import BLOCK as BLOCK
 from kvfs.client_types import ClientOptions as ClientOptions
@@ -52,7 +56,7 @@ log = logging.getLogger("kvfs.client")
 ROOT_INO = 1
 
 
-class Client(ClientReads, ClientWrites):
+class Client(ClientReads, ClientPrefetch, ClientWrites):
     def __init__(self, meta_address: str, options: ClientOptions | None = None, *, client_id: str | None = None):
         self.options = options or ClientOptions()
         # One meta, or the leader of several (HA on etcd: kvfs/meta_router.py).
@@ -73,6 +77,8 @@ class Client(ClientReads, ClientWrites):
         self._host_id = ""
         self._nursery: trio.Nursery | None = None
         self._io = trio.CapacityLimiter(16)
+        self._local_sums = ChunkSums()  # checksums of local chunk files being read (short-circuit)
+        self._chunk_buffers = ChunkBuffers()  # memory of whole local chunks read with O_DIRECT, reused
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -96,7 +102,7 @@ class Client(ClientReads, ClientWrites):
         outage = False
         while True:
             await trio.sleep(max(lease_seconds / 3, 0.1))
-            inos = [ino for ino, st in self.files.items() if st.writable]
+            inos = [ino for ino, st in self.files.items() if st.leased]
             if not inos:
                 continue
             try:
@@ -112,7 +118,7 @@ class Client(ClientReads, ClientWrites):
             lease_seconds = reply.expires_in
             for ino in reply.lost:
                 st = self.files.get(ino)
-                if st is not None and st.writable and st.upload_error is None:
+                if st is not None and st.leased and st.upload_error is None:
                     # The next write, flush or close reports it: uncommitted data cannot be committed now.
                     st.upload_error = error(errno.EIO, f"inode {ino}: write lease lost to another writer; "
                                             "unflushed data cannot be committed")
@@ -212,7 +218,8 @@ class Client(ClientReads, ClientWrites):
 
     async def mknode(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
                      exclusive: bool = True, lease: bool = False) -> P.Attr:
-        """Create a node; ``lease`` also takes the write lease (a create that is about to be written)."""
+        """Create a node; ``lease`` also takes the write lease (a create about to be written; without it,
+        ``open(created=...)`` takes a new file's lease at its first write)."""
         self._changes.note(directory=parent)
         attr = await self.meta.request(P.META_MKNODE, P.MkNode(
             parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else ""))
@@ -383,14 +390,19 @@ class Client(ClientReads, ClientWrites):
     # ------------------------------------------------------------------ open / release
 
     async def open(self, ino: int, *, write: bool = False, truncate: bool = False,
-                   created: P.Attr | None = None) -> FileState:
-        """Open a regular file. The chunk map is refreshed on every first open (close-to-open).
-        ``created``: the attributes of a file this client just created with ``mknode(lease=True)``: no
-        chunk map to fetch if it is empty, and the write lease is already held."""
+                   created: P.Attr | None = None, leased: bool = False) -> FileState:
+        """Open a regular file. The chunk map is refreshed on every first open (close-to-open), and an
+        open for writing takes the write lease (EBUSY while another client writes the file).
+        ``created``: the attributes of a file this client just created (``mknode``): when it is empty,
+        there is no chunk map to fetch and no lease to take yet: its first write takes the lease
+        (``_lease``), so a file created and closed unwritten costs no lease round trip. ``leased``: its
+        ``mknode(lease=True)`` took the lease already."""
         if write:
             self._changed(ino)  # its size and times are about to change
         st = self.files.get(ino)
-        if st is None and created is not None and created.size == 0:
+        fresh = st is None and created is not None and created.size == 0
+        if fresh:
+            assert created is not None
             st = self.files[ino] = FileState(ino, created, {}, size=0)
         elif st is None or (st.opens == 0 and not st.modified):
             reply = await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(ino))
@@ -407,13 +419,14 @@ class Client(ClientReads, ClientWrites):
                     st.cache.clear()
                 st.attr, st.chunks, st.size = reply.attr, chunks, reply.attr.size
         st.opens += 1  # counted before the next await, so a concurrent release keeps this state
-        if write and created is not None:
-            st.writable = True  # mknode(lease=True) took the lease
+        if leased:
+            st.leased = True
         try:
-            if write and not st.writable:
-                await self.meta.request(P.META_OPEN_WRITE, P.OpenWrite(ino, self.client_id))
+            if write and not fresh and not st.leased:
+                await self._lease(st)
+            if write:
                 st.writable = True
-            if truncate:
+            if truncate and not fresh:  # a file this open created is empty already
                 await self._truncate_state(st, 0)
             elif write and not st.modified and st.size:
                 await self._fill_remote(st, 0, (st.size - 1) // self.chunk_size)  # writes build on the whole file
@@ -434,15 +447,17 @@ class Client(ClientReads, ClientWrites):
             return
         try:
             if st.modified:
-                await self.flush(ino)
+                await self.flush(ino, release=True)  # the commit drops the lease too
         finally:
             if st.opens <= 0:
-                if st.writable:
-                    st.writable = False
-                    try:
-                        await self.meta.request(P.META_RELEASE_WRITE, P.ReleaseWrite(ino, self.client_id))
-                    except OSError as exc:
-                        log.warning("releasing write lease of inode %d: %s", ino, exc)
+                st.writable = False
+                if st.leased:  # nothing committed (no writes, or the commit failed): release it alone
+                    async with st.leasing:  # a new open's lease request waits for this release
+                        st.leased = False
+                        try:
+                            await self.meta.request(P.META_RELEASE_WRITE, P.ReleaseWrite(ino, self.client_id))
+                        except OSError as exc:
+                            log.warning("releasing write lease of inode %d: %s", ino, exc)
                 # Re-check after the awaits: the kernel sends release asynchronously, so the next
                 # open of this inode may have arrived meanwhile and must keep its state.
                 if st.opens <= 0 and self.files.get(ino) is st:

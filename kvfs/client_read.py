@@ -1,17 +1,18 @@
 """The client's read path (a part of ``kvfs.Client``, kvfs/client.py): ranged reads split per chunk,
-the per-file chunk cache and prefetch, replica choice and failover, verified fetches over TCP or
-straight from chunk files on this host (short-circuit), and remote-tier fills."""
+replica choice and failover, verified fetches over TCP or straight from chunk files on this host
+(short-circuit), and remote-tier fills. The chunk cache and read-ahead: kvfs/client_prefetch.py."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import time
 
 import trio
 
 from kvfs import protocol as P
-from kvfs.chunkio import ChecksumError, read_local_chunk
+from kvfs.chunkio import ChecksumError, NotCached, read_local_chunk
 from kvfs.chunkio import verify as _verify
 from kvfs.client_types import BLOCK, FileState, LocalChunk, _ServerInfo
 from kvfs.errors import error
@@ -63,6 +64,18 @@ class ClientReads:
             await self._read_range(st, offset, view[:n])
         return n
 
+    async def read_buffer(self, ino: int, offset: int, size: int, into: memoryview) -> memoryview:
+        """Up to ``size`` bytes at ``offset`` (short at end of file): a read-only view of the file's
+        cached, verified chunk when the range lies inside one (no copy; the view keeps that memory
+        alive), else ``into`` filled (a writable buffer of at least ``size`` bytes)."""
+        st = self._state(ino)
+        n = max(0, min(size, st.size - offset))
+        if not n:
+            return memoryview(b"")
+        out = memoryview(into).cast("B")[:n]
+        view = await self._read_range(st, offset, out, view_ok=True)
+        return view if view is not None else out
+
     def _state(self, ino: int) -> FileState:
         st = self.files.get(ino)
         if st is None:
@@ -76,10 +89,16 @@ class ClientReads:
 
             await fill(self, st, first, last, sequential)
 
-    async def _read_range(self, st: FileState, offset: int, out: memoryview) -> None:
+    async def _read_range(self, st: FileState, offset: int, out: memoryview,
+                          view_ok: bool = False) -> memoryview | None:
+        """Fill ``out`` with the bytes at ``offset``; with ``view_ok``, a range inside one cached chunk
+        is returned as a view of it instead (``out`` untouched)."""
         cs = self.chunk_size
         end = offset + len(out)
-        await self._fill_remote(st, offset // cs, (end - 1) // cs, offset == st.last_read_end)
+        small = len(out) < cs
+        sequential = offset == st.last_read_end
+        self._read_ahead(st, end, sequential, small)
+        await self._fill_remote(st, offset // cs, (end - 1) // cs, sequential)
         pieces = []
         pos = offset
         while pos < end:
@@ -88,56 +107,14 @@ class ClientReads:
             n = min(cs - in_chunk, end - pos)
             pieces.append((index, in_chunk, out[pos - offset: pos - offset + n]))
             pos += n
-        sequential = offset == st.last_read_end
-        st.last_read_end = end
         if len(pieces) == 1:
             # Whole-chunk fetch pays off for sequential small reads, not for random ones.
-            await self._read_piece(st, *pieces[0], small=len(out) < cs and (sequential or pieces[0][1] == 0))
-        else:
-            async with open_nursery() as nursery:
-                for piece in pieces:
-                    nursery.start_soon(self._read_piece, st, *piece, False)
-        if sequential and self.options.prefetch and len(out) < cs and self._nursery is not None:
-            # Several chunks ahead at once: a cold chunk file is one synchronous disk read each, so
-            # sequential throughput comes from having a few in flight.
-            first = end // cs + (1 if end % cs else 0)
-            for nxt in range(first, min(first + self.options.prefetch_chunks, (st.size + cs - 1) // cs)):
-                if nxt not in st.cache and nxt not in st.prefetching and nxt not in st.dirty \
-                        and nxt not in st.inflight:
-                    ref = st.ref(nxt)
-                    if ref is not None:
-                        self._nursery.start_soon(self._prefetch, st, nxt, ref)
-
-    async def _prefetch(self, st: FileState, index: int, ref: P.ChunkRef) -> None:
-        try:
-            await self._load_chunk(st, index, ref)
-        except OSError as exc:
-            log.debug("prefetch of chunk %d failed: %s", ref.chunk_id, exc)
-
-    async def _load_chunk(self, st: FileState, index: int, ref: P.ChunkRef) -> bytes | None:
-        """The whole chunk, verified and cached: one fetch however many readers (and the prefetcher)
-        want it at once. None when it changed meanwhile or the fetch another task was doing failed."""
-        loading = st.prefetching.get(index)
-        if loading is not None:
-            await loading.wait()
-            return st.cache.get(index)
-        done = st.prefetching[index] = trio.Event()
-        try:
-            data = bytearray(ref.length)
-            await self._fetch(ref, 0, memoryview(data))
-            if st.ref(index) is not ref:
-                return None
-            self._cache_put(st, index, data)  # cached buffers are only read, never resized: no copy
-            return data
-        finally:
-            del st.prefetching[index]
-            done.set()
-
-    def _cache_put(self, st: FileState, index: int, data: bytes) -> None:
-        st.cache[index] = data
-        st.cache.move_to_end(index)
-        while len(st.cache) > self.options.read_cache_chunks:
-            st.cache.popitem(last=False)
+            return await self._read_piece(st, *pieces[0], small=small and (sequential or pieces[0][1] == 0),
+                                          view_ok=view_ok)
+        async with open_nursery() as nursery:
+            for piece in pieces:
+                nursery.start_soon(self._read_piece, st, *piece, False)
+        return None
 
     async def _refill_remote(self, st: FileState, index: int, ref: P.ChunkRef) -> bool:
         """A fetched copy of a remote object's chunk could not be read: fetch it again (kvfs.remote)."""
@@ -148,28 +125,33 @@ class ClientReads:
         return await refill(self, st, index, ref)
 
     async def _read_piece(self, st: FileState, index: int, in_chunk: int, out: memoryview, small: bool,
-                          retry: bool = True) -> None:
+                          retry: bool = True, view_ok: bool = False) -> memoryview | None:
+        """Fill ``out`` from chunk ``index`` at ``in_chunk``; or, with ``view_ok``, return a view of the
+        cached chunk when it holds the whole range."""
         while index in st.inflight:  # its new contents are being uploaded: neither dirty nor a ref yet
             await st.upload_done.wait()
         buf = st.dirty.get(index)
         if buf is not None:
             _copy_with_zeros(buf, in_chunk, out)
-            return
+            return None
         cached = st.cache.get(index)
         if cached is not None:
-            _copy_with_zeros(cached, in_chunk, out)
-            return
+            return _serve(cached, in_chunk, out, view_ok)
         ref = st.ref(index)
         if ref is None or in_chunk >= ref.length:
             out[:] = bytes(len(out))
-            return
+            return None
         try:
             if small or index in st.prefetching:
                 # Small reads: fetch the whole chunk once, verified, and serve the following reads from it.
-                data = await self._load_chunk(st, index, ref)
+                try:
+                    data = await self._load_chunk(st, index, ref)
+                except OSError:
+                    # Some of the chunk is unreadable (as when the read-ahead loaded it): read just
+                    # this piece, so only reads of the bad part fail.
+                    data = None
                 if data is not None:
-                    _copy_with_zeros(data, in_chunk, out)
-                    return
+                    return _serve(data, in_chunk, out, view_ok)
             n = min(len(out), ref.length - in_chunk)
             await self._fetch(ref, in_chunk, out[:n])
         except OSError:
@@ -178,10 +160,10 @@ class ClientReads:
             if not retry or not (await self._refill_remote(st, index, ref)
                                  or await self._refresh_after_rewrite(st, index, ref)):
                 raise
-            await self._read_piece(st, index, in_chunk, out, small, retry=False)
-            return
+            return await self._read_piece(st, index, in_chunk, out, small, retry=False, view_ok=view_ok)
         if n < len(out):
             out[n:] = bytes(len(out) - n)
+        return None
 
     async def _refresh_after_rewrite(self, st: FileState, index: int, ref: P.ChunkRef) -> bool:
         """A committed chunk could not be read. If another client replaced the file since this one
@@ -277,7 +259,14 @@ class ClientReads:
             await trio.sleep(0.25)
 
     def _is_local(self, info: _ServerInfo) -> bool:
-        return self.options.local_reads and info.host_id == self._host_id and os.path.isdir(info.data_dir)
+        if not self.options.local_reads or info.host_id != self._host_id:
+            return False
+        # Whether its data dir is visible, checked once a second: a stat per read showed in profiles of
+        # 1 MiB FUSE reads. A dir that vanishes meanwhile makes the read fail over like a missing chunk.
+        now = time.monotonic()
+        if now - info.visible_at > 1.0:
+            info.visible, info.visible_at = os.path.isdir(info.data_dir), now
+        return info.visible
 
     def _order_replicas(self, replicas: list[str]) -> list[str]:
         local = [a for a in replicas if (i := self._servers.get(a)) is not None and self._is_local(i)]
@@ -313,16 +302,28 @@ class ClientReads:
 
         path = chunk_path(info.data_dir, ref.chunk_id)
 
-        def work() -> None:
-            read_local_chunk(path, path + SUM_SUFFIX, ref.chunk_id, info.address, offset, [out])
+        def work(nowait: bool = False) -> None:
+            read_local_chunk(path, path + SUM_SUFFIX, ref.chunk_id, info.address, offset, [out], nowait=nowait,
+                             sums=self._local_sums)
 
         try:
-            if len(out) >= 1 << 20:
+            try:
+                # From the page cache right here when it is there: a hand-off to a worker thread and
+                # back costs more CPU than the copy and the check. Only a read that would wait for
+                # the disk goes to a thread, so the event loop never does.
+                work(nowait=True)
+            except NotCached:
                 await trio.to_thread.run_sync(work, limiter=self._io)
-            else:
-                work()
         except FileNotFoundError:
             raise error(errno.EIO, f"chunk {ref.chunk_id:x} missing from {info.data_dir}") from None
+
+
+def _serve(src: bytes, offset: int, out: memoryview, view_ok: bool) -> memoryview | None:
+    """``out``'s bytes from a cached chunk: a read-only view of it when allowed and it holds them all."""
+    if view_ok and offset + len(out) <= len(src):
+        return memoryview(src)[offset: offset + len(out)].toreadonly()
+    _copy_with_zeros(src, offset, out)
+    return None
 
 
 def _copy_with_zeros(src: bytes | bytearray, offset: int, out: memoryview) -> None:

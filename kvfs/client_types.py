@@ -38,6 +38,8 @@ class _ServerInfo:
     address: str
     data_dir: str
     host_id: str
+    visible: bool = False  # its data dir is visible here (short-circuit reads), as of visible_at
+    visible_at: float = float("-inf")  # time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,11 @@ class FileState:
     attr: P.Attr
     chunks: dict[int, P.ChunkRef]  # committed chunk map as last fetched
     opens: int = 0
-    writable: bool = False
+    writable: bool = False  # opened for writing by a handle not yet released
+    # Meta may hold this client's write lease on the file (taken at open for write of an existing file,
+    # at the first write of one this client created); released at the last close.
+    leased: bool = False
+    leasing: trio.Lock = field(default_factory=trio.Lock)  # one lease request at a time per file
     size: int = 0  # current size including uncommitted writes
     dirty: dict[int, bytearray] = field(default_factory=dict)  # chunk index -> whole chunk contents
     uploaded: dict[int, P.ChunkRef] = field(default_factory=dict)  # written to chunkservers, not committed

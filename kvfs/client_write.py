@@ -33,6 +33,8 @@ class ClientWrites:
         if st.upload_error is not None:
             exc, st.upload_error = st.upload_error, None
             raise exc
+        if not st.leased:
+            await self._lease(st)
         view = memoryview(data).cast("B")
         cs = self.chunk_size
         pos = offset
@@ -54,6 +56,23 @@ class ClientWrites:
         st.version += 1
         st.cache.clear()
         return len(view)
+
+    async def _lease(self, st: FileState) -> None:
+        """Take the write lease (EBUSY while another client writes the file). A file this client
+        created is leased here, at its first write: if another client wrote it since the create, this
+        writer starts from that version (close-to-open), as if it had opened the file now."""
+        async with st.leasing:
+            if st.leased:
+                return
+            reply = await self.meta.request(P.META_OPEN_WRITE, P.OpenWrite(st.ino, self.client_id))
+            st.leased = True
+            now = reply.attr
+            if now is not None and not st.modified and (now.size, now.mtime_ns) != (st.attr.size, st.attr.mtime_ns):
+                chunks = await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(st.ino))
+                st.attr, st.chunks, st.size = chunks.attr, {c.index: c for c in chunks.chunks}, chunks.attr.size
+                st.cache.clear()
+                if st.size:
+                    await self._fill_remote(st, 0, (st.size - 1) // self.chunk_size)
 
     async def _dirty_chunk(self, st: FileState, index: int, whole: bool) -> bytearray:
         buf = st.dirty.get(index)
@@ -146,11 +165,15 @@ class ClientWrites:
         assert last is not None
         raise last
 
-    async def flush(self, ino: int) -> P.Attr:
-        """Upload buffered data and commit size + chunk map: afterwards every client sees it."""
+    async def flush(self, ino: int, *, release: bool = False) -> P.Attr:
+        """Upload buffered data and commit size + chunk map: afterwards every client sees it.
+        ``release``: the caller's handle is this client's last one on the file and is closing: the
+        commit drops the write lease too (no RELEASE_WRITE after it; a later write takes it again)."""
         st = self._state(ino)
         if not st.modified:
             return st.attr
+        if not st.leased:  # writes that raced a commit which released the lease
+            await self._lease(st)
         while st.uploads:
             await st.upload_done.wait()
         for index in sorted(st.dirty):
@@ -167,8 +190,11 @@ class ClientWrites:
         # stay dirty unless nothing changed meanwhile.
         version, cut, committed = st.version, st.truncated_to, dict(st.uploaded)
         refs = [P.ChunkRef(i, r.chunk_id, r.length, []) for i, r in sorted(committed.items())]
+        release = release and st.opens <= 1  # the closing handle at most: none opened meanwhile
         attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, time.time_ns(),
-                                                               cut))
+                                                               cut, release))
+        if release:
+            st.leased = False
         self._changed(ino)
         if st.truncated_to == cut:
             st.truncated_to = -1

@@ -11,6 +11,7 @@ Importing this module imports neither torch nor kvikio.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -63,3 +64,20 @@ def kvikio_settings(path: str, *, compat_mode: str | None = None, **knobs: Any) 
         raise ValueError(f"kvikio compat mode must be 'on', 'off' or 'auto', not {mode!r}")
     modes = {"on": kvikio.CompatMode.ON, "off": kvikio.CompatMode.OFF, "auto": kvikio.CompatMode.AUTO}
     return {"compat_mode": modes[mode], **knobs}
+
+
+def wait_all(futures: list, what: str) -> int:
+    """Wait for every ``pread`` future (kvikio's, or ``kvfs.chunkfiles``'), even after one fails: each
+    writes into the caller's buffer. The bytes read, or the first error (kvikio reports system errors
+    as RuntimeError: EIO naming ``what``)."""
+    got, first_error = 0, None
+    for fut in futures:
+        try:
+            got += fut.get()
+        except Exception as exc:  # noqa: BLE001
+            first_error = first_error or exc
+    if first_error is not None:
+        if isinstance(first_error, OSError):
+            raise first_error
+        raise OSError(errno.EIO, f"{what} failed: {first_error}") from first_error
+    return got

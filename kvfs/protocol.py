@@ -141,7 +141,9 @@ class MkNode(Struct):
     gid: int = 0
     rdev: int = 0
     exclusive: bool = True  # False: return the existing regular file instead of EEXIST
-    lease_client: str = ""  # non-empty: also take the write lease for this client (create + open in one call)
+    # Non-empty: also take the write lease for this client (create + open in one call; the mount sends
+    # it for an O_TRUNC create; other creates take the lease at their first write).
+    lease_client: str = ""
 
 
 class Unlink(Struct):
@@ -244,6 +246,9 @@ class OpenWrite(Struct):
 
 class LeaseReply(Struct):
     expires_in: float
+    # The file as the lease starts: a writer whose first write comes after its create (kvfs.Client
+    # takes a new file's lease then) sees whether another client wrote the file meanwhile.
+    attr: Attr | None = None
 
 
 class ReleaseWrite(Struct):
@@ -298,6 +303,8 @@ class Commit(Struct):
     # The smallest size the file was truncated to since the last commit (-1: not shrunk). Chunks not in
     # ``chunks`` lose their bytes past it, so shrinking then growing again reads zeros, not old data.
     truncated_to: int = -1
+    # The writer's last close: drop its write lease in the same call (no RELEASE_WRITE after it).
+    release: bool = False
 
 
 class Purge(Struct):

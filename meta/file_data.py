@@ -25,12 +25,12 @@ class FileData:
             raise error(errno.EBUSY, "file is being written by another client")
         self.leases[ino] = (client_id, self.clock() + self.lease_seconds)
 
-    def open_write(self, ino: int, client_id: str) -> float:
+    def open_write(self, ino: int, client_id: str) -> P.LeaseReply:
         node = self.inode(ino)
         if not stat.S_ISREG(node.mode):
             raise error(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL, "not a regular file")
         self._check_lease(ino, client_id)
-        return self.lease_seconds
+        return P.LeaseReply(self.lease_seconds, self.attr(ino, node))
 
     def release_write(self, ino: int, client_id: str) -> None:
         holder = self.leases.get(ino)
@@ -210,6 +210,8 @@ class FileData:
         for chunk_id in dropped + garbage:
             self.registry.drop_chunk(chunk_id)
         self._charge(node, nbytes=delta)
+        if req.release:
+            self.release_write(req.ino, req.client_id)
         return self.attr(req.ino, node)
 
     def expire_pending(self) -> int:

@@ -104,7 +104,7 @@ class MetaService:
             P.META_REMOVEXATTR: removexattr,
             P.META_RESOLVE: lambda r, _: _now(ns.resolve(r.path)),
             P.META_EXISTS_MANY: lambda r, _: _now(ns.exists_many(r.paths)),
-            P.META_OPEN_WRITE: lambda r, _: _now(P.LeaseReply(ns.open_write(r.ino, r.client_id))),
+            P.META_OPEN_WRITE: lambda r, _: _now(ns.open_write(r.ino, r.client_id)),
             P.META_RELEASE_WRITE: release_write,
             P.META_RENEW_LEASES: lambda r, _: _now(ns.renew_leases(r.client_id, r.inos)),
             P.META_GET_CHUNKS: lambda r, _: _now(ns.chunks(r.ino, r.first, r.count)),

@@ -8,11 +8,13 @@ process are made under ``root/tls`` (``make_tls``) and every process, mount and 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import kvfs
@@ -187,6 +189,17 @@ class Cluster:
 
     def wait_servers(self, count: int, timeout: float = 20) -> None:
         wait_for(lambda: self.live_servers() >= count, timeout, f"{count} live chunkservers", interval=0.2)
+
+    def meta_rpcs(self) -> dict[str, float]:
+        """Requests meta served so far, by method, every status (kvfs_rpc_requests_total; needs
+        ``meta_metrics_port``)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.meta_metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for m in re.finditer(r'^kvfs_rpc_requests_total\{method="(\w+)",service="meta",status="\w+"\} (\S+)$', text,
+                             re.MULTILINE):
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        return out
 
     def client(self, **options) -> kvfs.SyncClient:
         """A native client; on a TLS cluster with the "client" certificate unless ``tls_dir`` says otherwise."""

@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import xxhash
@@ -15,12 +18,15 @@ from kvfs.chunkio import BLOCK, ChecksumError, OpenChunks, read_local_chunk, ver
 from kvfs.chunkserver.store import block_checksums
 
 
-@pytest.fixture(params=["native", "python"], autouse=True)
+@pytest.fixture(params=["preadv", "native", "python"], autouse=True)
 def hashing(request, monkeypatch):
-    """Every test runs with the C helper (kvfs._blockhash, built by the install) and without it."""
-    if request.param == "native":
-        assert chunkio._BLOCKHASH is not None, "kvfs._blockhash was not built"
-    else:
+    """Every test runs with the C helper (kvfs._blockhash, built by the install): reading and verifying
+    in one call ("preadv") or verifying runs of blocks after a Python read ("native"); and without it."""
+    assert chunkio._BLOCKHASH is not None, "kvfs._blockhash was not built"
+    assert chunkio._PREADV_VERIFY is not None, "kvfs._blockhash lacks preadv_verify"
+    if request.param != "preadv":
+        monkeypatch.setattr(chunkio, "_PREADV_VERIFY", None)
+    if request.param == "python":
         monkeypatch.setattr(chunkio, "_BLOCKHASH", None)
         monkeypatch.setattr(chunkio, "_XXH3", None)
     return request.param
@@ -34,7 +40,7 @@ def test_block_checksums_are_xxh3_of_each_block():
 
 
 def write_chunk(tmp_path, data: bytes) -> tuple[str, str]:
-    path, sums = str(tmp_path / "chunk"), str(tmp_path / "chunk.sum")
+    path, sums = str(Path(tmp_path) / "chunk"), str(Path(tmp_path) / "chunk.sum")
     with open(path, "wb") as f:
         f.write(data)
     with open(sums, "wb") as f:
@@ -95,3 +101,154 @@ def test_blocks_straddling_buffers_are_verified(tmp_path):
     data[BLOCK + 3] ^= 0xFF  # inside the block that straddles the second and third view
     with pytest.raises(ChecksumError, match="block 1"):
         verify_views(1, "t", views, 0, sums, len(data))
+
+
+def test_corrupt_block_straddling_destination_buffers(tmp_path):
+    """A read whose destination buffers split checksum blocks: the split block is checked whole."""
+    data = os.urandom(3 * BLOCK)
+    path, sums = write_chunk(tmp_path, data)
+    sizes = [100, BLOCK + 7 - 100, 2 * BLOCK - 7]
+    dests = [memoryview(bytearray(n)) for n in sizes]
+    read_local_chunk(path, sums, 1, "test", 0, dests)
+    assert b"".join(bytes(d) for d in dests) == data
+    with open(path, "r+b") as f:  # block 1 straddles the second and third buffer
+        f.seek(BLOCK + 3)
+        f.write(bytes([data[BLOCK + 3] ^ 0xFF]))
+    with pytest.raises(ChecksumError, match="block 1"):
+        read_local_chunk(path, sums, 1, "test", 0, [memoryview(bytearray(n)) for n in sizes])
+
+
+def test_read_error_is_an_oserror(tmp_path):
+    """A descriptor that cannot be read (a directory): the system's errno, not a checksum error."""
+    data = os.urandom(BLOCK)
+    path, sums = write_chunk(tmp_path, data)
+    files = OpenChunks()
+    fd = os.open(str(tmp_path), os.O_RDONLY)
+    with open(sums, "rb") as f:
+        files._files[path] = (fd, BLOCK, f.read())
+    with pytest.raises(OSError) as info:
+        read_local_chunk(path, sums, 1, "test", 0, [memoryview(bytearray(BLOCK))], files)
+    assert info.value.errno == errno.EISDIR
+    files.close()
+
+
+def test_corruption_early_in_a_long_read_is_named(tmp_path):
+    """preadv_verify reads in windows and stops at the first bad block: the error names that block
+    (not "short"), for a corrupt block far before the end of a multi-MiB read."""
+    data = os.urandom(40 * BLOCK + 5)
+    path, sums = write_chunk(tmp_path, data)
+    with open(path, "r+b") as f:
+        f.seek(BLOCK + 9)
+        f.write(bytes([data[BLOCK + 9] ^ 0x01]))
+    with pytest.raises(ChecksumError, match="block 1 "):
+        read_local_chunk(path, sums, 1, "test", 0, [memoryview(bytearray(len(data)))])
+
+
+def test_whole_chunk_direct_read_is_verified(tmp_path):
+    """read_chunk_direct (O_DIRECT into huge-page-aligned memory): the exact bytes for any length, a
+    flipped byte or a short file is an error; tmpfs (no O_DIRECT) falls back to a buffered read."""
+    from kvfs.chunk_buffers import ChunkBuffers
+    from kvfs.chunkio import ChunkSums, read_chunk_direct
+
+    buffers, sums = ChunkBuffers(), ChunkSums()
+    roots = [tmp_path] + ([tempfile.mkdtemp(dir="/dev/shm")] if os.path.isdir("/dev/shm") else [])
+    try:
+        for root in roots:
+            for length in (4 * BLOCK, 3 * BLOCK + 4095, 12345, 1):
+                data = os.urandom(length)
+                path, sums_path = write_chunk(_fresh_dir(root), data)  # a chunk file never changes: new ids
+                for keep in (None, sums):
+                    got = read_chunk_direct(path, sums_path, 1, "test", length, keep, buffers)
+                    assert got.readonly and bytes(got) == data
+            data = os.urandom(4 * BLOCK)
+            path, sums_path = write_chunk(_fresh_dir(root), data)
+            sums.get(sums_path)  # kept from a good read: a corrupt read must drop it
+            with open(path, "r+b") as f:
+                f.seek(3 * BLOCK + 9)
+                f.write(bytes([data[3 * BLOCK + 9] ^ 0x10]))
+            with pytest.raises(ChecksumError, match="block 3"):
+                read_chunk_direct(path, sums_path, 1, "test", 4 * BLOCK, sums, buffers)
+            assert sums_path not in sums._sums
+            with open(path, "r+b") as f:
+                f.truncate(2 * BLOCK)
+            with pytest.raises(ChecksumError) as info:
+                read_chunk_direct(path, sums_path, 1, "test", 4 * BLOCK, sums, buffers)
+            assert info.value.errno == errno.EIO
+    finally:
+        for root in roots[1:]:
+            shutil.rmtree(root)
+
+
+def _fresh_dir(root) -> str:
+    return tempfile.mkdtemp(dir=str(root))
+
+
+def test_chunk_buffers_are_reused_only_when_nothing_views_them():
+    import ctypes
+
+    from kvfs.chunk_buffers import HUGE, ChunkBuffers
+
+    pool = ChunkBuffers(keep=2)
+    buf = pool.take(4 << 20)
+    assert len(buf) == 4 << 20 and not buf.readonly
+    assert ctypes.addressof(ctypes.c_char.from_buffer(buf)) % HUGE == 0
+    cached = buf[:100].toreadonly()
+    del buf
+    reader = cached[10:20]  # a reader still holds a slice of the chunk
+    pool.give(cached)
+    del cached
+    other = pool.take(4 << 20)
+    assert other.obj is not reader.obj  # never handed out while viewed
+    raw = reader.obj
+    del reader
+    again = pool.take(4 << 20)
+    assert again.obj is raw  # reused once nothing views it
+    pool.give(b"not a pooled buffer")  # ignored
+
+
+def test_nowait_reads_only_from_the_page_cache(tmp_path):
+    data = os.urandom(8 * BLOCK)
+    path, sums = write_chunk(tmp_path, data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+        out = memoryview(bytearray(4 * BLOCK))
+        try:
+            read_local_chunk(path, sums, 1, "test", BLOCK, [out], nowait=True)
+            cached = True  # the kernel kept the pages after all: nothing to assert about NotCached
+        except chunkio.NotCached:
+            cached = False
+        read_local_chunk(path, sums, 1, "test", BLOCK, [out])  # a blocking read brings them in
+        assert bytes(out) == data[BLOCK:5 * BLOCK]
+        out2 = memoryview(bytearray(4 * BLOCK))
+        read_local_chunk(path, sums, 1, "test", BLOCK, [out2], nowait=True)
+        assert bytes(out2) == data[BLOCK:5 * BLOCK]
+        assert cached in (True, False)
+    finally:
+        os.close(fd)
+
+
+def test_direct_read_copies_a_cached_chunk_and_reads_an_uncached_one_with_o_direct(tmp_path, monkeypatch):
+    """read_chunk_direct: a chunk file all in the page cache (just written) is copied from there; one
+    dropped from the cache is read with O_DIRECT. The same bytes either way."""
+    from kvfs.chunk_buffers import ChunkBuffers
+    from kvfs.chunkio import read_chunk_direct
+
+    data = os.urandom(4 * BLOCK)
+    path, sums_path = write_chunk(_fresh_dir(tmp_path), data)
+    flags_seen = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, flags, *a: (flags_seen.append((p, flags)), real_open(p, flags, *a))[1])
+    buffers = ChunkBuffers()
+    assert bytes(read_chunk_direct(path, sums_path, 1, "test", len(data), None, buffers)) == data
+    assert not any(f & os.O_DIRECT for p, f in flags_seen if p == path)  # cached: no disk read
+    fd = real_open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    flags_seen.clear()
+    assert bytes(read_chunk_direct(path, sums_path, 1, "test", len(data), None, buffers)) == data
+    assert any(f & os.O_DIRECT for p, f in flags_seen if p == path)

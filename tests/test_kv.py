@@ -459,8 +459,9 @@ def test_device_io_options(cluster, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="device_io must be one of"):
         KVStore(str(tmp_path), SMALL, device_io="gds")
     with cluster.client() as c:
-        with pytest.raises(ValueError, match="directory store"):
-            KVStore("/kvopt/m", SMALL, client=c, device_io="kvikio")
+        if not kvikio_available():  # with kvikio, a client store takes device_io="kvikio" (its chunk files)
+            with pytest.raises(ImportError, match="needs the kvikio package"):
+                KVStore("/kvopt/m", SMALL, client=c, device_io="kvikio")
         native = KVStore("/kvopt/m", SMALL, client=c)
         assert native.device_io.route_for("cuda") == "staged" and native.device_io.route_for("cpu") == "host"
         native.close()
@@ -492,8 +493,6 @@ def test_gpu_get(kv, request, device_io):
     backend = request.node.callspec.params["kv"]
     if device_io == "kvikio" and not kvikio_available():
         pytest.skip("kvikio does not import here")
-    if device_io == "kvikio" and backend == "native":
-        pytest.skip("kvikio reads files by path (refused with a client: test_device_io_options)")
     s = kv("gpu", MID, device_io=device_io, concurrency=2)
     route = s.device_io.route_for("cuda")
     if device_io == "auto":
@@ -870,3 +869,79 @@ def test_native_get_falls_back_from_a_corrupt_local_replica(cluster):
         flip(ref.replicas[1])
         with pytest.raises((OSError, BlockError)):
             s.get(h)
+
+
+def test_native_batch_reports_each_block_as_it_lands(cluster):
+    """The native backend settles each block of a batch as soon as it has landed (``on_ready``, from the
+    reading thread), once per block: hits, a miss, and a block whose every replica is corrupt (read
+    again through the client, which fails it). The staged route copies each hit as it is reported."""
+    import threading
+
+    from kvfs.chunkserver.store import chunk_path
+
+    with cluster.client() as client:
+        s = KVStore("/kvtest/on-ready", MID, client=client, device_io="staged", concurrency=8)
+        hs = block_hashes(range(16 * 5), 16, salt="ready")
+        s.put_many([(h, block_for(MID, h)) for h in hs[:4]])  # hs[4]: never stored
+        servers = {x.address: x.data_dir for x in client.refresh_servers().servers}
+        ref = client.chunk_map(client.resolve(s.path(hs[2])).ino).chunks[0]
+        for address in ref.replicas:
+            with open(chunk_path(servers[address], ref.chunk_id), "r+b") as f:
+                f.seek(40_000)
+                byte = f.read(1)
+                f.seek(40_000)
+                f.write(bytes([byte[0] ^ 0x10]))
+        calls = []
+        real = s.backend.read_many
+
+        def spy(jobs, on_ready=None):
+            def record(i, res):
+                calls.append((i, threading.current_thread() is threading.main_thread(), res))
+                on_ready(i, res)
+
+            return real(jobs, record)
+
+        s.backend.read_many = spy
+        outs = _outs(MID, 5)
+        with pytest.raises((OSError, BlockError)):
+            s.get_many(hs[:5], outs)
+        assert sorted(i for i, _, _ in calls) == [0, 1, 2, 3, 4]
+        by_index = {i: (main, res) for i, main, res in calls}
+        for i in (0, 1, 3):
+            main, res = by_index[i]
+            assert not main and res.payload_done  # settled by the thread that read it
+            assert torch.equal(_as_block(outs[i], MID), block_for(MID, hs[i]))
+        assert isinstance(by_index[2][1], OSError)
+        assert by_index[4][1] is None
+        s.close()
+
+
+def test_native_chunk_file_route_on_cpu(cluster):
+    """The native client's kvikio route (``device_io="kvikio"``, CUDA only) with host memory: the backend
+    reads and checks each block's head, then hands the block's chunk files on this host
+    (``kvfs.chunkfiles``) to ``land``, which here reads them with ``PosixFile`` (kvikio's ``pread``
+    shape) through the same ``DeviceIO._pread_tensors`` the GPU route runs with ``kvikio.CuFile``."""
+    from kvfs.kv.device import DeviceIO
+    from kvfs.kv.hashing import check_hash
+
+    with cluster.client() as client:
+        s = KVStore("/kvtest/land", BIG, client=client)  # 2.5 MiB blocks: 3 chunks of 1 MiB
+        hs = block_hashes(range(16 * 3), 16, salt="land")
+        s.put_many([(h, block_for(BIG, h)) for h in hs[:2]])
+        outs = [[torch.empty(BIG.plane_shape, dtype=torch.float16) for _ in range(BIG.num_planes)] for _ in hs]
+
+        def job(h, out):
+            header_len = s._header_len_for(check_hash(h))
+
+            def land(chunks, offset):
+                return DeviceIO._pread_tensors(chunks, offset, out, chunks.name)
+
+            return (s.path(h), header_len + BIG.nbytes, header_len, [], 0, land)
+
+        res = s.backend.read_many([job(h, o) for h, o in zip(hs, outs)])
+        assert res[2] is None  # never stored: a miss
+        for h, r, out in zip(hs[:2], res[:2], outs):
+            assert r.payload_done
+            s._check(h, r, None)  # the header (read and verified by the backend) matches the block
+            assert torch.equal(torch.stack(out).reshape(BIG.block_shape), block_for(BIG, h))
+        s.close()

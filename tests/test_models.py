@@ -305,6 +305,45 @@ def test_client_library_bit_exact(cluster: Any, tmp_path: Path) -> None:
         client.close()
 
 
+def test_chunk_files_map_a_client_file_onto_local_chunk_files(cluster: Any) -> None:
+    """kvikio's route through the client (``LoadOptions(use_kvikio=True)``) reads a file's chunk files on
+    this host by path (``kvfs.chunkfiles``). The mapping is tested here with ``PosixFile`` in place of
+    ``kvikio.CuFile`` (same ``pread`` shape, host memory): every range, across chunk boundaries and at the
+    end, comes back bit-exact; a range outside the file, or a chunk with no replica here, is refused."""
+    import errno
+    import os
+
+    import kvfs
+    from kvfs.chunkfiles import PosixFile
+    from kvfs.models.reader import ClientFileReader
+
+    data = os.urandom(3 * MiB + 12345)  # 4 chunks of 1 MiB, the last one short
+    client = cluster.client()
+    try:
+        client.mkdir("/models", parents=True, exist_ok=True)
+        client.write_file("/models/chunkfiles.bin", data)
+        reader = ClientFileReader(client, "/models/chunkfiles.bin")
+        with reader.chunk_files(PosixFile) as chunks:
+            for offset, n in ((0, len(data)), (MiB - 5, 10), (2 * MiB, MiB), (len(data) - 7, 7), (123, 2 * MiB)):
+                buf = bytearray(n)
+                assert chunks.pread(buf, n, offset).get() == n
+                assert bytes(buf) == data[offset:offset + n], (offset, n)
+            with pytest.raises(OSError) as info:
+                chunks.pread(bytearray(10), 10, len(data) - 5)
+            assert info.value.errno == errno.EINVAL
+            chunks._local.pop(2)  # as if chunk 2's replicas were all on other hosts
+            with pytest.raises(OSError) as info:
+                chunks.pread(bytearray(MiB), MiB, 2 * MiB)
+            assert info.value.errno == errno.ENXIO
+        reader.close()
+        with kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(local_reads=False)) as remote:
+            far = ClientFileReader(remote, "/models/chunkfiles.bin")
+            assert far.chunk_files(PosixFile) is None  # no short-circuit: nothing to hand kvikio
+            far.close()
+    finally:
+        client.close()
+
+
 def test_client_short_circuit_falls_back_on_a_corrupt_local_chunk(cluster: Any, tmp_path: Path) -> None:
     """The loader reads chunk files on this host directly; a corrupt one is detected by its checksums,
     the load goes on from the other replica (bit-exact), and with every replica corrupt it fails with
@@ -364,3 +403,41 @@ def test_fuse_mount_bit_exact(mounted: Any, tmp_path: Path) -> None:
     assert_same(load_safetensors(shard_dir, options=SMALL), ref)
     # kvikio must run in compat mode on a FUSE path: the loader tells a mount path from a local one.
     assert is_fuse(str(remote)) and not is_fuse(str(local))
+
+
+def test_open_file_cache_shares_handles_and_closes_idle_ones(tmp_path: Path) -> None:
+    """kvfs.chunkfiles.OpenFileCache: one handle per path however many leases; handles in use are never
+    closed; idle ones beyond the capacity are, least recently used first; reads go to the handle."""
+    from kvfs.chunkfiles import OpenFileCache, PosixFile
+
+    opened, closed = [], []
+
+    class Counting(PosixFile):
+        def __init__(self, path: str):
+            super().__init__(path)
+            opened.append(path)
+
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"c{i}"
+        p.write_bytes(bytes([i]) * 100)
+        paths.append(str(p))
+    cache = OpenFileCache(Counting, capacity=2)
+    a, b = cache(paths[0]), cache(paths[0])
+    assert opened == [paths[0]]  # one open for two leases
+    buf = bytearray(10)
+    assert a.pread(buf, 10, 5).get() == 10 and buf == bytes([0]) * 10
+    held = [cache(p) for p in paths[1:]]  # 4 files in use: over capacity, nothing may close
+    assert len(cache) == 4 and closed == []
+    for lease in held:
+        lease.close()
+    assert len(cache) == 2 and len(closed) == 2  # two idle ones went; paths[0] is still held
+    a.close()
+    b.close()
+    b.close()  # a second close of a lease is harmless
+    cache.close()
+    assert len(cache) == 0 and len(closed) == 4

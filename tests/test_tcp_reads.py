@@ -100,3 +100,89 @@ def test_dead_server_is_an_error_and_a_restarted_one_serves_again(tmp_path):
                 c.release(ino)
     finally:
         cl.stop()
+
+
+def test_loader_reader_reads_chunks_over_tcp_from_its_own_threads(cluster):
+    """``kvfs.models``' ``ClientFileReader`` without short-circuit reads: each large chunk range goes over
+    TCP straight from the calling thread (no hop through the client's event loop), verified; ranges the
+    direct path cannot take (small or unaligned pieces) and any failure use the client's path. A
+    corrupt replica is never returned, on either path."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvfs.models.reader import ClientFileReader
+
+    data = os.urandom(10 * MiB + 12345)
+    before = set(chunk_files(cluster))
+    with cluster.client() as w:
+        w.write_file("/loader-tcp", data)
+    [*new] = sorted(set(chunk_files(cluster)) - before)
+    with cluster.client(local_reads=False) as c:
+        reader = ClientFileReader(c, "/loader-tcp")
+        assert reader._remote is not None and len(reader._remote) == 3
+        via_client = []
+        real = reader._read_via_client
+        reader._read_via_client = lambda off, bufs: (via_client.append(off), real(off, bufs))[1]
+
+        def span(i: int) -> bytes:
+            n = min(4 * MiB, len(data) - i * 4 * MiB)
+            buf = memoryview(bytearray(n))
+            reader.readv_into(i * 4 * MiB, [buf])
+            return bytes(buf)
+
+        with ThreadPoolExecutor(3) as pool:
+            assert b"".join(pool.map(span, range(3))) == data
+        assert via_client == []  # every chunk came over the direct path
+        for offset, size in [(1, 3 * MiB), (4 * MiB - 7, 2 * MiB + 9), (len(data) - 100, 100), (5, 17)]:
+            bufs = [memoryview(bytearray(size // 2)), memoryview(bytearray(size - size // 2))]
+            reader.readv_into(offset, bufs)
+            assert b"".join(bytes(b) for b in bufs) == data[offset:offset + size], (offset, size)
+        # A corrupt replica (the only one): the direct read refuses it, the client's path too: EIO.
+        victim = next(p for p in new if os.path.getsize(p) == 4 * MiB)
+        with open(victim, "r+b") as f:
+            f.seek(MiB + 3)
+            byte = f.read(1)
+            f.seek(MiB + 3)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(OSError) as exc:
+            for i in range(3):
+                span(i)
+        assert exc.value.errno == errno.EIO
+        reader.close()
+
+
+def test_a_peer_that_stalls_mid_data_times_out(tmp_path):
+    """A hostile or hung peer that announces 4 MiB of chunk data, sends part of it and stops: the
+    blocking receive gives up at the client's timeout with EIO, never hangs."""
+    import threading
+    import time
+
+    from kvfs import protocol as P
+    from kvfs.rpc_blocking import BlockingChunkClient
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    release = threading.Event()
+
+    def stall() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            header = P.unpack_header(conn.recv(P.HEADER_SIZE, socket.MSG_WAITALL))
+            conn.recv(header.payload_len, socket.MSG_WAITALL)
+            reply = P.encode(P.ReadChunkReply(0, [], 4 * MiB))
+            conn.sendall(P.pack_header(P.KIND_REPLY, P.CHUNK_READ, 0, header.request_id, len(reply), 4 * MiB) + reply)
+            conn.sendall(os.urandom(MiB))  # a quarter of what was announced, then nothing
+            release.wait(30)
+
+    server = threading.Thread(target=stall, daemon=True)
+    server.start()
+    client = BlockingChunkClient(f"127.0.0.1:{port}", timeout=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as exc:
+        client.read(P.ReadChunk(1, 0, 4 * MiB), memoryview(bytearray(4 * MiB)))
+    assert exc.value.errno == errno.EIO and "timed out" in str(exc.value)
+    assert time.monotonic() - t0 < 10
+    release.set()
+    client.close()
+    listener.close()

@@ -12,7 +12,7 @@ Error handling: primitives raise ``OSError`` with an errno; ``read`` returns Non
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +20,8 @@ from typing import Protocol
 # of the payload), and the rest of the payload straight into the caller's tensors from this offset,
 # which is a multiple of the client's 64 KiB checksum block so the chunk reads need no bounce buffer.
 SCRATCH = 64 << 10
+
+OnReady = Callable[[int, "ReadResult | None | OSError"], None]
 
 
 @dataclass
@@ -55,10 +57,14 @@ class Backend(Protocol):
     def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
         """``put(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot."""
 
-    def read_many(self, jobs: Sequence[tuple], map_local: bool = False) -> list[ReadResult | None | OSError]:
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
+                  map_local: bool = False) -> list[ReadResult | None | OSError]:
         """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot.
-        ``map_local``: the backend may map a file instead of reading it into ``out`` (``ReadResult.mapped``:
-        zero-copy, verified as a read is), where it can do so safely; ``out`` is then left alone."""
+        ``on_ready(i, result)``, if given, is called once per job as soon as that job's result is final,
+        from whichever thread finished it, so a caller can use each block while others still read (the
+        staged GPU route starts each block's copy then). It must not raise. ``map_local``: the backend
+        may map a file instead of reading it into ``out`` (``ReadResult.mapped``: zero-copy, verified as a
+        read is), where it can do so safely; ``out`` is then left alone."""
 
     def close(self) -> None: ...
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import xxhash
 
+from kvfs import chunkio
 from kvfs.kv.layout import KVLayout
 
 MAGIC = b"KVFSBLK\0"
@@ -143,8 +144,8 @@ def parse_header(raw: bytes | bytearray | memoryview, *, layout: KVLayout | None
 
 
 def payload_checksum(views: Sequence[memoryview]) -> int:
-    if len(views) == 1:
-        return xxhash.xxh3_64_intdigest(views[0])
+    if len(views) == 1:  # the staged route's one buffer: hashed without the GIL (kvfs.chunkio)
+        return chunkio.xxh3_64(views[0])
     h = xxhash.xxh3_64()
     for v in views:
         h.update(v)

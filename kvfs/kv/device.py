@@ -6,23 +6,25 @@ payload reaches ``out``:
 
 * **host** (CPU ``out``): the backend reads the payload straight into ``out``'s memory; the payload
   checksum is verified there. This is the path of ``kvfs.kv.store`` and ``posix``/``native``.
-* **kvikio** (CUDA ``out``, directory store, kvikio importable): ``kvikio.CuFile.pread`` reads the
-  payload from the file straight into ``out`` (GPUDirect Storage where the system has it, else kvikio's
+* **kvikio** (CUDA ``out``, kvikio importable): ``kvikio.CuFile.pread`` reads the payload from the
+  block file (a directory store), or from the block's chunk files on this host (the native client,
+  ``kvfs.chunkfiles``; only when asked for with ``device_io="kvikio"``, ENXIO if a chunk is elsewhere),
+  straight into ``out`` (GPUDirect Storage where the system has it, else kvikio's
   POSIX compat mode through its own pinned bounce buffers; compat mode is always on for a FUSE path,
   ``kvfs.gds``). The payload's xxh3 is **not** recomputed: its bytes never sit in host memory where
   that is cheap. What still guards them: the header check, the file size, and, on the kvfs mount, the
   mount's client, which verifies every 64 KiB of every chunk it serves against the chunk checksums (a
-  local-disk store has no such check). Before writing, the device's current stream is synchronized
+  local-disk store and the native client's chunk files have no such check). Before writing, the device's current stream is synchronized
   (pending kernels may still use ``out``); kvikio's reads are complete when the call returns.
 * **staged** (any ``out``): the payload is read into a reusable host staging buffer (pinned when CUDA
   is available), verified there exactly as on the host route, then copied into ``out``: for CUDA, with
-  ``copy_(non_blocking=True)`` on a side stream that first waits for the device's current stream; the
-  call synchronizes before it returns. A batch is read in windows of ``concurrency`` blocks
-  (concurrent within a window; the copies of one window overlap the reads of the next), so staging
-  memory is at most ``2 x concurrency`` blocks per ``get_many`` call in flight; buffers are reused
-  across calls and freed by ``KVStore.close``. A window's payload checksums are computed on threads
-  (xxh3 runs without the GIL; so are the host route's for a batch). Works with both backends (the
-  native client reads straight into the staging buffer).
+  ``copy_(non_blocking=True)`` on a side stream that first waits for the caller's current stream; the
+  call synchronizes before it returns. Each block is verified and its copy started as soon as it has
+  landed, in the thread that read it (the backend's ``on_ready``), so copies overlap the reads of the
+  rest of the batch. A batch is read in windows of ``concurrency`` blocks (concurrent within a
+  window), so staging memory is at most ``2 x concurrency`` blocks per ``get_many`` call in flight;
+  buffers are reused across calls and freed by ``KVStore.close``. Works with both backends (the native
+  client reads straight into the staging buffer).
 
 ``KVStore(device_io=...)`` picks, per block, by its ``out`` tensors' device (``choose_route``):
 
@@ -30,8 +32,8 @@ payload reaches ``out``:
   skipping the payload checksum gives nothing up (``verify=False``, or the root is on a kvfs mount,
   whose client verifies every byte); else staged. So the default never drops a check that nothing
   else makes.
-* ``"kvikio"``: CUDA -> kvikio always (payload not re-verified, as above); CPU -> host. ImportError at
-  construction if kvikio does not import, ValueError with a client (kvikio reads files by path).
+* ``"kvikio"``: CUDA -> kvikio always (payload not re-verified, as above), with a client too (its chunk
+  files); CPU -> host. ImportError at construction if kvikio does not import.
 * ``"staged"``: every block staged, CPU ``out`` too (a plain copy): the same code path with or without a
   GPU, which is how CI tests it.
 
@@ -55,7 +57,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from kvfs.gds import is_kvfs_mount, kvikio_available, kvikio_settings
+from kvfs.chunkfiles import ChunkFiles, OpenFileCache
+from kvfs.gds import is_kvfs_mount, kvikio_available, kvikio_settings, wait_all
 from kvfs.kv.backend import Backend, ReadResult
 from kvfs.kv.block import BlockError, byte_view, check_tensors
 from kvfs.kv.layout import KVLayout
@@ -172,9 +175,6 @@ class DeviceIO:
         if device_io not in DEVICE_IO:
             raise ValueError(f"device_io must be one of {', '.join(map(repr, DEVICE_IO))}, not {device_io!r}")
         if device_io == KVIKIO:
-            if not directory:
-                raise ValueError("device_io='kvikio' reads block files by path: it needs a directory store "
-                                 "(client=None, e.g. the kvfs mount); use 'staged' with a client")
             try:
                 import kvikio  # noqa: F401
             except Exception as exc:  # ImportError, or a missing libcufile/libcudart underneath
@@ -188,6 +188,7 @@ class DeviceIO:
         self.window = max(1, concurrency)
         self.pool = StagingPool(layout.nbytes)
         self._kvikio_threads_set = False
+        self._chunk_files: OpenFileCache | None = None  # the native client's chunk files, open in kvikio
         self._verifier: ThreadPoolExecutor | None = None  # checks a batch's payloads in parallel
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: device -> side stream for staged copies
@@ -197,7 +198,7 @@ class DeviceIO:
     @functools.cached_property
     def kvikio_ok(self) -> bool:
         """The kvikio route is possible: a directory store and kvikio imports."""
-        return self.directory and (self.mode == KVIKIO or kvikio_available())
+        return self.mode == KVIKIO or (self.directory and kvikio_available())
 
     @functools.cached_property
     def verified_in_transit(self) -> bool:
@@ -247,8 +248,10 @@ class DeviceIO:
             return (job.path, job.expect_size, job.header_len, t.views, job.touch_before_ns)
         path, tensors = job.path, t.tensors
 
-        def land(fd: int, offset: int) -> int:
-            return self._kvikio_read(path, fd, offset, tensors)
+        def land(src: int | ChunkFiles, offset: int) -> int:
+            if isinstance(src, ChunkFiles):  # the native client: the block's chunk files on this host
+                return self._kvikio_chunks(src, offset, tensors)
+            return self._kvikio_read(path, src, offset, tensors)
 
         return (job.path, job.expect_size, job.header_len, [], job.touch_before_ns, land)
 
@@ -281,29 +284,45 @@ class DeviceIO:
             a, b = os.fstat(fd), os.fstat(cf.fileno())
             if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
                 raise OSError(errno.ESTALE, f"{path} was replaced while it was read")
-            futures = []
-            pos = offset
-            for t in tensors:
-                n = t.numel() * t.element_size()
-                futures.append(cf.pread(_bytes(t), n, pos))
-                pos += n
-            got, first_error = 0, None
-            for fut in futures:  # wait for every read, even after an error: they write into ``out``
-                try:
-                    got += fut.get()
-                except Exception as exc:  # noqa: BLE001
-                    first_error = first_error or exc
-        if first_error is not None:
-            if isinstance(first_error, OSError):
-                raise first_error
-            raise OSError(errno.EIO, f"kvikio read of {path} failed: {first_error}") from first_error
-        return got
+            return self._pread_tensors(cf, offset, tensors, path)
+
+    def _kvikio_chunks(self, chunks: ChunkFiles, offset: int, tensors: Sequence[Any]) -> int:
+        """kvikio reads of a block's payload from its chunk files (kvfs.chunkfiles) into ``tensors``;
+        the files stay open across calls (``OpenFileCache``), closed by ``close``."""
+        with self._lock:
+            if self._chunk_files is None:
+                import kvikio
+                import kvikio.defaults
+
+                # Chunk directories are local disks: the settings are resolved once, not per file.
+                settings = kvikio_settings(chunks.first_path or chunks.name)
+
+                def open_file(p: str) -> Any:
+                    with _kvikio_open, kvikio.defaults.set(settings):
+                        return kvikio.CuFile(p, "r")
+
+                self._chunk_files = OpenFileCache(open_file)
+        chunks.open_file = self._chunk_files
+        return self._pread_tensors(chunks, offset, tensors, chunks.first_path or chunks.name)
+
+    @staticmethod
+    def _pread_tensors(f: Any, offset: int, tensors: Sequence[Any], what: str) -> int:
+        """``f.pread`` (kvikio's shape) of consecutive payload bytes from ``offset`` into each tensor."""
+        futures = []
+        pos = offset
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            futures.append(f.pread(_bytes(t), n, pos))
+            pos += n
+        return wait_all(futures, f"kvikio read of {what}")
 
     def _read_staged(self, backend: Backend, jobs: Sequence[ReadJob], check: Check) -> list[Any]:
         w = self.window
         bufs = self.pool.take(min(len(jobs), 2 * w))
         copied: list[list[Any]] = [[] for _ in bufs]  # per buffer: CUDA events of the copies out of it
-        streams: dict[Any, Any] = {}
+        pending: list[Any] = []  # every copy's event: waited for before returning
+        after = self._caller_events(jobs)
+        lock = threading.Lock()
         results: list[Any] = []
         try:
             for start in range(0, len(jobs), w):
@@ -313,23 +332,55 @@ class DeviceIO:
                     for ev in copied[b]:
                         ev.synchronize()  # the copy out of this buffer two windows ago is done
                     copied[b] = []
+                done: list[Any] = [None] * len(window)
+                seen = [False] * len(window)
+
+                def ready(k: int, res: Any, window=window, idx=idx, done=done, seen=seen) -> None:
+                    # As each block lands (in the thread that read it): verify it, start its copy.
+                    j, b = window[k], idx[k]
+                    seen[k] = True
+                    try:
+                        r = _finish(check, j, res, [bufs[b].view])
+                        if r is j.target.out:
+                            ev = self._copy(bufs[b].tensor, j.target, after)
+                            if ev is not None:
+                                with lock:
+                                    copied[b].append(ev)
+                                    pending.append(ev)
+                    except Exception as exc:  # noqa: BLE001  (reported in the block's slot)
+                        r = exc
+                    done[k] = r
+
                 reads = backend.read_many([(j.path, j.expect_size, j.header_len, [bufs[b].view], j.touch_before_ns)
-                                           for j, b in zip(window, idx)])
-                done = self._finish_all(check, [(j, res, [bufs[b].view]) for j, b, res in zip(window, idx, reads)])
-                for j, b, r in zip(window, idx, done):
-                    if r is j.target.out:
-                        ev = self._copy(bufs[b].tensor, j.target, streams)
-                        if ev is not None:
-                            copied[b].append(ev)
-                    results.append(r)
+                                           for j, b in zip(window, idx)], ready)
+                for k, res in enumerate(reads):
+                    if not seen[k]:  # a backend that did not report this one as it landed
+                        ready(k, res)
+                results += done
         finally:
-            for s in streams.values():
-                s.synchronize()
+            for ev in pending:
+                ev.synchronize()
             self.pool.give(bufs)
         return results
 
-    def _copy(self, src: Any, target: Target, streams: dict[Any, Any]) -> Any:
-        """Copy one staged payload into ``target``'s tensors; for CUDA, the event after the copies."""
+    def _caller_events(self, jobs: Sequence[ReadJob]) -> dict[Any, Any]:
+        """Per CUDA device of ``jobs``: an event on the caller's current stream. Copies (from reader
+        threads, on their own streams) wait for it: kernels the caller queued may still use ``out``."""
+        devices = {j.target.device for j in jobs if j.target.device.type == "cuda"}
+        if not devices:
+            return {}
+        import torch
+
+        events = {}
+        for dev in devices:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            events[dev] = ev
+        return events
+
+    def _copy(self, src: Any, target: Target, after: dict[Any, Any]) -> Any:
+        """Copy one staged payload into ``target``'s tensors; for CUDA, on this thread's side stream
+        after ``after[device]``, returning the event after the copies."""
         import torch
 
         if target.device.type == "cpu":
@@ -339,22 +390,20 @@ class DeviceIO:
                 dst.copy_(src[pos:pos + dst.numel()])
                 pos += dst.numel()
             return None
-        s = streams.get(target.device)
-        if s is None:
-            per_thread = self._local.__dict__.setdefault("streams", {})
+        per_thread = self._local.__dict__.setdefault("streams", {})
+        with torch.cuda.device(target.device):
             s = per_thread.get(target.device)
             if s is None:
                 s = per_thread[target.device] = torch.cuda.Stream(target.device)
-            s.wait_stream(torch.cuda.current_stream(target.device))
-            streams[target.device] = s
-        with torch.cuda.stream(s):
-            pos = 0
-            for t in target.tensors:
-                dst = _bytes(t)
-                dst.copy_(src[pos:pos + dst.numel()], non_blocking=True)
-                pos += dst.numel()
-            ev = torch.cuda.Event()
-            ev.record(s)
+            s.wait_event(after[target.device])
+            with torch.cuda.stream(s):
+                pos = 0
+                for t in target.tensors:
+                    dst = _bytes(t)
+                    dst.copy_(src[pos:pos + dst.numel()], non_blocking=True)
+                    pos += dst.numel()
+                ev = torch.cuda.Event()
+                ev.record(s)
         return ev
 
     def _finish_all(self, check: Check, items: list[tuple[ReadJob, Any, list[memoryview] | None]]) -> list[Any]:
@@ -369,6 +418,8 @@ class DeviceIO:
 
     def close(self) -> None:
         self.pool.close()
+        if self._chunk_files is not None:
+            self._chunk_files.close()
         with self._lock:
             verifier, self._verifier = self._verifier, None
         if verifier is not None:

@@ -24,16 +24,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
 from kvfs import protocol as P
+from kvfs.chunkfiles import ChunkFiles
 from kvfs.chunkio import map_local_chunk, read_local_chunk
-from kvfs.kv.backend import SCRATCH, ReadResult, copy_into, split_into
+from kvfs.kv.backend import SCRATCH, OnReady, ReadResult, copy_into, split_into
 from kvfs.tasks import open_nursery
 
 GROUP_BYTES = 8 << 20  # short-circuit reads handed to one worker thread at a time (see _read_local)
@@ -160,51 +162,170 @@ class NativeBackend:
             raise res
         return res
 
-    def read_many(self, jobs: Sequence[tuple], map_local: bool = False) -> list[ReadResult | None | OSError]:
-        return self._run(self._read_many, jobs, map_local)
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
+                  map_local: bool = False) -> list[ReadResult | None | OSError]:
+        return self._run(self._read_many, jobs, on_ready, map_local)
 
-    async def _read_many(self, jobs: Sequence[tuple], map_local: bool = False) -> list[ReadResult | None | OSError]:
+    async def _read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
+                         map_local: bool = False) -> list[ReadResult | None | OSError]:
         if not jobs:
             return []
         # One meta round trip for every block's attributes and chunk map, then only chunk reads.
         reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks([j[0] for j in jobs]))
-        if map_local:
+        results: list[ReadResult | None | OSError] = [None] * len(jobs)
+        settled = [False] * len(jobs)
+
+        def settle(i: int, res: ReadResult | None | OSError) -> None:  # any thread
+            results[i], settled[i] = res, True
+            if on_ready is not None:
+                on_ready(i, res)
+
+        if map_local and all(len(j) == 5 for j in jobs):
             mapped = await self._map_many_local(reply.files, jobs)
             if mapped is not None:
-                return mapped
-        batched = await self._read_many_local(reply.files, jobs)
-        if batched is not None:
-            return batched
-        return await self._gather(self._read_file, [(info, *job) for info, job in zip(reply.files, jobs)])
+                for i, res in enumerate(mapped):
+                    settle(i, res)
+                return results
+        landed = [i for i, j in enumerate(jobs) if len(j) > 5]  # kvikio route: payload read by the caller
+        if len(landed) < len(jobs):
+            await self._read_many_local(reply.files, jobs, settle)
+        rest = [i for i in range(len(jobs)) if not settled[i]]
+        if rest:
+            # Blocks the batched local read could not take (a chunk elsewhere, a failed read, an odd
+            # size): one by one through the client, which handles misses, failover and bad replicas.
+            limiter = trio.CapacityLimiter(self.concurrency)
 
-    async def _read_many_local(self, infos: list, jobs: Sequence[tuple]) -> list[ReadResult | None] | None:
-        """Every block's chunks are on this host: read the whole batch in a few worker-thread hops, one
-        verified read per chunk (header and payload together), instead of a task, a hop and a file open
-        per piece of each block. None when that cannot be done (a chunk is not local, a read failed, an
-        odd size): the caller then reads block by block, which handles misses and failover."""
-        plans, pieces = [], []
-        for info, (_path, expect_size, header_len, out, _touch) in zip(infos, jobs):
+            async def one(i: int) -> None:
+                async with limiter:
+                    try:
+                        read = self._read_landed if len(jobs[i]) > 5 else self._read_file
+                        res: ReadResult | None | OSError = await read(reply.files[i], *jobs[i])
+                    except OSError as exc:
+                        res = exc
+                settle(i, res)
+
+            async with open_nursery() as nursery:
+                for i in rest:
+                    nursery.start_soon(one, i)
+        return results
+
+    async def _read_many_local(self, infos: list, jobs: Sequence[tuple], settle: OnReady) -> None:
+        """Read the blocks whose chunks are all on this host in a few worker-thread hops, one verified
+        read per chunk (header and payload together), instead of a task, a hop and a file open per piece
+        of each block. Each block is settled (``settle``, in the worker thread) as soon as its last
+        piece has landed, so a caller can start using it while the rest of the batch reads. Misses are
+        settled here too; a block that cannot be read this way (a chunk not local, a failed read, an
+        odd size) is left unsettled for the caller's per-block path."""
+        plans: dict[int, tuple] = {}
+        for i, (info, job) in enumerate(zip(infos, jobs)):
+            if len(job) > 5:
+                continue  # kvikio route (_read_landed)
+            _path, expect_size, header_len, out, _touch = job
             if info is None:
-                plans.append(None)
+                settle(i, None)
                 continue
             head = memoryview(bytearray(min(info.attr.size, max(SCRATCH, header_len))))
             if info.attr.size != expect_size or len(head) < header_len:
-                return None
-            ranges = [(0, head), *((header_len + off, v) for off, v in split_into(out, len(head) - header_len))]
-            pieces += _merge_pieces(_split_at_chunks(info, ranges))
-            plans.append((info.attr, head))
-        if not await self._read_local(pieces):
-            return None
-        results: list[ReadResult | None] = []
-        for plan, (_path, _size, header_len, out, touch_before_ns) in zip(plans, jobs):
-            if plan is None:
-                results.append(None)
                 continue
-            attr, head = plan
-            copy_into(out, head[header_len:])  # the payload bytes that came in with the head
-            await self._touch(attr, touch_before_ns)
-            results.append(ReadResult(head, attr.size, attr.atime_ns, True))
-        return results
+            ranges = [(0, head), *((header_len + off, v) for off, v in split_into(out, len(head) - header_len))]
+            local = self._local_pieces(_merge_pieces(_split_at_chunks(info, ranges)))
+            if local is not None:
+                plans[i] = (info.attr, head, header_len, out, local)
+        if not plans:
+            return
+        # Pieces in groups of about GROUP_BYTES per thread hop: a lone 32 MiB block still reads on a few
+        # threads at once, a batch of small blocks does not pay one hop per chunk.
+        groups: list[list] = [[]]
+        size = 0
+        for i, plan in plans.items():
+            for piece in plan[4]:
+                if size >= GROUP_BYTES:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((i, piece))
+                size += piece[3]
+        waiting = dict.fromkeys(plans, 0)  # per block: groups still to finish
+        for group in groups:
+            for i in dict.fromkeys(j for j, _ in group):
+                waiting[i] += 1
+        failed: set[int] = set()
+        lock = threading.Lock()
+
+        def work(group: list) -> None:
+            for i, (lc, in_chunk, dests, _n) in group:
+                if i in failed:
+                    continue
+                try:
+                    read_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, in_chunk, dests)
+                except OSError:
+                    failed.add(i)  # left for the per-block path, which fails over and reports
+            for i in dict.fromkeys(j for j, _ in group):
+                with lock:
+                    waiting[i] -= 1
+                    last = waiting[i] == 0
+                if last and i not in failed:
+                    attr, head, header_len, out, _local = plans[i]
+                    copy_into(out, head[header_len:])  # the payload bytes that came in with the head
+                    settle(i, ReadResult(head, attr.size, attr.atime_ns, True))
+
+        async def run(group: list) -> None:
+            await trio.to_thread.run_sync(work, group, limiter=self.c._io)
+
+        if len(groups) == 1:
+            await run(groups[0])
+        else:
+            async with open_nursery() as nursery:
+                for group in groups:
+                    nursery.start_soon(run, group)
+        for i, (attr, _head, _hl, _out, _local) in plans.items():
+            if i not in failed and attr.atime_ns < jobs[i][4]:
+                try:
+                    await self.c.setattr(attr.ino, atime_ns=time.time_ns())
+                except OSError:
+                    pass  # evicted meanwhile: recency is best effort
+
+    async def _read_landed(self, info: P.GetChunksReply | None, path: str, expect_size: int, header_len: int,
+                           out: Sequence[memoryview], touch_before_ns: int, land: Callable) -> ReadResult | None:
+        """The kvikio route (kvfs.kv.device): the head is read and verified here, the payload is left to
+        ``land(chunks, header_len)`` with the block's chunk files on this host (``kvfs.chunkfiles``:
+        not checked against the chunk checksums), which returns the bytes it put in place. ENXIO when a
+        chunk has no replica on this host."""
+        if info is None:
+            return None
+        attr = info.attr
+        head = memoryview(bytearray(min(attr.size, max(SCRATCH, header_len))))
+        if attr.size != expect_size or len(head) < header_len:
+            await self._fetch_ranges(info, [(0, head)])
+            return ReadResult(head, attr.size, attr.atime_ns, False)
+        local = {c.index: self.c.local_chunk(c) for c in info.chunks}
+        chunks = ChunkFiles(path, info.chunk_size, local, attr.size)
+        head_pieces = self._local_pieces(_merge_pieces(_split_at_chunks(info, [(0, head)])))
+
+        def work() -> int | None:
+            # One thread hop for the head (read and verified here) and the payload (``land``).
+            if head_pieces is not None:
+                try:
+                    for lc, in_chunk, dests, _n in head_pieces:
+                        read_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, in_chunk, dests)
+                except OSError:
+                    return None  # the client's path below fails over and reports the replica
+            return land(chunks, header_len)
+
+        try:
+            got = await trio.to_thread.run_sync(work, limiter=self.c._io) if head_pieces is not None else None
+            if got is None:
+                await self._fetch_ranges(info, [(0, head)])
+                got = await trio.to_thread.run_sync(land, chunks, header_len, limiter=self.c._io)
+        finally:
+            chunks.close()
+        if got != expect_size - header_len:
+            raise OSError(errno.EIO, f"{path}: short read of the payload ({got} of {expect_size - header_len} bytes)")
+        if attr.atime_ns < touch_before_ns:
+            try:
+                await self.c.setattr(attr.ino, atime_ns=time.time_ns())
+            except OSError:
+                pass  # evicted meanwhile: recency is best effort
+        return ReadResult(head, attr.size, attr.atime_ns, True)
 
     async def _map_many_local(self, infos: list, jobs: Sequence[tuple]) -> list[ReadResult | None] | None:
         """Every file is one chunk with a replica on this host: map the chunk files (verified, locked:
@@ -315,50 +436,35 @@ class NativeBackend:
             for piece in pieces:
                 nursery.start_soon(one, *piece)
 
-    async def _read_local(self, pieces: list) -> bool:
-        """``pieces``: (chunk ref, offset in the chunk, consecutive destination views).
-        Every piece's chunk has a replica on this host: read them all in one worker thread, straight
-        into the destination views and verified (kvfs.chunkio), instead of one event-loop task and
-        thread hop per chunk. False (nothing to rely on) when a chunk is not local or a read fails:
-        the caller then reads through the client, which fails over and reports bad replicas."""
+    def _local_pieces(self, pieces: list) -> list | None:
+        """``pieces`` (chunk ref, offset in the chunk, destination views) as (local chunk, offset, views,
+        bytes) when every piece's chunk has a replica on this host, else None."""
         local = []
         for ref, in_chunk, dests in pieces:
             n = sum(len(d) for d in dests)
             lc = self.c.local_chunk(ref) if ref is not None and in_chunk + n <= ref.length else None
             if lc is None:
-                return False
+                return None
             local.append((lc, in_chunk, dests, n))
+        return local
 
-        # Pieces in groups of about GROUP_BYTES per thread hop: a lone 32 MiB block still reads on a few
-        # threads at once, a batch of blocks does not pay one hop per chunk.
-        groups: list[list] = [[]]
-        size = 0
-        for piece in local:
-            if size >= GROUP_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append(piece)
-            size += piece[3]
-        failed = False
+    async def _read_local(self, pieces: list) -> bool:
+        """One block's pieces, all local: read them in one worker thread, verified (kvfs.chunkio).
+        False (nothing to rely on) when a chunk is not local or a read fails: the caller then reads
+        through the client, which fails over and reports bad replicas."""
+        local = self._local_pieces(pieces)
+        if local is None:
+            return False
 
-        def work(group: list) -> None:
-            for lc, in_chunk, dests, _n in group:
+        def work() -> None:
+            for lc, in_chunk, dests, _n in local:
                 read_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, in_chunk, dests)
 
-        async def run(group: list) -> None:
-            nonlocal failed
-            try:
-                await trio.to_thread.run_sync(work, group, limiter=self.c._io)
-            except OSError:
-                failed = True
-
-        if len(groups) == 1:
-            await run(groups[0])
-        else:
-            async with open_nursery() as nursery:
-                for group in groups:
-                    nursery.start_soon(run, group)
-        return not failed
+        try:
+            await trio.to_thread.run_sync(work, limiter=self.c._io)
+        except OSError:
+            return False
+        return True
 
     # ------------------------------------------------------------------ namespace
 

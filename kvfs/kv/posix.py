@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kvfs.kv.backend import SCRATCH, ReadResult
+from kvfs.kv.backend import SCRATCH, OnReady, ReadResult
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -167,20 +167,24 @@ class PosixBackend:
     def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
         return self._gather(self.put, jobs)
 
-    def read_many(self, jobs: Sequence[tuple], map_local: bool = False) -> list[ReadResult | None | OSError]:
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
+                  map_local: bool = False) -> list[ReadResult | None | OSError]:
         # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
-        return self._gather(self.read, jobs)
+        return self._gather(self.read, jobs, on_ready)
 
-    def _gather(self, fn, jobs: Sequence[tuple]) -> list:
-        def one(args: tuple):
+    def _gather(self, fn, jobs: Sequence[tuple], on_ready: OnReady | None = None) -> list:
+        def one(i: int, args: tuple):
             try:
-                return fn(*args)
+                res = fn(*args)
             except OSError as exc:
-                return exc
+                res = exc
+            if on_ready is not None:
+                on_ready(i, res)
+            return res
 
         if len(jobs) <= 1:
-            return [one(j) for j in jobs]
-        return list(self._pool.map(one, jobs))
+            return [one(i, j) for i, j in enumerate(jobs)]
+        return list(self._pool.map(one, range(len(jobs)), jobs))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -308,7 +308,7 @@ class KVStore:
                 header_len = self._run_header_len[key] = run_header_len(self.layout, hashes)
             jobs.append((self.run_path(hashes), header_len + len(hashes) * self.layout.nbytes, header_len,
                          [byte_view(out)], touch_before))
-        reads = self.backend.read_many(jobs, map_local)
+        reads = self.backend.read_many(jobs, map_local=map_local)
         items = list(zip(runs, reads, outs, (j[2] for j in jobs)))
         checked = list(self._verifier().map(self._check_run, items)) if len(items) > 1 else [
             self._check_run(it) for it in items]

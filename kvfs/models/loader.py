@@ -16,10 +16,12 @@ How a load runs:
      buffers, then copied to the tensors with ``cudaMemcpyAsync`` (``copy_(non_blocking=True)``) on the
      thread's own stream; a buffer is reused once its copy event has completed. Pinned host memory is
      bounded by ``pinned_buffers * span_bytes``.
-   * CUDA, kvikio (the default when kvikio imports and every path is local or mounted; not through the
-     client library): ``kvikio.CuFile.pread`` reads spans straight into
-     device staging buffers (GPUDirect Storage where the system has it, kvikio's POSIX compat mode
-     elsewhere, always on a FUSE mount), then device-to-device copies slice the tensors out.
+   * CUDA, kvikio (the default when kvikio imports and every path is local or mounted):
+     ``kvikio.CuFile.pread`` reads spans straight into device staging buffers (GPUDirect Storage where
+     the system has it, kvikio's POSIX compat mode elsewhere, always on a FUSE mount), then
+     device-to-device copies slice the tensors out. Through the client library only when asked
+     (``use_kvikio=True``): kvikio then reads the file's chunk files on this host (``kvfs.chunkfiles``),
+     and those bytes are **not** checked against the chunk checksums, which every other route does.
 
 Error handling: malformed files raise ``SafetensorsError`` (a ``ValueError``) naming the file and the
 problem; I/O failures raise ``OSError``; a missing tensor raises ``KeyError``.
@@ -69,7 +71,9 @@ class LoadOptions:
     # MADV_HUGEPAGE): fewer page faults while filling fresh memory (1.2-1.7x faster CPU loads measured,
     # docs/benchmarks.md). Off by default: where the kernel must compact memory first, faults can stall.
     hugepages: bool = False
-    use_kvikio: bool | None = None  # None: use kvikio for CUDA targets when importable and the path is local
+    # None: kvikio for CUDA targets when importable and the path is local or mounted. True also through the
+    # client (chunk files on this host, unverified: kvfs.chunkfiles); never chosen automatically there.
+    use_kvikio: bool | None = None
     # kvikio knobs, set for the duration of a load (its defaults: 1 thread, 4 MiB tasks, 1 MiB GDS
     # threshold, 16 MiB bounce buffers).
     kvikio_threads: int = 16
@@ -353,19 +357,30 @@ def kvikio_config(opts: LoadOptions, path: str) -> dict[str, Any]:
 
 def _load_cuda_kvikio(files: list[_File], out: dict[str, torch.Tensor], names: dict[str, list[str]],
                       device: torch.device, opts: LoadOptions, progress: Progress | None) -> None:
+    import kvikio
+
     dst = {name: _byte_view(t) for name, t in out.items()}
     for f in files:
-        if f.reader.local_path is None:
-            raise ValueError(f"{f.path}: kvikio needs a local or mounted path, not a client reader")
         spans = plan_spans(f, (f.header.tensors[n] for n in names[f.path]), opts.kvikio_span_bytes)
-        if spans:
-            _kvikio_file(f.path, f.reader.local_path, spans, dst, device, opts, progress)
+        if not spans:
+            continue
+        if f.reader.local_path is not None:
+            path, opened = f.reader.local_path, lambda p=f.reader.local_path: kvikio.CuFile(p, "r")
+        else:
+            # Through the client: kvikio reads the file's chunk files on this host (kvfs.chunkfiles;
+            # those reads skip the chunk checksums, which is why this is never the automatic choice).
+            chunks = getattr(f.reader, "chunk_files", lambda _open: None)(lambda p: kvikio.CuFile(p, "r"))
+            if chunks is None:
+                raise ValueError(f"{f.path}: kvikio through the client needs every chunk on this host; "
+                                 f"load it with use_kvikio=False (verified reads over the network)")
+            path, opened = chunks.first_path or f.path, lambda c=chunks: c
+        _kvikio_file(f.path, path, opened, spans, dst, device, opts, progress)
 
 
-def _kvikio_file(name: str, path: str, spans: list[_Span], dst: dict[str, torch.Tensor], device: torch.device,
-                 opts: LoadOptions, progress: Progress | None) -> None:
-    """Read ``spans`` of one file with kvikio into rotating device staging buffers, slice tensors out."""
-    import kvikio
+def _kvikio_file(name: str, path: str, opened: Callable[[], Any], spans: list[_Span], dst: dict[str, torch.Tensor],
+                 device: torch.device, opts: LoadOptions, progress: Progress | None) -> None:
+    """Read ``spans`` of one file with kvikio into rotating device staging buffers, slice tensors out.
+    ``opened()`` gives what to read from (a ``kvikio.CuFile``, or ``ChunkFiles`` of kvikio files)."""
     import kvikio.defaults
 
     size = max(s.length for s in spans)
@@ -374,7 +389,7 @@ def _kvikio_file(name: str, path: str, spans: list[_Span], dst: dict[str, torch.
     copied: list[torch.cuda.Event | None] = [None] * k
     stream = torch.cuda.Stream(device)
     inflight: list[Any] = []
-    with kvikio.defaults.set(kvikio_config(opts, path)), kvikio.CuFile(path, "r") as cf:
+    with kvikio.defaults.set(kvikio_config(opts, path)), opened() as cf:
 
         def submit(i: int) -> None:
             ev = copied[i % k]

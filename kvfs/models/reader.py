@@ -26,7 +26,10 @@ import stat
 import threading
 from typing import TYPE_CHECKING, Protocol
 
-from kvfs.chunkio import OpenChunks, read_local_chunk
+from kvfs import protocol as P
+from kvfs.chunkfiles import ChunkFiles
+from kvfs.chunkio import OpenChunks, read_local_chunk, verify
+from kvfs.protocol import CHECKSUM_BLOCK as BLOCK
 
 if TYPE_CHECKING:
     from kvfs.client import SyncClient
@@ -164,15 +167,67 @@ class ClientFileReader:
             found = client.call(_local_chunks, client.client, attr.ino)
             if found is not None and any(v is not None for v in found[1].values()):
                 self._chunk_size, self._local = found
+        # Otherwise large chunk reads go over TCP straight from the calling thread (kvfs.rpc_blocking),
+        # not through the client's event loop: one hop less per chunk, and the loader's threads
+        # receive and verify in parallel. None: the event loop's path (thread_read_min=0, or no map).
+        self._remote: dict[int, P.ChunkRef] | None = None
+        self._direct_min = client.client.options.thread_read_min
+        if self._local is None and self._direct_min:
+            self._remote = client.call(_remote_chunks, client.client, attr.ino)
+
+    def chunk_files(self, open_file) -> ChunkFiles | None:
+        """The file as its chunk files on this host, for kvikio (``kvfs.chunkfiles``: reads that skip the
+        chunk checksums), or None when some chunk has no replica here or short-circuit reads are off."""
+        if self._local is None or self.size == 0:
+            return None
+        count = (self.size + self._chunk_size - 1) // self._chunk_size
+        if any(self._local.get(i) is None for i in range(count)):
+            return None
+        return ChunkFiles(self.name, self._chunk_size, dict(self._local), self.size, open_file)
 
     def readv_into(self, offset: int, bufs: list[memoryview]) -> None:
-        if self._local is not None:
+        if self._local is not None or self._remote is not None:
+            read = self._read_chunk if self._local is not None else self._read_chunk_tcp
             pos = offset
             for index, in_chunk, views in _per_chunk(offset, [b for b in bufs if len(b)], self._chunk_size):
-                self._read_chunk(index, in_chunk, views, pos)
+                read(index, in_chunk, views, pos)
                 pos += sum(len(v) for v in views)
             return
         self._read_via_client(offset, [b for b in bufs if len(b)])
+
+    def _read_chunk_tcp(self, index: int, in_chunk: int, views: list[memoryview], file_offset: int) -> None:
+        """One chunk range from its first replica over TCP in this thread, verified (kvfs.chunkio). Any
+        failure goes to the client's path, which renews tokens, fails over and reports bad replicas."""
+        assert self._remote is not None
+        ref = self._remote.get(index)
+        want = sum(len(v) for v in views)
+        if ref is None or not ref.replicas or want < self._direct_min or in_chunk + want > ref.length:
+            self._read_via_client(file_offset, views)
+            return
+        aligned = in_chunk % BLOCK == 0 and len(views) == 1 and (want % BLOCK == 0 or in_chunk + want == ref.length)
+        into = views[0] if aligned else self._scratch(want + 2 * BLOCK)
+        address = ref.replicas[0]
+        try:
+            reply, data = self._client.client._thread_chunkserver(address).read(
+                P.ReadChunk(ref.chunk_id, in_chunk, want, ref.token), into)
+            verify(ref.chunk_id, address, data, reply.data_offset, reply.checksums, reply.chunk_length)
+            skip = in_chunk - reply.data_offset
+            if len(data) - skip < want:
+                raise OSError(errno.EIO, f"chunk {ref.chunk_id:x} on {address}: short read")
+        except OSError:
+            self._read_via_client(file_offset, views)
+            return
+        if not aligned:
+            pos = skip
+            for v in views:
+                v[:] = data[pos:pos + len(v)]
+                pos += len(v)
+
+    def _scratch(self, n: int) -> memoryview:
+        staging = getattr(self._staging, "buf", None)
+        if staging is None or len(staging) < n:
+            staging = self._staging.buf = bytearray(n)
+        return memoryview(staging)[:n]
 
     def _read_chunk(self, index: int, in_chunk: int, views: list[memoryview], file_offset: int) -> None:
         assert self._local is not None
@@ -200,10 +255,7 @@ class ClientFileReader:
             return
         # Several buffers: one read into a per-thread staging buffer, then copy out.
         want = sum(len(b) for b in bufs)
-        staging = getattr(self._staging, "buf", None)
-        if staging is None or len(staging) < want:
-            staging = self._staging.buf = bytearray(want)
-        view = memoryview(staging)[:want]
+        view = self._scratch(want)
         got = self._client.read_into(self.ino, offset, view)
         if got != want:
             raise _short(self.name, offset, want, got)
@@ -221,6 +273,15 @@ class ClientFileReader:
 
 async def _local_chunks(client, ino: int):
     return client.local_chunks(ino)
+
+
+async def _remote_chunks(client, ino: int) -> dict[int, P.ChunkRef] | None:
+    """The open file's committed chunk map (index -> ref with replicas and read token), or None when
+    this client holds uncommitted writes to it."""
+    st = client.files.get(ino)
+    if st is None or st.modified or st.dirty or st.uploaded:
+        return None
+    return dict(st.chunks)
 
 
 def _per_chunk(offset: int, bufs: list[memoryview], chunk_size: int):

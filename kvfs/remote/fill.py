@@ -289,7 +289,11 @@ async def fill(client, st, first: int, last: int, sequential: bool) -> None:
             seq = None
     begin = None
     if sequential and (seq is None or not seq.alive):
-        begin = first if need else next((i for i in range(last + 1, count) if missing(i)), None)
+        # Only a hole within the readahead window starts a stream now (a farther one starts it once the
+        # reader comes near): looking to the end of the file on every read made reading a whole
+        # file quadratic in its chunks.
+        window = min(count, last + 1 + max(1, READAHEAD_BYTES // cs))
+        begin = first if need else next((i for i in range(last + 1, window) if missing(i)), None)
     if not need and begin is None:
         return
     info = await f.remote_info(st)
