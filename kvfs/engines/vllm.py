@@ -12,22 +12,30 @@ adapter: keys, layouts and error mapping live here, storage logic stays in ``kvf
 "host:port", a kvfs path read through the native client), ``model_id`` (the model path level; default
 the model name/path and ``revision``, made one path component), ``timeout`` (seconds per storage call,
 default 5, plus a second per 100 MB a load or save moves), ``retry_after`` (seconds a detected outage is trusted before kvfs is tried again, default
-10), ``stats_path`` (append one JSON line per lookup/load/save/outage event there; for tests and tools).
+10), ``stats_path`` (append one JSON line per lookup/load/save/outage event there; for tests and tools),
+``run_tokens`` (tokens per stored run, default 256: ``run_tokens // block_size`` blocks per file).
 
-**Keys**: ``<root>/<model_id>/<KVLayout.name>/<hh>/<hash>`` (docs/kv.md), where the hash is
-``kvfs.kv.block_hashes`` of the prompt's token ids (BLAKE2b chains: no PYTHONHASHSEED dependence) and
-the layout names dtype, block size, layers, KV heads, head dim and TP rank/size. Two instances of one
-model share blocks; another model, dtype or TP shape is another directory.
+**Keys**: a prompt's blocks are stored as *runs* (``kvfs.kv.run``, docs/kv.md): up to ``run_tokens``
+tokens of consecutive blocks in one file ``<root>/<model_id>/<KVLayout.name>/<hh>/<hash>-<count>``,
+named by the chained hash of the run's last block (``kvfs.kv.block_hashes`` of the prompt's token ids:
+BLAKE2b chains, no PYTHONHASHSEED dependence) and its block count, aligned to multiples of
+``run_tokens`` in the prompt. The layout names dtype, block size, layers, KV heads, head dim and TP
+rank/size. Two instances of one model share runs; another model, dtype or TP shape is another
+directory.
 
-**Scheduler side**: ``get_num_new_matched_tokens`` is one ``KVStore.longest_prefix`` round trip over
-the prompt's full blocks (never the last token: vLLM must compute at least one). The loads it
-promises are sent to the workers in ``KvfsConnectorMetadata`` with the blocks' hashes and vLLM block
-ids; so are the prompt blocks each step completes (to be saved).
+**Scheduler side**: ``get_num_new_matched_tokens`` is one ``KVStore.runs_prefix`` call over the
+prompt's full blocks (one or two round trips; never the last token: vLLM must compute at least one).
+The loads it promises are sent to the workers in ``KvfsConnectorMetadata`` with the runs' hashes and
+the vLLM block ids; so are the runs each step completes (to be saved), but for those the lookup found.
 
-**Worker side**: a whole request's blocks are loaded in ``start_load_kv`` (``KVStore.get_many``,
-verified: a corrupt, truncated or wrong-layout block is never copied in), so ``wait_for_layer_load``
-has nothing to wait for. ``wait_for_save`` (after the step's forward) copies the completed blocks out
-of every layer and publishes them atomically (``KVStore.put_many``); ``save_kv_layer`` does nothing.
+**Worker side**: ``start_load_kv`` reads and verifies every run of the step's loads
+(``KVStore.get_runs``: each block's checksum; a corrupt, truncated or wrong-layout run is never copied
+in; through the native client a run whose chunk is on this host is mapped, not copied), then copies
+the blocks into the pages per layer on threads (``kvfs.engines.pages.PagedCache``) and returns:
+``wait_for_layer_load`` waits for its layer only, so layer 0's attention runs while later layers are
+still copied. ``wait_for_save`` (after the step's forward) copies the completed runs out of every layer
+and publishes them atomically (``KVStore.put_runs``); ``save_kv_layer`` does nothing.
+
 Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order, translated from
 each attention backend's paged layout by a per-page permutation: vLLM 0.32 hands connectors
 ``[blocks, heads, tokens, 2*head_dim]`` views on every backend, but ``CPU_ATTN`` stores a page as
@@ -40,7 +48,8 @@ the engine runs without it.
 and recompute, one log line per outage. A block that fails to load (missing, corrupt, timed out) is
 reported through ``get_block_ids_with_load_errors`` with every block after it; the connector sets
 ``kv_load_failure_policy`` to "recompute" (a cache miss must not fail a request), so vLLM recomputes
-from the first bad block. A corrupt block is also deleted, so the recompute's save replaces it.
+from the first bad block. A run with a corrupt block is also deleted (the blocks before that one still
+load), so the recompute's save replaces it.
 
 Not supported: LoRA, multimodal and prompt-embedding requests (never looked up or saved), pipeline
 parallelism, asynchronous (between-step) loads and saves.
@@ -65,9 +74,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvfs.engines.guard import Guard
 from kvfs.engines.naming import LazyStore, model_path_level
-from kvfs.engines.pages import PageOrder
-from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
+from kvfs.engines.pages import PagedCache, PageOrder
+from kvfs.kv import KVLayout, KVStore, block_hashes
 from kvfs.kv.layout import dtype_name
+from kvfs.kv.run import run_name, run_spans
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -87,16 +97,28 @@ log = logging.getLogger("vllm.kvfs")  # under vLLM's logger: its handler and for
 # The CPU order is therefore measured, not assumed: ``_probe_cpu_order`` has the kernel itself write
 # known values into a scratch page.
 SUPPORTED_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
+STAGING_KEEP = 512 << 20  # the largest load buffer kept for the next load
 
 
 @dataclass
 class Transfer:
-    """Blocks of one request to move: kvfs hashes and the vLLM block ids they belong in, in order."""
+    """Runs of one request to move (``kvfs.kv.run``): their block hashes in order, the blocks per run, and
+    the vLLM block ids of the blocks from ``skip`` on (a load's first run may start in blocks vLLM
+    already holds; a save's ``skip`` is 0)."""
 
     req_id: str
     hashes: list[str]
+    runs: list[int]
     block_ids: list[int]
-    context: list[int] = field(default_factory=list)  # saves: the request's block ids before these ones
+    skip: int = 0
+    context: list[int] = field(default_factory=list)  # saves: the request's block ids up to these runs' end
+
+    def run_hashes(self) -> list[list[str]]:
+        out, pos = [], 0
+        for n in self.runs:
+            out.append(self.hashes[pos:pos + n])
+            pos += n
+        return out
 
 
 @dataclass
@@ -109,6 +131,8 @@ class KvfsConnectorMetadata(KVConnectorMetadata):
 class _Request:
     hashes: list[str]  # one per full prompt block
     hit_blocks: int = 0  # leading blocks kvfs had at the last lookup
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (first block, blocks) of the runs holding them
+    stored: set[tuple[int, int]] = field(default_factory=set)  # runs known stored: not saved again
 
 
 class KvfsConnector(KVConnectorBase_V1):
@@ -120,6 +144,7 @@ class KvfsConnector(KVConnectorBase_V1):
         self._meta_addr = extra.get("meta")
         self._model_id = str(extra.get("model_id") or model_path_level(model.model, model.revision))
         self._stats_path = extra.get("stats_path")
+        self._run_tokens = int(extra.get("run_tokens", 256))
         self._stats_lock = threading.Lock()
         self._guard = Guard(log, timeout=float(extra.get("timeout", 5.0)),
                             retry_after=float(extra.get("retry_after", 10.0)), on_event=self._event)
@@ -138,10 +163,12 @@ class KvfsConnector(KVConnectorBase_V1):
             layout_or_why = 'kv_connector_extra_config needs "root"'
         self._layout: KVLayout | None = None
         self._layer_names: list[str] = []
+        self._run_blocks = 1
         if isinstance(layout_or_why, str):
             log.warning("KvfsConnector disabled: %s", layout_or_why)
         else:
             self._layout, self._layer_names = layout_or_why
+            self._run_blocks = max(1, self._run_tokens // self._layout.block_tokens)
             log.info("KvfsConnector (%s): %s/%s/%s via %s", role.name.lower(), self._root, self._model_id,
                      self._layout.name, f"native client, meta {self._meta_addr}" if self._meta_addr else "directory")
         if self.enabled and role == KVConnectorRole.SCHEDULER:
@@ -155,9 +182,11 @@ class KvfsConnector(KVConnectorBase_V1):
         self._requests: dict[str, _Request] = {}
         self._pending_loads: dict[str, Transfer] = {}
         # worker side
-        self._caches: list[tuple[torch.Tensor, PageOrder]] = []  # per layer, in layer order
+        self._pages: PagedCache | None = None
+        self._layer_index: dict[str, int] = {}
         self._load_errors: set[int] = set()  # until vLLM collects them
         self._step_failed: set[int] = set()  # this step's blocks that did not load (KV computed over them is bad)
+        self._staging: torch.Tensor | None = None  # loads read runs here, then copy them into the pages
 
     # ------------------------------------------------------------------ storage
 
@@ -198,12 +227,13 @@ class KvfsConnector(KVConnectorBase_V1):
             return 0, False
         assert self._layout is not None
         bs = self._layout.block_tokens
-        usable = st.hashes[:(request.num_prompt_tokens - 1) // bs]  # vLLM computes at least the last token
-        if len(usable) * bs <= num_computed_tokens:
+        usable = min(len(st.hashes), (request.num_prompt_tokens - 1) // bs)  # vLLM computes at least the last token
+        if usable * bs <= num_computed_tokens:
             return 0, False
         t0 = time.perf_counter()
-        ok, n = self._guard.call(lambda: self._open().longest_prefix(usable), "lookup")
-        st.hit_blocks = n if ok else 0
+        ok, found = self._guard.call(lambda: self._open().runs_prefix(st.hashes, self._run_blocks, usable), "lookup")
+        st.hit_blocks, st.runs = (found.blocks, found.runs) if ok else (0, [])
+        st.stored = set(st.runs)
         new = max(0, st.hit_blocks * bs - num_computed_tokens)
         self._event({"event": "lookup", "req": request.request_id, "prompt_tokens": request.num_prompt_tokens,
                      "local_tokens": num_computed_tokens, "hit_tokens": st.hit_blocks * bs, "new_tokens": new,
@@ -219,8 +249,10 @@ class KvfsConnector(KVConnectorBase_V1):
         end = st.hit_blocks
         start = end - (num_external_tokens + bs - 1) // bs
         block_ids = blocks.get_block_ids()[0]
-        self._pending_loads[request.request_id] = Transfer(request.request_id, st.hashes[start:end],
-                                                           list(block_ids[start:end]))
+        runs = [(s, n) for s, n in st.runs if s + n > start and s < end]  # whole runs are read
+        hashes = [h for s, n in runs for h in st.hashes[s:s + n]]
+        self._pending_loads[request.request_id] = Transfer(request.request_id, hashes, [n for _, n in runs],
+                                                           list(block_ids[start:end]), skip=start - runs[0][0])
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KvfsConnectorMetadata(loads=list(self._pending_loads.values()))
@@ -232,23 +264,33 @@ class KvfsConnector(KVConnectorBase_V1):
         cached = scheduler_output.scheduled_cached_reqs
         steps += list(zip(cached.req_ids, cached.num_computed_tokens))
         for req_id, start in steps:
-            save = self._blocks_completed(req_id, start, start + scheduled.get(req_id, 0))
+            save = self._runs_completed(req_id, start, start + scheduled.get(req_id, 0))
             if save is not None:
                 meta.saves.append(save)
         return meta
 
-    def _blocks_completed(self, req_id: str, start: int, end: int) -> Transfer | None:
-        """The prompt blocks whose last token this step computes (tokens [start, end)), to be saved."""
+    def _runs_completed(self, req_id: str, start: int, end: int) -> Transfer | None:
+        """The prompt's runs whose last block this step completes (tokens [start, end)), to be saved,
+        but for those the lookup found stored."""
         st = self._requests.get(req_id)
         if st is None or self._kv_cache_manager is None:
             return None
         assert self._layout is not None
         bs = self._layout.block_tokens
         first, last = start // bs, min(end // bs, len(st.hashes))
-        if first >= last:
+        runs = [(s, n) for s, n in run_spans(len(st.hashes), self._run_blocks)
+                if first < s + n <= last and (s, n) not in st.stored]
+        if not runs:
             return None
         block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
-        return Transfer(req_id, st.hashes[first:last], list(block_ids[first:last]), list(block_ids[:first]))
+        return Transfer(req_id, [h for s, n in runs for h in st.hashes[s:s + n]], [n for _, n in runs],
+                        [b for s, n in runs for b in block_ids[s:s + n]], context=list(block_ids[:last]))
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        if connector_output.invalid_block_ids:
+            # A run failed to load (and was deleted): what the lookups found stored is no longer known.
+            for st in self._requests.values():
+                st.stored.clear()
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
@@ -294,29 +336,12 @@ class KvfsConnector(KVConnectorBase_V1):
             log.warning("KvfsConnector disabled: %s", why)
             self._layout = None
             return
-        self._caches = caches
+        self._pages = PagedCache(caches)
+        self._layer_index = {name: i for i, name in enumerate(self._layer_names)}
         self._guard.call(self._open, "open")  # connect now, not in the first request (bounded, as always)
         t0 = caches[0][0]
         log.info("KvfsConnector: %d layers, %s pages %s on %s (%s), page order %s", len(caches), backend,
                  tuple(t0.shape), t0.device, key, caches[0][1].kind or "irregular (a gather per element)")
-
-    def _gather(self, block_ids: list[int]) -> torch.Tensor:
-        """Blocks out of the paged cache, in canonical order: a CPU tensor (n, *layout.block_shape)."""
-        assert self._layout is not None
-        lay = self._layout
-        n = len(block_ids)
-        out = torch.empty((n, *lay.block_shape), dtype=lay.torch_dtype())
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self._caches[0][0].device)
-        for layer, (cache, order) in enumerate(self._caches):
-            order.from_pages(cache.index_select(0, idx).cpu(), out[:, layer])
-        return out
-
-    def _scatter(self, blocks: torch.Tensor, block_ids: list[int]) -> None:
-        """Blocks (n, *layout.block_shape), canonical order, into the paged cache at ``block_ids``."""
-        cache0 = self._caches[0][0]
-        idx = torch.tensor(block_ids, dtype=torch.long, device=cache0.device)
-        for layer, (cache, order) in enumerate(self._caches):
-            cache.index_copy_(0, idx, order.to_pages(blocks[:, layer]).to(cache.device))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -327,61 +352,80 @@ class KvfsConnector(KVConnectorBase_V1):
             for load in meta.loads:
                 self._load_errors.update(load.block_ids)
             return
-        for load in meta.loads:
-            good = self._load(load)
+        assert self._pages is not None
+        if not meta.loads:
+            return
+        self._pages.finish()  # the last step's copies read the staging buffer this step's reads reuse
+        bufs = self._staging_for(sum(len(load.hashes) for load in meta.loads)).split(
+            [len(load.hashes) for load in meta.loads])
+        pieces = []
+        for load, buf in zip(meta.loads, bufs):
+            loaded = self._load(load, buf)
+            good = sum(len(ids) for _, ids in loaded)
             if good < len(load.block_ids):
                 self._load_errors.update(load.block_ids[good:])
                 self._step_failed.update(load.block_ids[good:])
+            pieces += loaded
+        if pieces:
+            self._pages.start(pieces)  # per layer, on threads: wait_for_layer_load waits for its layer
 
-    def _load(self, load: Transfer) -> int:
-        """Load a request's blocks into the paged cache; how many leading blocks were loaded."""
-        assert self._layout is not None
+    def _load(self, load: Transfer, bufs: torch.Tensor) -> list[tuple[torch.Tensor, list[int]]]:
+        """Read and verify a request's runs; the verified blocks to copy into the pages, with their block
+        ids (the leading ones of ``load.block_ids``). ``bufs``: where runs are read when they cannot be
+        mapped. A run that fails verification is deleted (the recompute's save replaces it)."""
         t0 = time.perf_counter()
-        bufs = torch.empty((len(load.hashes), *self._layout.block_shape), dtype=self._layout.torch_dtype())
-        outs = list(bufs.unbind(0))
-        try:
-            ok, got = self._guard.call(lambda: self._open().get_many(load.hashes, outs), "load",
-                                       nbytes=bufs.numel() * bufs.element_size())
-        except BlockError:
-            got, ok = self._load_one_by_one(load.hashes, outs), True
+        runs = load.run_hashes()
+        outs = list(bufs.split(load.runs))
+        ok, got = self._guard.call(lambda: self._open().get_runs(runs, outs, map_local=True), "load",
+                                   nbytes=bufs.numel() * bufs.element_size())
+        if not ok:
+            self._staging = None  # a timed-out read may still land in it later: never reuse it
         t1 = time.perf_counter()
-        good = 0
-        if ok:
-            while good < len(got) and got[good] is not None:
-                good += 1
-        if good:
-            self._scatter(bufs[:good], load.block_ids[:good])
-        self._event({"event": "load", "req": load.req_id, "blocks": len(load.hashes), "loaded": good,
-                     "ok": ok, "read_s": round(t1 - t0, 4), "copy_s": round(time.perf_counter() - t1, 4)})
-        if good < len(load.hashes):
+        pieces = []  # (verified blocks, their block ids) of the leading runs that loaded
+        pos = 0  # run-space index of the current run's first block; block_ids start at load.skip
+        for hashes, read in zip(runs, got if ok else []):
+            lo, hi = max(pos, load.skip), min(pos + read.blocks, load.skip + len(load.block_ids))
+            if hi > lo:
+                pieces.append((read.data[lo - pos:hi - pos], load.block_ids[lo - load.skip:hi - load.skip]))
+            if read.error is not None:
+                log.warning("KvfsConnector: %s; deleting the run", read.error)
+                self._event({"event": "bad_block", "run": run_name(hashes), "hashes": hashes,
+                             "error": str(read.error)})
+                self._guard.call(lambda h=hashes: self._open().delete_run(h), "delete")
+            if read.blocks < len(hashes):
+                break
+            pos += len(hashes)
+        good = sum(len(ids) for _, ids in pieces)
+        self._event({"event": "load", "req": load.req_id, "blocks": len(load.block_ids), "loaded": good,
+                     "runs": len(runs), "ok": ok, "read_s": round(t1 - t0, 4)})
+        if good < len(load.block_ids):
             log.info("KvfsConnector: request %s: %d of %d blocks loaded, the rest is recomputed", load.req_id,
-                     good, len(load.hashes))
-        return good
+                     good, len(load.block_ids))
+        return pieces
 
-    def _load_one_by_one(self, hashes: list[str], outs: list[torch.Tensor]) -> list[Any]:
-        """After a batch met a bad block: load block by block up to it, and delete it (the recompute's
-        save then publishes a good one)."""
-        got: list[Any] = []
-        for h, out in zip(hashes, outs):
-            try:
-                ok, res = self._guard.call(lambda h=h, out=out: self._open().get(h, out), "load")
-            except BlockError as exc:
-                log.warning("KvfsConnector: block %s refused (%s); deleting it", h, exc)
-                self._event({"event": "bad_block", "hash": h, "error": str(exc)})
-                self._guard.call(lambda h=h: self._open().delete(h), "delete")
-                break
-            if not ok or res is None:
-                break
-            got.append(res)
-        return got
+    def _staging_for(self, blocks: int) -> torch.Tensor:
+        """A host buffer for ``blocks`` blocks, reused across loads up to STAGING_KEEP bytes: fresh memory
+        costs a page fault per 4 KiB on first touch, as much as reading the blocks."""
+        assert self._layout is not None
+        if self._staging is None or self._staging.shape[0] < blocks:
+            buf = torch.empty((blocks, *self._layout.block_shape), dtype=self._layout.torch_dtype())
+            if buf.numel() * buf.element_size() > STAGING_KEEP:
+                return buf
+            self._staging = buf
+        return self._staging[:blocks]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # start_load_kv loaded every layer of every block before the forward began
+        if self._pages is not None:
+            self._pages.wait(self._layer_index.get(layer_name, -1))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # saved whole in wait_for_save, once every layer of the step is written
 
     def wait_for_save(self) -> None:
+        if self._pages is not None:
+            copied = self._pages.finish()  # normally done: each layer was waited for before its attention
+            if copied:
+                self._event({"event": "copied", "seconds": round(copied, 4)})
         if not self.enabled or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -392,14 +436,18 @@ class KvfsConnector(KVConnectorBase_V1):
         saves = [s for s in meta.saves if not failed.intersection(s.context, s.block_ids)]
         if not saves or not self._guard.available():
             return
+        assert self._pages is not None and self._layout is not None
         t0 = time.perf_counter()
-        items: list[tuple[str, torch.Tensor]] = []
+        items: list[tuple[list[str], torch.Tensor]] = []
         for save in saves:
-            items += zip(save.hashes, self._gather(save.block_ids).unbind(0))
-        ok, published = self._guard.call(lambda: self._open().put_many(items), "save",
-                                         nbytes=len(items) * self._layout.nbytes)
-        self._event({"event": "save", "blocks": len(items), "published": sum(published) if ok else 0, "ok": ok,
-                     "seconds": round(time.perf_counter() - t0, 4)})
+            gathered = self._pages.gather(save.block_ids, self._layout.block_shape)
+            items += zip(save.run_hashes(), gathered.split(save.runs))
+        blocks = sum(len(h) for h, _ in items)
+        ok, published = self._guard.call(lambda: self._open().put_runs(items), "save",
+                                         nbytes=blocks * self._layout.nbytes)
+        self._event({"event": "save", "blocks": blocks, "runs": len(items),
+                     "published": sum(len(h) for (h, _), p in zip(items, published) if p) if ok else 0,
+                     "ok": ok, "seconds": round(time.perf_counter() - t0, 4)})
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -408,6 +456,8 @@ class KvfsConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         for closer in self._kv.take():
             self._guard.call(closer.close, "close")
+        if self._pages is not None:
+            self._pages.close()
 
 
 def _layout(kv_cache_config: KVCacheConfig, tp_rank: int, tp_size: int) -> tuple[KVLayout, list[str]] | str:

@@ -30,6 +30,7 @@ class ReadResult:
     size: int  # file size
     atime_ns: int
     payload_done: bool  # False: the payload was not read (the size was not the expected one)
+    mapped: memoryview | None = None  # read_many(map_local=True): the whole file, mapped; ``out`` untouched
 
 
 class Backend(Protocol):
@@ -56,11 +57,14 @@ class Backend(Protocol):
     def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
         """``put(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot."""
 
-    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None) -> list[ReadResult | None | OSError]:
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
+                  map_local: bool = False) -> list[ReadResult | None | OSError]:
         """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot.
         ``on_ready(i, result)``, if given, is called once per job as soon as that job's result is final,
         from whichever thread finished it, so a caller can use each block while others still read (the
-        staged GPU route starts each block's copy then). It must not raise."""
+        staged GPU route starts each block's copy then). It must not raise. ``map_local``: the backend
+        may map a file instead of reading it into ``out`` (``ReadResult.mapped``: zero-copy, verified as a
+        read is), where it can do so safely; ``out`` is then left alone."""
 
     def close(self) -> None: ...
 

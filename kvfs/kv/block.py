@@ -68,25 +68,51 @@ def _round_up(n: int, align: int) -> int:
 
 
 def encode_header(layout: KVLayout, block_hash: str, payload_checksum: int) -> bytes:
-    meta = json.dumps({"hash": block_hash, "layout": layout.to_dict(), "layout_name": layout.name,
-                       "dtype": layout.dtype, "shape": list(layout.block_shape)},
-                      sort_keys=True, separators=(",", ":")).encode()
+    return seal_header(FORMAT_VERSION, {"hash": block_hash, "layout": layout.to_dict(), "layout_name": layout.name,
+                                        "dtype": layout.dtype, "shape": list(layout.block_shape)},
+                       layout.nbytes, payload_checksum)
+
+
+def seal_header(version: int, description: dict[str, Any], payload_len: int, payload_checksum: int) -> bytes:
+    """A whole header: the fixed part, the JSON ``description``, the header's own checksum, the padding."""
+    meta = json.dumps(description, sort_keys=True, separators=(",", ":")).encode()
     header_len = _round_up(FIXED.size + len(meta), ALIGN)
-    head = FIXED.pack(MAGIC, FORMAT_VERSION, 0, header_len, len(meta), 0, layout.nbytes, payload_checksum, 0)
+    head = FIXED.pack(MAGIC, version, 0, header_len, len(meta), 0, payload_len, payload_checksum, 0)
     own = xxhash.xxh3_64_intdigest(head[:40] + meta)
     head = head[:40] + struct.pack("<Q", own)
     return head + meta + bytes(header_len - len(head) - len(meta))
 
 
-def fixed_header_len(raw: bytes | bytearray | memoryview) -> int:
-    """header_len from the first 48 bytes (to know how much more to read). Error handling: BlockError."""
+def open_header(raw: bytes | bytearray | memoryview, version: int, what: str) -> tuple[int, int, int, dict[str, Any]]:
+    """(header_len, payload_len, payload checksum, JSON description) of a header of ``version``, its own
+    checksum verified; ``what`` names the kind of file in errors. Error handling: BlockError."""
+    header_len = fixed_header_len(raw, version)
+    if len(raw) < header_len:
+        raise BlockError(f"truncated {what}: {len(raw)} bytes, header says {header_len}")
+    _m, _v, _f, _hl, meta_len, _r, payload_len, payload_sum, header_sum = FIXED.unpack_from(raw)
+    meta_raw = bytes(raw[FIXED.size:FIXED.size + meta_len])
+    if xxhash.xxh3_64_intdigest(bytes(raw[:40]) + meta_raw) != header_sum:
+        raise BlockError(f"corrupt {what}: header checksum mismatch")
+    try:
+        meta = json.loads(meta_raw)
+        if not isinstance(meta, dict):
+            raise TypeError("not an object")
+    except (ValueError, TypeError) as exc:
+        raise BlockError(f"corrupt {what} header description: {exc}") from None
+    return header_len, payload_len, payload_sum, meta
+
+
+def fixed_header_len(raw: bytes | bytearray | memoryview, want_version: int = FORMAT_VERSION) -> int:
+    """header_len from the first 48 bytes (to know how much more to read). ``want_version``: a block
+    (FORMAT_VERSION) or a run (``kvfs.kv.run``); a reader of one refuses the other. Error handling:
+    BlockError."""
     if len(raw) < FIXED.size:
         raise BlockError(f"truncated block: {len(raw)} bytes, less than the {FIXED.size}-byte fixed header")
     magic, version, _flags, header_len, meta_len, _r, _pl, _pc, _hc = FIXED.unpack_from(raw)
     if magic != MAGIC:
         raise BlockError(f"not a kvfs KV block (magic {bytes(magic)!r})")
-    if version != FORMAT_VERSION:
-        raise BlockError(f"KV block format version {version} not supported (this reader knows {FORMAT_VERSION})")
+    if version != want_version:
+        raise BlockError(f"KV block format version {version} where {want_version} was expected")
     if header_len % ALIGN or not FIXED.size + meta_len <= header_len <= MAX_HEADER:
         raise BlockError(f"corrupt KV block header (header_len {header_len}, meta_len {meta_len})")
     return int(header_len)
@@ -99,15 +125,8 @@ def parse_header(raw: bytes | bytearray | memoryview, *, layout: KVLayout | None
     Error handling: ``BlockError`` (a ValueError) for a bad magic/version/checksum, a layout or hash other
     than the expected one, or (given ``file_size``) a file shorter than header + payload.
     """
-    header_len = fixed_header_len(raw)
-    if len(raw) < header_len:
-        raise BlockError(f"truncated block: {len(raw)} bytes, header says {header_len}")
-    _m, version, _f, _hl, meta_len, _r, payload_len, payload_sum, header_sum = FIXED.unpack_from(raw)
-    meta_raw = bytes(raw[FIXED.size:FIXED.size + meta_len])
-    if xxhash.xxh3_64_intdigest(bytes(raw[:40]) + meta_raw) != header_sum:
-        raise BlockError("corrupt KV block: header checksum mismatch")
+    header_len, payload_len, payload_sum, meta = open_header(raw, FORMAT_VERSION, "KV block")
     try:
-        meta = json.loads(meta_raw)
         got_layout = KVLayout.from_dict(meta["layout"])
         shape = tuple(int(d) for d in meta["shape"])
         got_hash = str(meta["hash"])
@@ -121,7 +140,7 @@ def parse_header(raw: bytes | bytearray | memoryview, *, layout: KVLayout | None
         raise BlockError(f"KV block shape {shape} / {payload_len} bytes do not match its layout {got_layout.name}")
     if file_size is not None and file_size < header_len + payload_len:
         raise BlockError(f"truncated KV block: file has {file_size} bytes, needs {header_len + payload_len}")
-    return BlockHeader(version, header_len, payload_len, payload_sum, got_hash, got_layout, shape, got_layout.dtype)
+    return BlockHeader(FORMAT_VERSION, header_len, payload_len, payload_sum, got_hash, got_layout, shape, got_layout.dtype)
 
 
 def payload_checksum(views: Sequence[memoryview]) -> int:

@@ -34,7 +34,7 @@ import trio
 
 from kvfs import protocol as P
 from kvfs.chunkfiles import ChunkFiles
-from kvfs.chunkio import read_local_chunk
+from kvfs.chunkio import map_local_chunk, read_local_chunk
 from kvfs.kv.backend import SCRATCH, OnReady, ReadResult, copy_into, split_into
 from kvfs.tasks import open_nursery
 
@@ -50,6 +50,7 @@ class NativeBackend:
         self.concurrency = concurrency
         self._dirs: dict[str, int] = {}  # directory path -> inode
         self._one_step = True  # META_KV_PUBLISH puts; off after meta refuses one (remote-bound directory)
+        self._map_refused = False  # mlock refused once (RLIMIT_MEMLOCK without CAP_IPC_LOCK): read instead
 
     def _run(self, fn, *args):
         return self.sync.call(fn, *args)
@@ -161,11 +162,12 @@ class NativeBackend:
             raise res
         return res
 
-    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None) -> list[ReadResult | None | OSError]:
-        return self._run(self._read_many, jobs, on_ready)
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
+                  map_local: bool = False) -> list[ReadResult | None | OSError]:
+        return self._run(self._read_many, jobs, on_ready, map_local)
 
     async def _read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                         ) -> list[ReadResult | None | OSError]:
+                         map_local: bool = False) -> list[ReadResult | None | OSError]:
         if not jobs:
             return []
         # One meta round trip for every block's attributes and chunk map, then only chunk reads.
@@ -178,6 +180,12 @@ class NativeBackend:
             if on_ready is not None:
                 on_ready(i, res)
 
+        if map_local and all(len(j) == 5 for j in jobs):
+            mapped = await self._map_many_local(reply.files, jobs)
+            if mapped is not None:
+                for i, res in enumerate(mapped):
+                    settle(i, res)
+                return results
         landed = [i for i, j in enumerate(jobs) if len(j) > 5]  # kvikio route: payload read by the caller
         if len(landed) < len(jobs):
             await self._read_many_local(reply.files, jobs, settle)
@@ -319,6 +327,66 @@ class NativeBackend:
                 pass  # evicted meanwhile: recency is best effort
         return ReadResult(head, attr.size, attr.atime_ns, True)
 
+    async def _map_many_local(self, infos: list, jobs: Sequence[tuple]) -> list[ReadResult | None] | None:
+        """Every file is one chunk with a replica on this host: map the chunk files (verified, locked:
+        kvfs.chunkio.map_local_chunk) instead of copying them. None when that cannot be done (a file in
+        several chunks or not local, an odd size, a failed map or lock): the caller reads instead."""
+        if self._map_refused:
+            return None
+        plans: list = []
+        for info, (_path, expect_size, *_rest) in zip(infos, jobs):
+            if info is None:
+                plans.append(None)
+                continue
+            ref = info.chunks[0] if len(info.chunks) == 1 else None
+            if info.attr.size != expect_size or ref is None or ref.index != 0 or ref.length != expect_size:
+                return None
+            lc = self.c.local_chunk(ref)
+            if lc is None:
+                return None
+            plans.append((info.attr, lc))
+        views: list[memoryview | None] = [None] * len(plans)
+        todo = [i for i, plan in enumerate(plans) if plan is not None]
+        failed = False
+
+        def work(part: list[int]) -> None:
+            for i in part:
+                lc = plans[i][1]
+                views[i] = map_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, lc.length)
+
+        async def run(part: list[int]) -> None:
+            nonlocal failed
+            try:
+                await trio.to_thread.run_sync(work, part, limiter=self.c._io)
+            except OSError as exc:
+                failed = True
+                if exc.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+                    self._map_refused = True  # the lock limit will not grow: stop trying
+
+        per = max(1, GROUP_BYTES // max(1, jobs[0][1]))  # files per thread hop
+        async with open_nursery() as nursery:
+            for k in range(0, len(todo), per):
+                nursery.start_soon(run, todo[k:k + per])
+        if failed:
+            return None
+        results: list[ReadResult | None] = []
+        for plan, view, job in zip(plans, views, jobs):
+            if plan is None or view is None:
+                results.append(None)
+                continue
+            attr = plan[0]
+            await self._touch(attr, job[4])
+            results.append(ReadResult(view[:max(SCRATCH, job[2])], attr.size, attr.atime_ns, True, mapped=view))
+        return results
+
+    async def _touch(self, attr: P.Attr, touch_before_ns: int) -> None:
+        """Record an access (the eviction engine's recency), at most once per touch interval."""
+        if attr.atime_ns < touch_before_ns:
+            try:
+                await self.c.setattr(attr.ino, atime_ns=time.time_ns())
+            except OSError:
+                pass  # evicted meanwhile: recency is best effort
+
     async def _read_file(self, info: P.GetChunksReply | None, path: str, expect_size: int, header_len: int,
                          out: Sequence[memoryview], touch_before_ns: int) -> ReadResult | None:
         if info is None:
@@ -341,11 +409,7 @@ class NativeBackend:
             raise
         if full:
             copy_into(out, head[header_len:])  # the payload bytes that came in with the scratch read
-            if attr.atime_ns < touch_before_ns:
-                try:
-                    await self.c.setattr(attr.ino, atime_ns=time.time_ns())
-                except OSError:
-                    pass  # evicted meanwhile: recency is best effort
+            await self._touch(attr, touch_before_ns)
         return ReadResult(head, size, attr.atime_ns, full)
 
     async def _fetch_ranges(self, info: P.GetChunksReply, ranges: list[tuple[int, memoryview]]) -> None:

@@ -57,6 +57,7 @@ class PosixBackend:
         self._dirs: set[str] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kvfs-kv")
+        self._concurrency = concurrency
 
     def put(self, directory: str, name: str, header: bytes, payload: Sequence[memoryview],
             check_existing: bool) -> bool:
@@ -136,14 +137,17 @@ class PosixBackend:
         return ReadResult(memoryview(os.pread(fd, SCRATCH, 0)), st.st_size, st.st_atime_ns, False)
 
     def exists_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[bool], int]:
-        exists = [False] * len(names)
-        leading = len(names)
-        for i, name in enumerate(names):
-            exists[i] = os.path.exists(os.path.join(base, name))
-            if not exists[i] and leading == len(names):
-                leading = i
-                if leading_only:
-                    break
+        # A stat through a FUSE mount is a round trip to its daemon (and meta): several at once, in
+        # windows of the pool's size, so a leading-only lookup stops within a window of its first miss.
+        exists: list[bool] = []
+        step = self._concurrency
+        for start in range(0, len(names), step):
+            window = [os.path.join(base, n) for n in names[start:start + step]]
+            exists += self._pool.map(os.path.exists, window) if len(window) > 1 else map(os.path.exists, window)
+            if leading_only and not all(exists[start:]):
+                break
+        exists += [False] * (len(names) - len(exists))
+        leading = next((i for i, e in enumerate(exists) if not e), len(names))
         return exists, leading
 
     def remove(self, path: str) -> None:
@@ -163,7 +167,9 @@ class PosixBackend:
     def put_many(self, jobs: Sequence[tuple]) -> list[bool | OSError]:
         return self._gather(self.put, jobs)
 
-    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None) -> list[ReadResult | None | OSError]:
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
+                  map_local: bool = False) -> list[ReadResult | None | OSError]:
+        # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
         return self._gather(self.read, jobs, on_ready)
 
     def _gather(self, fn, jobs: Sequence[tuple], on_ready: OnReady | None = None) -> list:

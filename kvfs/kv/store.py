@@ -10,6 +10,10 @@ of the hash (256-way fan-out keeps directories small). The same files are reacha
 * ``KVStore("/kv/llama", layout, client=kvfs.SyncClient(meta))``: the native client library.
 * ``KVStore("/mnt/kvfs/kv/llama", layout)``: any directory (the kvfs FUSE mount) through os calls.
 
+Runs (``kvfs.kv.run``): ``put_runs``/``get_runs``/``runs_prefix`` store and load several consecutive
+blocks of one prefix as one file ``<hh>/<last hash>-<count>`` (fewer files, headers and lookups per
+prompt); ``get_runs(map_local=True)`` maps a run's local chunk instead of copying it.
+
 ``get`` reads into CPU or CUDA tensors; how a payload reaches GPU memory (kvikio straight into it, or
 staged through pinned host memory) is ``device_io`` (``kvfs.kv.device``).
 
@@ -38,17 +42,50 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Self
 
+from kvfs.chunkio import first_bad_block, packed_checksums
 from kvfs.kv.backend import Backend, ReadResult
-from kvfs.kv.block import BlockError, encode_block, encode_header, parse_header, verify_payload
+from kvfs.kv.block import BlockError, byte_view, encode_block, encode_header, parse_header, verify_payload
 from kvfs.kv.device import DeviceIO, ReadJob
 from kvfs.kv.hashing import check_hash, check_hashes
 from kvfs.kv.layout import KVLayout
+from kvfs.kv.run import encode_run_header, parse_run_header, run_header_len, run_name, run_spans
 
 STATS_XATTR = "kvfs.kv.stats."
 COUNTERS = ("get_hits", "get_misses", "lookup_hit_blocks", "lookup_miss_blocks", "puts", "puts_existing",
             "get_bytes", "put_bytes")
+
+
+@dataclass
+class RunPrefix:
+    """``KVStore.runs_prefix``'s answer: leading blocks stored, and the runs holding them (first, count)."""
+
+    blocks: int
+    runs: list[tuple[int, int]]
+
+
+@dataclass
+class RunRead:
+    """``KVStore.get_runs``'s answer per run: leading blocks verified, the error that stopped it (None: all
+    loaded, or a miss), and the tensor (the caller's ``out``, or a mapped chunk) holding them."""
+
+    blocks: int
+    error: BlockError | None
+    data: Any
+
+
+def _readonly_tensor(view: memoryview, dtype: Any, shape: Any) -> Any:
+    """A tensor over read-only bytes (a mapped chunk), never written: torch would warn that it could be."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class KVStore:
@@ -92,6 +129,8 @@ class KVStore:
         # The header is the same for every block of this layout but for the hash and checksum; its
         # length (where the payload starts) is fixed for a given hash length.
         self._header_len: dict[int, int] = {}
+        self._run_header_len: dict[tuple[int, int], int] = {}  # (blocks, hash length) -> payload offset
+        self._verify_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ paths
 
@@ -214,6 +253,136 @@ class KVStore:
         except FileNotFoundError:
             return False
 
+    # ------------------------------------------------------------------ runs (kvfs.kv.run)
+
+    def run_path(self, hashes: Sequence[str]) -> str:
+        return f"{self.dir}/{check_hash(hashes[-1])[:2]}/{run_name(hashes)}"
+
+    def put_runs(self, items: Sequence[tuple[Sequence[str], Any]]) -> list[bool]:
+        """Store runs: per item the consecutive block hashes of one prefix and one tensor of shape
+        ``(len(hashes), *layout.block_shape)``. Results and errors as for ``put_many``."""
+        jobs = []
+        for hashes, tensor in items:
+            check_hashes(hashes)
+            want = (len(hashes), *self.layout.block_shape)
+            if tuple(tensor.shape) != want or tensor.dtype != self.layout.torch_dtype():
+                raise ValueError(f"run of {len(hashes)} blocks: tensor {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"layout {self.layout.name} needs {want}")
+            view = byte_view(tensor.detach().to("cpu").contiguous())
+            header = encode_run_header(self.layout, hashes, packed_checksums(view, self.layout.nbytes))
+            path = self.run_path(hashes)
+            jobs.append((path.rpartition("/")[0], path.rpartition("/")[2], header, [view], self.check_existing))
+        results = self.backend.put_many(jobs)
+        written = [len(hashes) for (hashes, _), r in zip(items, results) if r is True]
+        self._count(puts=len(written), puts_existing=sum(r is False for r in results),
+                    put_bytes=self.layout.nbytes * sum(written))
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [bool(r) for r in results]
+
+    def get_runs(self, runs: Sequence[Sequence[str]], outs: Sequence[Any], *, map_local: bool = False) -> list[RunRead]:
+        """Load runs into contiguous CPU tensors of shape ``(len(hashes), *layout.block_shape)``; per run a
+        ``RunRead``: blocks verified from its first on, the error that stopped it, and the tensor holding
+        them. A miss is ``RunRead(0, None, out)``; a run whose header is bad loads nothing; a corrupt block
+        keeps the blocks before it. Every byte returned was checked against its block's checksum.
+
+        ``map_local``: where the native client has a run's chunk on this host, ``data`` is a read-only
+        view of the chunk file, mapped and locked in memory (``kvfs.chunkio.map_local_chunk``), instead of
+        ``out``: no copy. Keep it only as long as needed (it pins page cache). Error handling: ValueError
+        for unfit ``outs``; the first OSError is raised after every run was read."""
+        if len(outs) != len(runs):
+            raise ValueError("get_runs: one out per run")
+        touch_before = time.time_ns() - int(self.touch_interval * 1e9) if self.touch_interval >= 0 else 0
+        jobs = []
+        for hashes, out in zip(runs, outs):
+            check_hashes(hashes)
+            want = (len(hashes), *self.layout.block_shape)
+            if (tuple(out.shape) != want or out.dtype != self.layout.torch_dtype() or out.device.type != "cpu"
+                    or not out.is_contiguous()):
+                raise ValueError(f"get_runs: out {tuple(out.shape)} {out.dtype} on {out.device}, needs a "
+                                 f"contiguous CPU tensor {want} of {self.layout.dtype}")
+            key = (len(hashes), len(hashes[-1]))
+            header_len = self._run_header_len.get(key)
+            if header_len is None:
+                header_len = self._run_header_len[key] = run_header_len(self.layout, hashes)
+            jobs.append((self.run_path(hashes), header_len + len(hashes) * self.layout.nbytes, header_len,
+                         [byte_view(out)], touch_before))
+        reads = self.backend.read_many(jobs, map_local=map_local)
+        items = list(zip(runs, reads, outs, (j[2] for j in jobs)))
+        checked = list(self._verifier().map(self._check_run, items)) if len(items) > 1 else [
+            self._check_run(it) for it in items]
+        good = sum(r.blocks for r in checked)
+        self._count(get_hits=good, get_misses=sum(len(h) for h in runs) - good, get_bytes=good * self.layout.nbytes)
+        for r in reads:
+            if isinstance(r, OSError):
+                raise r
+        return checked
+
+    def _check_run(self, item: tuple[Sequence[str], Any, Any, int]) -> RunRead:
+        hashes, res, out, header_len = item
+        if res is None or isinstance(res, BaseException):
+            return RunRead(0, None, out)
+        try:
+            header = parse_run_header(res.head, self.layout, hashes, res.size)
+        except BlockError as exc:
+            return RunRead(0, exc, out)
+        if not res.payload_done:
+            return RunRead(0, BlockError(f"KV run {run_name(hashes)}: payload not read"), out)
+        if res.mapped is not None:
+            payload = res.mapped[header_len:header_len + header.payload_len]
+            data = _readonly_tensor(payload, self.layout.torch_dtype(), out.shape)
+        else:
+            payload, data = byte_view(out), out
+        bad = first_bad_block(payload, self.layout.nbytes, header.sums) if self.verify else -1
+        if bad < 0:
+            return RunRead(len(hashes), None, data)
+        return RunRead(bad, BlockError(f"corrupt KV run {run_name(hashes)}: block {bad} payload checksum mismatch"),
+                       data)
+
+    def _verifier(self) -> ThreadPoolExecutor:
+        """Threads for runs' checksums (the C helper hashes without the GIL)."""
+        with self._stats_lock:
+            if self._verify_pool is None:
+                self._verify_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                       thread_name_prefix="kvfs-kv-run")
+            return self._verify_pool
+
+    def runs_prefix(self, hashes: Sequence[str], run_blocks: int, usable: int | None = None) -> RunPrefix:
+        """How many of a prompt's blocks, from the first, are stored as runs (``kvfs.kv.run``), capped at
+        ``usable``, and the runs that hold them. ``hashes``: every full block of the prompt (a run may end
+        after ``usable``). At most two metadata round trips through the native client: the runs of the
+        prompt's own alignment (up to the first missing one), then, for that run's place, the runs that end
+        earlier (a shorter prompt's last run); through a directory, one stat per name asked."""
+        usable = len(hashes) if usable is None else min(usable, len(hashes))
+        check_hashes(hashes)
+        spans = [sp for sp in run_spans(len(hashes), run_blocks) if sp[0] < usable]
+        names = [self._run_entry(hashes[s:s + n]) for s, n in spans]
+        _, lead = self.backend.exists_many(self.dir, names, True) if names else ([], 0)
+        found = spans[:lead]
+        if lead < len(spans):
+            s, n = spans[lead]
+            shorter = [self._run_entry(hashes[s:s + k]) for k in range(1, n)]
+            exists, _ = self.backend.exists_many(self.dir, shorter, False) if shorter else ([], 0)
+            k = max((i + 1 for i, e in enumerate(exists) if e), default=0)
+            if k:
+                found.append((s, k))
+        blocks = min(usable, sum(n for _, n in found))
+        self._count(lookup_hit_blocks=blocks, lookup_miss_blocks=usable - blocks)
+        return RunPrefix(blocks, found)
+
+    @staticmethod
+    def _run_entry(hashes: Sequence[str]) -> str:
+        return f"{hashes[-1][:2]}/{run_name(hashes)}"
+
+    def delete_run(self, hashes: Sequence[str]) -> bool:
+        """Remove one run; False if it was not there."""
+        try:
+            self.backend.remove(self.run_path(hashes))
+            return True
+        except FileNotFoundError:
+            return False
+
     # ------------------------------------------------------------------ counters
 
     def _count(self, **deltas: int) -> None:
@@ -242,6 +411,8 @@ class KVStore:
         self.flush_stats()
         self.backend.close()
         self.device_io.close()
+        if self._verify_pool is not None:
+            self._verify_pool.shutdown(wait=True)
 
     def __enter__(self) -> Self:
         return self

@@ -1,0 +1,191 @@
+"""KV runs (``kvfs.kv.run``: consecutive blocks of one prefix in one file) on every backend: a local
+directory, the native client on a real cluster, the FUSE mount.
+
+Checked: runs load bit-exact, copied into the caller's tensors and (native client, chunk on this host)
+mapped instead, with the same verdicts; ``runs_prefix`` finds the same prompt, a longer one and a shorter one that
+ends where a stored run ends, to the block, and a prompt that diverges inside a run up to that run's
+start; a run is published once; a corrupt block keeps the blocks before it, a truncated run, a run of
+another layout or other blocks, and a corrupt header load nothing; block and run readers refuse each
+other's files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
+from kvfs.kv.run import run_spans
+
+LAYOUT = KVLayout("bfloat16", block_tokens=4, num_layers=2, num_kv_heads=2, head_dim=8)
+RUN = 4
+
+
+@pytest.fixture(params=["local", "native", "mount"])
+def make(request, tmp_path):
+    """make(name, layout) -> a KVStore on the chosen backend; closed after the test."""
+    made: list[KVStore] = []
+    client = None
+    test = request.node.name.replace("[", "_").replace("]", "")
+    if request.param == "local":
+        base = str(tmp_path)
+    elif request.param == "native":
+        client = request.getfixturevalue("cluster").client()
+        base = f"/kvruns/{test}"
+    else:
+        base = f"{request.getfixturevalue('mounted').mountpoint}/kvruns/{test}"
+
+    def mk(name: str, layout: KVLayout = LAYOUT) -> KVStore:
+        s = KVStore(f"{base}/{name}", layout, client=client)
+        made.append(s)
+        return s
+
+    yield mk
+    for s in made:
+        s.close()
+    if client is not None:
+        client.close()
+
+
+def blocks(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *LAYOUT.block_shape), generator=g).to(torch.bfloat16)
+
+
+def store_prompt(s: KVStore, tokens: list[int], data: torch.Tensor) -> list[str]:
+    hashes = block_hashes(tokens, LAYOUT.block_tokens)
+    s.put_runs([(hashes[a:a + n], data[a:a + n]) for a, n in run_spans(len(hashes), RUN)])
+    return hashes
+
+
+def get(s: KVStore, runs: list[list[str]], outs: list[torch.Tensor]) -> list[tuple[int, BlockError | None]]:
+    """(blocks, error) per run, read both ways (into ``outs``; mapped where the backend can), which must
+    agree: same blocks, same errors, same verified bytes."""
+    copied = s.get_runs(runs, outs)
+    mapped = s.get_runs(runs, [torch.empty_like(o) for o in outs], map_local=True)
+    for c, m in zip(copied, mapped):
+        assert (c.blocks, str(c.error)) == (m.blocks, str(m.error))
+        assert c.data is not None and torch.equal(c.data[:c.blocks], m.data[:m.blocks])
+    return [(r.blocks, r.error) for r in copied]
+
+
+def load(s: KVStore, hashes: list[str]) -> list[tuple[int, BlockError | None]]:
+    return get(s, [hashes], [torch.empty((len(hashes), *LAYOUT.block_shape), dtype=torch.bfloat16)])
+
+
+def raw_write(s: KVStore, path: str, data: bytes) -> None:
+    if s.backend.__class__.__name__ == "NativeBackend":
+        s.backend.sync.write_file(path, data)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def raw_read(s: KVStore, path: str) -> bytes:
+    if s.backend.__class__.__name__ == "NativeBackend":
+        return s.backend.sync.read_file(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_runs_roundtrip_and_prefix(make):
+    s = make("m")
+    tokens = list(range(10 * 4))  # 10 blocks: runs of 4, 4 and 2
+    data = blocks(10, 1)
+    hashes = block_hashes(tokens, 4)
+    assert s.runs_prefix(hashes, RUN).blocks == 0
+    assert store_prompt(s, tokens, data) == hashes
+    assert s.put_runs([(hashes[:4], data[:4])]) == [False]  # already there: not rewritten
+    found = s.runs_prefix(hashes, RUN)
+    assert (found.blocks, found.runs) == (10, [(0, 4), (4, 4), (8, 2)])
+    assert s.runs_prefix(hashes, RUN, usable=9).blocks == 9
+    outs = [torch.empty((n, *LAYOUT.block_shape), dtype=torch.bfloat16) for _, n in found.runs]
+    assert get(s, [hashes[a:a + n] for a, n in found.runs], outs) == [(4, None), (4, None), (2, None)]
+    assert torch.equal(torch.cat(outs), data)
+    mapped = s.get_runs([hashes[:4]], [torch.empty_like(outs[0])], map_local=True)[0].data
+    assert torch.equal(mapped, data[:4])
+    if s.backend.__class__.__name__ == "NativeBackend":  # one chunk, on this host: mapped, not copied
+        assert mapped.data_ptr() != outs[0].data_ptr() and not mapped.untyped_storage().resizable()
+    # A longer prompt finds every block of the stored one, a shorter one those up to its last full run.
+    assert s.runs_prefix(block_hashes(tokens + [7] * 12, 4), RUN).blocks == 10
+    assert s.runs_prefix(hashes[:8], RUN).blocks == 8
+    assert s.runs_prefix(hashes[:7], RUN).blocks == 4
+    # A prompt that diverges inside a run finds the runs before it only ...
+    diverging = tokens[:6 * 4] + [999] * 8  # blocks 0-5 shared, then other tokens
+    assert s.runs_prefix(block_hashes(diverging, 4), RUN).blocks == 4
+    # ... unless a run ends where it diverges (here: a stored 6-block prompt's last run).
+    store_prompt(s, tokens[:6 * 4], data[:6])
+    assert s.runs_prefix(block_hashes(diverging, 4), RUN).runs == [(0, 4), (4, 2)]
+    assert s.runs_prefix(hashes[:3] + block_hashes([1] * 16, 4)[3:], RUN).blocks == 0
+    assert s.delete_run(hashes[8:10]) and not s.delete_run(hashes[8:10])
+    assert s.runs_prefix(hashes, RUN).blocks == 8
+
+
+def test_bad_runs_are_refused(make):
+    s = make("m")
+    tokens = list(range(8 * 4))
+    data = blocks(8, 2)
+    hashes = store_prompt(s, tokens, data)
+    first, second = hashes[:4], hashes[4:]
+    good = raw_read(s, s.run_path(first))
+    # A corrupt block: the blocks before it load, verified; it and the rest do not.
+    bad = bytearray(good)
+    bad[len(bad) - 2 * LAYOUT.nbytes + 5] ^= 0xFF  # in block 2 of 4
+    raw_write(s, s.run_path(first), bytes(bad))
+    out = torch.empty((4, *LAYOUT.block_shape), dtype=torch.bfloat16)
+    [(n, err)] = get(s, [first], [out])
+    assert n == 2 and "block 2 payload checksum" in str(err)
+    assert torch.equal(out[:2], data[:2])
+    # Truncated, corrupt header, another run's blocks at this name, another layout: nothing loads.
+    raw_write(s, s.run_path(first), good[:-100])
+    assert load(s, first)[0][0] == 0 and "truncated" in str(load(s, first)[0][1])
+    header = bytearray(good)
+    header[60] ^= 0xFF
+    raw_write(s, s.run_path(first), bytes(header))
+    assert "header checksum" in str(load(s, first)[0][1])
+    raw_write(s, s.run_path(first), raw_read(s, s.run_path(second)))
+    assert "holds other blocks" in str(load(s, first)[0][1])
+    other = make("m", KVLayout("bfloat16", block_tokens=4, num_layers=2, num_kv_heads=4, head_dim=4))  # same bytes
+    os_dir = other.run_path(second).rpartition("/")[0]
+    if s.backend.__class__.__name__ == "NativeBackend":
+        s.backend.sync.mkdir(os_dir, parents=True, exist_ok=True)
+    else:
+        os.makedirs(os_dir, exist_ok=True)
+    raw_write(s, other.run_path(second), raw_read(s, s.run_path(second)))
+    [(n, err)] = get(other, [second], [torch.empty((4, *other.layout.block_shape), dtype=torch.bfloat16)])
+    assert n == 0 and "layout" in str(err)
+    # Block and run readers refuse each other's files.
+    raw_write(s, s.path(hashes[7]), raw_read(s, s.run_path(second)))
+    with pytest.raises(BlockError, match="version 2"):
+        s.get(hashes[7])
+    s.put(hashes[3], data[3])
+    raw_write(s, s.run_path(first), raw_read(s, s.path(hashes[3])))
+    assert "version 1" in str(load(s, first)[0][1])
+    # A miss is (0, None); the good run still loads.
+    assert load(s, block_hashes([5] * 8, 4)) == [(0, None)]
+    assert load(s, second) == [(4, None)]
+
+
+def test_mapping_falls_back_to_reads_when_the_lock_is_refused(cluster, monkeypatch):
+    """Without CAP_IPC_LOCK, mlock is bounded by RLIMIT_MEMLOCK (often 8 MiB): a refused lock makes the
+    native client read runs into the caller's tensors instead, then and from then on."""
+    import ctypes
+    import errno
+
+    from kvfs import chunkio
+
+    class NoLock:
+        def mlock(self, *args):
+            ctypes.set_errno(errno.ENOMEM)
+            return -1
+
+    with cluster.client() as client, KVStore("/kvruns/refused", LAYOUT, client=client) as s:
+        data = blocks(4, 3)
+        hashes = store_prompt(s, list(range(16)), data)
+        monkeypatch.setattr(chunkio, "_libc", NoLock())
+        out = torch.empty_like(data)
+        [read] = s.get_runs([hashes], [out], map_local=True)
+        assert (read.blocks, read.error) == (4, None) and read.data is out and torch.equal(out, data)
+        assert s.backend._map_refused
