@@ -4,7 +4,8 @@ A reader that finds a checksum mismatch reports the chunk and the server it read
 report alone would let any client (or tenant) delete replicas of any chunk, so meta asks that server
 to re-read its copy against its stored block checksums (CHUNK_VERIFY, meta's role only) and drops the
 replica only when the server confirms it is bad or missing; the replicator then copies the chunk
-again from a good holder. A server that cannot be reached keeps its replica: if it stays down, the
+again from a good holder. The only copy of a chunk is never dropped: it stays, so the blocks that are
+still good can be read (reads of the bad ones fail with EIO). A server that cannot be reached keeps its replica: if it stays down, the
 dead-server handling (meta/replication.py) applies.
 
 Reports are checked one at a time from a bounded queue, each (chunk, server) once while queued, so a
@@ -37,6 +38,7 @@ class BadChunkChecks:
         self._queued: set[tuple[int, int]] = set()
         self.confirmed = 0  # replicas dropped
         self.refuted = 0  # reports whose copy checked out fine
+        self.kept_last = 0  # confirmed bad, but kept: no other copy anywhere
 
     def report(self, req: P.ReportBadChunk, who: str) -> None:
         """Queue a check of the copy ``req`` names (nothing when meta knows no such copy)."""
@@ -73,6 +75,13 @@ class BadChunkChecks:
             log.warning("chunk %x on %s checked out fine: bad-chunk report ignored", chunk_id, address)
             return
         self.confirmed += 1
+        if not any(other != sid for other in self.registry.locations.get(chunk_id, ())):
+            # The only copy: dropping it would lose its good blocks too (and there is nothing to copy it
+            # from). Kept: reads of its bad blocks fail with EIO, the rest stay readable.
+            self.kept_last += 1
+            log.error("chunk %x on %s confirmed bad (%s), but it is the only copy: kept, so its good "
+                      "blocks stay readable", chunk_id, address, reply.reason)
+            return
         log.warning("chunk %x on %s confirmed bad (%s): replica dropped, re-replicating", chunk_id, address,
                     reply.reason)
         self.registry.drop_replica(chunk_id, sid)
