@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read-threads", type=int, default=8, help="ClientOptions.read_threads for kvfs-tcp")
     p.add_argument("--out", default=".")
     p.add_argument("--load-threads", type=int, default=0, help="LoadOptions.threads (0: its default)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after the timed reps, one more load per source under py-spy (this process and the "
+                        "kvfs services; collapsed stacks, bench/profile_top.py summarises them)")
     p.add_argument("--cold", action="store_true",
                    help="sync and drop the page cache before every timed load; adds the 'disk' row")
     args = p.parse_args(argv)
@@ -196,6 +199,21 @@ def main(argv: list[str] | None = None) -> int:
                        "cpu_s_per_GB": cpu / (total / 1e9), "bytes": total, "device": args.device}
                 rows[s].append(row)
                 say(json.dumps(row))
+        if args.profile:
+            from pyspy import profiled
+
+            spied = {"client": os.getpid(), "meta": cluster.meta.popen.pid}
+            spied.update({f"cs{i}": srv.popen.pid for i, srv in enumerate(cluster.servers)})
+            for s in sources:
+                if s == "disk":
+                    continue
+                with profiled(spied, s, args.profile):
+                    for _ in range(2):
+                        del_me = load(s)
+                        if args.device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        del del_me
+            say(f"profiles in {args.profile}")
         best = {s: max(r["GBps"] for r in v) for s, v in rows.items()}
         lines = ["| source | best GB/s | vs local | CPU s/GB (best rep) |", "|---|---|---|---|"]
         for s, v in rows.items():

@@ -33,7 +33,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ sys.path.insert(0, HERE)
 
 from cluster import Cluster, is_mounted, wait_for  # noqa: E402
 from mdsection import write_section  # noqa: E402
+from pyspy import profiled as profile_pids  # noqa: E402
 
 from kvfs.config import format_size, parse_size  # noqa: E402
 
@@ -164,29 +164,9 @@ def kvfs_target(root: str, name: str, *, chunkservers: int, replication: int, ch
 # --------------------------------------------------------------------------- profiling
 
 
-@contextmanager
-def profiled(target: Target, phase: str, out_dir: str | None) -> Iterator[None]:
+def profiled(target: Target, phase: str, out_dir: str | None):
     """py-spy on every kvfs process of ``target`` for the duration of one phase (collapsed stacks)."""
-    if out_dir is None or not target.pids:
-        yield
-        return
-    spies = []
-    for proc, pid in target.pids.items():
-        out = os.path.join(out_dir, f"{proc}-{phase}.txt")
-        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--threads",
-               "--format", "raw", "--output", out]
-        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    time.sleep(1.0)  # let py-spy attach before the phase starts
-    try:
-        yield
-    finally:
-        for spy in spies:
-            spy.send_signal(signal.SIGINT)
-        for spy in spies:
-            try:
-                spy.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
+    return profile_pids(target.pids, phase, out_dir)
 
 
 # --------------------------------------------------------------------------- workloads
