@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="DIR",
                    help="after the timed reps, one more load per source under py-spy (this process and the "
                         "kvfs services; collapsed stacks, bench/profile_top.py summarises them)")
+    p.add_argument("--profile-native", action="store_true", help="--profile with C frames (py-spy --native)")
     p.add_argument("--cold", action="store_true",
                    help="sync and drop the page cache before every timed load; adds the 'disk' row")
     args = p.parse_args(argv)
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in sources:
                 if s == "disk":
                     continue
-                with profiled(spied, s, args.profile):
+                with profiled(spied, s, args.profile, native=args.profile_native):
                     for _ in range(2):
                         del_me = load(s)
                         if args.device.startswith("cuda"):

@@ -27,8 +27,10 @@ def pyspy_binary() -> str:
 
 
 @contextmanager
-def profiled(pids: dict[str, int], phase: str, out_dir: str | None, rate: int = 250) -> Iterator[None]:
-    """Sample every process in ``pids`` while the block runs; one ``<name>-<phase>.txt`` per process."""
+def profiled(pids: dict[str, int], phase: str, out_dir: str | None, rate: int = 250,
+             native: bool = False) -> Iterator[None]:
+    """Sample every process in ``pids`` while the block runs; one ``<name>-<phase>.txt`` per process.
+    ``native``: C frames too (py-spy then pauses the process for each sample: slower, and it skews)."""
     if out_dir is None or not pids:
         yield
         return
@@ -37,8 +39,8 @@ def profiled(pids: dict[str, int], phase: str, out_dir: str | None, rate: int = 
     spies = []
     for name, pid in pids.items():
         out = os.path.join(out_dir, f"{name}-{phase}.txt")
-        cmd = [binary, "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking", "--threads",
-               "--format", "raw", "--output", out]
+        cmd = [binary, "record", "--pid", str(pid), "--rate", str(rate), "--threads",
+               "--format", "raw", "--output", out] + (["--native"] if native else ["--nonblocking"])
         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # let py-spy attach before the phase starts
     try:
