@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(f.stat().st_size for f in files)
     say(f"model: {len(files)} files, {total / 1e9:.2f} GB in {model}; device {args.device}; "
         f"{os.cpu_count()} CPUs; kvfs chunk size {args.chunk_size}")
-    cluster = Cluster(str(model.parent / f"kvfs-cluster-{args.chunk_size}"), chunkservers=args.chunkservers,
+    cluster_dir = model.parent / f"kvfs-cluster-{args.chunk_size}"
+    shutil.rmtree(cluster_dir, ignore_errors=True)  # a fresh cluster: no data from an earlier run or version
+    cluster = Cluster(str(cluster_dir), chunkservers=args.chunkservers,
                       replication=1, chunk_size=args.chunk_size, chunkserver_args=("--fsync", "never"))
     cluster.start()
     pids = [cluster.meta.popen.pid] + [s.popen.pid for s in cluster.servers]

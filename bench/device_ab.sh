@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A/B on the GPU host: install several kvfs trees side by side and run one benchmark against each, in
+# one run, so the "before" and "after" rows share the machine (its run-to-run noise is large).
+#
+#   bench/device_ab.sh OUT WHEELS TREE... -- BENCH_SCRIPT ARGS...
+#
+# WHEELS: a folder of the dependency wheels (trio, msgspec, rocksdict, kvikio...), installed once.
+# TREE: a kvfs checkout (the repo itself, or a copy of another commit: `git worktree add` or `git archive`);
+# each is installed (named after its folder) with `pip install --no-deps --target /tmp/ab/<name>` and its results land in
+# OUT/<name>/. BENCH_SCRIPT is a path relative to a tree (bench/gpu_kv.py): each tree runs its own copy.
+# ARGS may use {out} for that tree's output folder. Runs from /tmp so no source tree shadows the install.
+set -uo pipefail
+PY=${PYTHON:-python3}  # the interpreter that has torch
+out=$1 wheels=$2
+shift 2
+trees=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do trees+=("$(cd "$1" && pwd)") || exit 2; shift; done
+[ $# -gt 0 ] && shift
+script=$1
+shift
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ab/deps \
+  "$wheels"/*.whl || exit 1
+for tree in "${trees[@]}"; do
+  name=$(basename "$tree")
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+    --target "/tmp/ab/$name" "$tree" || exit 1
+done
+for tree in "${trees[@]}"; do
+  name=$(basename "$tree")
+  mkdir -p "$out/$name"
+  args=("${@//\{out\}/$out/$name}")
+  echo "=== $name: $script ${args[*]}"
+  (cd /tmp && PYTHONPATH="/tmp/ab/$name:/tmp/ab/deps" PATH="/tmp/ab/deps/bin:$PATH" PYTHONUNBUFFERED=1 \
+    "$PY" "$tree/$script" "${args[@]}" 2>&1 | tee "$out/$name/stdout.txt" | tail -25)
+done
