@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
 from mdsection import command_line, run_facts, write_section
+from pyspy import profiled
 from run import bdi_file, bindfs_target, drop_caches, kvfs_target, local_target, set_readahead
 
 from kvfs.config import parse_size
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--record", metavar="MD")
     p.add_argument("--no-bindfs-ra", action="store_true", help="leave out bindfs with kvfs's readahead")
+    p.add_argument("--profile", metavar="DIR", help="py-spy the kvfs processes during their dd rounds "
+                                                    "(collapsed stacks; bench/profile_top.py summarises them)")
     args = p.parse_args(argv)
     size = parse_size(args.size)
     rows: dict[str, list[float]] = {}
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 set_readahead(targets[2].path, int(f.read()))
         for r in range(args.repeat):
             for t in (targets if r % 2 == 0 else targets[::-1]):
-                mbs, cpu_gb = dd_read(os.path.join(t.path, "f"), pids[t.name])
+                with profiled(t.pids if t.name == "kvfs" else {}, f"dd{r}", args.profile):
+                    mbs, cpu_gb = dd_read(os.path.join(t.path, "f"), pids[t.name])
                 rows.setdefault(t.name, []).append(mbs)
                 if cpu_gb is not None:
                     cpu.setdefault(t.name, []).append(cpu_gb)
