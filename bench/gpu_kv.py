@@ -13,6 +13,7 @@ source blocks on the GPU, then loads every block into preallocated ``cuda:0`` te
 * ``staged``: ``KVStore(device_io="staged")``: payload into pinned staging, xxh3-verified, async copy;
 * ``host+copy``: the pre-existing way: ``KVStore.get`` into a pinned CPU tensor (verified), then
   ``gpu.copy_(pinned, non_blocking=True)`` and a synchronize;
+* ``host`` (``--device cpu`` only): ``KVStore.get_many`` straight into the CPU ``out`` tensors (verified);
 * ``baseline``: no kvfs: ``os.preadv`` of the whole file into a pinned buffer, then ``.cuda()`` of the
   payload (a new device tensor; nothing checked);
 * ``kvikio-raw``: no kvfs, kvikio alone: ``CuFile(path).pread`` of the payload into the tensor (nothing
@@ -138,7 +139,7 @@ def run_method(name: str, store: KVStore, hashes: list[str], src: torch.Tensor, 
     got_base: list[torch.Tensor | None] = [None] * n  # baseline's results (new tensors)
 
     def load(idx: list[int]) -> None:
-        if name in ("kvikio", "staged"):
+        if name in ("kvikio", "staged", "host"):
             res = store.get_many([hashes[i] for i in idx], [outs[i] for i in idx])
             assert all(r is not None for r in res)
         elif name == "kvikio-raw":
@@ -241,7 +242,7 @@ def bench_size(nbytes: int, args: argparse.Namespace, emit, client: Any = None, 
     outs = torch.empty_like(src)
     ok = True
     kvikio_ok = dev.type == "cuda" and kvikio_available()  # native: kvikio reads the chunk files
-    methods = (["kvikio"] if kvikio_ok else []) + ["staged", "host+copy"]
+    methods = (["kvikio"] if kvikio_ok else []) + ["staged", "host+copy"] + (["host"] if dev.type == "cpu" else [])
     methods += (["baseline"] if client is None else []) + (["kvikio-raw"] if kvikio_ok and client is None else [])
     for name in methods:
         device_io = name if name in ("kvikio", "staged") else "auto"  # (raw methods only use its paths)
@@ -273,6 +274,23 @@ def ceilings(emit) -> None:
     emit({"ceiling": "pinned H2D copy, 256 MiB x 8", "GBps": round(8 * 256 * MiB / (time.perf_counter() - t0) / 1e9, 2)})
 
 
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each native row's GB/s over the local store's baseline rows of the same block size: the batched
+    baseline (a pool of ``--batch`` threads) and the single one (a plain one-thread loop)."""
+    base = {(r["block_bytes"], r["mode"]): r["GBps"] for r in rows
+            if r.get("method") == "baseline" and r.get("cache") == "warm"}
+    out = []
+    for r in rows:
+        if r.get("backend") != "native" or r.get("cache") != "warm" or r["mode"] != "batch":
+            continue
+        pool, loop = base.get((r["block_bytes"], "batch")), base.get((r["block_bytes"], "single"))
+        if pool and loop:
+            out.append({"ratio": f"native {r['method']} get_many({r['batch']}) / local baseline",
+                        "block_bytes": r["block_bytes"], "GBps": r["GBps"], "vs_baseline_pool": round(r["GBps"] / pool, 2),
+                        "vs_baseline_loop": round(r["GBps"] / loop, 2)})
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| backend | block | method | calls | cache | GB/s | p50 ms | p99 ms | bit-exact |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -296,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="also one batched pass per method after drop_caches")
     p.add_argument("--native", action="store_true", help="also a real meta + chunkserver, native backend")
     p.add_argument("--native-gib", type=float, default=0.5, help="GiB of blocks per size through the client")
-    p.add_argument("--device", default="cuda:0", help="cuda:N; 'cpu' only dry-runs this script (staged route)")
+    p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu: CPU tensors as the destination (no GPU)")
     args = p.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -349,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cluster.stop()
             subprocess.run(["rm", "-rf", work], check=False)
+    for row in ratios(rows):
+        emit(row)
     text = table(rows)
     print(text)
     log.write(text + "\n")
