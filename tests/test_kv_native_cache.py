@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch
 
-from kvfs.chunkserver.store import chunk_path
+from kvfs.chunkserver.store import SUM_SUFFIX, chunk_path
 from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
 from kvfs.kv import native_cached
 
@@ -99,8 +99,9 @@ def test_cached_maps_read_the_same_bytes(cluster, monkeypatch, layout, device_io
 
 def test_reput_by_another_client_is_never_served_from_the_old_chunks(cluster):
     """Client A caches a block's map; client B deletes the block and puts other bytes under the same
-    hash. The old chunk files are still on disk (meta deletes them lazily), and their checksums still
-    match, so reading A's cached map alone would return the old bytes: A must get the new ones. Then B
+    hash. The old chunk files are still on disk (meta deletes them lazily; put back if the deletion
+    came first), and their checksums still match, so reading A's cached map alone would return the old
+    bytes: A must get the new ones. Then B
     deletes it again: A gets a miss."""
     with cluster.client() as a, cluster.client() as b:
         sa = KVStore("/kvcache/reput", MID, client=a)
@@ -110,11 +111,18 @@ def test_reput_by_another_client_is_never_served_from_the_old_chunks(cluster):
         assert not torch.equal(old, new)
         sb.put(h, old)
         assert torch.equal(sa.get(h), old)
-        old_files = chunk_files(a, sa, h)
+        old_files = {}
+        for path in chunk_files(a, sa, h):
+            for p in (path, path + SUM_SUFFIX):
+                with open(p, "rb") as f:
+                    old_files[p] = f.read()
         assert len(sa.backend._cached.cache) == 1
         assert sb.delete(h)
         assert sb.put(h, new)
-        assert all(os.path.exists(p) for p in old_files), "the old chunks are gone: the test proves nothing"
+        for p, data in old_files.items():  # as long as the lazy deletion has not reached them (if it has)
+            if not os.path.exists(p):
+                with open(p, "wb") as f:
+                    f.write(data)
         assert torch.equal(sa.get(h), new)
         assert torch.equal(sa.get_many([h])[0], new)
         assert sb.delete(h)

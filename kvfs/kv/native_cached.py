@@ -33,6 +33,7 @@ every block's slot not already settled; a block never settles on bytes meta did 
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -183,7 +184,8 @@ class CachedReads:
     def __init__(self, backend: Any, threads: int):
         self.backend = backend
         self.cache = ChunkMapCache()
-        self.threads = max(1, threads)
+        # Reads are bound by memory bandwidth and the GIL hand-offs between them: no more threads than cores.
+        self.threads = max(1, min(threads, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kvfs-kv-read")
         self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvfs-kv-validate")
 
@@ -326,6 +328,7 @@ class CachedReads:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._validator.shutdown(wait=True)
+
 
 
 def _slice(views: list[memoryview], offset: int, length: int) -> list[memoryview]:
