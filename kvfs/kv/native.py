@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ from kvfs.kv.backend import SCRATCH, OnReady, ReadResult, copy_into, split_into
 from kvfs.kv.native_cached import CachedReads
 from kvfs.tasks import open_nursery
 
-GROUP_BYTES = 8 << 20  # short-circuit reads handed to one worker thread at a time (see _read_local)
+GROUP_BYTES = 8 << 20  # map_local: about this many bytes of files mapped per worker-thread hop
 
 RENAME_NOREPLACE = 1
 
