@@ -13,6 +13,7 @@ source blocks on the GPU, then loads every block into preallocated ``cuda:0`` te
 * ``staged``: ``KVStore(device_io="staged")``: payload into pinned staging, xxh3-verified, async copy;
 * ``host+copy``: the pre-existing way: ``KVStore.get`` into a pinned CPU tensor (verified), then
   ``gpu.copy_(pinned, non_blocking=True)`` and a synchronize;
+* ``host`` (``--device cpu`` only): ``KVStore.get_many`` straight into the CPU ``out`` tensors (verified);
 * ``baseline``: no kvfs: ``os.preadv`` of the whole file into a pinned buffer, then ``.cuda()`` of the
   payload (a new device tensor; nothing checked);
 * ``kvikio-raw``: no kvfs, kvikio alone: ``CuFile(path).pread`` of the payload into the tensor (nothing
@@ -34,6 +35,10 @@ them: ``ln -s ../meta kvfs/meta`` etc.) and imports pyfuse3 (through ``kvfs.moun
 pyfuse3 is missing (it has no wheel; the device machine has no FUSE), a stub module with ``Operations``,
 ``FUSEError`` and ``default_options`` is enough for meta and chunkservers (docs/benchmarks.md has the
 command).
+
+Each row also has the CPU seconds per GB of the best pass: this process's plus, in the native section,
+the kvfs services' (meta and the chunkserver, from /proc). Ratio rows at the end: each native batched
+row over the local store's baseline rows (batched, and single: the plain one-thread loop).
 
 Output: ``results.json`` (one object per measurement, plus machine info) and ``log.txt`` (a table).
 Benchmarks are not tests: nothing here asserts on time; a bit-exactness failure exits 1.
@@ -69,6 +74,24 @@ LAYOUTS = {  # as bench/bench_kv.py: bf16, 32 layers, 8 KV heads, head dim 128 (
     2 * MiB: "bf16-t16-l32-h8-d128-tp0of1",
     32 * MiB: "bf16-t256-l32-h8-d128-tp0of1",
 }
+
+
+SERVICE_PIDS: list[int] = []  # the kvfs services' processes while the native section runs
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of the kvfs services (meta, chunkservers)."""
+    t = os.times()
+    total = t.user + t.system
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in SERVICE_PIDS:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -138,7 +161,7 @@ def run_method(name: str, store: KVStore, hashes: list[str], src: torch.Tensor, 
     got_base: list[torch.Tensor | None] = [None] * n  # baseline's results (new tensors)
 
     def load(idx: list[int]) -> None:
-        if name in ("kvikio", "staged"):
+        if name in ("kvikio", "staged", "host"):
             res = store.get_many([hashes[i] for i in idx], [outs[i] for i in idx])
             assert all(r is not None for r in res)
         elif name == "kvikio-raw":
@@ -175,13 +198,14 @@ def run_method(name: str, store: KVStore, hashes: list[str], src: torch.Tensor, 
         groups = [[i] for i in range(n)] if mode == "single" else [list(range(i, min(n, i + batch)))
                                                                      for i in range(0, n, batch)]
         lat = []
+        c0 = cpu_seconds()
         t0 = time.perf_counter()
         for g in groups:
             s = time.perf_counter()
             load(g)
             lat.append(time.perf_counter() - s)
         wall = time.perf_counter() - t0
-        return {"wall": wall, "lat": lat, "ok": check()}
+        return {"wall": wall, "lat": lat, "cpu": cpu_seconds() - c0, "ok": check()}
 
     rows = []
     load(list(range(min(n, batch))))  # warm-up: pinned/staging buffers, kvikio threads, CUDA streams
@@ -192,12 +216,14 @@ def run_method(name: str, store: KVStore, hashes: list[str], src: torch.Tensor, 
         rows.append({"method": name, "mode": mode, "cache": "warm", "blocks": n, "block_bytes": nbytes,
                      "batch": 1 if mode == "single" else batch, "GBps": round(n * nbytes / best["wall"] / 1e9, 2),
                      "p50_ms": round(pct(best["lat"], 50) * 1e3, 3), "p99_ms": round(pct(best["lat"], 99) * 1e3, 3),
+                     "cpu_s_per_GB": round(best["cpu"] / (n * nbytes / 1e9), 3),
                      "walls": [round(p["wall"], 4) for p in passes], "bit_exact": all(p["ok"] for p in passes)})
     if cold and drop_caches():
         p = one_pass("batch")
         rows.append({"method": name, "mode": "batch", "cache": "cold", "blocks": n, "block_bytes": nbytes,
                      "batch": batch, "GBps": round(n * nbytes / p["wall"] / 1e9, 2),
                      "p50_ms": round(pct(p["lat"], 50) * 1e3, 3), "p99_ms": round(pct(p["lat"], 99) * 1e3, 3),
+                     "cpu_s_per_GB": round(p["cpu"] / (n * nbytes / 1e9), 3),
                      "walls": [round(p["wall"], 4)], "bit_exact": p["ok"]})
     if pool is not None:
         pool.shutdown()
@@ -241,7 +267,7 @@ def bench_size(nbytes: int, args: argparse.Namespace, emit, client: Any = None, 
     outs = torch.empty_like(src)
     ok = True
     kvikio_ok = dev.type == "cuda" and kvikio_available()  # native: kvikio reads the chunk files
-    methods = (["kvikio"] if kvikio_ok else []) + ["staged", "host+copy"]
+    methods = (["kvikio"] if kvikio_ok else []) + ["staged", "host+copy"] + (["host"] if dev.type == "cpu" else [])
     methods += (["baseline"] if client is None else []) + (["kvikio-raw"] if kvikio_ok and client is None else [])
     for name in methods:
         device_io = name if name in ("kvikio", "staged") else "auto"  # (raw methods only use its paths)
@@ -273,15 +299,33 @@ def ceilings(emit) -> None:
     emit({"ceiling": "pinned H2D copy, 256 MiB x 8", "GBps": round(8 * 256 * MiB / (time.perf_counter() - t0) / 1e9, 2)})
 
 
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each native row's GB/s over the local store's baseline rows of the same block size: the batched
+    baseline (a pool of ``--batch`` threads) and the single one (a plain one-thread loop)."""
+    base = {(r["block_bytes"], r["mode"]): r["GBps"] for r in rows
+            if r.get("method") == "baseline" and r.get("cache") == "warm"}
+    out = []
+    for r in rows:
+        if r.get("backend") != "native" or r.get("cache") != "warm" or r["mode"] != "batch":
+            continue
+        pool, loop = base.get((r["block_bytes"], "batch")), base.get((r["block_bytes"], "single"))
+        if pool and loop:
+            out.append({"ratio": f"native {r['method']} get_many({r['batch']}) / local baseline",
+                        "block_bytes": r["block_bytes"], "GBps": r["GBps"], "vs_baseline_pool": round(r["GBps"] / pool, 2),
+                        "vs_baseline_loop": round(r["GBps"] / loop, 2)})
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| backend | block | method | calls | cache | GB/s | p50 ms | p99 ms | bit-exact |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | block | method | calls | cache | GB/s | p50 ms | p99 ms | CPU s/GB | bit-exact |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "method" not in r:
             continue
         calls = "get (1 block)" if r["batch"] == 1 else f"get_many ({r['batch']} blocks)"
         lines.append(f"| {r['backend']} | {r['block_bytes'] // MiB} MiB | {r['method']} | {calls} | {r['cache']} | "
-                     f"{r['GBps']} | {r['p50_ms']} | {r['p99_ms']} | {'yes' if r['bit_exact'] else 'NO'} |")
+                     f"{r['GBps']} | {r['p50_ms']} | {r['p99_ms']} | {r.get('cpu_s_per_GB', '')} | "
+                     f"{'yes' if r['bit_exact'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -296,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="also one batched pass per method after drop_caches")
     p.add_argument("--native", action="store_true", help="also a real meta + chunkserver, native backend")
     p.add_argument("--native-gib", type=float, default=0.5, help="GiB of blocks per size through the client")
-    p.add_argument("--device", default="cuda:0", help="cuda:N; 'cpu' only dry-runs this script (staged route)")
+    p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu: CPU tensors as the destination (no GPU)")
     args = p.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -339,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                           chunkserver_args=("--fsync", "never"))
         try:
             cluster.start()
+            SERVICE_PIDS[:] = [p.popen.pid for p in [cluster.meta, *cluster.servers] if p is not None and p.popen]
             with cluster.client(timeout=60.0) as client:
                 for nbytes in sizes:
                     ok &= bench_size(nbytes, args, emit, client=client, root=f"/kv/gpu-{nbytes // MiB}M",
@@ -349,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cluster.stop()
             subprocess.run(["rm", "-rf", work], check=False)
+    for row in ratios(rows):
+        emit(row)
     text = table(rows)
     print(text)
     log.write(text + "\n")

@@ -316,15 +316,7 @@ def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offse
         try:
             if _PREADV_VERIFY is not None and not nowait:
                 # The common case: read and check in one call without the GIL (kvfs/_blockhash.c).
-                got, bad = _PREADV_VERIFY(fd, start, iov, raw, BLOCK)
-                # It stops reading at a bad block; a short last block is a short file, not corruption.
-                if got < want and not 0 <= bad < got // BLOCK:
-                    raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
-                if bad >= len(raw) // 8:
-                    raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: data not covered by checksums")
-                if bad >= 0:
-                    raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: checksum mismatch at block "
-                                                   f"{start // BLOCK + bad} (corrupt replica)")
+                _check_verified_read(*_PREADV_VERIFY(fd, start, iov, raw, BLOCK), want, raw, chunk_id, where, start)
                 return
             got, pos, rest = 0, start, iov
             while rest:  # preadv may stop short (signals); continue after what arrived
@@ -344,6 +336,41 @@ def read_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, offse
     finally:
         if files is None:
             os.close(fd)
+
+
+def read_chunk_start(path: str, sums_path: str, chunk_id: int, where: str, dests: list[memoryview],
+                     sums: bytes | None = None) -> bytes:
+    """Read chunk bytes [0, sum(len(dests))) of the chunk file at ``path`` into ``dests``, verified: one
+    C call that reads and hashes without the GIL (``read_local_chunk`` where the extension lacks it).
+    ``sums``: the chunk's checksums as returned by an earlier call (a chunk's checksums never change),
+    else they are read from ``sums_path``. Returns the checksums it used, for the caller to keep.
+    Errors as ``read_local_chunk``."""
+    want = sum(len(d) for d in dests)
+    if sums is None:
+        sums = _read_sums(sums_path, 0, (want + BLOCK - 1) // BLOCK * 8, 0)
+    if _PREADV_VERIFY is None:
+        read_local_chunk(path, sums_path, chunk_id, where, 0, dests)
+        return sums
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        got, bad = _PREADV_VERIFY(fd, 0, dests, sums, BLOCK)
+    finally:
+        os.close(fd)
+    _check_verified_read(got, bad, want, sums, chunk_id, where, 0)
+    return sums
+
+
+def _check_verified_read(got: int, bad: int, want: int, sums: bytes, chunk_id: int, where: str, start: int) -> None:
+    """``preadv_verify``'s answer (bytes read, first bad block) for a read of ``want`` bytes at chunk
+    offset ``start``. It stops reading at a bad block; a short last block is a short file, not
+    corruption. Error handling: ChecksumError."""
+    if got < want and not 0 <= bad < got // BLOCK:
+        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: local file short")
+    if bad >= len(sums) // 8:
+        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: data not covered by checksums")
+    if bad >= 0:
+        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: checksum mismatch at block "
+                                       f"{start // BLOCK + bad} (corrupt replica)")
 
 
 def read_chunk_direct(path: str, sums_path: str, chunk_id: int, where: str, length: int,

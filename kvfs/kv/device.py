@@ -5,7 +5,8 @@ Every route reads the block's head (the header) into host memory and checks it t
 payload reaches ``out``:
 
 * **host** (CPU ``out``): the backend reads the payload straight into ``out``'s memory; the payload
-  checksum is verified there. This is the path of ``kvfs.kv.store`` and ``posix``/``native``.
+  checksum is verified there, each block as it lands (the backend's ``on_ready``, in the thread that
+  read it), while the rest of the batch is still being read. This is the path of ``kvfs.kv.store`` and ``posix``/``native``.
 * **kvikio** (CUDA ``out``, kvikio importable): ``kvikio.CuFile.pread`` reads the payload from the
   block file (a directory store), or from the block's chunk files on this host (the native client,
   ``kvfs.chunkfiles``; only when asked for with ``device_io="kvikio"``, ENXIO if a chunk is elsewhere),
@@ -232,10 +233,21 @@ class DeviceIO:
         direct = [i for i, j in enumerate(jobs) if j.target.route != STAGED]
         if direct:
             self._before_kvikio([jobs[i].target for i in direct])
-            reads = backend.read_many([self._direct_args(jobs[i]) for i in direct])
-            done = self._finish_all(check, [(jobs[i], res, jobs[i].target.views) for i, res in zip(direct, reads)])
-            for i, r in zip(direct, done):
-                results[i] = r
+            seen = [False] * len(direct)
+
+            def ready(k: int, res: Any) -> None:
+                # A host-route block is checked as it lands, in the thread that read it, while the rest of
+                # the batch is still being read.
+                job = jobs[direct[k]]
+                if job.target.route == HOST:
+                    results[direct[k]] = _finish_guarded(check, job, res, job.target.views)
+                    seen[k] = True
+
+            reads = backend.read_many([self._direct_args(jobs[i]) for i in direct], ready)
+            rest = [k for k in range(len(direct)) if not seen[k]]  # kvikio, or a backend that did not report
+            done = self._finish_all(check, [(jobs[direct[k]], reads[k], jobs[direct[k]].target.views) for k in rest])
+            for k, r in zip(rest, done):
+                results[direct[k]] = r
         staged = [i for i, j in enumerate(jobs) if j.target.route == STAGED]
         if staged:
             for i, r in zip(staged, self._read_staged(backend, [jobs[i] for i in staged], check)):
@@ -339,16 +351,16 @@ class DeviceIO:
                     # As each block lands (in the thread that read it): verify it, start its copy.
                     j, b = window[k], idx[k]
                     seen[k] = True
-                    try:
-                        r = _finish(check, j, res, [bufs[b].view])
-                        if r is j.target.out:
+                    r = _finish_guarded(check, j, res, [bufs[b].view])
+                    if r is j.target.out:
+                        try:
                             ev = self._copy(bufs[b].tensor, j.target, after)
                             if ev is not None:
                                 with lock:
                                     copied[b].append(ev)
                                     pending.append(ev)
-                    except Exception as exc:  # noqa: BLE001  (reported in the block's slot)
-                        r = exc
+                        except Exception as exc:  # noqa: BLE001  (reported in the block's slot)
+                            r = exc
                     done[k] = r
 
                 reads = backend.read_many([(j.path, j.expect_size, j.header_len, [bufs[b].view], j.touch_before_ns)
@@ -424,6 +436,15 @@ class DeviceIO:
             verifier, self._verifier = self._verifier, None
         if verifier is not None:
             verifier.shutdown(wait=True)
+
+
+def _finish_guarded(check: Check, job: ReadJob, res: ReadResult | None | BaseException,
+                    views: list[memoryview] | None) -> Any:
+    """``_finish`` for a backend's ``on_ready``, which must not raise: any error lands in the block's slot."""
+    try:
+        return _finish(check, job, res, views)
+    except Exception as exc:  # noqa: BLE001
+        return exc
 
 
 def _finish(check: Check, job: ReadJob, res: ReadResult | None | BaseException,

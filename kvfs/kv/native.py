@@ -1,17 +1,20 @@
 """KV block files through the kvfs client library (``kvfs.SyncClient``): the fast path.
 
-Every primitive runs as one coroutine in the client's trio thread; batches (``map``) run there
-concurrently under a limiter, so 16 block reads are 16 overlapping RPC sequences, not 16 threads.
+Puts and namespace calls run as coroutines in the client's trio thread; batches run there concurrently
+under a limiter. Plain block reads mostly run on threads of their own (``kvfs.kv.native_cached``).
 
 * put: the block's chunks are written to fresh chunk ids (META_KV_ALLOC), then META_KV_PUBLISH creates
   the file whole under its final name, never replacing one: a reader resolves either nothing or the
   whole block; the loser of a race gets "existed" and its chunks are dropped. Four round trips (lookup,
   alloc, chunk write, publish). In a remote-bound directory (meta answers EXDEV) the general path:
   create ``.<hash>.<random>.tmp``, write, commit, ``rename(RENAME_NOREPLACE)`` into place.
-* read: one META_KV_CHUNKS round trip resolves a whole batch of blocks to their chunk maps; then the
-  chunk ranges are fetched concurrently, the first 64 KiB into a scratch buffer (header + start of
-  payload) and the rest straight into the caller's tensor memory (verified per 64 KiB by the client as
-  always; a chunkserver on this host is read from its files directly).
+* read (``kvfs.kv.native_cached``): chunk maps of blocks read before are cached; a batch whose maps are
+  all cached starts reading at once, one verified C call per chunk straight into the caller's buffers
+  on plain threads, while one META_KV_CHUNKS round trip checks the maps are still current (a block is
+  only returned once meta confirmed it). Otherwise that round trip comes first and the blocks whose
+  chunks are on this host are read the same way. The rest (a chunk elsewhere, a failed read, a changed
+  map) goes block by block through the client, which fails over and reports bad replicas.
+* kvikio route (``_read_landed``): the head is read here, the payload by the caller from the chunk files.
 * exists_many: one META_KV_EXISTS round trip for a whole prompt (meta resolves the layout directory
   once, then one directory-entry lookup per block).
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -36,9 +38,10 @@ from kvfs import protocol as P
 from kvfs.chunkfiles import ChunkFiles
 from kvfs.chunkio import map_local_chunk, read_local_chunk
 from kvfs.kv.backend import SCRATCH, OnReady, ReadResult, copy_into, split_into
+from kvfs.kv.native_cached import CachedReads
 from kvfs.tasks import open_nursery
 
-GROUP_BYTES = 8 << 20  # short-circuit reads handed to one worker thread at a time (see _read_local)
+GROUP_BYTES = 8 << 20  # map_local: about this many bytes of files mapped per worker-thread hop
 
 RENAME_NOREPLACE = 1
 
@@ -51,6 +54,7 @@ class NativeBackend:
         self._dirs: dict[str, int] = {}  # directory path -> inode
         self._one_step = True  # META_KV_PUBLISH puts; off after meta refuses one (remote-bound directory)
         self._map_refused = False  # mlock refused once (RLIMIT_MEMLOCK without CAP_IPC_LOCK): read instead
+        self._cached = CachedReads(self, concurrency)
 
     def _run(self, fn, *args):
         return self.sync.call(fn, *args)
@@ -164,125 +168,67 @@ class NativeBackend:
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
                   map_local: bool = False) -> list[ReadResult | None | OSError]:
-        return self._run(self._read_many, jobs, on_ready, map_local)
-
-    async def _read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                         map_local: bool = False) -> list[ReadResult | None | OSError]:
         if not jobs:
             return []
-        # One meta round trip for every block's attributes and chunk map, then only chunk reads.
-        reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks([j[0] for j in jobs]))
         results: list[ReadResult | None | OSError] = [None] * len(jobs)
-        settled = [False] * len(jobs)
 
-        def settle(i: int, res: ReadResult | None | OSError) -> None:  # any thread
-            results[i], settled[i] = res, True
-            if on_ready is not None:
-                on_ready(i, res)
+        def settle_from(idx: list[int]) -> OnReady:
+            def settle(k: int, res: ReadResult | None | OSError) -> None:  # any thread
+                results[idx[k]] = res
+                if on_ready is not None:
+                    on_ready(idx[k], res)
+            return settle
 
         if map_local and all(len(j) == 5 for j in jobs):
-            mapped = await self._map_many_local(reply.files, jobs)
+            mapped = self._run(self._map_many_local, jobs)
             if mapped is not None:
+                everyone = list(range(len(jobs)))
                 for i, res in enumerate(mapped):
-                    settle(i, res)
+                    settle_from(everyone)(i, res)
                 return results
         landed = [i for i, j in enumerate(jobs) if len(j) > 5]  # kvikio route: payload read by the caller
-        if len(landed) < len(jobs):
-            await self._read_many_local(reply.files, jobs, settle)
-        rest = [i for i in range(len(jobs)) if not settled[i]]
-        if rest:
-            # Blocks the batched local read could not take (a chunk elsewhere, a failed read, an odd
-            # size): one by one through the client, which handles misses, failover and bad replicas.
-            limiter = trio.CapacityLimiter(self.concurrency)
-
-            async def one(i: int) -> None:
-                async with limiter:
-                    try:
-                        read = self._read_landed if len(jobs[i]) > 5 else self._read_file
-                        res: ReadResult | None | OSError = await read(reply.files[i], *jobs[i])
-                    except OSError as exc:
-                        res = exc
-                settle(i, res)
-
-            async with open_nursery() as nursery:
-                for i in rest:
-                    nursery.start_soon(one, i)
+        plain = [i for i, j in enumerate(jobs) if len(j) <= 5]
+        if landed:
+            self._run(self._read_landed_many, [jobs[i] for i in landed], settle_from(landed))
+        if plain:
+            # kvfs.kv.native_cached: cached chunk maps, reads on plain threads, meta's check beside them.
+            self._cached.read_many([jobs[i] for i in plain], settle_from(plain))
         return results
 
-    async def _read_many_local(self, infos: list, jobs: Sequence[tuple], settle: OnReady) -> None:
-        """Read the blocks whose chunks are all on this host in a few worker-thread hops, one verified
-        read per chunk (header and payload together), instead of a task, a hop and a file open per piece
-        of each block. Each block is settled (``settle``, in the worker thread) as soon as its last
-        piece has landed, so a caller can start using it while the rest of the batch reads. Misses are
-        settled here too; a block that cannot be read this way (a chunk not local, a failed read, an
-        odd size) is left unsettled for the caller's per-block path."""
-        plans: dict[int, tuple] = {}
-        for i, (info, job) in enumerate(zip(infos, jobs)):
-            if len(job) > 5:
-                continue  # kvikio route (_read_landed)
-            _path, expect_size, header_len, out, _touch = job
-            if info is None:
-                settle(i, None)
-                continue
-            head = memoryview(bytearray(min(info.attr.size, max(SCRATCH, header_len))))
-            if info.attr.size != expect_size or len(head) < header_len:
-                continue
-            ranges = [(0, head), *((header_len + off, v) for off, v in split_into(out, len(head) - header_len))]
-            local = self._local_pieces(_merge_pieces(_split_at_chunks(info, ranges)))
-            if local is not None:
-                plans[i] = (info.attr, head, header_len, out, local)
-        if not plans:
-            return
-        # Pieces in groups of about GROUP_BYTES per thread hop: a lone 32 MiB block still reads on a few
-        # threads at once, a batch of small blocks does not pay one hop per chunk.
-        groups: list[list] = [[]]
-        size = 0
-        for i, plan in plans.items():
-            for piece in plan[4]:
-                if size >= GROUP_BYTES:
-                    groups.append([])
-                    size = 0
-                groups[-1].append((i, piece))
-                size += piece[3]
-        waiting = dict.fromkeys(plans, 0)  # per block: groups still to finish
-        for group in groups:
-            for i in dict.fromkeys(j for j, _ in group):
-                waiting[i] += 1
-        failed: set[int] = set()
-        lock = threading.Lock()
+    async def _validate(self, paths: list[str], touch_before: list[int]) -> list[P.GetChunksReply | None]:
+        """One META_KV_CHUNKS round trip: the files' current chunk maps (remembered for the next reads);
+        then an access recorded on the blocks whose access time is older than asked (at most once per
+        touch interval per block, so rarely on this path), before the caller gets the blocks."""
+        reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks(paths))
+        self._cached.learn(paths, reply.files)
+        for info, before in zip(reply.files, touch_before):
+            if info is not None:
+                await self._touch(info.attr, before)
+        return reply.files
 
-        def work(group: list) -> None:
-            for i, (lc, in_chunk, dests, _n) in group:
-                if i in failed:
-                    continue
+    async def _read_landed_many(self, jobs: Sequence[tuple], settle: OnReady) -> None:
+        """The kvikio route's blocks (``_read_landed``), after one META_KV_CHUNKS round trip."""
+        files = await self._validate([j[0] for j in jobs], [0] * len(jobs))
+        await self._read_each(files, jobs, settle)
+
+    async def _read_each(self, infos: Sequence[P.GetChunksReply | None], jobs: Sequence[tuple],
+                         settle: OnReady) -> None:
+        """Blocks one by one through the client (``infos``: their chunk maps, just fetched), which handles
+        misses, failover and bad replicas; an OSError is settled in the block's slot."""
+        limiter = trio.CapacityLimiter(self.concurrency)
+
+        async def one(i: int) -> None:
+            async with limiter:
                 try:
-                    read_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, in_chunk, dests)
-                except OSError:
-                    failed.add(i)  # left for the per-block path, which fails over and reports
-            for i in dict.fromkeys(j for j, _ in group):
-                with lock:
-                    waiting[i] -= 1
-                    last = waiting[i] == 0
-                if last and i not in failed:
-                    attr, head, header_len, out, _local = plans[i]
-                    copy_into(out, head[header_len:])  # the payload bytes that came in with the head
-                    settle(i, ReadResult(head, attr.size, attr.atime_ns, True))
+                    read = self._read_landed if len(jobs[i]) > 5 else self._read_file
+                    res: ReadResult | None | OSError = await read(infos[i], *jobs[i])
+                except OSError as exc:
+                    res = exc
+            settle(i, res)
 
-        async def run(group: list) -> None:
-            await trio.to_thread.run_sync(work, group, limiter=self.c._io)
-
-        if len(groups) == 1:
-            await run(groups[0])
-        else:
-            async with open_nursery() as nursery:
-                for group in groups:
-                    nursery.start_soon(run, group)
-        for i, (attr, _head, _hl, _out, _local) in plans.items():
-            if i not in failed and attr.atime_ns < jobs[i][4]:
-                try:
-                    await self.c.setattr(attr.ino, atime_ns=time.time_ns())
-                except OSError:
-                    pass  # evicted meanwhile: recency is best effort
+        async with open_nursery() as nursery:
+            for i in range(len(jobs)):
+                nursery.start_soon(one, i)
 
     async def _read_landed(self, info: P.GetChunksReply | None, path: str, expect_size: int, header_len: int,
                            out: Sequence[memoryview], touch_before_ns: int, land: Callable) -> ReadResult | None:
@@ -327,12 +273,13 @@ class NativeBackend:
                 pass  # evicted meanwhile: recency is best effort
         return ReadResult(head, attr.size, attr.atime_ns, True)
 
-    async def _map_many_local(self, infos: list, jobs: Sequence[tuple]) -> list[ReadResult | None] | None:
+    async def _map_many_local(self, jobs: Sequence[tuple]) -> list[ReadResult | None] | None:
         """Every file is one chunk with a replica on this host: map the chunk files (verified, locked:
         kvfs.chunkio.map_local_chunk) instead of copying them. None when that cannot be done (a file in
         several chunks or not local, an odd size, a failed map or lock): the caller reads instead."""
         if self._map_refused:
             return None
+        infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
         plans: list = []
         for info, (_path, expect_size, *_rest) in zip(infos, jobs):
             if info is None:
@@ -475,6 +422,7 @@ class NativeBackend:
         return list(reply.exists), reply.leading
 
     def remove(self, path: str) -> None:
+        self._cached.cache.drop(path)
         self._run(self.c.unlink, path)
 
     def set_xattr(self, path: str, name: str, value: bytes) -> None:
@@ -516,7 +464,7 @@ class NativeBackend:
         return results
 
     def close(self) -> None:
-        pass
+        self._cached.close()
 
 
 def _split_at_chunks(info: P.GetChunksReply, ranges: list[tuple[int, memoryview]]) -> list[tuple]:

@@ -1,0 +1,346 @@
+"""The native KV backend's hot path (``kvfs.kv.native``): a batch of blocks whose chunk maps this client
+has cached, and whose chunks all have a replica on this host, read without waiting for meta first and
+without the client's event loop.
+
+Why: a ``get_many`` used to cost, before any byte moved, a META_KV_CHUNKS round trip for the batch's
+chunk maps, then a trio task and one or two worker-thread hops per block (about 2.5 ms per call on the
+GPU host, issue 10). Here:
+
+* the chunk maps come from ``ChunkMapCache``, filled by the META_KV_CHUNKS replies of earlier reads;
+* the reads start at once on plain threads: per chunk one C call (``chunkio.read_chunk_start``: read
+  and checked against the chunk checksums with the GIL released) straight into the caller's buffers,
+  the header into a small scratch buffer; a chunk's checksums are read once and kept with its map;
+* meanwhile one META_KV_CHUNKS round trip for the batch goes to meta through the client's trio thread
+  (the *validation*), off the readers' path;
+* a block is settled (``on_ready``) once its bytes are in and meta has confirmed that its name still
+  maps to the inode and chunk ids the reads used.
+
+Why the validation cannot be skipped: a committed chunk is never rewritten and chunk ids are never
+reused, so bytes read from a chunk id are that chunk's bytes. But meta deletes a removed block's chunk
+files lazily (the deletions reach the chunkservers with their heartbeats), so for seconds after a
+delete + re-put of the same name the old chunk files are still on disk, and their checksums still
+match: a map cached before would read the old block. With the validation a get returns what the name
+held at some moment during the call: the new bytes (the block is read again with the fresh map), or a
+miss (the name is gone), never the old bytes.
+
+Anything else (a read that fails, a chunk no longer local, a map that changed) goes to the backend's
+general per-block path with the fresh map, which fails over and reports bad replicas as before.
+
+Error handling: a failed validation (meta down: the client's RPC timeout bounds it) is that OSError in
+every block's slot not already settled; a block never settles on bytes meta did not confirm.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kvfs import protocol as P
+from kvfs.chunkio import read_chunk_start
+from kvfs.kv.backend import OnReady, ReadResult
+
+CACHE_LIMIT = 65536  # chunk maps kept (a few hundred bytes each)
+
+
+@dataclass
+class _Piece:
+    """One chunk of a block file, read whole: file bytes [offset, offset + length)."""
+
+    offset: int
+    length: int
+    path: str
+    sums_path: str
+    chunk_id: int
+    address: str
+    sums: bytes | None = None  # its checksums, once read (they never change for a chunk id)
+
+
+@dataclass
+class Plan:
+    """A block file's cached chunk map, as reads of it from this host's chunk files."""
+
+    info: P.GetChunksReply
+    identity: tuple
+    pieces: list[_Piece]
+
+
+def identity(info: P.GetChunksReply) -> tuple:
+    """What must not have changed for cached reads of a file to be its current bytes."""
+    return info.attr.ino, info.attr.size, tuple((c.index, c.chunk_id, c.length) for c in info.chunks)
+
+
+def make_plan(info: P.GetChunksReply, local_chunk: Any) -> Plan | None:
+    """A plan for ``info`` when every byte of the file is in a chunk with a replica on this host
+    (``local_chunk``: ``Client.local_chunk``), else None."""
+    cs, size = info.chunk_size, info.attr.size
+    refs = {c.index: c for c in info.chunks}
+    pieces = []
+    for index in range((size + cs - 1) // cs):
+        ref = refs.get(index)
+        if ref is None or ref.length != min(cs, size - index * cs):
+            return None  # a hole or a short chunk: the general path zero-fills it
+        lc = local_chunk(ref)
+        if lc is None:
+            return None
+        pieces.append(_Piece(index * cs, ref.length, lc.path, lc.sums_path, lc.chunk_id, lc.address))
+    return Plan(info, identity(info), pieces)
+
+
+def _replicas_kept(plan: Plan, info: P.GetChunksReply) -> bool:
+    """Whether every replica the plan reads is still one of its chunk's (meta drops a bad one)."""
+    replicas = {c.index: c.replicas for c in info.chunks}
+    return all(piece.address in replicas.get(piece.offset // info.chunk_size, ()) for piece in plan.pieces)
+
+
+class ChunkMapCache:
+    """Plans by kvfs path, the least recently used dropped past ``limit``. Thread-safe."""
+
+    def __init__(self, limit: int = CACHE_LIMIT):
+        self.limit = limit
+        self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_each(self, paths: Sequence[str]) -> list[Plan | None]:
+        with self._lock:
+            plans = []
+            for path in paths:
+                plan = self._plans.get(path)
+                if plan is not None:
+                    self._plans.move_to_end(path)
+                plans.append(plan)
+            return plans
+
+    def learn(self, path: str, info: P.GetChunksReply | None, local_chunk: Any) -> None:
+        """A fresh META_KV_CHUNKS answer for ``path``: keep its plan (the old one if nothing changed,
+        so its checksums stay), or forget the path."""
+        with self._lock:
+            old = self._plans.get(path)
+        if info is not None and old is not None and old.identity == identity(info) and _replicas_kept(old, info):
+            return
+        plan = make_plan(info, local_chunk) if info is not None else None
+        with self._lock:
+            if plan is None:
+                self._plans.pop(path, None)
+                return
+            self._plans[path] = plan
+            self._plans.move_to_end(path)
+            while len(self._plans) > self.limit:
+                self._plans.popitem(last=False)
+
+    def drop(self, path: str) -> None:
+        with self._lock:
+            self._plans.pop(path, None)
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+class _Batch:
+    """One cached batch in flight: which blocks have landed, which meta confirmed, which are settled."""
+
+    def __init__(self, n: int, settle: OnReady):
+        self.lock = threading.Lock()
+        self.settle = settle
+        self.landed = [False] * n
+        self.failed: list[OSError | None] = [None] * n
+        self.verdict: list[str | None] = [None] * n  # "same", "changed", "gone", "error"
+        self.done = [False] * n
+        self.results: list[ReadResult | None] = [None] * n
+        self.closed = False  # the caller took over: nothing more is settled from other threads
+        self.groups_left = [0] * n  # per block: read groups holding some of its pieces, not finished
+
+    def group_done(self, i: int) -> None:
+        """A group finished its pieces of block ``i``: the block has landed once its last group has."""
+        with self.lock:
+            self.groups_left[i] -= 1
+            last = self.groups_left[i] == 0
+        if last:
+            self.mark(i, landed=True)
+
+    def mark(self, i: int, *, landed: bool = False, verdict: str | None = None) -> None:
+        """Record a landing or meta's verdict; settle the block when both say it is good. Any thread."""
+        with self.lock:
+            if landed:
+                self.landed[i] = True
+            if verdict is not None:
+                self.verdict[i] = verdict
+            ready = (self.landed[i] and self.verdict[i] == "same" and self.failed[i] is None
+                     and not self.done[i] and not self.closed)
+            if ready:
+                self.done[i] = True
+        if ready:
+            self.settle(i, self.results[i])
+
+
+class CachedReads:
+    """The hot path of one ``NativeBackend``: see the module docstring."""
+
+    def __init__(self, backend: Any, threads: int):
+        self.backend = backend
+        self.cache = ChunkMapCache()
+        # Reads are bound by memory bandwidth and the GIL hand-offs between them: no more threads than cores.
+        self.threads = max(1, min(threads, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kvfs-kv-read")
+        self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvfs-kv-validate")
+
+    def learn(self, paths: Sequence[str], infos: Sequence[P.GetChunksReply | None]) -> None:
+        """Chunk maps just fetched from meta (the client's trio thread, where ``local_chunk`` runs)."""
+        for path, info in zip(paths, infos):
+            self.cache.learn(path, info, self.backend.c.local_chunk)
+
+    def _usable(self, jobs: Sequence[tuple]) -> list[Plan | None]:
+        """Per job its cached plan, if the file has the size the job expects (else the general path)."""
+        plans = self.cache.get_each([j[0] for j in jobs])
+        return [plan if plan is not None and plan.info.attr.size == job[1] >= job[2] else None
+                for plan, job in zip(plans, jobs)]
+
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None) -> list[ReadResult | None | OSError]:
+        """Plain block reads (``Backend.read_many``'s 5-tuples). With every map cached, the reads start at
+        once and meta's check runs beside them; otherwise the maps are fetched first (one round trip, as
+        the general path would), and the blocks they make local are read here all the same."""
+        n = len(jobs)
+        results: list[ReadResult | None | OSError] = [None] * n
+
+        def settle(i: int, res: ReadResult | None | OSError) -> None:
+            results[i] = res
+            if on_ready is not None:
+                on_ready(i, res)
+
+        paths = [j[0] for j in jobs]
+        touch_before = [j[4] for j in jobs]
+        batch = _Batch(n, settle)
+        plans = self._usable(jobs)
+        validation: Future | None = None
+        fresh: list[P.GetChunksReply | None] | None = None
+        error: OSError | None = None
+        if all(p is not None for p in plans):
+            validation = self._validator.submit(self._validate, paths, touch_before, plans, batch)
+        else:
+            try:
+                fresh = self.backend._run(self.backend._validate, paths, touch_before)
+            except OSError as exc:
+                return [exc] * n
+            plans = self._usable(jobs)
+            for i, (plan, info) in enumerate(zip(plans, fresh)):
+                batch.verdict[i] = ("gone" if info is None else
+                                    "same" if plan is not None and plan.identity == identity(info) else "changed")
+        heads = [memoryview(bytearray(j[2])) for j in jobs]
+        for i, (plan, head) in enumerate(zip(plans, heads)):
+            if plan is not None and batch.verdict[i] in (None, "same"):
+                batch.results[i] = ReadResult(head, plan.info.attr.size, plan.info.attr.atime_ns, True)
+        groups = self._groups(jobs, [p if r is not None else None for p, r in zip(plans, batch.results)], heads)
+        for g in groups:
+            for i in {r[0] for r in g}:
+                batch.groups_left[i] += 1
+        futures = [self._pool.submit(self._read_group, g, batch) for g in groups[1:]]
+        if groups:
+            self._read_group(groups[0], batch)  # the calling thread reads too: one hop fewer
+        for f in futures:
+            f.result()
+        if validation is not None:
+            try:
+                fresh = validation.result(timeout=self.backend.c.options.timeout * 2 + 5)
+            except OSError as exc:
+                error = exc
+            except TimeoutError:
+                error = OSError(errno.ETIMEDOUT, "KV read: meta did not answer the chunk-map check in time")
+        with batch.lock:
+            batch.closed = True  # what is not settled now is settled below, whatever comes late
+        rest = []
+        for i in range(n):
+            if batch.done[i]:
+                continue
+            if batch.failed[i] is not None:
+                self.cache.drop(paths[i])  # a bad or vanished local replica: the general path decides
+            if error is not None:
+                settle(i, error)
+            elif batch.verdict[i] == "gone":
+                settle(i, None)
+            else:
+                rest.append(i)  # the map changed, not local, or the read failed: the general path
+        if rest:
+            assert fresh is not None
+            self.backend._run(self.backend._read_each, [fresh[i] for i in rest], [jobs[i] for i in rest],
+                              lambda k, res: settle(rest[k], res))
+        return results
+
+    def _validate(self, paths: list[str], touch_before: list[int], plans: list[Plan],
+                  batch: _Batch) -> list[P.GetChunksReply | None]:
+        """Meta's current chunk maps for the batch (the validator thread), and each block's verdict."""
+        try:
+            fresh = self.backend._run(self.backend._validate, paths, touch_before)
+        except BaseException:
+            for i in range(len(plans)):
+                batch.mark(i, verdict="error")
+            raise
+        for i, (plan, info) in enumerate(zip(plans, fresh)):
+            if info is None:
+                batch.mark(i, verdict="gone")
+            else:
+                batch.mark(i, verdict="same" if identity(info) == plan.identity else "changed")
+        return fresh
+
+    def _groups(self, jobs: Sequence[tuple], plans: list[Plan | None], heads: list[memoryview]) -> list[list]:
+        """Every chunk read of the batch as (block, piece, destination views), in about ``threads``
+        groups of equal bytes, each a run of consecutive pieces (a block's pieces mostly in one group)."""
+        reads = []
+        for i, (job, plan, head) in enumerate(zip(jobs, plans, heads)):
+            if plan is None:
+                continue
+            dests = [head, *job[3]]
+            for piece in plan.pieces:
+                reads.append((i, piece, _slice(dests, piece.offset, piece.length)))
+        total = sum(r[1].length for r in reads)
+        share = max(1, -(-total // self.threads))
+        groups: list[list] = []
+        size = share
+        for r in reads:
+            if size >= share:
+                groups.append([])
+                size = 0
+            groups[-1].append(r)
+            size += r[1].length
+        return groups
+
+    @staticmethod
+    def _read_group(group: list, batch: _Batch) -> None:
+        pending: dict[int, int] = {}
+        for i, _piece, _views in group:
+            pending[i] = pending.get(i, 0) + 1
+        for i, piece, views in group:
+            if batch.failed[i] is None:
+                try:
+                    piece.sums = read_chunk_start(piece.path, piece.sums_path, piece.chunk_id, piece.address,
+                                                  views, piece.sums)
+                except OSError as exc:
+                    batch.failed[i] = exc
+                    piece.sums = None  # they may be what is bad, or come back repaired
+            pending[i] -= 1
+            if pending[i] == 0:
+                batch.group_done(i)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._validator.shutdown(wait=True)
+
+
+
+def _slice(views: list[memoryview], offset: int, length: int) -> list[memoryview]:
+    """The pieces of the concatenation of ``views`` that cover [offset, offset + length)."""
+    out = []
+    pos = 0
+    end = offset + length
+    for v in views:
+        n = len(v)
+        if pos + n > offset and pos < end:
+            out.append(v[max(0, offset - pos):min(n, end - pos)])
+        pos += n
+        if pos >= end:
+            break
+    return out

@@ -1,0 +1,224 @@
+"""The native KV backend's cached chunk maps (kvfs/kv/native_cached.py) against real clusters.
+
+A batch whose maps this client has cached starts reading chunk files at once, while meta checks the
+maps. These tests change the blocks under a cached map (re-put by another client, corrupt or truncated
+chunk files, meta or chunkservers gone) and check that a get returns the current bytes, a miss or an
+error, never the bytes of the old map, and never hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from kvfs.chunkserver.store import SUM_SUFFIX, chunk_path
+from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
+from kvfs.kv import native_cached
+
+MID = KVLayout("float16", block_tokens=16, num_layers=4, num_kv_heads=4, head_dim=64)  # 64 KiB: 1 chunk
+BIG = KVLayout("float16", block_tokens=16, num_layers=80, num_kv_heads=8, head_dim=64)  # 2.5 MiB: 3 chunks
+
+
+def block_for(layout: KVLayout, block_hash: str, salt: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(block_hash[:8], 16) + salt)
+    return torch.randn(layout.block_shape, generator=g).to(layout.torch_dtype())
+
+
+class ReadCounter:
+    """Counts the hot path's chunk reads and the general path's per-block reads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: KVStore):
+        self.hot = 0
+        self.general = 0
+        real_read = native_cached.read_chunk_start
+        real_each = store.backend._read_each
+
+        def hot(*args, **kwargs):
+            self.hot += 1
+            return real_read(*args, **kwargs)
+
+        async def general(infos, jobs, settle):
+            self.general += len(jobs)
+            return await real_each(infos, jobs, settle)
+
+        monkeypatch.setattr(native_cached, "read_chunk_start", hot)
+        monkeypatch.setattr(store.backend, "_read_each", general)
+
+
+def chunk_files(client, store: KVStore, block_hash: str) -> list[str]:
+    """Every replica's chunk file of the block's chunks."""
+    servers = {x.address: x.data_dir for x in client.refresh_servers().servers}
+    refs = client.chunk_map(client.resolve(store.path(block_hash)).ino).chunks
+    return [chunk_path(servers[a], ref.chunk_id) for ref in refs for a in ref.replicas]
+
+
+def stored_and_cached(client, name: str, layout: KVLayout, n: int) -> tuple[KVStore, list[str], list]:
+    """A store with ``n`` blocks put and read once (their maps cached): (store, hashes, contents)."""
+    s = KVStore(f"/kvcache/{name}", layout, client=client)
+    hs = block_hashes(range(16 * n), 16, salt=name)
+    want = [block_for(layout, h) for h in hs]
+    s.put_many(list(zip(hs, want)))
+    assert all(torch.equal(g, w) for g, w in zip(s.get_many(hs), want))
+    assert len(s.backend._cached.cache) == n
+    return s, hs, want
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("device_io", ["auto", "staged"])
+@pytest.mark.parametrize("layout", [MID, BIG], ids=["1-chunk", "3-chunks"])
+def test_cached_maps_read_the_same_bytes(cluster, monkeypatch, layout, device_io):
+    """The second get_many of the same blocks reads through cached maps only (no per-block path), into
+    CPU tensors (host route) or the staging buffers (staged route), bit-exact; a miss stays a miss."""
+    with cluster.client() as client:
+        s = KVStore(f"/kvcache/same-{layout.nbytes}-{device_io}", layout, client=client, device_io=device_io)
+        hs = block_hashes(range(16 * 6), 16, salt=f"same-{device_io}")
+        s.put_many([(h, block_for(layout, h)) for h in hs[:5]])  # hs[5]: never stored
+        first = s.get_many(hs)
+        assert first[5] is None
+        assert len(s.backend._cached.cache) == 5
+        counter = ReadCounter(monkeypatch, s)
+        outs = [torch.full(layout.block_shape, 7, dtype=layout.torch_dtype()) for _ in hs]
+        got = s.get_many(hs, outs)
+        assert got[5] is None
+        for h, g in zip(hs[:5], got[:5]):
+            assert torch.equal(g.view(torch.int16), block_for(layout, h).view(torch.int16))
+        chunks = -(-(s._header_len_for(hs[0]) + layout.nbytes) // (1 << 20))
+        assert counter.hot == 5 * chunks and counter.general == 0
+        s.close()
+
+
+def test_reput_by_another_client_is_never_served_from_the_old_chunks(cluster):
+    """Client A caches a block's map; client B deletes the block and puts other bytes under the same
+    hash. The old chunk files are still on disk (meta deletes them lazily; put back if the deletion
+    came first), and their checksums still match, so reading A's cached map alone would return the old
+    bytes: A must get the new ones. Then B
+    deletes it again: A gets a miss."""
+    with cluster.client() as a, cluster.client() as b:
+        sa = KVStore("/kvcache/reput", MID, client=a)
+        sb = KVStore("/kvcache/reput", MID, client=b)
+        h = block_hashes(range(16), 16, salt="reput")[0]
+        old, new = block_for(MID, h), block_for(MID, h, salt=1)
+        assert not torch.equal(old, new)
+        sb.put(h, old)
+        assert torch.equal(sa.get(h), old)
+        old_files = {}
+        for path in chunk_files(a, sa, h):
+            for p in (path, path + SUM_SUFFIX):
+                with open(p, "rb") as f:
+                    old_files[p] = f.read()
+        assert len(sa.backend._cached.cache) == 1
+        assert sb.delete(h)
+        assert sb.put(h, new)
+        for p, data in old_files.items():  # as long as the lazy deletion has not reached them (if it has)
+            if not os.path.exists(p):
+                with open(p, "wb") as f:
+                    f.write(data)
+        assert torch.equal(sa.get(h), new)
+        assert torch.equal(sa.get_many([h])[0], new)
+        assert sb.delete(h)
+        assert sa.get(h) is None
+        assert sa.get_many([h, h]) == [None, None]
+        sa.close()
+        sb.close()
+
+
+def test_corrupt_chunk_after_caching_is_detected(cluster):
+    """A chunk file corrupted after its map was cached: the hot path's checksums catch it, the block comes
+    from the other replica; with every replica corrupt the get fails, never returns the bytes."""
+    with cluster.client() as client:
+        s, hs, want = stored_and_cached(client, "corrupt", BIG, 2)
+        files = chunk_files(client, s, hs[0])  # chunk 0 replicas, then chunk 1's, then chunk 2's
+        flip_byte(files[2], 300_000)  # one replica of the middle chunk
+        got = s.get_many(hs)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        flip_byte(files[3], 300_000)  # and the other one
+        with pytest.raises((OSError, BlockError)):
+            s.get_many(hs)
+        assert torch.equal(s.get(hs[1]), want[1])  # the batch's other block is unharmed
+        s.close()
+
+
+def test_truncated_chunk_after_caching_is_detected(cluster):
+    """A chunk file cut short after its map was cached: with one replica cut the block comes from the
+    other; with every replica cut the get fails (never a partial block)."""
+    with cluster.client() as client:
+        s, hs, want = stored_and_cached(client, "truncated", MID, 2)
+        path = chunk_files(client, s, hs[0])[0]
+        os.truncate(path, os.path.getsize(path) - 5000)
+        assert torch.equal(s.get(hs[0]), want[0])
+        for path in chunk_files(client, s, hs[1]):
+            os.truncate(path, os.path.getsize(path) - 5000)
+        out = torch.full(MID.block_shape, 7, dtype=MID.torch_dtype())
+        with pytest.raises((OSError, BlockError)):
+            s.get(hs[1], out)
+        s.close()
+
+
+def _bounded(fn, seconds: float):
+    """Run ``fn`` in a thread: (finished, result or exception). A liveness guard, not a timing check."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # noqa: BLE001
+            box.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return (not t.is_alive()), (box[0] if box else None)
+
+
+def test_meta_down_with_cached_maps_is_an_error_not_a_hang(make_cluster):
+    """Every map cached and every chunk local, but meta gone: the block is not returned unconfirmed; the
+    get fails with an OSError within the client's timeout."""
+    cluster = make_cluster()
+    with cluster.client(timeout=3.0) as client:
+        s = KVStore("/kvcache/meta-down", MID, client=client)
+        hs = block_hashes(range(32), 16, salt="meta-down")
+        s.put_many([(h, block_for(MID, h)) for h in hs])
+        assert all(g is not None for g in s.get_many(hs))
+        cluster.kill_meta()
+        finished, res = _bounded(lambda: s.get_many(hs), 120)
+        assert finished, "get_many hung with meta down"
+        assert isinstance(res, OSError), res
+        cluster.restart_meta()
+        cluster.wait_servers(3)
+        finished, res = _bounded(lambda: s.get_many(hs), 120)
+        assert finished and isinstance(res, list), res
+        assert all(torch.equal(g, block_for(MID, h)) for g, h in zip(res, hs))
+        s.close()
+
+
+def test_dead_chunkservers_with_cached_maps(make_cluster):
+    """Chunkservers killed after the maps were cached: their chunk files on this host are still read
+    and verified (the right bytes); once those files are gone too, the get fails within the timeout."""
+    cluster = make_cluster()
+    with cluster.client(timeout=3.0) as client:
+        s = KVStore("/kvcache/cs-down", MID, client=client)
+        h = block_hashes(range(16), 16, salt="cs-down")[0]
+        want = block_for(MID, h)
+        s.put(h, want)
+        assert torch.equal(s.get(h), want)
+        files = chunk_files(client, s, h)
+        for i in range(len(cluster.servers)):
+            cluster.kill_chunkserver(i)
+        finished, res = _bounded(lambda: s.get(h), 120)
+        assert finished and isinstance(res, torch.Tensor) and torch.equal(res, want), res
+        for p in files:
+            os.unlink(p)
+        finished, res = _bounded(lambda: s.get(h), 120)
+        assert finished, "get hung with the chunkservers and their files gone"
+        assert isinstance(res, OSError), res
+        s.close()
