@@ -90,6 +90,7 @@ def test_dead_server_is_an_error_and_a_restarted_one_serves_again(tmp_path):
             c.open(ino)
             try:
                 assert c.read(ino, 0, len(data)) == data  # leaves pooled blocking connections behind
+                registered = cl.servers[0].log().count("registered with meta")
                 cl.kill_chunkserver(0)
                 with pytest.raises(OSError) as exc:
                     c.read(ino, 0, len(data))
@@ -97,6 +98,10 @@ def test_dead_server_is_an_error_and_a_restarted_one_serves_again(tmp_path):
                 cl.start_chunkserver(0)
                 port = int(cl.servers[0].args[cl.servers[0].args.index("--listen") + 1].rsplit(":", 1)[1])
                 wait_for(lambda: _listening(port), 20, "the chunkserver to listen again")
+                # It refuses reads (EAGAIN) until meta has sent it the capability keys: wait for that,
+                # not just for the port (on a loaded machine registration can lag the listen).
+                wait_for(lambda: cl.servers[0].log().count("registered with meta") > registered, 20,
+                         "the chunkserver to register again")
                 assert c.read(ino, 0, len(data)) == data
             finally:
                 c.release(ino)
