@@ -84,6 +84,9 @@ def serve_in_thread(fd: int, service: str, handlers: dict[int, tuple[type[P.Stru
     except OSError as exc:
         log.debug("%s: connection error in a serving thread: %s", service, exc)
         return CLOSE
+    except Exception:  # a bug here must cost one connection, never the server
+        log.exception("%s: serving thread failed", service)
+        return CLOSE
     finally:
         sock.detach()
 
