@@ -30,8 +30,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 
 MiB = 1 << 20
+ROWS = ("preadv", "chunkio-noverify", "chunkio-pyxxh", "chunkio-split", "chunkio", "reader", "tcp-blocking",
+        "tcp-reader")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default="/var/tmp/kvfs-read-paths")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunkservers", type=int, default=1, help="chunks spread over this many (TCP rows)")
+    p.add_argument("--rows", default=",".join(ROWS), help="which rows to run (comma-separated)")
     args = p.parse_args(argv)
 
     import torch
     from cluster import Cluster
+    from gpu_load_kvfs import proc_cpu
 
     import kvfs
     from kvfs import chunkio
@@ -82,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
             blocking = {ch.address: BlockingChunkClient(ch.address, timeout=60) for ch in chunks}
 
-            def run(name: str) -> float:
+            pids = [cluster.meta.popen.pid] + [s.popen.pid for s in cluster.servers]
+
+            def run(name: str) -> tuple[float, float, float]:
+                """(GB/s, CPU seconds per GB of this process, of the kvfs services)"""
                 def one(i: int) -> None:
                     view = buffer()
                     if name in ("reader", "tcp-reader"):
@@ -91,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                     ch = chunks[i]
                     dest = view[:ch.length]
                     if name == "tcp-blocking":
-                        reply, data = blocking[ch.address].read(P.ReadChunk(ch.chunk_id, 0, ch.length, tokens[ch.chunk_id]), dest)
-                        chunkio.verify(ch.chunk_id, ch.address, data, reply.data_offset, reply.checksums,
-                                       reply.chunk_length)
+                        # Verified as it arrives (kvfs.rpc_blocking), as the client does.
+                        blocking[ch.address].read(P.ReadChunk(ch.chunk_id, 0, ch.length, tokens[ch.chunk_id]), dest)
                         return
                     if name == "preadv":
                         fd = os.open(ch.path, os.O_RDONLY)
@@ -105,18 +112,19 @@ def main(argv: list[str] | None = None) -> int:
                         chunkio.read_local_chunk(ch.path, ch.sums_path, ch.chunk_id, ch.address, 0, [dest])
 
                 n = size // (16 * MiB) if name.endswith("reader") else len(chunks)
-                t0 = time.perf_counter()
+                cpu0, svc0, t0 = time.process_time(), proc_cpu(pids), time.perf_counter()
                 with ThreadPoolExecutor(args.threads) as pool:
                     list(pool.map(one, range(n)))
-                return size / (time.perf_counter() - t0) / 1e9
+                secs = time.perf_counter() - t0
+                gb = size / 1e9
+                return size / secs / 1e9, (time.process_time() - cpu0) / gb, (proc_cpu(pids) - svc0) / gb
 
             real_verify, native, helper = chunkio.verify_views, chunkio._XXH3, chunkio._BLOCKHASH
             one_call = chunkio._PREADV_VERIFY
             run("preadv")  # warm
-            results: dict[str, list[float]] = {}
+            results: dict[str, list[tuple[float, float, float]]] = {}
             for _ in range(args.reps):
-                for name in ("preadv", "chunkio-noverify", "chunkio-pyxxh", "chunkio-split", "chunkio", "reader",
-                             "tcp-blocking", "tcp-reader"):
+                for name in [r for r in ROWS if r in args.rows.split(",")]:
                     chunkio.verify_views = (lambda *a, **k: None) if name == "chunkio-noverify" else real_verify
                     python_only = name == "chunkio-pyxxh"  # python-xxhash per block, GIL held
                     chunkio._XXH3, chunkio._BLOCKHASH = (None, None) if python_only else (native, helper)
@@ -131,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                 b.close()
             print(f"{size / 1e9:.2f} GB, {args.threads} threads, {args.chunkservers} chunkserver(s), {'pinned' if pinned else 'pageable'} buffers, "
                   f"C block hasher {chunkio._BLOCKHASH is not None}")
+            print("  CPU s/GB: this process + the kvfs services (meta, chunkservers), each run")
             for name, v in results.items():
-                print(f"  {name:18s} best {max(v):6.2f} GB/s  (runs: {', '.join(f'{x:.2f}' for x in v)})")
+                cpus = ", ".join(f"{c + s:.3f} ({c:.3f}+{s:.3f})" for _, c, s in v)
+                print(f"  {name:18s} best {max(x for x, _, _ in v):6.2f} GB/s (runs: "
+                      f"{', '.join(f'{x:.2f}' for x, _, _ in v)})  CPU s/GB: {cpus}")
     finally:
         cluster.stop()
     return 0

@@ -2,7 +2,7 @@
 
 N sender threads each ``os.sendfile`` a warm file's bytes to their own connection, over and over; N
 receiver threads ``recv_into`` a reused buffer (GIL released in both syscalls). Reported: aggregate GB/s
-for each N in ``--streams``. kvfs's TCP path (chunkserver ``sendfile`` + client ``recv_into``, then
+for each N in ``--streams``, and CPU seconds per GB (both ends together). kvfs's TCP path (chunkserver ``sendfile`` + client ``recv_into``, then
 checksums and a copy) cannot beat this figure, so its ratio to this is the TCP path's efficiency.
 
     python3 bench/tcp_ceiling.py --streams 1,4,16 --seconds 3
@@ -20,7 +20,8 @@ import time
 CHUNK = 4 << 20
 
 
-def run(streams: int, seconds: float, path: str) -> float:
+def run(streams: int, seconds: float, path: str) -> tuple[float, float]:
+    """(GB/s, CPU seconds per GB of both ends: they run in this one process)"""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(streams)
@@ -65,15 +66,15 @@ def run(streams: int, seconds: float, path: str) -> float:
     for t in senders:
         t.start()
     time.sleep(0.5)  # ramp up
-    start, before = time.perf_counter(), sum(received)
+    start, before, cpu0 = time.perf_counter(), sum(received), time.process_time()
     time.sleep(seconds)
     moved = sum(received) - before
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
     stop.set()
     for t in receivers + senders:
         t.join()
     listener.close()
-    return moved / elapsed / 1e9
+    return moved / elapsed / 1e9, cpu / (moved / 1e9)
 
 
 def main() -> int:
@@ -85,7 +86,8 @@ def main() -> int:
         f.write(os.urandom(CHUNK))
         f.flush()
         for n in (int(x) for x in args.streams.split(",")):
-            print(f"loopback TCP, sendfile -> recv_into, {n:3d} streams: {run(n, args.seconds, f.name):6.2f} GB/s",
+            rate, cpu = run(n, args.seconds, f.name)
+            print(f"loopback TCP, sendfile -> recv_into, {n:3d} streams: {rate:6.2f} GB/s, {cpu:.3f} CPU s/GB",
                   flush=True)
     return 0
 

@@ -70,6 +70,11 @@ class ChunkService:
                                                               req.token), data)
 
     async def read(self, req: P.ReadChunk, _data) -> tuple[P.ReadChunkReply, FileRange]:
+        return self.read_now(req)
+
+    def read_now(self, req: P.ReadChunk) -> tuple[P.ReadChunkReply, FileRange]:
+        """CHUNK_READ without awaiting (no disk I/O: sendfile reads the file as it sends), so a serving
+        thread can run it too (kvfs.rpc_threaded)."""
         self.tokens.check(req.token, req.chunk_id, P.TOKEN_READ)
         loc = self.store.locate(req.chunk_id, req.offset, req.length)
         # A dup keeps the file readable even if the chunk is deleted while the reply is in flight.
@@ -130,7 +135,7 @@ class ChunkService:
         server = RpcServer("chunkserver", P.CHUNK_METHODS, {
             P.CHUNK_WRITE: self.write, P.CHUNK_READ: self.read, P.CHUNK_DELETE: self.delete, P.CHUNK_STAT: self.stat,
             P.CHUNK_REPLICATE: self.replicate, P.CHUNK_VERIFY: self.verify,
-        }, limits, prechecks={P.CHUNK_WRITE: self.check_write})
+        }, limits, prechecks={P.CHUNK_WRITE: self.check_write}, thread_handlers={P.CHUNK_READ: self.read_now})
         async with open_nursery() as nursery:
             bound = await nursery.start(server.serve, host, port)
             self.address = advertise or f"{host}:{bound}"

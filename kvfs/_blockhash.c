@@ -9,6 +9,9 @@
  * check of every block in one call, so a reader thread takes the GIL once per chunk instead of once
  * per system call and per run of blocks (16 threads reading 4 MiB chunks otherwise queue on the GIL).
  *
+ * recv_verify() is the same for chunk data arriving over TCP (kvfs.rpc_blocking): receive, and hash each
+ * block as soon as it is whole, in one call per reply.
+ *
  * The hash function itself is not compiled here: python-xxhash already carries XXH3_64bits, and
  * kvfs.chunkio hands its address to init() (found with ctypes), so both sides hash with the very same
  * code. Built as an optional extension: without a compiler kvfs falls back to Python.
@@ -18,7 +21,11 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <limits.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 
 typedef uint64_t (*xxh3_fn)(const void *, size_t);
 #define WINDOW (1024 * 1024) /* preadv_verify reads this much, then hashes it while it is in cache */
@@ -134,6 +141,150 @@ static uint64_t hash_span(Py_buffer *views, Py_ssize_t nviews, Py_ssize_t *vi, P
     return xxh3(scratch, (size_t)want);
 }
 
+/* Where fill_and_verify() gets its bytes: a file (preadv from an offset) or a socket (recvmsg, waiting
+ * with poll until a deadline). Both return what arrived, 0 at end of stream, or -errno. */
+typedef struct {
+    int fd;
+    long long offset;      /* file: where byte 0 of the range is */
+    int is_socket;
+    struct timespec deadline;  /* socket: give up (ETIMEDOUT) when nothing has arrived by then */
+} source_t;
+
+static long long ms_until(const struct timespec *t) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)(t->tv_sec - now.tv_sec) * 1000 + (t->tv_nsec - now.tv_nsec) / 1000000;
+}
+
+static ssize_t source_read(source_t *src, struct iovec *iov, int cnt, Py_ssize_t done) {
+    if (!src->is_socket) {
+        for (;;) {
+            ssize_t r = preadv(src->fd, iov, cnt, (off_t)(src->offset + done));
+            if (r >= 0) return r;
+            if (errno != EINTR) return -errno;
+        }
+    }
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov;
+    msg.msg_iovlen = (size_t)cnt;
+    for (;;) {
+        ssize_t r = recvmsg(src->fd, &msg, MSG_DONTWAIT);
+        if (r >= 0) return r;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
+        long long left = ms_until(&src->deadline);
+        if (left <= 0) return -ETIMEDOUT;
+        struct pollfd pfd = {src->fd, POLLIN, 0};
+        int p = poll(&pfd, 1, left > INT_MAX ? INT_MAX : (int)left);
+        if (p < 0 && errno != EINTR) return -errno;
+        if (p == 0) return -ETIMEDOUT;
+    }
+}
+
+/* Fill ``views`` (``want`` bytes in all) from ``src`` in windows of at most ``window`` bytes, hashing
+ * each block of the bytes that arrived right after it arrived, while it is still in the CPU cache (one
+ * pass over memory fewer than receiving everything first; many threads at once are bound by memory
+ * bandwidth). Stops at the first bad block. *total: bytes that arrived; *bad: the first block that
+ * differs from ``sums`` or has no checksum, else -1. Returns 0 or an errno (end of stream is no error:
+ * *total tells). Runs without the GIL. */
+static int fill_and_verify(source_t *src, Py_buffer *views, Py_ssize_t n, struct iovec *iov, Py_ssize_t want,
+                           const unsigned char *sums, Py_ssize_t nsums, Py_ssize_t block, Py_ssize_t window,
+                           unsigned char *scratch, Py_ssize_t *total_out, Py_ssize_t *bad_out) {
+    Py_ssize_t total = 0, bad = -1, hashed = 0;
+    Py_ssize_t rvi = 0, rvpos = 0;  /* read cursor: buffer, offset in it */
+    Py_ssize_t hvi = 0, hvpos = 0;  /* hash cursor */
+    int err = 0, eof = 0;
+    while (!err && bad < 0 && total < want && !eof) {
+        Py_ssize_t goal = total + window;
+        if (goal > want) goal = want;
+        while (total < goal) {
+            int cnt = 0;
+            Py_ssize_t left = goal - total, tvi = rvi, tvpos = rvpos;
+            while (left > 0 && cnt < 1024 && tvi < n) {
+                Py_ssize_t avail = views[tvi].len - tvpos;
+                if (avail <= 0) { tvi++; tvpos = 0; continue; }
+                Py_ssize_t take = avail < left ? avail : left;
+                iov[cnt].iov_base = (char *)views[tvi].buf + tvpos;
+                iov[cnt].iov_len = (size_t)take;
+                cnt++;
+                left -= take;
+                tvpos += take;
+            }
+            ssize_t r = source_read(src, iov, cnt, total);
+            if (r < 0) { err = (int)-r; break; }
+            if (r == 0) { eof = 1; break; }
+            total += r;
+            while (r > 0) {  /* advance the read cursor past what arrived */
+                Py_ssize_t avail = views[rvi].len - rvpos;
+                if (avail <= 0) { rvi++; rvpos = 0; continue; }
+                Py_ssize_t take = avail < r ? avail : (Py_ssize_t)r;
+                rvpos += take;
+                r -= take;
+            }
+            if (src->is_socket) break;  /* hash what a receive brought before waiting for more */
+        }
+        /* Whole blocks read so far, and the short last one once nothing more will come. */
+        int last = eof || total >= want || err;
+        while (!err && bad < 0 && hashed < total && (total - hashed >= block || last)) {
+            Py_ssize_t i = hashed / block, len = total - hashed;
+            if (len > block) len = block;
+            if (i >= nsums || hash_span(views, n, &hvi, &hvpos, len, scratch) != load_le64(sums + 8 * i))
+                bad = i;
+            hashed += len;
+        }
+    }
+    *total_out = total;
+    *bad_out = bad;
+    return err;
+}
+
+/* The shared body of preadv_verify() and recv_verify(): take the buffers, run fill_and_verify without
+ * the GIL, return (nread, bad) or raise OSError. */
+static PyObject *fill_call(source_t *src, PyObject *seq, Py_buffer *sums, Py_ssize_t block, Py_ssize_t window) {
+    PyObject *fast = PySequence_Fast(seq, "bufs must be a sequence of writable buffers");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), taken = 0;
+    Py_buffer *views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    struct iovec *iov = PyMem_Calloc(n < 1024 ? (n ? n : 1) : 1024, sizeof(struct iovec));
+    unsigned char *scratch = block > 0 ? PyMem_Malloc((size_t)block) : NULL;
+    PyObject *result = NULL;
+    if (views == NULL || iov == NULL || scratch == NULL) {
+        if (block <= 0)
+            PyErr_SetString(PyExc_ValueError, "block must be positive");
+        else
+            PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t want = 0;
+    for (; taken < n; taken++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, taken), &views[taken], PyBUF_WRITABLE) < 0)
+            goto done;
+        want += views[taken].len;
+    }
+    Py_ssize_t total = 0, bad = -1;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = fill_and_verify(src, views, n, iov, want, (const unsigned char *)sums->buf, sums->len / 8, block, window,
+                          scratch, &total, &bad);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    result = Py_BuildValue("nn", total, bad);
+done:
+    for (Py_ssize_t i = 0; i < taken; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(iov);
+    PyMem_Free(scratch);
+    Py_DECREF(fast);
+    return result;
+}
+
 /* preadv_verify(fd, offset, bufs, sums, block) -> (nread, bad)
  * Fill the writable buffers ``bufs`` in order from file ``offset`` on (until full or end of file),
  * then check each ``block``-sized block of the bytes read (block 0 starts at ``offset``) against the
@@ -151,96 +302,38 @@ static PyObject *preadv_verify(PyObject *self, PyObject *args) {
     }
     if (!PyArg_ParseTuple(args, "iLOy*n", &fd, &offset, &seq, &sums, &block))
         return NULL;
-    PyObject *fast = PySequence_Fast(seq, "bufs must be a sequence of writable buffers");
-    if (fast == NULL) {
-        PyBuffer_Release(&sums);
+    source_t src = {fd, offset, 0, {0, 0}};
+    PyObject *result = fill_call(&src, seq, &sums, block, WINDOW);
+    PyBuffer_Release(&sums);
+    return result;
+}
+
+/* recv_verify(fd, bufs, sums, block, timeout) -> (nread, bad)
+ * preadv_verify() for a connected stream socket: receive until ``bufs`` are full or the peer ends the
+ * stream (nread then tells how much came), checking each block as soon as it is whole. ``timeout``
+ * (seconds) bounds the whole call: TimeoutError (ETIMEDOUT) when the bytes have not all arrived by then.
+ * The socket may be blocking or not (receives never block: poll waits). The GIL is released for the
+ * whole call, so the copy out of the kernel, the hashing and the waiting all run in parallel threads. */
+static PyObject *recv_verify(PyObject *self, PyObject *args) {
+    int fd;
+    PyObject *seq;
+    Py_buffer sums;
+    Py_ssize_t block;
+    double timeout;
+    if (xxh3 == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "init() not called");
         return NULL;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), taken = 0;
-    Py_buffer *views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
-    struct iovec *iov = PyMem_Calloc(n ? n : 1, sizeof(struct iovec));
-    unsigned char *scratch = block > 0 ? PyMem_Malloc((size_t)block) : NULL;
-    PyObject *result = NULL;
-    if (views == NULL || iov == NULL || scratch == NULL) {
-        if (block <= 0)
-            PyErr_SetString(PyExc_ValueError, "block must be positive");
-        else
-            PyErr_NoMemory();
-        goto done;
-    }
-    Py_ssize_t want = 0;
-    for (; taken < n; taken++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, taken), &views[taken], PyBUF_WRITABLE) < 0)
-            goto done;
-        iov[taken].iov_base = views[taken].buf;
-        iov[taken].iov_len = (size_t)views[taken].len;
-        want += views[taken].len;
-    }
-    Py_ssize_t total = 0, bad = -1, hashed = 0, nsums = sums.len / 8;
-    Py_ssize_t rvi = 0, rvpos = 0;  /* read cursor: buffer, offset in it */
-    Py_ssize_t hvi = 0, hvpos = 0;  /* hash cursor */
-    int err = 0, eof = 0;
-    Py_BEGIN_ALLOW_THREADS
-    /* Read a window, then hash its blocks while they are still in the CPU cache: one pass over memory
-     * fewer than reading the whole range and hashing it afterwards (16 threads reading at once are
-     * bound by memory bandwidth). */
-    while (!err && bad < 0 && total < want && !eof) {
-        Py_ssize_t goal = total + WINDOW;
-        if (goal > want) goal = want;
-        while (total < goal) {
-            int cnt = 0;
-            Py_ssize_t left = goal - total, tvi = rvi, tvpos = rvpos;
-            while (left > 0 && cnt < 1024 && tvi < n) {
-                Py_ssize_t avail = views[tvi].len - tvpos;
-                if (avail <= 0) { tvi++; tvpos = 0; continue; }
-                Py_ssize_t take = avail < left ? avail : left;
-                iov[cnt].iov_base = (char *)views[tvi].buf + tvpos;
-                iov[cnt].iov_len = (size_t)take;
-                cnt++;
-                left -= take;
-                tvpos += take;
-            }
-            ssize_t r = preadv(fd, iov, cnt, (off_t)(offset + total));
-            if (r < 0) {
-                if (errno == EINTR) continue;
-                err = errno;
-                break;
-            }
-            if (r == 0) { eof = 1; break; }
-            total += r;
-            while (r > 0) {  /* advance the read cursor past what arrived */
-                Py_ssize_t avail = views[rvi].len - rvpos;
-                if (avail <= 0) { rvi++; rvpos = 0; continue; }
-                Py_ssize_t take = avail < r ? avail : (Py_ssize_t)r;
-                rvpos += take;
-                r -= take;
-            }
-        }
-        /* Whole blocks read so far, and the short last one once nothing more will come. */
-        int last = eof || total >= want || err;
-        while (!err && bad < 0 && hashed < total && (total - hashed >= block || last)) {
-            Py_ssize_t i = hashed / block, len = total - hashed;
-            if (len > block) len = block;
-            if (i >= nsums ||
-                hash_span(views, n, &hvi, &hvpos, len, scratch) != load_le64((const unsigned char *)sums.buf + 8 * i))
-                bad = i;
-            hashed += len;
-        }
-    }
-    Py_END_ALLOW_THREADS
-    if (err) {
-        errno = err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        goto done;
-    }
-    result = Py_BuildValue("nn", total, bad);
-done:
-    for (Py_ssize_t i = 0; i < taken; i++)
-        PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
-    PyMem_Free(iov);
-    PyMem_Free(scratch);
-    Py_DECREF(fast);
+    if (!PyArg_ParseTuple(args, "iOy*nd", &fd, &seq, &sums, &block, &timeout))
+        return NULL;
+    source_t src = {fd, 0, 1, {0, 0}};
+    clock_gettime(CLOCK_MONOTONIC, &src.deadline);
+    if (timeout < 0) timeout = 0;
+    if (timeout > 1e6) timeout = 1e6;
+    long long ns = (long long)(timeout * 1e9) + src.deadline.tv_nsec;
+    src.deadline.tv_sec += (time_t)(ns / 1000000000);
+    src.deadline.tv_nsec = (long)(ns % 1000000000);
+    PyObject *result = fill_call(&src, seq, &sums, block, PY_SSIZE_T_MAX / 2);
     PyBuffer_Release(&sums);
     return result;
 }
@@ -250,6 +343,7 @@ static PyMethodDef methods[] = {
     {"first_mismatch", first_mismatch, METH_VARARGS, "Index of the first block whose checksum differs, or -1."},
     {"hash_blocks", hash_blocks, METH_VARARGS, "Little-endian u64 XXH3 of every block."},
     {"preadv_verify", preadv_verify, METH_VARARGS, "Read a file range into buffers and check its blocks."},
+    {"recv_verify", recv_verify, METH_VARARGS, "Receive from a socket into buffers and check each block as it lands."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -66,6 +66,8 @@ def _block_hasher():
 _BLOCKHASH = _block_hasher()
 # Read and verify in one C call (older builds of the extension lack it).
 _PREADV_VERIFY = getattr(_BLOCKHASH, "preadv_verify", None)
+# Receive chunk data from a socket and check each block as it lands (kvfs.rpc_blocking), or None.
+recv_verify = getattr(_BLOCKHASH, "recv_verify", None)
 
 
 def block_checksums(data) -> list[int]:

@@ -278,9 +278,10 @@ class ClientReads:
         into = out if aligned else memoryview(bytearray(offset + len(out) - start + BLOCK))
         request = P.ReadChunk(ref.chunk_id, offset, len(out), ref.token)
 
-        def finish(reply: P.ReadChunkReply, data: memoryview | None) -> None:
+        def finish(reply: P.ReadChunkReply, data: memoryview | None, verified: bool = False) -> None:
             data = data if data is not None else memoryview(b"")
-            _verify(ref.chunk_id, address, data, reply.data_offset, reply.checksums, reply.chunk_length)
+            if not verified:
+                _verify(ref.chunk_id, address, data, reply.data_offset, reply.checksums, reply.chunk_length)
             skip = offset - reply.data_offset
             if len(data) - skip < len(out):
                 raise error(errno.EIO, f"chunk {ref.chunk_id:x} on {address}: short read")
@@ -288,9 +289,9 @@ class ClientReads:
                 out[:] = data[skip: skip + len(out)]
 
         if self.options.thread_read_min and len(out) >= self.options.thread_read_min:
-            # Large reads: receive and verify in a worker thread (kvfs/rpc_blocking.py), several at once.
+            # Large reads: received and verified in a worker thread (kvfs/rpc_blocking.py), several at once.
             def work() -> None:
-                finish(*self._thread_chunkserver(address).read(request, into))
+                finish(*self._thread_chunkserver(address).read(request, into), verified=True)
 
             await trio.to_thread.run_sync(work, limiter=self._read_threads)
             return

@@ -33,6 +33,7 @@ from kvfs import identity, metrics, tls
 from kvfs import protocol as P
 from kvfs.errors import errno_of, error
 from kvfs.tasks import open_nursery
+from kvfs.rpc_threaded import CLOSE, ThreadHandler, serve_in_thread
 from kvfs.transport import Plain, Tls, accept_tls, connect_tls, linger
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,11 @@ async def _send_frame(
     if bulk is not None and not isinstance(bulk, FileRange) and data_len <= 64 << 10:
         await _send_all(sock, head + payload + bytes(bulk))  # one syscall for small frames
         return
-    await _send_all(sock, head + payload)
     if isinstance(bulk, FileRange):
-        await sock.send_file(bulk)
-    elif bulk is not None and data_len:
+        await sock.send_file(bulk, head + payload)
+        return
+    await _send_all(sock, head + payload)
+    if bulk is not None and data_len:
         await _send_all(sock, bulk)
 
 
@@ -188,13 +190,19 @@ class RpcServer:
 
     def __init__(self, name: str, methods: dict[int, tuple[type[P.Struct], type[P.Struct]]],
                  handlers: dict[int, Handler], limits: ServerLimits | None = None, *,
-                 ssl_context: ssl.SSLContext | None | bool = True, prechecks: dict[int, Precheck] | None = None):
+                 ssl_context: ssl.SSLContext | None | bool = True, prechecks: dict[int, Precheck] | None = None,
+                 thread_handlers: dict[int, ThreadHandler] | None = None, serving_threads: int = 64):
         """``ssl_context``: True takes the process's (``kvfs.tls.server_context()``, None when it has no
         TLS material); None or False serves plaintext.
 
         ``prechecks``: method -> ``fn(request)`` run on the decoded request before its bulk data is
         received (e.g. a chunk write's capability token). Raising ``OSError`` refuses the request with
-        that errno; the data still on the wire is never read, so the connection is then closed."""
+        that errno; the data still on the wire is never read, so the connection is then closed.
+
+        ``thread_handlers``: method -> ``fn(request) -> (reply, FileRange)``, synchronous and quick. After
+        such a request, a plaintext connection is served by a worker thread (at most
+        ``serving_threads`` at once) while its peer keeps sending those requests (kvfs.rpc_threaded):
+        no event-loop hop per request. The async handler of the same method serves the rest."""
         missing = set(methods) - set(handlers)
         if missing:
             raise ValueError(f"{name}: no handler for methods {sorted(missing)}")
@@ -207,6 +215,8 @@ class RpcServer:
         self.roles = P.method_roles(methods)
         self.ssl_context = tls.server_context() if ssl_context is True else (ssl_context or None)
         self.budget = ByteBudget(self.limits.inflight_bytes)
+        self.thread_handlers = {m: (methods[m][0], fn) for m, fn in (thread_handlers or {}).items()}
+        self._serving_threads = trio.CapacityLimiter(max(1, serving_threads))
         self.peers: dict[str, int] = {}  # peer address -> open connections
 
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -283,17 +293,23 @@ class RpcServer:
             sock = await self._secure(raw, peer)
             if sock is None:
                 return
+            carried: bytes | None = None  # a header a serving thread received and handed back
             while True:
-                # Idle until the first byte of a request; then the whole header within the frame timeout.
-                with trio.move_on_after(limits.idle_timeout) as idle:
-                    first = await sock.recv_into(hview[:1])
-                if idle.cancelled_caught or first == 0:
-                    return
-                with trio.move_on_after(limits.frame_timeout) as slow:
-                    await _recv_exactly_into(sock, hview[1:])
-                if slow.cancelled_caught:
-                    log.warning("%s: %s sent a partial header for %gs: closing", self.name, peer, limits.frame_timeout)
-                    return
+                if carried is not None:
+                    header[:] = carried
+                    carried = None
+                else:
+                    # Idle until the first byte of a request; then the whole header within the frame timeout.
+                    with trio.move_on_after(limits.idle_timeout) as idle:
+                        first = await sock.recv_into(hview[:1])
+                    if idle.cancelled_caught or first == 0:
+                        return
+                    with trio.move_on_after(limits.frame_timeout) as slow:
+                        await _recv_exactly_into(sock, hview[1:])
+                    if slow.cancelled_caught:
+                        log.warning("%s: %s sent a partial header for %gs: closing", self.name, peer,
+                                    limits.frame_timeout)
+                        return
                 try:
                     frame = P.unpack_header(header)
                 except ValueError as exc:
@@ -308,6 +324,14 @@ class RpcServer:
                     return
                 if not await self._receive_and_dispatch(sock, frame, peer):
                     return
+                if (frame.method in self.thread_handlers and isinstance(sock, Plain)
+                        and self._serving_threads.available_tokens):
+                    # Its peer streams these requests: serve them from a thread until it pauses.
+                    carried = await trio.to_thread.run_sync(
+                        serve_in_thread, sock.sock.fileno(), self.name, self.thread_handlers, self.request_limits,
+                        limits.frame_timeout, limiter=self._serving_threads)
+                    if carried == CLOSE:
+                        return
         except OSError as exc:
             log.debug("%s: connection error: %s", self.name, exc)
         finally:

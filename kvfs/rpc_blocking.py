@@ -2,9 +2,10 @@
 
 Why: the trio client receives every byte on its one event-loop thread, so a reader that pulls chunks
 from several chunkservers at once is capped by that one core (about 2-3 GB/s on loopback, issue 10).
-A blocking ``recv_into`` releases the GIL for the whole copy out of the kernel, and the checksum check
-that follows (``kvfs.chunkio``, C, no GIL) runs in the same thread, so N threads receive and verify N
-chunks in parallel. Frames are the same as ``kvfs.rpc``'s (``kvfs.protocol``), to the same
+A reply's chunk data is received and verified in one C call without the GIL
+(``kvfs._blockhash.recv_verify``: each 64 KiB block is hashed right after it lands, while it is in
+the CPU cache), so N threads receive and verify N chunks in parallel with no Python step per
+arriving segment. Frames are the same as ``kvfs.rpc``'s (``kvfs.protocol``), to the same
 chunkserver port; only the client side differs.
 
 The trio path stays the default for small reads and for anything but ``CHUNK_READ``; ``Client`` sends
@@ -21,12 +22,18 @@ import errno
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 
+import msgspec
+
 from kvfs import identity, tls
 from kvfs import protocol as P
+from kvfs.chunkio import ChecksumError, verify
+from kvfs.chunkio import recv_verify as _RECV_VERIFY
 from kvfs.errors import error
+from kvfs.protocol import CHECKSUM_BLOCK as BLOCK
 from kvfs.rpc import SOCKET_BUFFER, ConnectError, TransportError, parse_address
 
 
@@ -87,9 +94,15 @@ class BlockingChunkClient:
         return (sock if sock is not None else self._connect()), request_id
 
     def read(self, request: P.ReadChunk, into: memoryview) -> tuple[P.ReadChunkReply, memoryview]:
-        """One CHUNK_READ; the data lands in ``into`` when it fits (else in a new buffer)."""
+        """One CHUNK_READ into ``into``: returns the reply and the data (a view of ``into``), verified
+        against the reply's block checksums while it arrived.
+
+        Error handling: ``ChecksumError`` (EIO) when the data does not match its checksums (a corrupt
+        replica: the caller reports it); ``TransportError`` (EIO) for a reply larger than ``into``, a
+        malformed or truncated one, a reset or a timeout; errno replies raise their OSError."""
         sock, request_id = self._take()
         deadline = time.monotonic() + self.timeout
+        data = into[:0]
         try:
             payload = P.encode(request)
             sock.settimeout(self.timeout)
@@ -97,16 +110,23 @@ class BlockingChunkClient:
             header = bytearray(P.HEADER_SIZE)
             _recv_into(sock, memoryview(header), deadline)
             frame = P.unpack_header(header)
-            reply_payload = bytearray(frame.payload_len)
-            _recv_into(sock, memoryview(reply_payload), deadline)
-            data = into[:frame.data_len] if len(into) >= frame.data_len else memoryview(bytearray(frame.data_len))
-            _recv_into(sock, data, deadline)
             if frame.request_id != request_id:
                 raise ValueError("reply does not match request")
+            if frame.data_len > len(into) or (frame.status and frame.data_len):
+                raise ValueError(f"{frame.data_len} bytes of data for a {len(into)}-byte read")
+            reply_payload = bytearray(frame.payload_len)
+            _recv_into(sock, memoryview(reply_payload), deadline)
+            if not frame.status:
+                reply: P.ReadChunkReply = P.decode(P.ReadChunkReply, reply_payload)  # type: ignore[assignment]
+                data = into[:frame.data_len]
+                _receive_verified(sock, data, reply, request.chunk_id, self.address, deadline)
+        except ChecksumError:
+            sock.close()  # the rest of the reply is still on the wire
+            raise
         except TimeoutError:
             sock.close()
             raise self._fail(f"request timed out after {self.timeout:g}s") from None
-        except ValueError as exc:
+        except (ValueError, msgspec.DecodeError) as exc:  # a malformed header or payload
             sock.close()
             raise self._fail(f"bad reply: {exc}") from None
         except OSError as exc:
@@ -119,7 +139,7 @@ class BlockingChunkClient:
             self._idle.append(sock)
         if frame.status:
             raise error(frame.status, P.decode(P.ErrorReply, reply_payload).message)  # type: ignore[attr-defined]
-        return P.decode(P.ReadChunkReply, reply_payload), data  # type: ignore[return-value]
+        return reply, data
 
     def close(self) -> None:
         with self._lock:
@@ -139,6 +159,29 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
         if n == 0:
             raise ConnectionResetError(errno.ECONNRESET, "connection closed by peer")
         got += n
+
+
+def _receive_verified(sock: socket.socket, data: memoryview, reply: P.ReadChunkReply, chunk_id: int, where: str,
+                      deadline: float) -> None:
+    """Receive a reply's chunk data into ``data`` and check it against ``reply.checksums``: in one C call
+    that hashes each block as it lands (kvfs._blockhash.recv_verify, no GIL) on plaintext sockets,
+    else received, then verified (TLS, or no C helper). Error handling: ChecksumError for data that
+    does not match or is not covered by exactly its checksums; TimeoutError past ``deadline``;
+    ConnectionResetError when the peer ends the stream early."""
+    if reply.data_offset % BLOCK or len(reply.checksums) != (len(data) + BLOCK - 1) // BLOCK:
+        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: {len(reply.checksums)} checksums for "
+                                       f"{len(data)} bytes at offset {reply.data_offset} (bad reply)")
+    if _RECV_VERIFY is None or isinstance(sock, ssl.SSLSocket):
+        _recv_into(sock, data, deadline)
+        verify(chunk_id, where, data, reply.data_offset, reply.checksums, reply.chunk_length)
+        return
+    sums = struct.pack(f"<{len(reply.checksums)}Q", *reply.checksums)
+    got, bad = _RECV_VERIFY(sock.fileno(), [data], sums, BLOCK, max(0.0, deadline - time.monotonic()))
+    if got < len(data) and not 0 <= bad < got // BLOCK:
+        raise ConnectionResetError(errno.ECONNRESET, f"connection closed by peer after {got} of {len(data)} bytes")
+    if bad >= 0:
+        raise ChecksumError(errno.EIO, f"chunk {chunk_id:x} on {where}: checksum mismatch at block "
+                                       f"{reply.data_offset // BLOCK + bad} (corrupt replica)")
 
 
 def _looks_closed(sock: socket.socket) -> bool:

@@ -1,7 +1,7 @@
 """The byte streams under ``kvfs.rpc``: a plaintext socket, or the same socket under TLS.
 
 Both offer what the frame loops use: ``recv_into(view) -> n`` (0 at EOF), ``send(view) -> n``,
-``send_file(FileRange)``, ``looks_closed()``, ``close()``. Plaintext is the trio socket itself (its
+``send_file(FileRange, head)``, ``looks_closed()``, ``close()``. Plaintext is the trio socket itself (its
 bound methods, no wrapper on the hot path) and sends files with ``sendfile``. TLS reads and writes
 with ``pread`` + ``send``, since the kernel cannot encrypt what sendfile sends without kTLS.
 
@@ -97,7 +97,12 @@ class Plain:
         self.send = sock.send
         self.close = sock.close
 
-    async def send_file(self, rng: FileRange) -> None:
+    async def send_file(self, rng: FileRange, head: bytes = b"") -> None:
+        """``head`` (the frame's header and payload), then the file range. MSG_MORE holds the head back
+        to leave in the same segment as the first file bytes: the peer wakes once for both."""
+        view = memoryview(head)
+        while view:
+            view = view[await self.sock.send(view, socket.MSG_MORE if rng.length else 0):]
         if rng.length >= THREAD_SEND_MIN:
             await trio.to_thread.run_sync(_send_file_blocking, self.sock.fileno(), rng.fd, rng.offset, rng.length)
             return
@@ -162,7 +167,10 @@ class Tls:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return n
 
-    async def send_file(self, rng: FileRange) -> None:
+    async def send_file(self, rng: FileRange, head: bytes = b"") -> None:
+        view = memoryview(head)
+        while view:
+            view = view[await self.send(view):]
         offset, remaining = rng.offset, rng.length
         while remaining > 0:
             piece = os.pread(rng.fd, min(remaining, SEND_FILE_PIECE), offset)

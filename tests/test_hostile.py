@@ -173,11 +173,14 @@ frames = st.one_of(
 )
 
 
-def send_and_check_alive(cluster, which: str, data: bytes) -> None:
-    """Send ``data`` to one server, read whatever it answers briefly, and check both servers live on."""
+def send_and_check_alive(cluster, which: str, data: bytes, before=None) -> None:
+    """Send ``data`` to one server (after ``before(socket)``, when given), read whatever it answers
+    briefly, and check both servers live on."""
     addr, pid = targets(cluster)[which]
     s = connect(addr)
     try:
+        if before is not None:
+            before(s)
         s.sendall(data)
         s.settimeout(0.2)
         try:
@@ -193,6 +196,93 @@ def send_and_check_alive(cluster, which: str, data: bytes) -> None:
 @given(frame=frames, which=st.sampled_from(["meta", "chunkserver"]), cut=st.integers(0, 300))
 def test_fuzzed_frames_never_crash_a_server(hardened, frame, which, cut):
     send_and_check_alive(hardened, which, frame[:cut] if cut < len(frame) else frame)
+
+
+@pytest.fixture(scope="module")
+def served_chunk(hardened):
+    """(chunk id, read token, bytes) of a file's first chunk on the hardened chunkserver."""
+    data = os.urandom(3 * MiB + 77)
+    with hardened.client(timeout=10) as w:
+        w.write_file("/threaded", data)
+    with hardened.client(timeout=10, local_reads=False) as c:
+        ino = c.resolve("/threaded").ino
+        c.open(ino)
+        ref = c.client.files[ino].chunks[0]
+        c.release(ino)
+    return ref.chunk_id, ref.token, data[:ref.length]
+
+
+def read_chunk(s: socket.socket, chunk_id: int, token: bytes, request_id: int) -> tuple[int, bytes]:
+    """One CHUNK_READ of the whole chunk on ``s``: (status, data)."""
+    payload = P.encode(P.ReadChunk(chunk_id, 0, 1 << 30, token))
+    s.sendall(P.pack_header(P.KIND_REQUEST, P.CHUNK_READ, 0, request_id, len(payload), 0) + payload)
+    head = s.recv(P.HEADER_SIZE, socket.MSG_WAITALL)
+    frame = P.unpack_header(head)
+    assert frame.request_id == request_id
+    s.recv(frame.payload_len, socket.MSG_WAITALL) if frame.payload_len else b""
+    data = b""
+    while len(data) < frame.data_len:
+        part = s.recv(frame.data_len - len(data))
+        assert part, "closed mid-reply"
+        data += part
+    return frame.status, data
+
+
+def test_a_connection_served_by_a_thread_keeps_every_rule(hardened, served_chunk):
+    """After a CHUNK_READ a plaintext connection is served by a worker thread while reads keep coming
+    (kvfs.rpc_threaded): reads back to back are right; another method in between is handed back to the
+    event loop and answered; a bad token or a malformed request gets its errno; unknown methods,
+    garbage, partial headers and stalled payloads close the connection within the frame timeout; a
+    quiet connection is still closed at the idle timeout."""
+    chunk_id, token, data = served_chunk
+    addr, _ = targets(hardened)["chunkserver"]
+    s = connect(addr)
+    for i in range(1, 4):  # the first on the event loop, the next ones in the serving thread
+        assert read_chunk(s, chunk_id, token, i) == (0, data)
+    stat = P.encode(P.Empty())
+    s.sendall(P.pack_header(P.KIND_REQUEST, P.CHUNK_STAT, 0, 9, len(stat), 0) + stat)
+    head = s.recv(P.HEADER_SIZE, socket.MSG_WAITALL)
+    frame = P.unpack_header(head)
+    assert (frame.status, frame.request_id) == (0, 9)
+    assert P.decode(P.ChunkserverStat, s.recv(frame.payload_len, socket.MSG_WAITALL)).chunks >= 1
+    assert read_chunk(s, chunk_id, token, 10) == (0, data)
+    assert read_chunk(s, chunk_id, b"forged" * 5, 11) == (13, b"")  # EACCES, and the connection lives on
+    junk = b"\xc1" * 8  # never valid msgpack
+    s.sendall(P.pack_header(P.KIND_REQUEST, P.CHUNK_READ, 0, 12, len(junk), 0) + junk)
+    assert reply_status(s) == 22  # EINVAL
+    s.recv(65536)  # the error message
+    assert read_chunk(s, chunk_id, token, 13) == (0, data)
+    s.close()
+    for after in (P.pack_header(P.KIND_REQUEST, 999, 0, 5, 10, 0) + b"x" * 10,  # unknown method
+                  b"GET / HTTP/1.1\r\n\r\n",  # not a frame
+                  P.pack_header(P.KIND_REQUEST, P.CHUNK_READ, 0, 5, 100, 0) + b"\x94",  # a stalled payload
+                  P.pack_header(P.KIND_REQUEST, P.CHUNK_READ, 0, 5, 10, 0)[:9],  # a partial header
+                  P.pack_header(P.KIND_REQUEST, P.CHUNK_READ, 0, 5, 60 * MiB, 0)):  # an oversized payload
+        s = connect(addr)
+        assert read_chunk(s, chunk_id, token, 1) == (0, data)
+        s.sendall(after)
+        t0 = time.monotonic()
+        assert closed_by_server(s, 10), after[:20]
+        assert time.monotonic() - t0 < 6
+    s = connect(addr)
+    assert read_chunk(s, chunk_id, token, 1) == (0, data)
+    time.sleep(1.5)  # quiet: the thread hands the connection back; the idle timeout (4 s) still applies
+    assert read_chunk(s, chunk_id, token, 2) == (0, data)
+    t0 = time.monotonic()
+    assert closed_by_server(s, 15)
+    assert 3 < time.monotonic() - t0 < 10
+    still_serves(hardened)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=frames, cut=st.integers(0, 300))
+def test_fuzzed_frames_to_a_thread_served_connection_never_crash_a_chunkserver(hardened, served_chunk, frame, cut):
+    chunk_id, token, data = served_chunk
+
+    def read_first(s: socket.socket) -> None:  # the connection is then served by a thread
+        assert read_chunk(s, chunk_id, token, 1) == (0, data)
+
+    send_and_check_alive(hardened, "chunkserver", frame[:cut] if cut < len(frame) else frame, read_first)
 
 
 def test_after_fuzzing_memory_is_bounded_and_clients_are_served(hardened):

@@ -13,6 +13,8 @@ import socket
 import pytest
 from cluster import Cluster, wait_for
 
+from kvfs.chunkio import block_checksums
+
 MiB = 1 << 20
 
 
@@ -88,6 +90,7 @@ def test_dead_server_is_an_error_and_a_restarted_one_serves_again(tmp_path):
             c.open(ino)
             try:
                 assert c.read(ino, 0, len(data)) == data  # leaves pooled blocking connections behind
+                registered = cl.servers[0].log().count("registered with meta")
                 cl.kill_chunkserver(0)
                 with pytest.raises(OSError) as exc:
                     c.read(ino, 0, len(data))
@@ -95,6 +98,10 @@ def test_dead_server_is_an_error_and_a_restarted_one_serves_again(tmp_path):
                 cl.start_chunkserver(0)
                 port = int(cl.servers[0].args[cl.servers[0].args.index("--listen") + 1].rsplit(":", 1)[1])
                 wait_for(lambda: _listening(port), 20, "the chunkserver to listen again")
+                # It refuses reads (EAGAIN) until meta has sent it the capability keys: wait for that,
+                # not just for the port (on a loaded machine registration can lag the listen).
+                wait_for(lambda: cl.servers[0].log().count("registered with meta") > registered, 20,
+                         "the chunkserver to register again")
                 assert c.read(ino, 0, len(data)) == data
             finally:
                 c.release(ino)
@@ -150,39 +157,125 @@ def test_loader_reader_reads_chunks_over_tcp_from_its_own_threads(cluster):
         reader.close()
 
 
-def test_a_peer_that_stalls_mid_data_times_out(tmp_path):
-    """A hostile or hung peer that announces 4 MiB of chunk data, sends part of it and stops: the
-    blocking receive gives up at the client's timeout with EIO, never hangs."""
-    import threading
-    import time
+class FakeChunkserver:
+    """A plain-socket peer that answers one CHUNK_READ the way ``reply(conn, request_id)`` does (broken or
+    hostile on purpose), then holds the connection open until the test ends."""
 
-    from kvfs import protocol as P
-    from kvfs.rpc_blocking import BlockingChunkClient
+    def __init__(self, reply):
+        import threading
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
-    release = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.release = threading.Event()
+        self.reply = reply
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
-    def stall() -> None:
-        conn, _ = listener.accept()
+    def _serve(self) -> None:
+        from kvfs import protocol as P
+
+        conn, _ = self.listener.accept()
         with conn:
             header = P.unpack_header(conn.recv(P.HEADER_SIZE, socket.MSG_WAITALL))
             conn.recv(header.payload_len, socket.MSG_WAITALL)
-            reply = P.encode(P.ReadChunkReply(0, [], 4 * MiB))
-            conn.sendall(P.pack_header(P.KIND_REPLY, P.CHUNK_READ, 0, header.request_id, len(reply), 4 * MiB) + reply)
-            conn.sendall(os.urandom(MiB))  # a quarter of what was announced, then nothing
-            release.wait(30)
+            try:
+                self.reply(conn, header.request_id)
+            except OSError:
+                pass
+            self.release.wait(30)
 
-    server = threading.Thread(target=stall, daemon=True)
-    server.start()
-    client = BlockingChunkClient(f"127.0.0.1:{port}", timeout=1.5)
+    def close(self) -> None:
+        self.release.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def _send_reply(conn, request_id: int, data: bytes, *, announce: int | None = None, sums: list[int] | None = None,
+                send: int | None = None) -> None:
+    """A CHUNK_READ reply for ``data`` at chunk offset 0: ``announce`` bytes declared (default all),
+    ``sums`` as checksums (default the right ones), only the first ``send`` bytes sent (default all)."""
+    from kvfs import protocol as P
+
+    reply = P.encode(P.ReadChunkReply(0, block_checksums(data) if sums is None else sums, len(data)))
+    conn.sendall(P.pack_header(P.KIND_REPLY, P.CHUNK_READ, 0, request_id, len(reply),
+                               len(data) if announce is None else announce) + reply)
+    conn.sendall(data[:len(data) if send is None else send])
+
+
+def _corrupt(data: bytes) -> bytes:
+    bad = bytearray(data)
+    bad[3 * MiB + 11] ^= 0x40
+    return bytes(bad)
+
+
+HOSTILE_REPLIES = {
+    # announces 4 MiB, sends a quarter, then nothing: the receive gives up at the timeout
+    "stalls mid-data": (lambda c, rid, d: _send_reply(c, rid, d, send=MiB), "timed out"),
+    # sends part of the data, then closes the connection
+    "closes mid-data": (lambda c, rid, d: (_send_reply(c, rid, d, send=MiB + 5), c.shutdown(socket.SHUT_RDWR)),
+                        "closed by peer"),
+    # every byte arrives, one of them wrong for its checksum
+    "corrupt data": (lambda c, rid, d: _send_reply(c, rid, _corrupt(d), sums=block_checksums(d)),
+                     "checksum mismatch at block 48"),
+    # more data than the read asked for (and than the caller's buffer holds)
+    "too much data": (lambda c, rid, d: _send_reply(c, rid, d + d[:64 << 10]), "bad reply"),
+    # checksums that do not cover the data
+    "too few checksums": (lambda c, rid, d: _send_reply(c, rid, d, sums=[1, 2, 3]), "checksums for"),
+    # a reply to another request
+    "wrong request id": (lambda c, rid, d: _send_reply(c, rid + 1, d), "does not match"),
+}
+
+
+@pytest.mark.parametrize("behaviour", list(HOSTILE_REPLIES))
+@pytest.mark.parametrize("receive", ["c-helper", "python"])
+def test_a_broken_or_hostile_peer_gives_eio_in_bounded_time(behaviour, receive, monkeypatch):
+    """A peer that stalls, hangs up, corrupts, over-sends or mislabels a chunk read's reply: the blocking
+    read raises EIO within the client's timeout, names the reason, never returns the bytes, never hangs,
+    and does not pool the connection. Both receive paths: the C helper (plaintext) and the Python one
+    (TLS, or no C helper)."""
+    import time
+
+    from kvfs import protocol as P
+    from kvfs import rpc_blocking
+    from kvfs.chunkio import recv_verify
+
+    assert recv_verify is not None, "kvfs._blockhash lacks recv_verify"
+    if receive == "python":
+        monkeypatch.setattr(rpc_blocking, "_RECV_VERIFY", None)
+    data = os.urandom(4 * MiB)
+    reply, reason = HOSTILE_REPLIES[behaviour]
+    server = FakeChunkserver(lambda conn, rid: reply(conn, rid, data))
+    client = rpc_blocking.BlockingChunkClient(server.address, timeout=1.5)
+    buf = memoryview(bytearray(4 * MiB))
     t0 = time.monotonic()
-    with pytest.raises(OSError) as exc:
-        client.read(P.ReadChunk(1, 0, 4 * MiB), memoryview(bytearray(4 * MiB)))
-    assert exc.value.errno == errno.EIO and "timed out" in str(exc.value)
-    assert time.monotonic() - t0 < 10
-    release.set()
-    client.close()
-    listener.close()
+    try:
+        with pytest.raises(OSError) as exc:
+            client.read(P.ReadChunk(1, 0, 4 * MiB), buf)
+        assert exc.value.errno == errno.EIO and reason in str(exc.value), str(exc.value)
+        assert time.monotonic() - t0 < 10
+        assert client._idle == []  # a connection left mid-reply is never reused
+    finally:
+        server.close()
+        client.close()
+
+
+def test_an_honest_peer_is_read_and_verified_on_both_receive_paths(monkeypatch):
+    """The fake peer sending a correct reply: the same bytes on both receive paths (the negative tests
+    above are meaningful only if this one passes)."""
+    from kvfs import protocol as P
+    from kvfs import rpc_blocking
+
+    data = os.urandom(4 * MiB - 1000)  # a short last block
+    for helper in (rpc_blocking._RECV_VERIFY, None):
+        monkeypatch.setattr(rpc_blocking, "_RECV_VERIFY", helper)
+        server = FakeChunkserver(lambda conn, rid: _send_reply(conn, rid, data))
+        client = rpc_blocking.BlockingChunkClient(server.address, timeout=5)
+        try:
+            reply, got = client.read(P.ReadChunk(1, 0, len(data)), memoryview(bytearray(4 * MiB)))
+            assert bytes(got) == data and reply.chunk_length == len(data)
+            assert len(client._idle) == 1  # a complete exchange returns its connection to the pool
+        finally:
+            server.close()
+            client.close()

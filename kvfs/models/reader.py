@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from kvfs import protocol as P
 from kvfs.chunkfiles import ChunkFiles
-from kvfs.chunkio import OpenChunks, read_local_chunk, verify
+from kvfs.chunkio import OpenChunks, read_local_chunk
 from kvfs.protocol import CHECKSUM_BLOCK as BLOCK
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class ClientFileReader:
         self._read_via_client(offset, [b for b in bufs if len(b)])
 
     def _read_chunk_tcp(self, index: int, in_chunk: int, views: list[memoryview], file_offset: int) -> None:
-        """One chunk range from its first replica over TCP in this thread, verified (kvfs.chunkio). Any
+        """One chunk range from its first replica over TCP in this thread, verified (kvfs.rpc_blocking). Any
         failure goes to the client's path, which renews tokens, fails over and reports bad replicas."""
         assert self._remote is not None
         ref = self._remote.get(index)
@@ -208,9 +208,8 @@ class ClientFileReader:
         into = views[0] if aligned else self._scratch(want + 2 * BLOCK)
         address = ref.replicas[0]
         try:
-            reply, data = self._client.client._thread_chunkserver(address).read(
+            reply, data = self._client.client._thread_chunkserver(address).read(  # verified as it arrives
                 P.ReadChunk(ref.chunk_id, in_chunk, want, ref.token), into)
-            verify(ref.chunk_id, address, data, reply.data_offset, reply.checksums, reply.chunk_length)
             skip = in_chunk - reply.data_offset
             if len(data) - skip < want:
                 raise OSError(errno.EIO, f"chunk {ref.chunk_id:x} on {address}: short read")
