@@ -189,7 +189,9 @@ def loading(args: argparse.Namespace, argv: list[str] | None) -> int:
     build = BUILD.replace("vocab_size=4096", "vocab_size=32000")
     rows: dict[str, list[tuple[float, float]]] = {}
     prompt = [[5 + i for i in range(16)]]
-    with tempfile.TemporaryDirectory(prefix="bench-vllm-load-") as work:
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-load-") as tmp:
+        work = args.workdir or tmp
+        os.makedirs(work, exist_ok=True)
         local = os.path.join(work, "model")
         subprocess.run([sys.executable, "-c", build, local, str(args.load_layers), str(args.load_hidden)], check=True,
                        capture_output=True)

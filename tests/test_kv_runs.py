@@ -189,3 +189,33 @@ def test_mapping_falls_back_to_reads_when_the_lock_is_refused(cluster, monkeypat
         [read] = s.get_runs([hashes], [out], map_local=True)
         assert (read.blocks, read.error) == (4, None) and read.data is out and torch.equal(out, data)
         assert s.backend._map_refused
+
+
+def test_mapped_runs_are_verified_once_by_their_block_sums(cluster):
+    """A mapped run (native client, chunk on this host) is not checked against the chunk checksums as
+    well (each byte is hashed once): a chunk file corrupted on disk is caught by the run's per-block
+    checksums instead, mapped or read: the blocks before the bad one load, it and the rest do not."""
+    from kvfs.chunkserver.store import chunk_path
+
+    with cluster.client() as client, KVStore("/kvruns/disk-rot", LAYOUT, client=client) as s:
+        data = blocks(4, 4)
+        hashes = store_prompt(s, list(range(16)), data)
+        servers = {x.address: x.data_dir for x in client.refresh_servers().servers}
+        ref = client.chunk_map(client.resolve(s.run_path(hashes)).ino).chunks[0]
+        header_len = ref.length - data.numel() * data.element_size()
+        for address in ref.replicas:  # every replica: no good copy to fail over to
+            with open(chunk_path(servers[address], ref.chunk_id), "r+b") as f:
+                f.seek(header_len + 2 * LAYOUT.nbytes + 3)  # inside block 2
+                byte = f.read(1)
+                f.seek(header_len + 2 * LAYOUT.nbytes + 3)
+                f.write(bytes([byte[0] ^ 0x10]))
+        [mapped] = s.get_runs([hashes], [torch.empty_like(data)], map_local=True)
+        assert mapped.data.data_ptr() != 0 and not mapped.data.untyped_storage().resizable()  # it was mapped
+        assert mapped.blocks == 2 and "block 2 payload checksum" in str(mapped.error)
+        assert torch.equal(mapped.data[:2], data[:2])
+        try:
+            [read] = s.get_runs([hashes], [torch.empty_like(data)])
+        except OSError:
+            pass  # a copied read checks the chunk checksums and fails: nothing wrong is ever returned
+        else:
+            assert read.blocks <= 2

@@ -27,8 +27,9 @@ class PageOrder:
     ``(K/V, heads, tokens, head_dim)`` elements: ``order[i]`` is the canonical index of page element i.
 
     Known arrangements get strided copies (``kind``): "per_token" (each token's row is K then V) or
-    "planar K[TD|DT] V[TD|DT]" (per head all K, then all V, each [tokens, head_dim] or transposed). Any
-    other permutation still works, through a gather per element (slower)."""
+    "planar K[TD|DT] V[TD|DT]" (per head all K, then all V, each [tokens, head_dim] or transposed), and
+    "identity" (blocks stored in the page order itself: ``KVLayout.order`` set to the engine's ``tag``)
+    a plain copy. Any other permutation still works, through a gather per element (slower)."""
 
     def __init__(self, order: torch.Tensor, lay: KVLayout):
         self.order = order
@@ -37,6 +38,9 @@ class PageOrder:
         self._planar: tuple[bool, bool] | None = None
         h, t, d = self.shape
         can = torch.arange(2 * h * t * d).view(2, h, t, d)
+        if torch.equal(can.reshape(-1), order):
+            self.kind = "identity"
+            return
         if torch.equal(torch.cat([can[0], can[1]], dim=-1).reshape(-1), order):
             self.kind = "per_token"
             return
@@ -47,6 +51,22 @@ class PageOrder:
                     self.kind = f"planar K{'DT' if kt else 'TD'} V{'DT' if vt else 'TD'}"
                     self._planar = (kt, vt)
                     return
+
+    @property
+    def tag(self) -> str:
+        """This arrangement as a ``KVLayout.order`` (lowercase, stable): "pt" (per token) or
+        "k<td|dt>v<td|dt>" (planar); "" for the identity (canonical already) and irregular ones."""
+        if self.kind == "per_token":
+            return "pt"
+        if self._planar is not None:
+            return "".join(f"{p}{'dt' if tr else 'td'}" for p, tr in zip("kv", self._planar))
+        return ""
+
+    @classmethod
+    def identity(cls, lay: KVLayout) -> PageOrder:
+        """Blocks stored in the pages' own order (a layout whose ``order`` is the engine's tag): plain copies."""
+        h, t, d = lay.plane_shape
+        return cls(torch.arange(2 * h * t * d), lay)
 
     @classmethod
     def per_token(cls, lay: KVLayout) -> PageOrder:
@@ -67,7 +87,9 @@ class PageOrder:
         one strided copy per plane, no intermediate (``pages`` may be a slice of the engine's cache; each
         page must be contiguous)."""
         n, (h, t, d) = planes.shape[0], self.shape
-        if self.kind == "per_token":
+        if self.kind == "identity":
+            pages.view(n, -1).copy_(planes.reshape(n, -1))
+        elif self.kind == "per_token":
             pages[..., :d].copy_(planes[:, 0])
             pages[..., d:].copy_(planes[:, 1])
         elif self._planar is None:
@@ -83,7 +105,9 @@ class PageOrder:
     def from_pages(self, pages: torch.Tensor, planes: torch.Tensor) -> None:
         """(n, heads, tokens, 2*head_dim) contiguous pages -> ``planes`` (n, 2, heads, tokens, head_dim), in place."""
         n, (h, t, d) = pages.shape[0], self.shape
-        if self.kind == "per_token":
+        if self.kind == "identity":
+            planes.view(n, -1).copy_(pages.reshape(n, -1))  # planes: a view of the caller's blocks
+        elif self.kind == "per_token":
             planes[:, 0].copy_(pages[..., :d])
             planes[:, 1].copy_(pages[..., d:])
         elif self._planar is None:

@@ -163,11 +163,11 @@ class NativeBackend:
         return res
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                  map_local: bool = False) -> list[ReadResult | None | OSError]:
-        return self._run(self._read_many, jobs, on_ready, map_local)
+                  map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
+        return self._run(self._read_many, jobs, on_ready, map_local, caller_verifies)
 
     async def _read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                         map_local: bool = False) -> list[ReadResult | None | OSError]:
+                         map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
         if not jobs:
             return []
         # One meta round trip for every block's attributes and chunk map, then only chunk reads.
@@ -181,7 +181,7 @@ class NativeBackend:
                 on_ready(i, res)
 
         if map_local and all(len(j) == 5 for j in jobs):
-            mapped = await self._map_many_local(reply.files, jobs)
+            mapped = await self._map_many_local(reply.files, jobs, verify=not caller_verifies)
             if mapped is not None:
                 for i, res in enumerate(mapped):
                     settle(i, res)
@@ -327,9 +327,10 @@ class NativeBackend:
                 pass  # evicted meanwhile: recency is best effort
         return ReadResult(head, attr.size, attr.atime_ns, True)
 
-    async def _map_many_local(self, infos: list, jobs: Sequence[tuple]) -> list[ReadResult | None] | None:
-        """Every file is one chunk with a replica on this host: map the chunk files (verified, locked:
-        kvfs.chunkio.map_local_chunk) instead of copying them. None when that cannot be done (a file in
+    async def _map_many_local(self, infos: list, jobs: Sequence[tuple],
+                              verify: bool = True) -> list[ReadResult | None] | None:
+        """Every file is one chunk with a replica on this host: map the chunk files (locked, and verified
+        unless ``verify`` is False: kvfs.chunkio.map_local_chunk) instead of copying them. None when that cannot be done (a file in
         several chunks or not local, an odd size, a failed map or lock): the caller reads instead."""
         if self._map_refused:
             return None
@@ -352,7 +353,7 @@ class NativeBackend:
         def work(part: list[int]) -> None:
             for i in part:
                 lc = plans[i][1]
-                views[i] = map_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, lc.length)
+                views[i] = map_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, lc.length, verify)
 
         async def run(part: list[int]) -> None:
             nonlocal failed
