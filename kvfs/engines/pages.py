@@ -4,8 +4,8 @@ A kvfs block holds, per layer, ``(K/V, kv_heads, block_tokens, head_dim)`` (``kv
 keep a layer's blocks as pages whose element order is their attention backend's business; vLLM 0.32, for
 one, gives connectors ``[blocks, heads, tokens, 2*head_dim]`` views whose bytes each backend arranges
 differently. ``PageOrder`` describes one arrangement as a permutation and copies between the two;
-``PagedCache`` holds an engine's per-layer pages and copies whole blocks in (per layer, on threads, so
-an engine can start a layer's attention once that layer is in) and out.
+``PagedCache`` holds an engine's per-layer pages and copies whole blocks in (per layer, when the engine
+waits for that layer, so it can start a layer's attention once that layer is in) and out.
 
 Error handling: none beyond torch's (shapes are the caller's: ``(n, 2, heads, tokens, head_dim)`` planes,
 ``(n, heads, tokens, 2*head_dim)`` pages); a copy's exception is raised by ``wait``/``finish``.
@@ -13,9 +13,7 @@ Error handling: none beyond torch's (shapes are the caller's: ``(n, 2, heads, to
 
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -135,18 +133,19 @@ class PagedCache:
     """An engine's paged KV cache, one (pages, PageOrder) per layer in layer order, and copies of
     canonical blocks into and out of it.
 
-    ``start`` copies blocks in on worker threads, one task per layer, and returns at once; ``wait(layer)``
-    blocks until that layer's copy is done, so an engine that waits for each layer just before its
-    attention computes layer 0 while later layers are still being copied (vLLM runs torch with one
-    intra-op thread while serving: the copies use the other cores). ``finish`` waits for everything and
-    drops the sources (mapped chunks are unmapped then). Pages on a GPU are copied synchronously."""
+    ``start`` plans a load's copies and returns at once; ``wait(layer)`` copies that layer's blocks in,
+    in the calling thread, so an engine that waits for each layer just before its attention gets each
+    layer's pages filled right before it reads them (still in cache), and layer 0's attention does not
+    wait for the other layers. No threads of its own: vLLM on CPU binds its OpenMP threads to every core,
+    and a copy thread competing with them slowed the whole forward down (torch's copy runs on those
+    same OpenMP threads instead). ``finish`` copies any layer not yet waited for and drops the sources
+    (mapped chunks are unmapped then)."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, PageOrder]]):
         self.layers = layers
         self.device = layers[0][0].device
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[int, Future] = {}
-        self._sources: list = []
+        self._pending: set[int] = set()
+        self._plans: list = []
         self._started = 0.0
 
     def gather(self, block_ids: list[int], block_shape: tuple[int, ...]) -> torch.Tensor:
@@ -159,56 +158,45 @@ class PagedCache:
         return out
 
     def start(self, pieces: list[tuple[torch.Tensor, list[int]]]) -> None:
-        """Copy blocks in: per piece, blocks (n, *block_shape) in canonical order and the n page ids they
+        """Plan copies in: per piece, blocks (n, *block_shape) in canonical order and the n page ids they
         belong at; straight into each span of consecutive pages (one strided copy per plane), or, when a
         piece's ids are scattered, through one ``index_copy_`` per layer. The pieces are kept until
         ``finish``."""
         self.finish()
-        plans = []
         for blocks, block_ids in pieces:
             spans = consecutive_spans(block_ids)
             scattered = len(spans) > max(1, len(block_ids) // 8)  # per-span copies would cost more
             idx = torch.tensor(block_ids, dtype=torch.long, device=self.device) if scattered else None
-            plans.append((blocks, spans, idx))
-
-        def copy_layer(layer: int) -> None:
-            pages, order = self.layers[layer]
-            for blocks, spans, idx in plans:
-                planes = blocks[:, layer].to(self.device)
-                if idx is not None:
-                    pages.index_copy_(0, idx, order.to_pages(planes))
-                    continue
-                for pos, first, n in spans:
-                    order.into_pages(planes[pos:pos + n], pages[first:first + n])
-
+            self._plans.append((blocks, spans, idx))
+        self._pending = set(range(len(self.layers)))
         self._started = time.perf_counter()
-        if self.device.type != "cpu":
-            for layer in range(len(self.layers)):
-                copy_layer(layer)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="kvfs-copy")
-        self._sources = plans
-        self._pending = {layer: self._pool.submit(copy_layer, layer) for layer in range(len(self.layers))}
+
+    def _copy_layer(self, layer: int) -> None:
+        pages, order = self.layers[layer]
+        for blocks, spans, idx in self._plans:
+            planes = blocks[:, layer].to(self.device)
+            if idx is not None:
+                pages.index_copy_(0, idx, order.to_pages(planes))
+                continue
+            for pos, first, n in spans:
+                order.into_pages(planes[pos:pos + n], pages[first:first + n])
 
     def wait(self, layer: int) -> None:
-        """Until the copy into ``layer`` (started by ``start``) is done."""
-        task = self._pending.pop(layer, None)
-        if task is not None:
-            task.result()
+        """Copy ``layer``'s blocks of the load ``start`` planned, unless done already."""
+        if layer in self._pending:
+            self._pending.discard(layer)
+            self._copy_layer(layer)
 
     def finish(self) -> float:
-        """Wait for every copy ``start`` began and drop its sources; seconds since it started (0: none)."""
-        if not self._pending and not self._sources:
+        """Copy every layer not yet waited for and drop the sources; seconds since ``start`` (0: none)."""
+        if not self._pending and not self._plans:
             return 0.0
         try:
-            for layer in list(self._pending):
+            for layer in sorted(self._pending):
                 self.wait(layer)
         finally:
-            self._pending, self._sources = {}, []
+            self._pending, self._plans = set(), []
         return time.perf_counter() - self._started
 
     def close(self) -> None:
         self.finish()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)

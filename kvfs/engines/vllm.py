@@ -33,10 +33,10 @@ the vLLM block ids; so are the runs each step completes (to be saved), but for t
 
 **Worker side**: ``start_load_kv`` reads and verifies every run of the step's loads
 (``KVStore.get_runs``: each block's checksum; a corrupt, truncated or wrong-layout run is never copied
-in; through the native client a run whose chunk is on this host is mapped, not copied), then copies
-the blocks into the pages per layer on threads (``kvfs.engines.pages.PagedCache``) and returns:
-``wait_for_layer_load`` waits for its layer only, so layer 0's attention runs while later layers are
-still copied. ``wait_for_save`` (after the step's forward) copies the completed runs out of every layer
+in; through the native client a run whose chunk is on this host is mapped, not copied), plans the
+copies into the pages (``kvfs.engines.pages.PagedCache``) and returns: ``wait_for_layer_load`` copies
+its layer's blocks in, just before that layer's attention reads them (in the engine's thread: on CPU,
+a copy thread beside vLLM's core-bound OpenMP threads slowed the forward down). ``wait_for_save`` (after the step's forward) copies the completed runs out of every layer
 and publishes them atomically (``KVStore.put_runs``); ``save_kv_layer`` does nothing.
 
 **Page order**: each block holds every layer's page of it. By default (``page_order`` "engine") a page is
@@ -385,7 +385,7 @@ class KvfsConnector(KVConnectorBase_V1):
                 self._step_failed.update(load.block_ids[good:])
             pieces += loaded
         if pieces:
-            self._pages.start(pieces)  # per layer, on threads: wait_for_layer_load waits for its layer
+            self._pages.start(pieces)  # copied per layer, by wait_for_layer_load
 
     def _load(self, load: Transfer, bufs: torch.Tensor) -> list[tuple[torch.Tensor, list[int]]]:
         """Read and verify a request's runs; the verified blocks to copy into the pages, with their block
@@ -441,7 +441,7 @@ class KvfsConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         if self._pages is not None:
-            copied = self._pages.finish()  # normally done: each layer was waited for before its attention
+            copied = self._pages.finish()  # normally nothing left: each layer was copied before its attention
             if copied:
                 self._event({"event": "copied", "seconds": round(copied, 4)})
         if not self.enabled or not self.has_connector_metadata():
