@@ -219,3 +219,22 @@ def test_mapped_runs_are_verified_once_by_their_block_sums(cluster):
             pass  # a copied read checks the chunk checksums and fails: nothing wrong is ever returned
         else:
             assert read.blocks <= 2
+
+
+def test_loaded_runs_are_touched(cluster):
+    """A hit records an access on every run it loaded (mapped or read; the touches go out together), so
+    the eviction engine sees the runs as recent."""
+    import time
+
+    with cluster.client() as client, KVStore("/kvruns/touch", LAYOUT, client=client, touch_interval=0) as s:
+        data = blocks(12, 5)
+        hashes = store_prompt(s, list(range(48)), data)
+        runs = [hashes[a:a + n] for a, n in run_spans(len(hashes), RUN)]
+        old = time.time_ns() - 3600 * 10**9
+        for map_local in (True, False):
+            for run in runs:
+                client.setattr(client.stat(s.run_path(run)).ino, atime_ns=old, mtime_ns=old)
+            reads = s.get_runs(runs, [torch.empty((len(r), *LAYOUT.block_shape), dtype=torch.bfloat16) for r in runs],
+                               map_local=map_local)
+            assert [r.blocks for r in reads] == [4, 4, 4]
+            assert all(client.stat(s.run_path(run)).atime_ns > old for run in runs), map_local

@@ -277,12 +277,7 @@ class NativeBackend:
             async with open_nursery() as nursery:
                 for group in groups:
                     nursery.start_soon(run, group)
-        for i, (attr, _head, _hl, _out, _local) in plans.items():
-            if i not in failed and attr.atime_ns < jobs[i][4]:
-                try:
-                    await self.c.setattr(attr.ino, atime_ns=time.time_ns())
-                except OSError:
-                    pass  # evicted meanwhile: recency is best effort
+        await self._touch_all([(attr, jobs[i][4]) for i, (attr, *_rest) in plans.items() if i not in failed])
 
     async def _read_landed(self, info: P.GetChunksReply | None, path: str, expect_size: int, header_len: int,
                            out: Sequence[memoryview], touch_before_ns: int, land: Callable) -> ReadResult | None:
@@ -376,9 +371,21 @@ class NativeBackend:
                 results.append(None)
                 continue
             attr = plan[0]
-            await self._touch(attr, job[4])
             results.append(ReadResult(view[:max(SCRATCH, job[2])], attr.size, attr.atime_ns, True, mapped=view))
+        await self._touch_all([(plan[0], job[4]) for plan, view, job in zip(plans, views, jobs)
+                               if plan is not None and view is not None])
         return results
+
+    async def _touch_all(self, items: list[tuple[P.Attr, int]]) -> None:
+        """``_touch`` each (attributes, touch_before_ns), concurrently: a prompt's runs first hit after the
+        touch interval cost one round trip, not one per run."""
+        due = [(attr, before) for attr, before in items if attr.atime_ns < before]
+        if len(due) == 1:
+            await self._touch(*due[0])
+        elif due:
+            async with open_nursery() as nursery:
+                for attr, before in due:
+                    nursery.start_soon(self._touch, attr, before)
 
     async def _touch(self, attr: P.Attr, touch_before_ns: int) -> None:
         """Record an access (the eviction engine's recency), at most once per touch interval."""
