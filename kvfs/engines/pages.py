@@ -147,6 +147,7 @@ class PagedCache:
         self._pending: set[int] = set()
         self._plans: list = []
         self._started = 0.0
+        self.copy_seconds = 0.0  # spent copying the last load in (``wait`` and ``finish``)
 
     def gather(self, block_ids: list[int], block_shape: tuple[int, ...]) -> torch.Tensor:
         """Blocks out of the pages, canonical order: a CPU tensor (n, *block_shape)."""
@@ -170,6 +171,7 @@ class PagedCache:
             self._plans.append((blocks, spans, idx))
         self._pending = set(range(len(self.layers)))
         self._started = time.perf_counter()
+        self.copy_seconds = 0.0
 
     def _copy_layer(self, layer: int) -> None:
         pages, order = self.layers[layer]
@@ -185,7 +187,9 @@ class PagedCache:
         """Copy ``layer``'s blocks of the load ``start`` planned, unless done already."""
         if layer in self._pending:
             self._pending.discard(layer)
+            t0 = time.perf_counter()
             self._copy_layer(layer)
+            self.copy_seconds += time.perf_counter() - t0
 
     def finish(self) -> float:
         """Copy every layer not yet waited for and drop the sources; seconds since ``start`` (0: none)."""
