@@ -10,7 +10,9 @@ Per mode, two fresh vLLM processes (``tests/vllm_instance.py``, CPU, ``enforce_e
 worker in one process): the first serves ``--prompts`` prompts of ``--prefix`` tokens (saving their KV),
 the second (a new process, so vLLM's own prefix cache is empty) serves the same prompts again, one
 ``generate`` call per prompt with ``max_tokens=1``: that call's wall time is the time to first token.
-Each process first serves a short unrelated warm-up prompt. ``recompute`` runs only the second process,
+Each process first serves a short unrelated warm-up prompt. ``--rounds N`` repeats the measuring
+processes N times, every mode in turn each round (after all populating ones), so load from other work on
+a shared machine falls on all modes alike; each cell then has N x ``--prompts`` samples. ``recompute`` runs only the second process,
 with no connector. kvfs modes also run the prompts with a new 64-token tail after the shared prefix
 in a third fresh process (``+tail``: ExampleConnector only matches whole prompts, so it has no such
 row). The share of the prompt served from the cache is the connector's own count (its events file): hit
@@ -104,7 +106,9 @@ def model_and_cluster(work: str, layers: int, hidden: int) -> tuple[str, Cluster
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prefix", type=int, default=4096, help="prompt tokens (default 4096)")
-    p.add_argument("--prompts", type=int, default=3, help="prompts per mode, each timed once (default 3)")
+    p.add_argument("--prompts", type=int, default=3, help="prompts per mode, each timed once per round (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="fresh measuring processes per mode, the modes taking turns (default 1)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--modes", default="recompute,example,kvfs-mount,kvfs-native")
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             mnt = cluster.mount(os.path.join(work, "mnt"))
             os.makedirs(os.path.join(mnt, "kv"))
-            reference = None
+            specs = {}
             for mode in modes:
                 spec: dict = {"model": model}
                 if mode == "example":
@@ -141,23 +145,33 @@ def main(argv: list[str] | None = None) -> int:
                                                          "model_id": "bench-native"})
                 elif mode != "recompute":
                     raise SystemExit(f"unknown mode {mode}")
+                specs[mode] = spec
                 if mode != "recompute":
                     instance(work, f"{mode}-populate", {**spec, "batches": [warm, *[[pr] for pr in prompts]]})
-                runs = [(mode, prompts)]
-                if mode.startswith("kvfs"):  # another fresh process: the same prefixes, new tails
-                    runs.append((mode + " +tail", tails))
-                for label, timed in runs:
-                    out = instance(work, label.replace(" +", "-") + "-measure",
-                                   {**spec, "batches": [warm, *[[pr] for pr in timed]]})
-                    seconds = out["seconds"][1:]
-                    firsts = [o[0] for o in out["outputs"][1:]]
-                    if label == "recompute":
-                        reference = firsts
-                    same = None if reference is None or label.endswith("+tail") else firsts == reference
-                    lookups = [e for e in out["events"] if e["event"] == "lookup"][1:]  # not the warm-up's
-                    hit = statistics.mean(e["hit_tokens"] / e["prompt_tokens"] for e in lookups) if lookups else None
-                    rows.append((label, statistics.median(seconds), seconds, hit, same))
-                    print(rows[-1], flush=True)
+            # Rounds of every mode in turn: load from other work on the machine hits all modes alike.
+            reference = None
+            results: dict[str, dict] = {}
+            for rnd in range(args.rounds):
+                for mode in modes:
+                    runs = [(mode, prompts)]
+                    if mode.startswith("kvfs"):  # another fresh process: the same prefixes, new tails
+                        runs.append((mode + " +tail", tails))
+                    for label, timed in runs:
+                        out = instance(work, label.replace(" +", "-") + f"-measure{rnd or ''}",
+                                       {**specs[mode], "batches": [warm, *[[pr] for pr in timed]]})
+                        firsts = [o[0] for o in out["outputs"][1:]]
+                        if label == "recompute" and reference is None:
+                            reference = firsts
+                        r = results.setdefault(label, {"seconds": [], "hits": [], "same": []})
+                        r["seconds"] += out["seconds"][1:]
+                        if reference is not None and not label.endswith("+tail"):
+                            r["same"].append(firsts == reference)
+                        lookups = [e for e in out["events"] if e["event"] == "lookup"][1:]  # not the warm-up's
+                        r["hits"] += [e["hit_tokens"] / e["prompt_tokens"] for e in lookups]
+                        print(label, rnd, out["seconds"][1:], flush=True)
+            for label, r in results.items():
+                rows.append((label, statistics.median(r["seconds"]), r["seconds"],
+                             statistics.mean(r["hits"]) if r["hits"] else None, all(r["same"]) if r["same"] else None))
         finally:
             cluster.stop()
     base = next((r[1] for r in rows if r[0] == "recompute"), None)
@@ -180,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"vLLM {vllm.__version__}, torch {torch.__version__}). Model: random bf16 "
                 f"Llama, {args.layers} layers, hidden {args.hidden}, 4 KV heads; prompts of {args.prefix} tokens, "
                 f"block size {BLOCK}; TTFT = one `generate` call with `max_tokens=1` in a fresh vLLM process "
-                f"after another process served the same prompts.\n\n{table}\n")
+                f"after another process served the same prompts; {args.rounds} round(s) of fresh measuring "
+                f"processes, the modes taking turns.\n\n{table}\n")
         write_section(args.record, SECTION, body)
     return 0
 
@@ -189,7 +204,9 @@ def loading(args: argparse.Namespace, argv: list[str] | None) -> int:
     build = BUILD.replace("vocab_size=4096", "vocab_size=32000")
     rows: dict[str, list[tuple[float, float]]] = {}
     prompt = [[5 + i for i in range(16)]]
-    with tempfile.TemporaryDirectory(prefix="bench-vllm-load-") as work:
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-load-") as tmp:
+        work = args.workdir or tmp
+        os.makedirs(work, exist_ok=True)
         local = os.path.join(work, "model")
         subprocess.run([sys.executable, "-c", build, local, str(args.load_layers), str(args.load_hidden)], check=True,
                        capture_output=True)

@@ -484,12 +484,15 @@ def _read_sums(sums_path: str, first: int, count: int, flags: int) -> bytes:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def map_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, length: int) -> memoryview:
+def map_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, length: int,
+                    verify: bool = True) -> memoryview:
     """Bytes [0, ``length``) of the chunk file at ``path``, mapped read-only instead of copied, locked in
     memory (``mlock``) and verified against the checksum file ``sums_path``: a zero-copy verified read.
     The lock keeps the kernel from dropping the verified pages and reading them from disk again while
     the caller uses them, so what it reads is what was verified (kvfs never rewrites a chunk file in
     place: a new chunk is a new file). Unlocked and unmapped when the last view of it is gone.
+    ``verify=False``: not checked here, for a caller that checks every byte it uses against checksums of
+    its own (a KV run's per-block sums) on the locked pages: each byte is then hashed once, not twice.
 
     Error handling: ChecksumError (an OSError, EIO) for a short file or a checksum mismatch; OSError
     from mmap or mlock (ENOMEM/EPERM where RLIMIT_MEMLOCK is small): the caller reads instead."""
@@ -508,9 +511,10 @@ def map_local_chunk(path: str, sums_path: str, chunk_id: int, where: str, length
     if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(length)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mlock of chunk {chunk_id:x}: {os.strerror(err)}")
-    with open(sums_path, "rb") as f:
-        raw = f.read((length + BLOCK - 1) // BLOCK * 8)
-    verify_views(chunk_id, where, [view], 0, parse_sums(raw), length, raw)
+    if verify:
+        with open(sums_path, "rb") as f:
+            raw = f.read((length + BLOCK - 1) // BLOCK * 8)
+        verify_views(chunk_id, where, [view], 0, parse_sums(raw), length, raw)
     return view
 
 

@@ -26,7 +26,7 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -95,6 +95,25 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         self._host_id = host_id()
         await self.refresh_servers()
         nursery.start_soon(self._renew_leases, reply.lease_seconds)
+
+    def start_best_effort(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Run ``fn(*args)`` in the background, owned by the client's nursery (cancelled at close), for
+        work nobody waits for, like recording an access time. Its OSErrors are dropped; other errors
+        are logged, never raised into the nursery. From the trio thread; False (nothing started) before
+        ``connect``."""
+        if self._nursery is None:
+            return False
+
+        async def run() -> None:
+            try:
+                await fn(*args)
+            except OSError:
+                pass
+            except Exception:
+                log.exception("background %s failed", getattr(fn, "__name__", fn))
+
+        self._nursery.start_soon(run)
+        return True
 
     async def _renew_leases(self, lease_seconds: float) -> None:
         """Keep the write leases of open files alive, three renewals per lease period: meta keeps a

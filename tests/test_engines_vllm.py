@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -120,10 +121,14 @@ def test_page_orders():
             parts = [(can[p].transpose(1, 2) if tr else can[p]).reshape(h, t * d) for p, tr in ((0, kt), (1, vt))]
             orders[f"planar K{'DT' if kt else 'TD'} V{'DT' if vt else 'TD'}"] = torch.stack(parts, 1).reshape(-1)
     orders[""] = torch.randperm(2 * h * t * d, generator=torch.Generator().manual_seed(3))
+    orders["identity"] = torch.arange(2 * h * t * d)  # blocks stored in the page order (KVLayout.order)
+    tags = {"per_token": "pt", "planar KTD VTD": "ktdvtd", "planar KTD VDT": "ktdvdt", "planar KDT VTD": "kdtvtd",
+            "planar KDT VDT": "kdtvdt", "": "", "identity": ""}
     planes = torch.randn(5, 2, h, t, d)
     for kind, order in orders.items():
         po = PageOrder(order, lay)
-        assert po.kind == kind
+        assert po.kind == kind and po.tag == tags[kind]
+        assert replace(lay, order=po.tag).name == lay.name + (f"-o{po.tag}" if po.tag else "")
         pages = po.to_pages(planes)
         assert pages.shape == (5, h, t, 2 * d)
         assert torch.equal(pages.reshape(5, -1), planes.reshape(5, -1)[:, order])
@@ -191,6 +196,15 @@ def shared(mounted, models, work):
     return {"model_dir": model_dir, "kv": os.path.join(mounted.mountpoint, "kv"), "cluster": mounted}
 
 
+def stored_layout(shared: dict) -> KVLayout:
+    """Model A's one layout directory: LAYOUT_A in the CPU_ATTN kernel's own page order (the connector's
+    default ``page_order``), whose tag depends on the ISA vLLM picks on this machine."""
+    (name,) = os.listdir(os.path.join(shared["kv"], "tiny-a"))
+    lay = KVLayout.from_name(name)
+    assert lay.order and replace(lay, order="") == LAYOUT_A, name
+    return lay
+
+
 def test_prefix_hits_across_instances(work, models, reference, shared):
     cluster = shared["cluster"]
     # Instance A: weights read by plain vLLM from the mount, KV blocks through the mount.
@@ -198,7 +212,7 @@ def test_prefix_hits_across_instances(work, models, reference, shared):
                                extra={"root": shared["kv"], "model_id": "tiny-a"}, hash_seed="1")
     assert out_a == reference[:3]
     assert sum(e["published"] for e in of(ev_a, "save")) > 0
-    store = KVStore(os.path.join(shared["kv"], "tiny-a"), LAYOUT_A)
+    store = KVStore(os.path.join(shared["kv"], "tiny-a"), stored_layout(shared))
     for p in PROMPTS[:3]:  # every full block of A's prompts was published
         hashes = block_hashes(p, BLOCK)
         assert store.runs_prefix(hashes, RUN).blocks == len(hashes)
@@ -243,20 +257,22 @@ def test_two_models_share_root_without_cross_hits(work, models, shared):
     # Model B (other weights, float32: vLLM on CPU would run it in bfloat16 unless told) on the same root,
     # default model id (from its path): no hits.
     before = sorted(os.listdir(shared["kv"]))
-    out, ev = run_instance(work, "c", models[1], [PROMPTS[:3]], extra={"root": shared["kv"]}, dtype="float32")
+    # page_order canonical: blocks in kvfs's canonical order (a directory without an order tag).
+    out, ev = run_instance(work, "c", models[1], [PROMPTS[:3]], extra={"root": shared["kv"], "page_order": "canonical"},
+                           dtype="float32")
     assert len(out) == 3
     assert [e["hit_tokens"] for e in of(ev, "lookup")] == [0, 0, 0]
     assert not of(ev, "load")
     after = sorted(os.listdir(shared["kv"]))
     (new_dir,) = set(after) - set(before)
     assert new_dir.endswith("tiny-b")
-    assert os.listdir(os.path.join(shared["kv"], new_dir)) == ["f32-t32-l2-h2-d32-tp0of1"]
+    assert os.listdir(os.path.join(shared["kv"], new_dir)) == ["f32-t32-l2-h2-d32-tp0of1"]  # canonical: no tag
 
 
 def test_corrupt_and_truncated_blocks_are_recomputed(work, reference, shared):
     """Runs (kvfs.kv.run: several blocks in one file) that fail verification are refused, recomputed and
     replaced: one with a corrupt block after a good one (the good block still loads), one truncated."""
-    store = KVStore(os.path.join(shared["kv"], "tiny-a"), LAYOUT_A)
+    store = KVStore(os.path.join(shared["kv"], "tiny-a"), stored_layout(shared))
     bad = block_hashes(PROMPTS[0], BLOCK)  # one run of 6 blocks (in the shared prefix)
     short = block_hashes(PROMPTS[2], BLOCK)  # one run of 3
     assert len(bad) < RUN and len(short) < RUN

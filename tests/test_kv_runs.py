@@ -189,3 +189,55 @@ def test_mapping_falls_back_to_reads_when_the_lock_is_refused(cluster, monkeypat
         [read] = s.get_runs([hashes], [out], map_local=True)
         assert (read.blocks, read.error) == (4, None) and read.data is out and torch.equal(out, data)
         assert s.backend._map_refused
+
+
+def test_mapped_runs_are_verified_once_by_their_block_sums(cluster):
+    """A mapped run (native client, chunk on this host) is not checked against the chunk checksums as
+    well (each byte is hashed once): a chunk file corrupted on disk is caught by the run's per-block
+    checksums instead, mapped or read: the blocks before the bad one load, it and the rest do not."""
+    from kvfs.chunkserver.store import chunk_path
+
+    with cluster.client() as client, KVStore("/kvruns/disk-rot", LAYOUT, client=client) as s:
+        data = blocks(4, 4)
+        hashes = store_prompt(s, list(range(16)), data)
+        servers = {x.address: x.data_dir for x in client.refresh_servers().servers}
+        ref = client.chunk_map(client.resolve(s.run_path(hashes)).ino).chunks[0]
+        header_len = ref.length - data.numel() * data.element_size()
+        for address in ref.replicas:  # every replica: no good copy to fail over to
+            with open(chunk_path(servers[address], ref.chunk_id), "r+b") as f:
+                f.seek(header_len + 2 * LAYOUT.nbytes + 3)  # inside block 2
+                byte = f.read(1)
+                f.seek(header_len + 2 * LAYOUT.nbytes + 3)
+                f.write(bytes([byte[0] ^ 0x10]))
+        [mapped] = s.get_runs([hashes], [torch.empty_like(data)], map_local=True)
+        assert mapped.data.data_ptr() != 0 and not mapped.data.untyped_storage().resizable()  # it was mapped
+        assert mapped.blocks == 2 and "block 2 payload checksum" in str(mapped.error)
+        assert torch.equal(mapped.data[:2], data[:2])
+        try:
+            [read] = s.get_runs([hashes], [torch.empty_like(data)])
+        except OSError:
+            pass  # a copied read checks the chunk checksums and fails: nothing wrong is ever returned
+        else:
+            assert read.blocks <= 2
+
+
+def test_loaded_runs_are_touched(cluster):
+    """A hit records an access on every run it loaded (mapped or read; the touches go out together, in
+    the background), so the eviction engine sees the runs as recent."""
+    import time
+
+    with cluster.client() as client, KVStore("/kvruns/touch", LAYOUT, client=client, touch_interval=0) as s:
+        data = blocks(12, 5)
+        hashes = store_prompt(s, list(range(48)), data)
+        runs = [hashes[a:a + n] for a, n in run_spans(len(hashes), RUN)]
+        old = time.time_ns() - 3600 * 10**9
+        for map_local in (True, False):
+            for run in runs:
+                client.setattr(client.stat(s.run_path(run)).ino, atime_ns=old, mtime_ns=old)
+            reads = s.get_runs(runs, [torch.empty((len(r), *LAYOUT.block_shape), dtype=torch.bfloat16) for r in runs],
+                               map_local=map_local)
+            assert [r.blocks for r in reads] == [4, 4, 4]
+            deadline = time.monotonic() + 10  # touches run in the background: the load does not wait for them
+            while not all(client.stat(s.run_path(run)).atime_ns > old for run in runs):
+                assert time.monotonic() < deadline, map_local
+                time.sleep(0.05)

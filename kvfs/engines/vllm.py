@@ -13,7 +13,10 @@ adapter: keys, layouts and error mapping live here, storage logic stays in ``kvf
 the model name/path and ``revision``, made one path component), ``timeout`` (seconds per storage call,
 default 5, plus a second per 100 MB a load or save moves), ``retry_after`` (seconds a detected outage is trusted before kvfs is tried again, default
 10), ``stats_path`` (append one JSON line per lookup/load/save/outage event there; for tests and tools),
-``run_tokens`` (tokens per stored run, default 256: ``run_tokens // block_size`` blocks per file).
+``run_tokens`` (tokens per stored run, default 256: ``run_tokens // block_size`` blocks per file),
+``page_order`` ("engine", the default: blocks stored in the attention backend's own page order, named in
+the layout, so loads copy pages as they are; "canonical": kvfs's canonical order, readable by any engine
+or backend, at the cost of rearranging every page on load and save).
 
 **Keys**: a prompt's blocks are stored as *runs* (``kvfs.kv.run``, docs/kv.md): up to ``run_tokens``
 tokens of consecutive blocks in one file ``<root>/<model_id>/<KVLayout.name>/<hh>/<hash>-<count>``,
@@ -30,13 +33,19 @@ the vLLM block ids; so are the runs each step completes (to be saved), but for t
 
 **Worker side**: ``start_load_kv`` reads and verifies every run of the step's loads
 (``KVStore.get_runs``: each block's checksum; a corrupt, truncated or wrong-layout run is never copied
-in; through the native client a run whose chunk is on this host is mapped, not copied), then copies
-the blocks into the pages per layer on threads (``kvfs.engines.pages.PagedCache``) and returns:
-``wait_for_layer_load`` waits for its layer only, so layer 0's attention runs while later layers are
-still copied. ``wait_for_save`` (after the step's forward) copies the completed runs out of every layer
+in; through the native client a run whose chunk is on this host is mapped, not copied), plans the
+copies into the pages (``kvfs.engines.pages.PagedCache``) and returns: ``wait_for_layer_load`` copies
+its layer's blocks in, just before that layer's attention reads them (in the engine's thread: on CPU,
+a copy thread beside vLLM's core-bound OpenMP threads slowed the forward down). ``wait_for_save`` (after the step's forward) copies the completed runs out of every layer
 and publishes them atomically (``KVStore.put_runs``); ``save_kv_layer`` does nothing.
 
-Blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order, translated from
+**Page order**: each block holds every layer's page of it. By default (``page_order`` "engine") a page is
+stored in the attention backend's own order, named by the layout's ``order`` (``-o<tag>`` in its
+directory name, e.g. ``-okdtvtd`` for CPU_ATTN's "vec" kernel), so loads and saves are plain copies and
+engines with another order never find these blocks. The scheduler works the order out ahead
+(``_expected_page_order``); a worker that measures another disables the connector. With ``page_order``
+"canonical" blocks are stored in kvfs's canonical ``(layers, K/V, heads, tokens, head_dim)`` order (any
+engine or backend can read them), translated from
 each attention backend's paged layout by a per-page permutation: vLLM 0.32 hands connectors
 ``[blocks, heads, tokens, 2*head_dim]`` views on every backend, but ``CPU_ATTN`` stores a page as
 ``[heads, 2*tokens, head_dim]`` with K in an ISA-specific order (measured at start with the backend's own
@@ -62,7 +71,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -168,6 +178,9 @@ class KvfsConnector(KVConnectorBase_V1):
             log.warning("KvfsConnector disabled: %s", layout_or_why)
         else:
             self._layout, self._layer_names = layout_or_why
+            if extra.get("page_order", "engine") == "engine":
+                # Blocks in the engine's own page order: loads and saves copy pages without rearranging.
+                self._layout = replace(self._layout, order=_expected_page_order(vllm_config, self._layout))
             self._run_blocks = max(1, self._run_tokens // self._layout.block_tokens)
             log.info("KvfsConnector (%s): %s/%s/%s via %s", role.name.lower(), self._root, self._model_id,
                      self._layout.name, f"native client, meta {self._meta_addr}" if self._meta_addr else "directory")
@@ -331,7 +344,12 @@ class KvfsConnector(KVConnectorBase_V1):
                         orders[key] = order
             if why:
                 break
-            caches.append((t, orders[key]))
+            if lay.order and orders[key].tag != lay.order:
+                # The scheduler looks up this order's directory: storing another here would mislabel blocks.
+                why = (f"layer {name}: page order measured {orders[key].tag or orders[key].kind or 'irregular'!r}, "
+                       f"expected {lay.order!r} (set page_order to canonical)")
+                break
+            caches.append((t, PageOrder.identity(lay) if lay.order else orders[key]))
         if why:
             log.warning("KvfsConnector disabled: %s", why)
             self._layout = None
@@ -367,7 +385,7 @@ class KvfsConnector(KVConnectorBase_V1):
                 self._step_failed.update(load.block_ids[good:])
             pieces += loaded
         if pieces:
-            self._pages.start(pieces)  # per layer, on threads: wait_for_layer_load waits for its layer
+            self._pages.start(pieces)  # copied per layer, by wait_for_layer_load
 
     def _load(self, load: Transfer, bufs: torch.Tensor) -> list[tuple[torch.Tensor, list[int]]]:
         """Read and verify a request's runs; the verified blocks to copy into the pages, with their block
@@ -423,9 +441,10 @@ class KvfsConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         if self._pages is not None:
-            copied = self._pages.finish()  # normally done: each layer was waited for before its attention
+            copied = self._pages.finish()  # normally nothing left: each layer was copied before its attention
             if copied:
-                self._event({"event": "copied", "seconds": round(copied, 4)})
+                self._event({"event": "copied", "seconds": round(copied, 4),  # load start to the forward's end
+                             "copy_s": round(self._pages.copy_seconds, 4)})
         if not self.enabled or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
@@ -549,6 +568,29 @@ def register_plugins() -> None:
 
 
 # ---------------------------------------------------------------------- paged layouts
+
+
+def _expected_page_order(vllm_config: VllmConfig, lay: KVLayout) -> str:
+    """The page order tag (``PageOrder.tag``) this engine's workers will measure, worked out without
+    their caches: the scheduler names the layout directory before any worker exists. On CPU, CPU_ATTN's
+    own cache-write kernel probed with the ISA the backend will choose; elsewhere FLASH_ATTN's and
+    TRITON_ATTN's per-token order. "" (blocks stored canonical) when it cannot be told; a worker whose
+    measured order differs disables the connector (``register_kv_caches``)."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return PageOrder.per_token(lay).tag
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        isa = _get_attn_isa(vllm_config.model_config.dtype, lay.block_tokens, lay.head_dim,
+                            vllm_config.cache_config.cache_dtype)
+        order = _probe_cpu_order(SimpleNamespace(isa=isa), lay)
+        return "" if isinstance(order, str) else order.tag
+    except Exception as exc:  # a vLLM without these internals: the canonical order, which always works
+        log.info("KvfsConnector: page order not known ahead (%s); blocks are stored in canonical order", exc)
+        return ""
+
 
 
 def _probe_cpu_order(layer: Any, lay: KVLayout) -> PageOrder | str:

@@ -58,13 +58,16 @@ class Backend(Protocol):
         """``put(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot."""
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                  map_local: bool = False) -> list[ReadResult | None | OSError]:
+                  map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
         """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot.
         ``on_ready(i, result)``, if given, is called once per job as soon as that job's result is final,
         from whichever thread finished it, so a caller can use each block while others still read (the
         staged GPU route starts each block's copy then). It must not raise. ``map_local``: the backend
         may map a file instead of reading it into ``out`` (``ReadResult.mapped``: zero-copy, verified as a
-        read is), where it can do so safely; ``out`` is then left alone."""
+        read is), where it can do so safely; ``out`` is then left alone. ``caller_verifies``: the caller
+        checks every byte it uses of a mapped file against checksums of its own (a KV run's header
+        checksum and per-block sums), so the backend may skip checking the mapping against the chunk
+        checksums (each byte hashed once)."""
 
     def close(self) -> None: ...
 

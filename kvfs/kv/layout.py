@@ -9,8 +9,13 @@ A block holds ``block_tokens`` tokens of every layer. Its payload is one C-conti
 ``planes`` is 2 (K then V) or 1 (a single latent, as in MLA). ``num_kv_heads`` is the number of KV
 heads *this tensor-parallel rank* holds; ``tp_rank``/``tp_size`` only name the shard.
 
+``order`` (default "": the canonical order above) names another element order *within each layer* of
+the same bytes: an engine's own paged order (``kvfs.engines.pages.PageOrder.tag``), stored as is so a
+loading engine with that order copies pages without rearranging them. It is part of the layout, so
+blocks of different orders never meet: another directory, and another header.
+
 The directory name is stable and readable, e.g. ``bf16-t16-l32-h8-d128-tp0of1`` (``-p1`` is appended
-for single-plane layouts); ``KVLayout.from_name`` parses it back.
+for single-plane layouts, ``-o<order>`` for a non-canonical order); ``KVLayout.from_name`` parses it back.
 
 Error handling: ``ValueError`` for an unknown dtype, a non-positive size or an unparsable name.
 """
@@ -32,7 +37,8 @@ DTYPES: dict[str, tuple[str, int]] = {
     "uint8": ("u8", 1),
 }
 _SHORT = {short: name for name, (short, _) in DTYPES.items()}
-_NAME_RE = re.compile(r"^([a-z0-9]+)-t(\d+)-l(\d+)-h(\d+)-d(\d+)-tp(\d+)of(\d+)(?:-p(\d+))?$")
+_NAME_RE = re.compile(r"^([a-z0-9]+)-t(\d+)-l(\d+)-h(\d+)-d(\d+)-tp(\d+)of(\d+)(?:-p(\d+))?(?:-o([a-z0-9]+))?$")
+_ORDER_RE = re.compile(r"^[a-z0-9]*$")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -54,6 +60,7 @@ class KVLayout:
     tp_rank: int = 0
     tp_size: int = 1
     planes: int = 2
+    order: str = ""  # "": canonical; else the engine page order the bytes of each layer are stored in
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -65,6 +72,8 @@ class KVLayout:
             raise ValueError(f"tp_rank {self.tp_rank} out of range for tp_size {self.tp_size}")
         if self.planes not in (1, 2):
             raise ValueError(f"planes must be 1 (latent) or 2 (K and V), got {self.planes}")
+        if not isinstance(self.order, str) or not _ORDER_RE.match(self.order):
+            raise ValueError(f"layout order must be lowercase letters and digits, got {self.order!r}")
 
     @property
     def name(self) -> str:
@@ -72,16 +81,18 @@ class KVLayout:
         short = DTYPES[self.dtype][0]
         base = (f"{short}-t{self.block_tokens}-l{self.num_layers}-h{self.num_kv_heads}-d{self.head_dim}"
                 f"-tp{self.tp_rank}of{self.tp_size}")
-        return base if self.planes == 2 else f"{base}-p{self.planes}"
+        if self.planes != 2:
+            base += f"-p{self.planes}"
+        return f"{base}-o{self.order}" if self.order else base
 
     @classmethod
     def from_name(cls, name: str) -> KVLayout:
         m = _NAME_RE.match(name)
         if m is None:
             raise ValueError(f"not a KV layout name: {name!r}")
-        short, t, layers, heads, dim, rank, size, planes = m.groups()
+        short, t, layers, heads, dim, rank, size, planes, order = m.groups()
         return cls(_SHORT.get(short, short), int(t), int(layers), int(heads), int(dim), int(rank), int(size),
-                   int(planes) if planes else 2)
+                   int(planes) if planes else 2, order or "")
 
     @property
     def itemsize(self) -> int:
@@ -109,7 +120,10 @@ class KVLayout:
         return n
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.order:
+            del d["order"]  # canonical headers stay byte-identical to those written before orders existed
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> KVLayout:

@@ -168,7 +168,7 @@ class PosixBackend:
         return self._gather(self.put, jobs)
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                  map_local: bool = False) -> list[ReadResult | None | OSError]:
+                  map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
         # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
         return self._gather(self.read, jobs, on_ready)
 
