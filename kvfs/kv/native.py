@@ -265,11 +265,7 @@ class NativeBackend:
             chunks.close()
         if got != expect_size - header_len:
             raise OSError(errno.EIO, f"{path}: short read of the payload ({got} of {expect_size - header_len} bytes)")
-        if attr.atime_ns < touch_before_ns:
-            try:
-                await self.c.setattr(attr.ino, atime_ns=time.time_ns())
-            except OSError:
-                pass  # evicted meanwhile: recency is best effort
+        await self._touch(attr, touch_before_ns)
         return ReadResult(head, attr.size, attr.atime_ns, True)
 
     async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True) -> list[ReadResult | None] | None:
