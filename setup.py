@@ -22,6 +22,7 @@ if xxhash_dir is not None:
     extensions.append(Extension(
         "kvfs._xxh3_simd", ["kvfs/_xxh3_simd.c", "kvfs/_xxh3_avx2.c", "kvfs/_xxh3_avx512.c"],
         include_dirs=[xxhash_dir], depends=["kvfs/_xxh3_simd.h"], optional=True))
+    print(f"kvfs: building kvfs._xxh3_simd with {xxhash_dir}/xxhash.h", file=sys.stderr)
 else:
     print(f"kvfs: xxhash.h not found in {XXHASH_DIRS}: kvfs._xxh3_simd not built (set KVFS_XXHASH_INCLUDE)",
           file=sys.stderr)
