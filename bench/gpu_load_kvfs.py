@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_load import generate
 
     import kvfs
+    from xxh3_speed import usable_rows
+
     from kvfs import chunkio
     from kvfs.models import LoadOptions, load_safetensors
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         clients["kvfs-tcp-loop"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(
             timeout=60, local_reads=False, thread_read_min=0))
 
-        sources = [s for s in args.sources.split(",") if s]
+        sources = usable_rows([s for s in args.sources.split(",") if s])
         mountpoint = str(model.parent / "kvfs-mnt")
         if any(s.startswith("kvfs-mount") for s in sources):
             cluster.mount(mountpoint)

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in args.rows.split(",") if r]
     if unknown := [r for r in rows if r.partition("@")[0] not in ROWS]:
         p.error(f"unknown rows {unknown} (known: {', '.join(ROWS)})")
+    from xxh3_speed import usable_rows
+
+    rows = usable_rows(rows)
 
     import torch
     from cluster import Cluster

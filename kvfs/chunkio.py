@@ -61,7 +61,7 @@ def xxh3_impl() -> str:
     "python-xxhash" where no C function is reachable (hashing from Python, GIL held)."""
     if _BLOCKHASH is not None:
         return _BLOCKHASH.impl()
-    return _IMPL.name if _IMPL is not None else "python-xxhash"
+    return _IMPL.name if _IMPL is not None and _XXH3 is not None else "python-xxhash"
 
 
 def use_xxh3(name: str) -> None:
