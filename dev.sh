@@ -27,8 +27,9 @@ apt_install() {
 }
 
 # fuse3 for the mount; libfuse3-dev, pkg-config and a compiler to build pyfuse3 where no wheel fits.
-# python3-venv gives stock Debian's python3 its venv module (ensurepip).
-BASE_APT=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr)
+# python3-venv gives stock Debian's python3 its venv module (ensurepip). libxxhash-dev: xxhash.h, which
+# kvfs's AVX2/AVX-512 XXH3 (kvfs/_xxh3_simd.c) is compiled from (without it kvfs hashes with SSE2).
+BASE_APT=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr libxxhash-dev)
 
 make_venv() {
   # A venv whose python no longer runs (moved checkout, upgraded system python) is made again.

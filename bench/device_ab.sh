@@ -20,6 +20,12 @@ script=$1
 shift
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ab/deps \
   "$wheels"/*.whl || exit 1
+# xxhash.h for kvfs._xxh3_simd (the AVX2/AVX-512 XXH3), where the host lacks libxxhash-dev: the deb that
+# bench/xxh3_fetch.sh put into this checkout's .xxhbuild/, unpacked once (trees without it ignore the variable).
+xxh_deb=$(ls "$(dirname "$0")"/../.xxhbuild/libxxhash-dev_*.deb 2>/dev/null | head -1)
+if [ -z "${KVFS_XXHASH_INCLUDE:-}" ] && [ ! -e /usr/include/xxhash.h ] && [ -n "$xxh_deb" ]; then
+  mkdir -p /tmp/ab/xxhash && dpkg -x "$xxh_deb" /tmp/ab/xxhash && export KVFS_XXHASH_INCLUDE=/tmp/ab/xxhash/usr/include
+fi
 for tree in "${trees[@]}"; do
   name=$(basename "$tree")
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \

@@ -65,6 +65,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 import torch
 from gpu_load import drop_caches  # bench/ is on sys.path when run as a script
 
+from kvfs import chunkio
 from kvfs.gds import kvikio_available, mount_fstype
 from kvfs.kv import KVLayout, KVStore, block_hashes
 
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                             "gpu": torch.cuda.get_device_name(args.device) if gpu else None, "cpus": os.cpu_count(),
                             "python": platform.python_version(), "kernel": platform.release(),
-                            "dir_fstype": mount_fstype(args.dir), "kvikio": kvikio_available()}
+                            "dir_fstype": mount_fstype(args.dir), "kvikio": kvikio_available(),
+                            "xxh3": chunkio.xxh3_impl()}
     if info["kvikio"]:
         import kvikio
         import kvikio.defaults

@@ -19,6 +19,11 @@ warm (every source read once before timing):
 * ``kvfs-mount``: the same loader on the model's path in a ``kvfs mount`` of the cluster (FUSE; needs
   pyfuse3, see docs/benchmarks.md for building it on a host without libfuse headers).
 
+A kvfs source may end in ``@IMPL`` to verify with that XXH3-64 implementation (``kvfs.xxh3_impls``:
+``avx512``, ``avx2``, ``xxhash-sse2``), switched in this process before each load, so implementations
+compare in one run: ``--sources local,kvfs-native@xxhash-sse2,kvfs-native@avx2``. Without it, the
+default (the widest one usable here).
+
 ``local`` and ``kvfs-mount`` use the loader's pinned pipeline; ``local-kvikio`` and ``kvfs-mount-kvikio``
 read with kvikio ``CuFile`` (compat mode through FUSE: POSIX reads by kvikio's threads).
 
@@ -97,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_load import generate
 
     import kvfs
+    from xxh3_speed import usable_rows
+
+    from kvfs import chunkio
     from kvfs.models import LoadOptions, load_safetensors
 
     out = Path(args.out)
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     files = generate(model, args.gib)
     total = sum(f.stat().st_size for f in files)
     say(f"model: {len(files)} files, {total / 1e9:.2f} GB in {model}; device {args.device}; "
-        f"{os.cpu_count()} CPUs; kvfs chunk size {args.chunk_size}")
+        f"{os.cpu_count()} CPUs; kvfs chunk size {args.chunk_size}; XXH3 {chunkio.xxh3_impl()}")
     cluster_dir = model.parent / f"kvfs-cluster-{args.chunk_size}"
     shutil.rmtree(cluster_dir, ignore_errors=True)  # a fresh cluster: no data from an earlier run or version
     cluster = Cluster(str(cluster_dir), chunkservers=args.chunkservers,
@@ -134,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         clients["kvfs-tcp-loop"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(
             timeout=60, local_reads=False, thread_read_min=0))
 
-        sources = [s for s in args.sources.split(",") if s]
+        sources = usable_rows([s for s in args.sources.split(",") if s])
         mountpoint = str(model.parent / "kvfs-mnt")
         if any(s.startswith("kvfs-mount") for s in sources):
             cluster.mount(mountpoint)
 
+        default_xxh3 = chunkio.xxh3_impl()
+
         def load(source: str):
+            source, _, xxh3 = source.partition("@")
+            if (xxh3 or default_xxh3) != chunkio.xxh3_impl():
+                chunkio.use_xxh3(xxh3 or default_xxh3)
             opts = LoadOptions(use_kvikio=source.endswith("-kvikio"))
             if args.load_threads:
                 opts.threads = args.load_threads

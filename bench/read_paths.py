@@ -16,6 +16,9 @@ or ordinary host buffers:
   from the worker thread (no event loop), verified as the client does (the TCP path's ceiling here);
 * ``tcp-reader``: ``ClientFileReader`` over a client with ``local_reads=False`` (the loader over TCP).
 
+A row may end in ``@IMPL`` to verify with that XXH3-64 implementation (``kvfs.xxh3_impls``: ``avx512``,
+``avx2``, ``xxhash-sse2``), so they compare in one run: ``--rows preadv,chunkio@xxhash-sse2,chunkio@avx2``.
+
     PYTHONPATH=/tmp/site python3 bench/read_paths.py --gib 4 --threads 16
 """
 
@@ -44,8 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default="/var/tmp/kvfs-read-paths")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunkservers", type=int, default=1, help="chunks spread over this many (TCP rows)")
-    p.add_argument("--rows", default=",".join(ROWS), help="which rows to run (comma-separated)")
+    p.add_argument("--rows", default=",".join(ROWS), help="which rows to run (comma-separated, ROW[@XXH3])")
     args = p.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    if unknown := [r for r in rows if r.partition("@")[0] not in ROWS]:
+        p.error(f"unknown rows {unknown} (known: {', '.join(ROWS)})")
+    from xxh3_speed import usable_rows
+
+    rows = usable_rows(rows)
 
     import torch
     from cluster import Cluster
@@ -121,24 +130,30 @@ def main(argv: list[str] | None = None) -> int:
 
             real_verify, native, helper = chunkio.verify_views, chunkio._XXH3, chunkio._BLOCKHASH
             one_call = chunkio._PREADV_VERIFY
+            default_xxh3 = chunkio.xxh3_impl()
             run("preadv")  # warm
             results: dict[str, list[tuple[float, float, float]]] = {}
             for _ in range(args.reps):
-                for name in [r for r in ROWS if r in args.rows.split(",")]:
+                for row in rows:
+                    name, _, xxh3 = row.partition("@")
                     chunkio.verify_views = (lambda *a, **k: None) if name == "chunkio-noverify" else real_verify
                     python_only = name == "chunkio-pyxxh"  # python-xxhash per block, GIL held
                     chunkio._XXH3, chunkio._BLOCKHASH = (None, None) if python_only else (native, helper)
+                    if not python_only and helper is not None:
+                        chunkio.use_xxh3(xxh3 or default_xxh3)
                     chunkio._PREADV_VERIFY = one_call if name in ("chunkio", "reader") else None
-                    results.setdefault(name, []).append(run(name.replace("-pyxxh", "").replace("-split", "")))
+                    results.setdefault(row, []).append(run(name.replace("-pyxxh", "").replace("-split", "")))
             chunkio.verify_views, chunkio._XXH3, chunkio._BLOCKHASH = real_verify, native, helper
             chunkio._PREADV_VERIFY = one_call
+            if helper is not None:
+                chunkio.use_xxh3(default_xxh3)
             reader.close()
             tcp_reader.close()
             tcp_client.close()
             for b in blocking.values():
                 b.close()
             print(f"{size / 1e9:.2f} GB, {args.threads} threads, {args.chunkservers} chunkserver(s), {'pinned' if pinned else 'pageable'} buffers, "
-                  f"C block hasher {chunkio._BLOCKHASH is not None}")
+                  f"C block hasher {chunkio._BLOCKHASH is not None}, XXH3 {chunkio.xxh3_impl()}")
             print("  CPU s/GB: this process + the kvfs services (meta, chunkservers), each run")
             for name, v in results.items():
                 cpus = ", ".join(f"{c + s:.3f} ({c:.3f}+{s:.3f})" for _, c, s in v)

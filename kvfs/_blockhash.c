@@ -12,14 +12,16 @@
  * recv_verify() is the same for chunk data arriving over TCP (kvfs.rpc_blocking): receive, and hash each
  * block as soon as it is whole, in one call per reply.
  *
- * The hash function itself is not compiled here: python-xxhash already carries XXH3_64bits, and
- * kvfs.chunkio hands its address to init() (found with ctypes), so both sides hash with the very same
- * code. Built as an optional extension: without a compiler kvfs falls back to Python.
+ * The hash function itself is not compiled here: kvfs.xxh3_impls picks one XXH3_64bits (an AVX-512 or
+ * AVX2 build from kvfs._xxh3_simd where the CPU has it, else python-xxhash's own SSE2 build, found with
+ * ctypes) and hands its address and name to init(); impl() says which one is active. Built as an
+ * optional extension: without a compiler kvfs falls back to Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <limits.h>
 #include <poll.h>
@@ -30,16 +32,29 @@
 typedef uint64_t (*xxh3_fn)(const void *, size_t);
 #define WINDOW (1024 * 1024) /* preadv_verify reads this much, then hashes it while it is in cache */
 static xxh3_fn xxh3 = NULL;
+static char xxh3_name[32] = "";
 
-static PyObject *init(PyObject *self, PyObject *arg) {
-    void *fn = PyLong_AsVoidPtr(arg);
+/* init(address, name="unnamed"): hash with the XXH3_64bits at address from now on. */
+static PyObject *init(PyObject *self, PyObject *args) {
+    PyObject *address;
+    const char *name = "unnamed";
+    if (!PyArg_ParseTuple(args, "O|s", &address, &name))
+        return NULL;
+    void *fn = PyLong_AsVoidPtr(address);
     if (fn == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "null hash function");
         return NULL;
     }
     xxh3 = (xxh3_fn)fn;
+    snprintf(xxh3_name, sizeof xxh3_name, "%s", name);
     Py_RETURN_NONE;
+}
+
+static PyObject *impl(PyObject *self, PyObject *unused) {
+    if (xxh3 == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(xxh3_name);
 }
 
 static uint64_t load_le64(const unsigned char *p) {
@@ -339,7 +354,8 @@ static PyObject *recv_verify(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"init", init, METH_O, "Set the XXH3_64bits function (an address) used by the other functions."},
+    {"init", init, METH_VARARGS, "init(address, name): set the XXH3_64bits function used by the other functions."},
+    {"impl", impl, METH_NOARGS, "The name given to init() with the active hash function, or None."},
     {"first_mismatch", first_mismatch, METH_VARARGS, "Index of the first block whose checksum differs, or -1."},
     {"hash_blocks", hash_blocks, METH_VARARGS, "Little-endian u64 XXH3 of every block."},
     {"preadv_verify", preadv_verify, METH_VARARGS, "Read a file range into buffers and check its blocks."},

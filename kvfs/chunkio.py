@@ -23,6 +23,7 @@ from collections import OrderedDict
 
 import xxhash
 
+from kvfs import xxh3_impls
 from kvfs.chunk_buffers import ALIGN, ChunkBuffers
 from kvfs.protocol import CHECKSUM_BLOCK as BLOCK
 
@@ -30,36 +31,21 @@ IOV_MAX = 1024
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _native_xxh3():
-    """XXH3_64bits from the xxhash package's own library, called through ctypes, which releases the
-    GIL during the call. python-xxhash keeps the GIL while hashing a 64 KiB block, so the loader's
-    threads would verify one block at a time; this way they hash in parallel."""
-    try:
-        from xxhash import _xxhash
-
-        fn = ctypes.CDLL(_xxhash.__file__).XXH3_64bits
-    except (ImportError, OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_uint64
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    probe = bytearray(b"kvfs")
-    if fn(ctypes.addressof((ctypes.c_char * 4).from_buffer(probe)), 4) != xxhash.xxh3_64_intdigest(probe):
-        return None
-    return fn
-
-
-_XXH3 = _native_xxh3()
+_IMPL = xxh3_impls.choose()  # the XXH3-64 in use: AVX2/AVX-512 where built and supported (kvfs.xxh3_impls)
+# That function through ctypes, which releases the GIL during the call: python-xxhash keeps the GIL
+# while hashing a 64 KiB block, so the loader's threads would verify one block at a time.
+_XXH3 = _IMPL.fn if _IMPL is not None else None
 
 
 def _block_hasher():
     """kvfs._blockhash (optional C extension): whole runs of blocks per call, GIL released."""
-    if _XXH3 is None:
+    if _IMPL is None:
         return None
     try:
         from kvfs import _blockhash
     except ImportError:
         return None
-    _blockhash.init(ctypes.cast(_XXH3, ctypes.c_void_p).value)
+    _blockhash.init(_IMPL.address, _IMPL.name)
     return _blockhash
 
 
@@ -68,6 +54,26 @@ _BLOCKHASH = _block_hasher()
 _PREADV_VERIFY = getattr(_BLOCKHASH, "preadv_verify", None)
 # Receive chunk data from a socket and check each block as it lands (kvfs.rpc_blocking), or None.
 recv_verify = getattr(_BLOCKHASH, "recv_verify", None)
+
+
+def xxh3_impl() -> str:
+    """Which XXH3-64 verifies blocks: a ``kvfs.xxh3_impls`` name ("avx2", "xxhash-sse2", ...), or
+    "python-xxhash" where no C function is reachable (hashing from Python, GIL held)."""
+    if _BLOCKHASH is not None:
+        return _BLOCKHASH.impl()
+    return _IMPL.name if _IMPL is not None and _XXH3 is not None else "python-xxhash"
+
+
+def use_xxh3(name: str) -> None:
+    """Hash with the named implementation from now on (benchmarks compare them in one process). Not
+    safe while other threads hash.
+
+    Error handling: ``ValueError`` for a name that is not usable here."""
+    global _IMPL, _XXH3
+    _IMPL = xxh3_impls.choose(name)
+    _XXH3 = _IMPL.fn
+    if _BLOCKHASH is not None:
+        _BLOCKHASH.init(_IMPL.address, _IMPL.name)
 
 
 def block_checksums(data) -> list[int]:

@@ -562,8 +562,10 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_status)
 
     from kvfs.certs import add_parser as add_certs_parser
+    from kvfs.doctor import add_parser as add_doctor_parser
 
     add_certs_parser(sub)
+    add_doctor_parser(sub)
 
     if with_extensions:
         for module in EXTENSIONS:
@@ -578,7 +580,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
 # Feature modules that add subcommands. They may import torch, boto3 or pyarrow (seconds of start-up),
 # so the service commands, which start often (tests, restarts), do not load them.
 EXTENSIONS = ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli", "kvfs.tenant_cli")
-CORE_COMMANDS = {"up", "meta", "chunkserver", "mount", "status", "certs"}
+CORE_COMMANDS = {"up", "meta", "chunkserver", "mount", "status", "certs", "doctor"}
 
 
 def _needs_extensions(argv: list[str]) -> bool:

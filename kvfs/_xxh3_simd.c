@@ -1,0 +1,48 @@
+/* XXH3-64 compiled by kvfs for the CPU's widest vector unit.
+ *
+ * python-xxhash (and so kvfs.chunkio before) hashes with its SSE2 build of XXH3; AVX2 hashes about
+ * twice as fast, and every verified read spends much of its CPU there. _xxh3_avx2.c and _xxh3_avx512.c
+ * each compile xxhash.h (libxxhash-dev, not vendored) for one instruction set; this file, compiled for
+ * baseline x86-64 so that importing it is safe on any CPU, lists those the CPU supports:
+ *
+ *     impls() -> [(name, address), ...], widest first
+ *
+ * kvfs.xxh3_impls checks each against python-xxhash before handing its address to
+ * kvfs._blockhash.init(). Optional extension: no compiler or no xxhash.h -> not built, and kvfs
+ * hashes with python-xxhash's function as before.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "_xxh3_simd.h"
+
+static PyObject *impls(PyObject *self, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    __builtin_cpu_init();
+    struct { const char *name; int supported; void *fn; } all[] = {
+        {"avx512", __builtin_cpu_supports("avx512f"), (void *)kvfs_xxh3_avx512},
+        {"avx2", __builtin_cpu_supports("avx2"), (void *)kvfs_xxh3_avx2},
+    };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        if (!all[i].supported)
+            continue;
+        PyObject *item = Py_BuildValue("(sN)", all[i].name, PyLong_FromVoidPtr(all[i].fn));
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"impls", impls, METH_NOARGS, "[(name, address of an XXH3_64bits)] this CPU supports, widest first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_xxh3_simd", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__xxh3_simd(void) { return PyModule_Create(&module); }
