@@ -196,11 +196,13 @@ class NativeBackend:
         return results
 
     async def _validate(self, paths: list[str], touch_before: list[int]) -> list[P.GetChunksReply | None]:
-        """One META_KV_CHUNKS round trip: the files' current chunk maps (remembered for the next reads);
-        then an access recorded, in the background (``_touch_all``), on the blocks whose access time is
-        older than asked (at most once per touch interval per block)."""
-        reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks(paths))
-        self._cached.learn(paths, reply.files)
+        """One META_KV_CHUNKS round trip: the files' current chunk maps, remembered for the next reads
+        with the lease meta granted on them (counted from now, before the request is sent: see
+        kvfs/kv/native_cached.py); then an access recorded, in the background (``_touch_all``), on the
+        blocks whose access time is older than asked (at most once per touch interval per block)."""
+        sent = time.monotonic()
+        reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks(paths, lease=True))
+        self._cached.learn(paths, reply.files, sent, reply.lease_seconds)
         await self._touch_all([(info.attr, before) for info, before in zip(reply.files, touch_before)
                                if info is not None])
         return reply.files

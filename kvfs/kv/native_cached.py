@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +47,15 @@ from kvfs.chunkio import read_chunk_start
 from kvfs.kv.backend import OnReady, ReadResult
 
 CACHE_LIMIT = 65536  # chunk maps kept (a few hundred bytes each)
+MIN_GROUP_BYTES = 256 << 10  # a batch smaller than this is read on the calling thread alone: no hand-off
+LEASE_MARGIN = 0.1  # of a lease: kept back for clock rate differences and scheduling
+
+
+def lease_end(sent: float, seconds: float) -> float:
+    """When a lease of ``seconds`` granted in reply to a request sent at ``sent`` (time.monotonic) ends
+    for this client: meta counted it from when it answered, later than ``sent``, so offsets between the
+    clocks do not matter; the margin covers differences in their rates. 0.0: no lease."""
+    return sent + seconds * (1 - LEASE_MARGIN) if seconds > 0 else 0.0
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Plan:
     info: P.GetChunksReply
     identity: tuple
     pieces: list[_Piece]
+    lease_until: float = 0.0  # time.monotonic until which meta holds back changes to the name (lease_end)
 
 
 def identity(info: P.GetChunksReply) -> tuple:
@@ -116,18 +127,22 @@ class ChunkMapCache:
                 plans.append(plan)
             return plans
 
-    def learn(self, path: str, info: P.GetChunksReply | None, local_chunk: Any) -> None:
-        """A fresh META_KV_CHUNKS answer for ``path``: keep its plan (the old one if nothing changed,
-        so its checksums stay), or forget the path."""
+    def learn(self, path: str, info: P.GetChunksReply | None, local_chunk: Any, lease_until: float = 0.0) -> None:
+        """A fresh META_KV_CHUNKS answer for ``path``, leased until ``lease_until``: keep its plan (the
+        old one if nothing changed, so its checksums stay), or forget the path."""
         with self._lock:
             old = self._plans.get(path)
         if info is not None and old is not None and old.identity == identity(info) and _replicas_kept(old, info):
+            with self._lock:
+                old.info = info  # fresh attributes (the access time)
+                old.lease_until = max(old.lease_until, lease_until)  # each answer's lease holds on its own
             return
         plan = make_plan(info, local_chunk) if info is not None else None
         with self._lock:
             if plan is None:
                 self._plans.pop(path, None)
                 return
+            plan.lease_until = lease_until
             self._plans[path] = plan
             self._plans.move_to_end(path)
             while len(self._plans) > self.limit:
@@ -188,11 +203,18 @@ class CachedReads:
         self.threads = max(1, min(threads, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kvfs-kv-read")
         self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvfs-kv-validate")
+        self._renewing = threading.Lock()  # held while a background lease renewal is in flight
+        self.lease_seconds = 0.0  # the last lease meta granted (0: none, e.g. an older meta)
 
-    def learn(self, paths: Sequence[str], infos: Sequence[P.GetChunksReply | None]) -> None:
-        """Chunk maps just fetched from meta (the client's trio thread, where ``local_chunk`` runs)."""
+    def learn(self, paths: Sequence[str], infos: Sequence[P.GetChunksReply | None], sent: float = 0.0,
+              lease_seconds: float = 0.0) -> None:
+        """Chunk maps just fetched from meta (the client's trio thread, where ``local_chunk`` runs) by a
+        request sent at ``sent`` (time.monotonic), leased for ``lease_seconds`` (0: not leased)."""
+        lease_until = lease_end(sent, lease_seconds)
+        if lease_seconds > 0:
+            self.lease_seconds = lease_seconds
         for path, info in zip(paths, infos):
-            self.cache.learn(path, info, self.backend.c.local_chunk)
+            self.cache.learn(path, info, self.backend.c.local_chunk, lease_until)
 
     def _usable(self, jobs: Sequence[tuple]) -> list[Plan | None]:
         """Per job its cached plan, if the file has the size the job expects (else the general path)."""
@@ -200,10 +222,37 @@ class CachedReads:
         return [plan if plan is not None and plan.info.attr.size == job[1] >= job[2] else None
                 for plan, job in zip(plans, jobs)]
 
+    @staticmethod
+    def _leased(plans: list[Plan | None], touch_before: list[int]) -> bool:
+        """Whether every plan is leased now (so meta need not be asked) and no access is due to be
+        recorded (that goes with the round trip)."""
+        now = time.monotonic()
+        return all(p is not None and p.lease_until > now and p.info.attr.atime_ns >= before
+                   for p, before in zip(plans, touch_before))
+
+    def _renew_if_due(self, paths: list[str], touch_before: list[int], plans: list[Plan]) -> None:
+        """Past half its lease, renew the batch's maps in the background (one renewal in flight), so a
+        block read again and again is never waited on meta for."""
+        if min(p.lease_until for p in plans) - time.monotonic() > self.lease_seconds / 2:
+            return
+        if not self._renewing.acquire(blocking=False):
+            return
+
+        def renew() -> None:
+            try:
+                self.backend._run(self.backend._validate, paths, touch_before)
+            except OSError:
+                pass  # the next read past the lease asks meta itself and reports the error
+            finally:
+                self._renewing.release()
+
+        self._validator.submit(renew)
+
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None) -> list[ReadResult | None | OSError]:
-        """Plain block reads (``Backend.read_many``'s 5-tuples). With every map cached, the reads start at
-        once and meta's check runs beside them; otherwise the maps are fetched first (one round trip, as
-        the general path would), and the blocks they make local are read here all the same."""
+        """Plain block reads (``Backend.read_many``'s 5-tuples). With every map cached and leased, meta is
+        not asked at all; with every map cached, the reads start at once and meta's check runs beside
+        them; otherwise the maps are fetched first (one round trip, as the general path would), and the
+        blocks they make local are read here all the same."""
         n = len(jobs)
         results: list[ReadResult | None | OSError] = [None] * n
 
@@ -219,7 +268,10 @@ class CachedReads:
         validation: Future | None = None
         fresh: list[P.GetChunksReply | None] | None = None
         error: OSError | None = None
-        if all(p is not None for p in plans):
+        if self._leased(plans, touch_before):
+            batch.verdict = ["same"] * n  # meta acknowledges no change to these names before the leases end
+            self._renew_if_due(paths, touch_before, plans)  # type: ignore[arg-type]
+        elif all(p is not None for p in plans):
             validation = self._validator.submit(self._validate, paths, touch_before, plans, batch)
         else:
             try:
@@ -264,6 +316,21 @@ class CachedReads:
                 settle(i, None)
             else:
                 rest.append(i)  # the map changed, not local, or the read failed: the general path
+        if rest and fresh is None:
+            # Leased blocks whose read failed (a bad or missing chunk file): their current maps first.
+            try:
+                maps = self.backend._run(self.backend._validate, [paths[i] for i in rest],
+                                         [touch_before[i] for i in rest])
+            except OSError as exc:
+                for i in rest:
+                    settle(i, exc)
+                return results
+            fresh = [None] * n
+            for i, info in zip(rest, maps):
+                fresh[i] = info
+            for i in [i for i in rest if fresh[i] is None]:
+                settle(i, None)  # gone meanwhile: a miss
+            rest = [i for i in rest if fresh[i] is not None]
         if rest:
             assert fresh is not None
             self.backend._run(self.backend._read_each, [fresh[i] for i in rest], [jobs[i] for i in rest],
@@ -297,7 +364,7 @@ class CachedReads:
             for piece in plan.pieces:
                 reads.append((i, piece, _slice(dests, piece.offset, piece.length)))
         total = sum(r[1].length for r in reads)
-        share = max(1, -(-total // self.threads))
+        share = max(MIN_GROUP_BYTES, -(-total // self.threads))
         groups: list[list] = []
         size = share
         for r in reads:
