@@ -143,6 +143,36 @@ def parse_header(raw: bytes | bytearray | memoryview, *, layout: KVLayout | None
     return BlockHeader(FORMAT_VERSION, header_len, payload_len, payload_sum, got_hash, got_layout, shape, got_layout.dtype)
 
 
+class CheckedHeaders:
+    """Headers already parsed and checked, by block hash, with the exact bytes their checksum covers (and
+    the checksum): a block read again has byte-identical header bytes, so comparing a few hundred bytes
+    replaces the checksum, JSON parse and layout checks (``parse_header``) on the hot path. Bounded:
+    forgotten wholesale past ``limit`` entries. Thread-safe (dict operations under the GIL)."""
+
+    def __init__(self, layout: KVLayout, limit: int = 4096):
+        self.layout = layout
+        self.limit = limit
+        self._checked: dict[str, tuple[bytes, BlockHeader]] = {}
+
+    def parse(self, raw: bytes | bytearray | memoryview, block_hash: str, file_size: int) -> BlockHeader:
+        """``parse_header(raw, layout=self.layout, block_hash=..., file_size=...)``. Errors as it."""
+        if len(raw) >= FIXED.size:
+            meta_len = FIXED.unpack_from(raw)[4]
+            covered = bytes(raw[:FIXED.size + meta_len])
+            seen = self._checked.get(block_hash)
+            if seen is not None and seen[0] == covered and len(raw) >= seen[1].header_len:
+                header = seen[1]
+                if file_size < header.header_len + header.payload_len:
+                    raise BlockError(f"truncated KV block: file has {file_size} bytes, "
+                                     f"needs {header.header_len + header.payload_len}")
+                return header
+        header = parse_header(raw, layout=self.layout, block_hash=block_hash, file_size=file_size)
+        if len(self._checked) >= self.limit:
+            self._checked.clear()
+        self._checked[block_hash] = (bytes(raw[:FIXED.size + FIXED.unpack_from(raw)[4]]), header)
+        return header
+
+
 def payload_checksum(views: Sequence[memoryview]) -> int:
     if len(views) == 1:  # the staged route's one buffer: hashed without the GIL (kvfs.chunkio)
         return chunkio.xxh3_64(views[0])

@@ -8,10 +8,11 @@ under a limiter. Plain block reads mostly run on threads of their own (``kvfs.kv
   whole block; the loser of a race gets "existed" and its chunks are dropped. Four round trips (lookup,
   alloc, chunk write, publish). In a remote-bound directory (meta answers EXDEV) the general path:
   create ``.<hash>.<random>.tmp``, write, commit, ``rename(RENAME_NOREPLACE)`` into place.
-* read (``kvfs.kv.native_cached``): chunk maps of blocks read before are cached; a batch whose maps are
-  all cached starts reading at once, one verified C call per chunk straight into the caller's buffers
-  on plain threads, while one META_KV_CHUNKS round trip checks the maps are still current (a block is
-  only returned once meta confirmed it). Otherwise that round trip comes first and the blocks whose
+* read (``kvfs.kv.native_cached``): chunk maps of blocks read before are cached with the lease meta
+  granted on them (meta/kv_leases.py); a batch whose maps are all cached starts reading at once, one
+  verified C call per chunk straight into the caller's buffers, and needs no meta at all while the
+  leases last; past them one META_KV_CHUNKS round trip beside the reads checks the maps are still
+  current (and renews the leases). Otherwise that round trip comes first and the blocks whose
   chunks are on this host are read the same way. The rest (a chunk elsewhere, a failed read, a changed
   map) goes block by block through the client, which fails over and reports bad replicas.
 * kvikio route (``_read_landed``): the head is read here, the payload by the caller from the chunk files.

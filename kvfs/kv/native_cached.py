@@ -1,33 +1,45 @@
 """The native KV backend's hot path (``kvfs.kv.native``): a batch of blocks whose chunk maps this client
 has cached, and whose chunks all have a replica on this host, read without waiting for meta first and
-without the client's event loop.
+without the client's event loop; with leased maps, without meta at all.
 
 Why: a ``get_many`` used to cost, before any byte moved, a META_KV_CHUNKS round trip for the batch's
 chunk maps, then a trio task and one or two worker-thread hops per block (about 2.5 ms per call on the
 GPU host, issue 10). Here:
 
-* the chunk maps come from ``ChunkMapCache``, filled by the META_KV_CHUNKS replies of earlier reads;
-* the reads start at once on plain threads: per chunk one C call (``chunkio.read_chunk_start``: read
-  and checked against the chunk checksums with the GIL released) straight into the caller's buffers,
-  the header into a small scratch buffer; a chunk's checksums are read once and kept with its map;
-* meanwhile one META_KV_CHUNKS round trip for the batch goes to meta through the client's trio thread
-  (the *validation*), off the readers' path;
-* a block is settled (``on_ready``) once its bytes are in and meta has confirmed that its name still
-  maps to the inode and chunk ids the reads used.
+* the chunk maps come from ``ChunkMapCache``, filled by the META_KV_CHUNKS replies of earlier reads,
+  each with the *lease* meta granted on it (meta/kv_leases.py);
+* the reads start at once: per chunk one C call (``chunkio.read_chunk_start``: read and checked against
+  the chunk checksums with the GIL released) straight into the caller's buffers, the header into a
+  small scratch buffer; a chunk's checksums are read once and kept with its map. A batch of less than
+  ``MIN_GROUP_BYTES`` is read on the calling thread alone; a bigger one on up to ``threads`` threads,
+  the calling one among them;
+* if every map of the batch is leased, nothing else: no round trip, no other thread. Past half its
+  lease a batch's maps are renewed by one META_KV_CHUNKS in the background;
+* otherwise one META_KV_CHUNKS round trip for the batch goes to meta through the client's trio thread
+  (the *validation*, which also renews the leases), off the readers' path, and a block is settled
+  (``on_ready``) once its bytes are in and meta has confirmed that its name still maps to the inode and
+  chunk ids the reads used.
 
-Why the validation cannot be skipped: a committed chunk is never rewritten and chunk ids are never
-reused, so bytes read from a chunk id are that chunk's bytes. But meta deletes a removed block's chunk
-files lazily (the deletions reach the chunkservers with their heartbeats), so for seconds after a
-delete + re-put of the same name the old chunk files are still on disk, and their checksums still
-match: a map cached before would read the old block. With the validation a get returns what the name
-held at some moment during the call: the new bytes (the block is read again with the fresh map), or a
-miss (the name is gone), never the old bytes.
+Why a cached map needs the validation or a lease: a committed chunk is never rewritten and chunk ids
+are never reused, so bytes read from a chunk id are that chunk's bytes. But meta deletes a removed
+block's chunk files lazily (the deletions reach the chunkservers with their heartbeats), so for seconds
+after a delete + re-put of the same name the old chunk files are still on disk, and their checksums
+still match: a map cached before would read the old block. With the validation a get returns what the
+name held at some moment during the call. With a lease, meta acknowledges a re-put (or any other
+change of what the name reads) only after the lease has ended, so a get that starts within the lease
+returns bytes the name held when the lease was granted or later, and never bytes older than a re-put
+that was acknowledged before the get started. The one weaker case: a delete is acknowledged at once, so
+for up to the lease after it a leased get may still return the deleted bytes (the name held them within
+the lease). The client counts a lease from when it *sent* the request, on its own monotonic clock,
+minus ``LEASE_MARGIN`` of it (``lease_end``): meta counts from when it answered, later, so clock
+offsets do not matter.
 
 Anything else (a read that fails, a chunk no longer local, a map that changed) goes to the backend's
-general per-block path with the fresh map, which fails over and reports bad replicas as before.
+general per-block path with the fresh map (fetched then, for a leased batch), which fails over and
+reports bad replicas as before.
 
 Error handling: a failed validation (meta down: the client's RPC timeout bounds it) is that OSError in
-every block's slot not already settled; a block never settles on bytes meta did not confirm.
+every block's slot not already settled; a block never settles on bytes meta did not confirm or lease.
 """
 
 from __future__ import annotations
