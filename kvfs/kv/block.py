@@ -29,6 +29,7 @@ the CPU (the bytes land in them without a copy) or a CUDA device (``kvfs.kv.devi
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
 from collections.abc import Sequence
@@ -198,6 +199,13 @@ def byte_view(t: Any) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (works for bfloat16 and float8 too)."""
     import torch
 
+    n = t.numel() * t.element_size()
+    if n and t.device.type == "cpu" and t.is_contiguous():
+        # From the data pointer: a fifth of the time of the tensor/numpy views below (a block read
+        # makes one per destination tensor). The ctypes array keeps ``t`` alive as long as the view.
+        array = (ctypes.c_char * n).from_address(t.data_ptr())
+        array.owner = t  # type: ignore[attr-defined]
+        return memoryview(array).cast("B")
     flat = t.detach().reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
