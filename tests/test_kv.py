@@ -974,4 +974,21 @@ def test_native_chunk_file_route_on_cpu(cluster):
             assert r.payload_done
             s._check(h, r, None)  # the header (read and verified by the backend) matches the block
             assert torch.equal(torch.stack(out).reshape(BIG.block_shape), block_for(BIG, h))
+        # Read again: the maps are cached and leased (meta/kv_leases.py), so meta is not asked.
+        asked = []
+        real_validate = s.backend._validate
+
+        async def validate(paths, touch_before):
+            asked.append(paths)
+            return await real_validate(paths, touch_before)
+
+        s.backend._validate = validate
+        for out in outs:
+            for t in out:
+                t.zero_()
+        res = s.backend.read_many([job(h, o) for h, o in zip(hs[:2], outs)])
+        assert asked == []
+        for h, r, out in zip(hs[:2], res, outs):
+            assert r.payload_done
+            assert torch.equal(torch.stack(out).reshape(BIG.block_shape), block_for(BIG, h))
         s.close()

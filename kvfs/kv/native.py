@@ -209,9 +209,26 @@ class NativeBackend:
         return reply.files
 
     async def _read_landed_many(self, jobs: Sequence[tuple], settle: OnReady) -> None:
-        """The kvikio route's blocks (``_read_landed``), after one META_KV_CHUNKS round trip."""
-        files = await self._validate([j[0] for j in jobs], [0] * len(jobs))
-        await self._read_each(files, jobs, settle)
+        """The kvikio route's blocks (``_read_landed``): with the cached maps when every one is leased
+        (kvfs/kv/native_cached.py), else after one META_KV_CHUNKS round trip. A block whose leased read
+        fails is read again with its fresh map: its chunk files may be gone (deleted within the lease)."""
+        paths, touch_before = [j[0] for j in jobs], [0] * len(jobs)
+        leased = self._cached.leased_infos(jobs)
+        if leased is None:
+            await self._read_each(await self._validate(paths, touch_before), jobs, settle)
+            return
+        failed: list[int] = []
+
+        def first(i: int, res: ReadResult | None | OSError) -> None:
+            if isinstance(res, OSError):
+                failed.append(i)
+            else:
+                settle(i, res)
+
+        await self._read_each(leased, jobs, first)
+        if failed:
+            fresh = await self._validate([paths[i] for i in failed], [0] * len(failed))
+            await self._read_each(fresh, [jobs[i] for i in failed], lambda k, res: settle(failed[k], res))
 
     async def _read_each(self, infos: Sequence[P.GetChunksReply | None], jobs: Sequence[tuple],
                          settle: OnReady) -> None:

@@ -242,6 +242,16 @@ class CachedReads:
         return all(p is not None and p.lease_until > now and p.info.attr.atime_ns >= before
                    for p, before in zip(plans, touch_before))
 
+    def leased_infos(self, jobs: Sequence[tuple]) -> list[P.GetChunksReply] | None:
+        """The cached chunk maps of ``jobs`` (their first five fields as ``read_many``'s) when every one is
+        leased now, else None (ask meta): the kvikio route's reads (``NativeBackend._read_landed_many``)."""
+        plans = self._usable(jobs)
+        touch_before = [j[4] for j in jobs]
+        if not self._leased(plans, touch_before):
+            return None
+        self._renew_if_due([j[0] for j in jobs], touch_before, plans)  # type: ignore[arg-type]
+        return [p.info for p in plans]  # type: ignore[union-attr]
+
     def _renew_if_due(self, paths: list[str], touch_before: list[int], plans: list[Plan]) -> None:
         """Past half its lease, renew the batch's maps in the background (one renewal in flight), so a
         block read again and again is never waited on meta for."""
