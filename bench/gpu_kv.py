@@ -36,6 +36,9 @@ pyfuse3 is missing (it has no wheel; the device machine has no FUSE), a stub mod
 ``FUSEError`` and ``default_options`` is enough for meta and chunkservers (docs/benchmarks.md has the
 command).
 
+Each row has the milliseconds per call of the best pass (its wall time over its calls) and, for the
+native rows, the META_KV_CHUNKS requests meta served per call (0 while the batches' chunk maps are
+leased: meta/kv_leases.py; ``--meta-args '--kv-lease-seconds 0'`` turns leases off for an A/B).
 Each row also has the CPU seconds per GB of the best pass: this process's plus, in the native section,
 the kvfs services' (meta and the chunkserver, from /proc). Ratio rows at the end: each native batched
 row over the local store's baseline rows (batched, and single: the plain one-thread loop).
@@ -78,6 +81,15 @@ LAYOUTS = {  # as bench/bench_kv.py: bf16, 32 layers, 8 KV heads, head dim 128 (
 
 
 SERVICE_PIDS: list[int] = []  # the kvfs services' processes while the native section runs
+NATIVE_CLUSTER: list[Any] = []  # the native section's cluster (its meta's request counters), while it runs
+
+
+def kv_chunks_served() -> float | None:
+    """META_KV_CHUNKS requests the native section's meta served so far (None outside it): a batch read
+    through leased chunk maps (meta/kv_leases.py) sends none."""
+    if not NATIVE_CLUSTER:
+        return None
+    return sum(n for m, n in NATIVE_CLUSTER[0].meta_rpcs().items() if m.upper().endswith("KV_CHUNKS"))
 
 
 def cpu_seconds() -> float:
@@ -199,6 +211,7 @@ def run_method(name: str, store: KVStore, hashes: list[str], src: torch.Tensor, 
         groups = [[i] for i in range(n)] if mode == "single" else [list(range(i, min(n, i + batch)))
                                                                      for i in range(0, n, batch)]
         lat = []
+        served = kv_chunks_served() if name in ("kvikio", "staged", "host", "host+copy") else None
         c0 = cpu_seconds()
         t0 = time.perf_counter()
         for g in groups:
@@ -206,7 +219,10 @@ def run_method(name: str, store: KVStore, hashes: list[str], src: torch.Tensor, 
             load(g)
             lat.append(time.perf_counter() - s)
         wall = time.perf_counter() - t0
-        return {"wall": wall, "lat": lat, "cpu": cpu_seconds() - c0, "ok": check()}
+        cpu = cpu_seconds() - c0
+        rpcs = None if served is None else (kv_chunks_served() or 0.0) - served
+        return {"wall": wall, "lat": lat, "cpu": cpu, "ok": check(), "calls": len(groups),
+                "kv_chunks": None if rpcs is None else rpcs / len(groups)}
 
     rows = []
     load(list(range(min(n, batch))))  # warm-up: pinned/staging buffers, kvikio threads, CUDA streams
@@ -217,6 +233,8 @@ def run_method(name: str, store: KVStore, hashes: list[str], src: torch.Tensor, 
         rows.append({"method": name, "mode": mode, "cache": "warm", "blocks": n, "block_bytes": nbytes,
                      "batch": 1 if mode == "single" else batch, "GBps": round(n * nbytes / best["wall"] / 1e9, 2),
                      "p50_ms": round(pct(best["lat"], 50) * 1e3, 3), "p99_ms": round(pct(best["lat"], 99) * 1e3, 3),
+                     "ms_per_call": round(best["wall"] / best["calls"] * 1e3, 3),
+                     "kv_chunks_per_call": None if best["kv_chunks"] is None else round(best["kv_chunks"], 3),
                      "cpu_s_per_GB": round(best["cpu"] / (n * nbytes / 1e9), 3),
                      "walls": [round(p["wall"], 4) for p in passes], "bit_exact": all(p["ok"] for p in passes)})
     if cold and drop_caches():
@@ -224,6 +242,7 @@ def run_method(name: str, store: KVStore, hashes: list[str], src: torch.Tensor, 
         rows.append({"method": name, "mode": "batch", "cache": "cold", "blocks": n, "block_bytes": nbytes,
                      "batch": batch, "GBps": round(n * nbytes / p["wall"] / 1e9, 2),
                      "p50_ms": round(pct(p["lat"], 50) * 1e3, 3), "p99_ms": round(pct(p["lat"], 99) * 1e3, 3),
+                     "ms_per_call": round(p["wall"] / p["calls"] * 1e3, 3),
                      "cpu_s_per_GB": round(p["cpu"] / (n * nbytes / 1e9), 3),
                      "walls": [round(p["wall"], 4)], "bit_exact": p["ok"]})
     if pool is not None:
@@ -318,14 +337,17 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| backend | block | method | calls | cache | GB/s | p50 ms | p99 ms | CPU s/GB | bit-exact |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | block | method | calls | cache | GB/s | ms/call | p50 ms | p99 ms | KV_CHUNKS/call | CPU s/GB "
+             "| bit-exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "method" not in r:
             continue
         calls = "get (1 block)" if r["batch"] == 1 else f"get_many ({r['batch']} blocks)"
         lines.append(f"| {r['backend']} | {r['block_bytes'] // MiB} MiB | {r['method']} | {calls} | {r['cache']} | "
-                     f"{r['GBps']} | {r['p50_ms']} | {r['p99_ms']} | {r.get('cpu_s_per_GB', '')} | "
+                     f"{r['GBps']} | {r.get('ms_per_call', '')} | {r['p50_ms']} | {r['p99_ms']} | "
+                     f"{'' if r.get('kv_chunks_per_call') is None else r['kv_chunks_per_call']} | "
+                     f"{r.get('cpu_s_per_GB', '')} | "
                      f"{'yes' if r['bit_exact'] else 'NO'} |")
     return "\n".join(lines)
 
@@ -341,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="also one batched pass per method after drop_caches")
     p.add_argument("--native", action="store_true", help="also a real meta + chunkserver, native backend")
     p.add_argument("--native-gib", type=float, default=0.5, help="GiB of blocks per size through the client")
+    p.add_argument("--meta-args", default="", help="extra `kvfs meta` flags for --native, e.g. "
+                   "'--kv-lease-seconds 0' (no KV map leases: every batch checked with meta)")
     p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu: CPU tensors as the destination (no GPU)")
     args = p.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
@@ -378,13 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     for nbytes in sizes:
         ok &= bench_size(nbytes, args, emit)
     if args.native:
-        from cluster import Cluster
+        from cluster import Cluster, free_port
 
         work = tempfile.mkdtemp(prefix="kvfs-gpu-kv-", dir=args.dir)
         cluster = Cluster(os.path.join(work, "cluster"), chunkservers=1, replication=1, chunk_size="4M",
-                          chunkserver_args=("--fsync", "never"))
+                          chunkserver_args=("--fsync", "never"), meta_metrics_port=free_port(),
+                          meta_args=tuple(args.meta_args.split()))
         try:
             cluster.start()
+            NATIVE_CLUSTER[:] = [cluster]
             SERVICE_PIDS[:] = [p.popen.pid for p in [cluster.meta, *cluster.servers] if p is not None and p.popen]
             with cluster.client(timeout=60.0) as client:
                 for nbytes in sizes:
@@ -394,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             emit({"native_error": repr(exc), "meta_log": cluster.meta.log()[-2000:] if cluster.meta else ""})
             ok = False
         finally:
+            NATIVE_CLUSTER.clear()
             cluster.stop()
             subprocess.run(["rm", "-rf", work], check=False)
     for row in ratios(rows):

@@ -108,7 +108,7 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
 
         def make_service(engine):
             return MetaService(namespace_on(engine, **options), rereplicate_delay=args.rereplicate_delay,
-                               remote_allow=_remote_allow(args, ()), **_token_options(args))
+                               remote_allow=_remote_allow(args, ()), **_token_options(args), **_kv_options(args))
 
         await HaMeta(args.engine, make_service, ttl=int(args.leader_ttl), advertise=args.advertise or "",
                      limits=_server_limits(args), warm_standby=not args.cold_standby).serve(host, port, task_status=task_status)
@@ -118,9 +118,17 @@ async def serve_meta(args, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     ns = open_namespace(args.data_dir, sync=not args.no_sync, **options)
     try:
         await MetaService(ns, rereplicate_delay=args.rereplicate_delay, remote_allow=_remote_allow(args, ()),
-                          **_token_options(args)).serve(host, port, limits=_server_limits(args), task_status=task_status)
+                          **_token_options(args), **_kv_options(args)).serve(host, port, limits=_server_limits(args),
+                                                                           task_status=task_status)
     finally:
         ns.engine.close()
+
+
+def _kv_options(args) -> dict[str, float]:
+    """The KV map lease (meta/kv_leases.py) from ``--kv-lease-seconds``."""
+    if args.kv_lease_seconds < 0:
+        raise UsageError("--kv-lease-seconds must be 0 (no leases) or positive")
+    return {"kv_lease_seconds": args.kv_lease_seconds}
 
 
 def _token_options(args) -> dict[str, float]:
@@ -513,6 +521,9 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--pending-grace", type=float, default=120.0,
                     help="seconds a chunk allocated for a file that does not exist yet (KV block, remote fill) "
                     "may stay unpublished before it is garbage")
+    sp.add_argument("--kv-lease-seconds", type=float, default=2.0,
+                    help="a client may read KV blocks through chunk maps it got from meta this long without "
+                    "asking again; a re-put of a leased name is acknowledged only after it (0: no leases)")
     sp.add_argument("--heartbeat-timeout", type=float, default=10.0,
                     help="seconds without a heartbeat before a chunkserver counts as down")
     sp.add_argument("--rereplicate-delay", type=float, default=30.0,

@@ -778,10 +778,15 @@ class KVChunks(Struct):
     """Resolve files and return their chunk maps in one round trip (a batch of block reads)."""
 
     paths: list[str]
+    # Ask for a KV map lease (meta/kv_leases.py): meta acknowledges no change to these names' bytes
+    # until ``KVChunksReply.lease_seconds`` after it answered. Old clients do not ask.
+    lease: bool = False
 
 
 class KVChunksReply(Struct):
     files: list[GetChunksReply | None]  # None: no such regular file
+    # The lease granted on every file in ``files`` (0: none; a client counts it from when it sent the request).
+    lease_seconds: float = 0.0
 
 
 class KVAlloc(Struct):

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from kvfs import protocol as P
 from kvfs.kv.policy import EVICTIONS_XATTR, POLICY_XATTRS, STATS_PREFIXES, Policy
 from kvfs.meta import records as R
+from kvfs.meta.kv_leases import KVLeases
 from kvfs.meta.namespace import ROOT_INO, Namespace
 from kvfs.meta.tenants import scope_root
 
@@ -313,10 +314,13 @@ class KVCache:
 
     # ------------------------------------------------------------------ lookups
 
-    def chunks_many(self, paths: list[str]) -> P.KVChunksReply:
+    def chunks_many(self, paths: list[str], leases: KVLeases | None = None) -> P.KVChunksReply:
         """Attributes and chunk maps (with replica addresses) of several files in one call: a batch
-        of block reads needs no other meta round trip. None for a path that is not a regular file."""
+        of block reads needs no other meta round trip. None for a path that is not a regular file.
+        With ``leases`` (a leased read: meta/kv_leases.py) every file found is leased, and the reply
+        says for how long (0 when a path names no file by a plain name, e.g. ends in "..")."""
         out: list[P.GetChunksReply | None] = []
+        leased = leases is not None and leases.seconds > 0
         parents: dict[str, int | None] = {}  # a batch's blocks share a few directories: walk each once
         for path in paths:
             head, _, name = path.rstrip("/").rpartition("/")
@@ -333,8 +337,17 @@ class KVCache:
             except OSError:
                 out.append(None)
                 continue
-            out.append(self.ns.chunks(attr.ino, 0, 1 << 30) if stat.S_ISREG(attr.mode) else None)
-        return P.KVChunksReply(out)
+            if not stat.S_ISREG(attr.mode):
+                out.append(None)
+                continue
+            if leased:
+                assert leases is not None
+                if name in ("", ".", "..") or parent is None:
+                    leased = False
+                else:
+                    leases.grant(parent, name, attr.ino)
+            out.append(self.ns.chunks(attr.ino, 0, 1 << 30))
+        return P.KVChunksReply(out, leases.seconds if leased and leases is not None else 0.0)
 
     def exists_under(self, base: str, names: list[str], leading_only: bool = False) -> P.ExistsManyReply:
         """Which of ``names`` (relative paths under directory ``base``) exist, in one call: a prompt's

@@ -13,6 +13,7 @@ Key layout (all integers big endian so byte order is numeric order)::
     T <name>                  -> TenantRecord         tenants (meta/tenants.py)
     H <key_id:4>              -> TokenKeyRecord       chunk capability keys (meta/chunk_keys.py)
     N                         -> Counters
+    L                         -> b""                  KV map leases were granted (meta/kv_leases.py)
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def tenant_key(name: str) -> bytes:
 
 
 COUNTERS_KEY = b"N"
+KV_LEASE_FLAG_KEY = b"L"  # present: a meta granted KV map leases, so a starting meta holds binding ops one lease period
 
 TOKEN_KEY_PREFIX = b"H"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 import time
 
 import trio
@@ -15,6 +16,8 @@ from kvfs.meta.chunk_keys import DEFAULT_ROTATE_SECONDS, DEFAULT_TOKEN_SECONDS, 
 from kvfs.meta.decommission import Decommissioner
 from kvfs.meta.durability import GroupCommit
 from kvfs.meta.eviction import KVCache
+from kvfs.meta.kv_leases import DEFAULT_SECONDS as KV_LEASE_SECONDS
+from kvfs.meta.kv_leases import KVLeases
 from kvfs.meta.namespace import Namespace
 from kvfs.meta.replication import Replicator
 from kvfs.meta.tenant_guard import TenantGuard
@@ -33,7 +36,8 @@ def _policy_needs_admin(xattr: str) -> None:
 
 class MetaService:
     def __init__(self, ns: Namespace, *, rereplicate_delay: float = 30.0, remote_allow: tuple[str, ...] | None = None,
-                 token_seconds: float = DEFAULT_TOKEN_SECONDS, key_rotate_seconds: float = DEFAULT_ROTATE_SECONDS):
+                 token_seconds: float = DEFAULT_TOKEN_SECONDS, key_rotate_seconds: float = DEFAULT_ROTATE_SECONDS,
+                 kv_lease_seconds: float = KV_LEASE_SECONDS):
         self.ns = ns
         self.remote_allow = remote_allow  # None: KVFS_REMOTE_ALLOW (kvfs.remote.allow)
         # Chunk capabilities (issue 13): keys in the engine, tokens in every reply with chunk locations.
@@ -44,6 +48,7 @@ class MetaService:
         self.decommissioner = Decommissioner(ns.registry, ns.replication, ns.is_live_chunk)
         self.bad_chunks = BadChunkChecks(ns.registry, self.replicator.client)
         self.kv = KVCache(ns)
+        self.kv_leases = KVLeases(ns.engine, kv_lease_seconds)  # KV map leases: replies held while they last
         self.commits = GroupCommit(ns.engine)
 
     def handlers(self):
@@ -121,7 +126,7 @@ class MetaService:
             P.META_KV_EXISTS: lambda r, _: _now(self.kv.exists_under(r.base, r.names, r.leading_only)),
             P.META_KV_STATUS: lambda r, _: _now(self.kv.status()),
             P.META_KV_EVICT: lambda r, _: _now(self.kv.run_once()),
-            P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths)),
+            P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths, self.kv_leases if r.lease else None)),
             P.META_KV_ALLOC: lambda r, _: _now(ns.alloc_pending_chunk(r.size_hint, 0, pending_owner())),
             P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
             # A lone meta (RocksDB); meta/leader.py answers this for an HA group on etcd.
@@ -136,8 +141,10 @@ class MetaService:
 
         options = TierOptions() if self.remote_allow is None else TierOptions(allow=self.remote_allow)
         tier = RemoteTier(self.ns, options)  # remote capacity tier (issue 3): layers over the namespace handlers
+        # Innermost: a change to a leased KV name is applied at once, acknowledged after the lease.
+        leased = self.kv_leases.wrap(self.handlers(), self._is_dir)
         handlers = {method: self.commits.wrap(h)
-                    for method, h in self.capabilities.wrap(tier.wrap(self.handlers())).items()}
+                    for method, h in self.capabilities.wrap(tier.wrap(leased)).items()}
         # Outermost: a tenant's request is checked and scoped before the tier or the namespace sees it,
         # so chunk tokens only go out in replies that passed the tenant checks.
         return TenantGuard(self.ns, self.kv.path_of).wrap(handlers), tier
@@ -168,6 +175,13 @@ class MetaService:
             if expired:
                 log.info("dropped %d uncommitted chunk(s) of writers that are gone", expired)
             self.kv.tick()
+            self.kv_leases.tick()
+
+    def _is_dir(self, parent: int, name: str) -> bool:
+        try:
+            return stat.S_ISDIR(self.ns.lookup(parent, name).mode)
+        except OSError:
+            return False
 
 
 def _register(ns: Namespace, r: P.RegisterChunkserver) -> P.RegisterReply:

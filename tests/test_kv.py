@@ -896,7 +896,7 @@ def test_native_get_falls_back_from_a_corrupt_local_replica(cluster):
             s.get(h)
 
 
-def test_native_batch_reports_each_block_as_it_lands(cluster):
+def test_native_batch_reports_each_block_as_it_lands(cluster, monkeypatch):
     """The native backend settles each block of a batch as soon as it has landed (``on_ready``, from the
     thread that read it: the batch is read by several, the calling one among them), once per block:
     hits, a miss, and a block whose every replica is corrupt (read again through the client, which fails
@@ -904,6 +904,9 @@ def test_native_batch_reports_each_block_as_it_lands(cluster):
     import threading
 
     from kvfs.chunkserver.store import chunk_path
+    from kvfs.kv import native_cached
+
+    monkeypatch.setattr(native_cached, "MIN_GROUP_BYTES", 1)  # this small a batch is read by one thread otherwise
 
     with cluster.client() as client:
         s = KVStore("/kvtest/on-ready", MID, client=client, device_io="staged", concurrency=8)
@@ -970,5 +973,22 @@ def test_native_chunk_file_route_on_cpu(cluster):
         for h, r, out in zip(hs[:2], res[:2], outs):
             assert r.payload_done
             s._check(h, r, None)  # the header (read and verified by the backend) matches the block
+            assert torch.equal(torch.stack(out).reshape(BIG.block_shape), block_for(BIG, h))
+        # Read again: the maps are cached and leased (meta/kv_leases.py), so meta is not asked.
+        asked = []
+        real_validate = s.backend._validate
+
+        async def validate(paths, touch_before):
+            asked.append(paths)
+            return await real_validate(paths, touch_before)
+
+        s.backend._validate = validate
+        for out in outs:
+            for t in out:
+                t.zero_()
+        res = s.backend.read_many([job(h, o) for h, o in zip(hs[:2], outs)])
+        assert asked == []
+        for h, r, out in zip(hs[:2], res, outs):
+            assert r.payload_done
             assert torch.equal(torch.stack(out).reshape(BIG.block_shape), block_for(BIG, h))
         s.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -66,6 +67,18 @@ def stored_and_cached(client, name: str, layout: KVLayout, n: int) -> tuple[KVSt
     return s, hs, want
 
 
+def lease_until(store: KVStore) -> float:
+    """The latest end (time.monotonic) of the KV map leases this store's client holds (0.0: none)."""
+    cache = store.backend._cached.cache
+    with cache._lock:
+        return max((plan.lease_until for plan in cache._plans.values()), default=0.0)
+
+
+def outlive_leases(store: KVStore) -> None:
+    """Sleep until every lease the store holds has ended: its next read asks meta again."""
+    time.sleep(max(0.0, lease_until(store) - time.monotonic()) + 0.01)
+
+
 def flip_byte(path: str, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -101,8 +114,9 @@ def test_reput_by_another_client_is_never_served_from_the_old_chunks(cluster):
     """Client A caches a block's map; client B deletes the block and puts other bytes under the same
     hash. The old chunk files are still on disk (meta deletes them lazily; put back if the deletion
     came first), and their checksums still match, so reading A's cached map alone would return the old
-    bytes: A must get the new ones. Then B
-    deletes it again: A gets a miss."""
+    bytes: A must get the new ones (B's put is acknowledged only after A's lease on the map ended). Then
+    B deletes it again: A gets a miss once its lease has ended (until then it may read the deleted bytes,
+    which the name held within the lease)."""
     with cluster.client() as a, cluster.client() as b:
         sa = KVStore("/kvcache/reput", MID, client=a)
         sb = KVStore("/kvcache/reput", MID, client=b)
@@ -126,6 +140,9 @@ def test_reput_by_another_client_is_never_served_from_the_old_chunks(cluster):
         assert torch.equal(sa.get(h), new)
         assert torch.equal(sa.get_many([h])[0], new)
         assert sb.delete(h)
+        during = sa.get(h)
+        assert during is None or torch.equal(during, new)
+        outlive_leases(sa)
         assert sa.get(h) is None
         assert sa.get_many([h, h]) == [None, None]
         sa.close()
@@ -195,6 +212,7 @@ def test_meta_down_with_cached_maps_is_an_error_not_a_hang(make_cluster):
         s.put_many([(h, block_for(MID, h)) for h in hs])
         assert all(g is not None for g in s.get_many(hs))
         cluster.kill_meta()
+        outlive_leases(s)  # within the lease the maps need no meta (test_kv_lease.py)
         finished, res = _bounded(lambda: s.get_many(hs), 120)
         assert finished, "get_many hung with meta down"
         assert isinstance(res, OSError), res

@@ -8,10 +8,11 @@ under a limiter. Plain block reads mostly run on threads of their own (``kvfs.kv
   whole block; the loser of a race gets "existed" and its chunks are dropped. Four round trips (lookup,
   alloc, chunk write, publish). In a remote-bound directory (meta answers EXDEV) the general path:
   create ``.<hash>.<random>.tmp``, write, commit, ``rename(RENAME_NOREPLACE)`` into place.
-* read (``kvfs.kv.native_cached``): chunk maps of blocks read before are cached; a batch whose maps are
-  all cached starts reading at once, one verified C call per chunk straight into the caller's buffers
-  on plain threads, while one META_KV_CHUNKS round trip checks the maps are still current (a block is
-  only returned once meta confirmed it). Otherwise that round trip comes first and the blocks whose
+* read (``kvfs.kv.native_cached``): chunk maps of blocks read before are cached with the lease meta
+  granted on them (meta/kv_leases.py); a batch whose maps are all cached starts reading at once, one
+  verified C call per chunk straight into the caller's buffers, and needs no meta at all while the
+  leases last; past them one META_KV_CHUNKS round trip beside the reads checks the maps are still
+  current (and renews the leases). Otherwise that round trip comes first and the blocks whose
   chunks are on this host are read the same way. The rest (a chunk elsewhere, a failed read, a changed
   map) goes block by block through the client, which fails over and reports bad replicas.
 * kvikio route (``_read_landed``): the head is read here, the payload by the caller from the chunk files.
@@ -196,19 +197,38 @@ class NativeBackend:
         return results
 
     async def _validate(self, paths: list[str], touch_before: list[int]) -> list[P.GetChunksReply | None]:
-        """One META_KV_CHUNKS round trip: the files' current chunk maps (remembered for the next reads);
-        then an access recorded, in the background (``_touch_all``), on the blocks whose access time is
-        older than asked (at most once per touch interval per block)."""
-        reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks(paths))
-        self._cached.learn(paths, reply.files)
+        """One META_KV_CHUNKS round trip: the files' current chunk maps, remembered for the next reads
+        with the lease meta granted on them (counted from now, before the request is sent: see
+        kvfs/kv/native_cached.py); then an access recorded, in the background (``_touch_all``), on the
+        blocks whose access time is older than asked (at most once per touch interval per block)."""
+        sent = time.monotonic()
+        reply = await self.c.meta.request(P.META_KV_CHUNKS, P.KVChunks(paths, lease=True))
+        self._cached.learn(paths, reply.files, sent, reply.lease_seconds)
         await self._touch_all([(info.attr, before) for info, before in zip(reply.files, touch_before)
                                if info is not None])
         return reply.files
 
     async def _read_landed_many(self, jobs: Sequence[tuple], settle: OnReady) -> None:
-        """The kvikio route's blocks (``_read_landed``), after one META_KV_CHUNKS round trip."""
-        files = await self._validate([j[0] for j in jobs], [0] * len(jobs))
-        await self._read_each(files, jobs, settle)
+        """The kvikio route's blocks (``_read_landed``): with the cached maps when every one is leased
+        (kvfs/kv/native_cached.py), else after one META_KV_CHUNKS round trip. A block whose leased read
+        fails is read again with its fresh map: its chunk files may be gone (deleted within the lease)."""
+        paths, touch_before = [j[0] for j in jobs], [0] * len(jobs)
+        leased = self._cached.leased_infos(jobs)
+        if leased is None:
+            await self._read_each(await self._validate(paths, touch_before), jobs, settle)
+            return
+        failed: list[int] = []
+
+        def first(i: int, res: ReadResult | None | OSError) -> None:
+            if isinstance(res, OSError):
+                failed.append(i)
+            else:
+                settle(i, res)
+
+        await self._read_each(leased, jobs, first)
+        if failed:
+            fresh = await self._validate([paths[i] for i in failed], [0] * len(failed))
+            await self._read_each(fresh, [jobs[i] for i in failed], lambda k, res: settle(failed[k], res))
 
     async def _read_each(self, infos: Sequence[P.GetChunksReply | None], jobs: Sequence[tuple],
                          settle: OnReady) -> None:

@@ -1,33 +1,45 @@
 """The native KV backend's hot path (``kvfs.kv.native``): a batch of blocks whose chunk maps this client
 has cached, and whose chunks all have a replica on this host, read without waiting for meta first and
-without the client's event loop.
+without the client's event loop; with leased maps, without meta at all.
 
 Why: a ``get_many`` used to cost, before any byte moved, a META_KV_CHUNKS round trip for the batch's
 chunk maps, then a trio task and one or two worker-thread hops per block (about 2.5 ms per call on the
 GPU host, issue 10). Here:
 
-* the chunk maps come from ``ChunkMapCache``, filled by the META_KV_CHUNKS replies of earlier reads;
-* the reads start at once on plain threads: per chunk one C call (``chunkio.read_chunk_start``: read
-  and checked against the chunk checksums with the GIL released) straight into the caller's buffers,
-  the header into a small scratch buffer; a chunk's checksums are read once and kept with its map;
-* meanwhile one META_KV_CHUNKS round trip for the batch goes to meta through the client's trio thread
-  (the *validation*), off the readers' path;
-* a block is settled (``on_ready``) once its bytes are in and meta has confirmed that its name still
-  maps to the inode and chunk ids the reads used.
+* the chunk maps come from ``ChunkMapCache``, filled by the META_KV_CHUNKS replies of earlier reads,
+  each with the *lease* meta granted on it (meta/kv_leases.py);
+* the reads start at once: per chunk one C call (``chunkio.read_chunk_start``: read and checked against
+  the chunk checksums with the GIL released) straight into the caller's buffers, the header into a
+  small scratch buffer; a chunk's checksums are read once and kept with its map. A batch of less than
+  ``MIN_GROUP_BYTES`` is read on the calling thread alone; a bigger one on up to ``threads`` threads,
+  the calling one among them;
+* if every map of the batch is leased, nothing else: no round trip, no other thread. Past half its
+  lease a batch's maps are renewed by one META_KV_CHUNKS in the background;
+* otherwise one META_KV_CHUNKS round trip for the batch goes to meta through the client's trio thread
+  (the *validation*, which also renews the leases), off the readers' path, and a block is settled
+  (``on_ready``) once its bytes are in and meta has confirmed that its name still maps to the inode and
+  chunk ids the reads used.
 
-Why the validation cannot be skipped: a committed chunk is never rewritten and chunk ids are never
-reused, so bytes read from a chunk id are that chunk's bytes. But meta deletes a removed block's chunk
-files lazily (the deletions reach the chunkservers with their heartbeats), so for seconds after a
-delete + re-put of the same name the old chunk files are still on disk, and their checksums still
-match: a map cached before would read the old block. With the validation a get returns what the name
-held at some moment during the call: the new bytes (the block is read again with the fresh map), or a
-miss (the name is gone), never the old bytes.
+Why a cached map needs the validation or a lease: a committed chunk is never rewritten and chunk ids
+are never reused, so bytes read from a chunk id are that chunk's bytes. But meta deletes a removed
+block's chunk files lazily (the deletions reach the chunkservers with their heartbeats), so for seconds
+after a delete + re-put of the same name the old chunk files are still on disk, and their checksums
+still match: a map cached before would read the old block. With the validation a get returns what the
+name held at some moment during the call. With a lease, meta acknowledges a re-put (or any other
+change of what the name reads) only after the lease has ended, so a get that starts within the lease
+returns bytes the name held when the lease was granted or later, and never bytes older than a re-put
+that was acknowledged before the get started. The one weaker case: a delete is acknowledged at once, so
+for up to the lease after it a leased get may still return the deleted bytes (the name held them within
+the lease). The client counts a lease from when it *sent* the request, on its own monotonic clock,
+minus ``LEASE_MARGIN`` of it (``lease_end``): meta counts from when it answered, later, so clock
+offsets do not matter.
 
 Anything else (a read that fails, a chunk no longer local, a map that changed) goes to the backend's
-general per-block path with the fresh map, which fails over and reports bad replicas as before.
+general per-block path with the fresh map (fetched then, for a leased batch), which fails over and
+reports bad replicas as before.
 
 Error handling: a failed validation (meta down: the client's RPC timeout bounds it) is that OSError in
-every block's slot not already settled; a block never settles on bytes meta did not confirm.
+every block's slot not already settled; a block never settles on bytes meta did not confirm or lease.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +59,15 @@ from kvfs.chunkio import read_chunk_start
 from kvfs.kv.backend import OnReady, ReadResult
 
 CACHE_LIMIT = 65536  # chunk maps kept (a few hundred bytes each)
+MIN_GROUP_BYTES = 256 << 10  # a batch smaller than this is read on the calling thread alone: no hand-off
+LEASE_MARGIN = 0.1  # of a lease: kept back for clock rate differences and scheduling
+
+
+def lease_end(sent: float, seconds: float) -> float:
+    """When a lease of ``seconds`` granted in reply to a request sent at ``sent`` (time.monotonic) ends
+    for this client: meta counted it from when it answered, later than ``sent``, so offsets between the
+    clocks do not matter; the margin covers differences in their rates. 0.0: no lease."""
+    return sent + seconds * (1 - LEASE_MARGIN) if seconds > 0 else 0.0
 
 
 @dataclass
@@ -68,6 +90,7 @@ class Plan:
     info: P.GetChunksReply
     identity: tuple
     pieces: list[_Piece]
+    lease_until: float = 0.0  # time.monotonic until which meta holds back changes to the name (lease_end)
 
 
 def identity(info: P.GetChunksReply) -> tuple:
@@ -116,18 +139,22 @@ class ChunkMapCache:
                 plans.append(plan)
             return plans
 
-    def learn(self, path: str, info: P.GetChunksReply | None, local_chunk: Any) -> None:
-        """A fresh META_KV_CHUNKS answer for ``path``: keep its plan (the old one if nothing changed,
-        so its checksums stay), or forget the path."""
+    def learn(self, path: str, info: P.GetChunksReply | None, local_chunk: Any, lease_until: float = 0.0) -> None:
+        """A fresh META_KV_CHUNKS answer for ``path``, leased until ``lease_until``: keep its plan (the
+        old one if nothing changed, so its checksums stay), or forget the path."""
         with self._lock:
             old = self._plans.get(path)
         if info is not None and old is not None and old.identity == identity(info) and _replicas_kept(old, info):
+            with self._lock:
+                old.info = info  # fresh attributes (the access time)
+                old.lease_until = max(old.lease_until, lease_until)  # each answer's lease holds on its own
             return
         plan = make_plan(info, local_chunk) if info is not None else None
         with self._lock:
             if plan is None:
                 self._plans.pop(path, None)
                 return
+            plan.lease_until = lease_until
             self._plans[path] = plan
             self._plans.move_to_end(path)
             while len(self._plans) > self.limit:
@@ -188,11 +215,18 @@ class CachedReads:
         self.threads = max(1, min(threads, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kvfs-kv-read")
         self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvfs-kv-validate")
+        self._renewing = threading.Lock()  # held while a background lease renewal is in flight
+        self.lease_seconds = 0.0  # the last lease meta granted (0: none, e.g. an older meta)
 
-    def learn(self, paths: Sequence[str], infos: Sequence[P.GetChunksReply | None]) -> None:
-        """Chunk maps just fetched from meta (the client's trio thread, where ``local_chunk`` runs)."""
+    def learn(self, paths: Sequence[str], infos: Sequence[P.GetChunksReply | None], sent: float = 0.0,
+              lease_seconds: float = 0.0) -> None:
+        """Chunk maps just fetched from meta (the client's trio thread, where ``local_chunk`` runs) by a
+        request sent at ``sent`` (time.monotonic), leased for ``lease_seconds`` (0: not leased)."""
+        lease_until = lease_end(sent, lease_seconds)
+        if lease_seconds > 0:
+            self.lease_seconds = lease_seconds
         for path, info in zip(paths, infos):
-            self.cache.learn(path, info, self.backend.c.local_chunk)
+            self.cache.learn(path, info, self.backend.c.local_chunk, lease_until)
 
     def _usable(self, jobs: Sequence[tuple]) -> list[Plan | None]:
         """Per job its cached plan, if the file has the size the job expects (else the general path)."""
@@ -200,10 +234,47 @@ class CachedReads:
         return [plan if plan is not None and plan.info.attr.size == job[1] >= job[2] else None
                 for plan, job in zip(plans, jobs)]
 
+    @staticmethod
+    def _leased(plans: list[Plan | None], touch_before: list[int]) -> bool:
+        """Whether every plan is leased now (so meta need not be asked) and no access is due to be
+        recorded (that goes with the round trip)."""
+        now = time.monotonic()
+        return all(p is not None and p.lease_until > now and p.info.attr.atime_ns >= before
+                   for p, before in zip(plans, touch_before))
+
+    def leased_infos(self, jobs: Sequence[tuple]) -> list[P.GetChunksReply] | None:
+        """The cached chunk maps of ``jobs`` (their first five fields as ``read_many``'s) when every one is
+        leased now, else None (ask meta): the kvikio route's reads (``NativeBackend._read_landed_many``)."""
+        plans = self._usable(jobs)
+        touch_before = [j[4] for j in jobs]
+        if not self._leased(plans, touch_before):
+            return None
+        self._renew_if_due([j[0] for j in jobs], touch_before, plans)  # type: ignore[arg-type]
+        return [p.info for p in plans]  # type: ignore[union-attr]
+
+    def _renew_if_due(self, paths: list[str], touch_before: list[int], plans: list[Plan]) -> None:
+        """Past half its lease, renew the batch's maps in the background (one renewal in flight), so a
+        block read again and again is never waited on meta for."""
+        if min(p.lease_until for p in plans) - time.monotonic() > self.lease_seconds / 2:
+            return
+        if not self._renewing.acquire(blocking=False):
+            return
+
+        def renew() -> None:
+            try:
+                self.backend._run(self.backend._validate, paths, touch_before)
+            except OSError:
+                pass  # the next read past the lease asks meta itself and reports the error
+            finally:
+                self._renewing.release()
+
+        self._validator.submit(renew)
+
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None) -> list[ReadResult | None | OSError]:
-        """Plain block reads (``Backend.read_many``'s 5-tuples). With every map cached, the reads start at
-        once and meta's check runs beside them; otherwise the maps are fetched first (one round trip, as
-        the general path would), and the blocks they make local are read here all the same."""
+        """Plain block reads (``Backend.read_many``'s 5-tuples). With every map cached and leased, meta is
+        not asked at all; with every map cached, the reads start at once and meta's check runs beside
+        them; otherwise the maps are fetched first (one round trip, as the general path would), and the
+        blocks they make local are read here all the same."""
         n = len(jobs)
         results: list[ReadResult | None | OSError] = [None] * n
 
@@ -219,7 +290,10 @@ class CachedReads:
         validation: Future | None = None
         fresh: list[P.GetChunksReply | None] | None = None
         error: OSError | None = None
-        if all(p is not None for p in plans):
+        if self._leased(plans, touch_before):
+            batch.verdict = ["same"] * n  # meta acknowledges no change to these names before the leases end
+            self._renew_if_due(paths, touch_before, plans)  # type: ignore[arg-type]
+        elif all(p is not None for p in plans):
             validation = self._validator.submit(self._validate, paths, touch_before, plans, batch)
         else:
             try:
@@ -264,6 +338,21 @@ class CachedReads:
                 settle(i, None)
             else:
                 rest.append(i)  # the map changed, not local, or the read failed: the general path
+        if rest and fresh is None:
+            # Leased blocks whose read failed (a bad or missing chunk file): their current maps first.
+            try:
+                maps = self.backend._run(self.backend._validate, [paths[i] for i in rest],
+                                         [touch_before[i] for i in rest])
+            except OSError as exc:
+                for i in rest:
+                    settle(i, exc)
+                return results
+            fresh = [None] * n
+            for i, info in zip(rest, maps):
+                fresh[i] = info
+            for i in [i for i in rest if fresh[i] is None]:
+                settle(i, None)  # gone meanwhile: a miss
+            rest = [i for i in rest if fresh[i] is not None]
         if rest:
             assert fresh is not None
             self.backend._run(self.backend._read_each, [fresh[i] for i in rest], [jobs[i] for i in rest],
@@ -297,7 +386,7 @@ class CachedReads:
             for piece in plan.pieces:
                 reads.append((i, piece, _slice(dests, piece.offset, piece.length)))
         total = sum(r[1].length for r in reads)
-        share = max(1, -(-total // self.threads))
+        share = max(MIN_GROUP_BYTES, -(-total // self.threads))
         groups: list[list] = []
         size = share
         for r in reads:

@@ -48,7 +48,7 @@ from typing import Any, Self
 
 from kvfs.chunkio import first_bad_block, packed_checksums
 from kvfs.kv.backend import Backend, ReadResult
-from kvfs.kv.block import BlockError, byte_view, encode_block, encode_header, parse_header, verify_payload
+from kvfs.kv.block import BlockError, CheckedHeaders, byte_view, encode_block, encode_header, verify_payload
 from kvfs.kv.device import DeviceIO, ReadJob
 from kvfs.kv.hashing import check_hash, check_hashes
 from kvfs.kv.layout import KVLayout
@@ -105,6 +105,7 @@ class KVStore:
         self.layout = layout
         self.dir = f"{self.root}/{layout.name}"
         self.verify = verify
+        self._headers = CheckedHeaders(layout)  # headers of blocks read before: a byte compare, not a parse
         self.device_io = DeviceIO(device_io, self.root, layout, directory=client is None, verify=verify,
                                   concurrency=concurrency)
         self.check_existing = check_existing
@@ -219,7 +220,7 @@ class KVStore:
     def _check(self, block_hash: str, res: ReadResult, views: list[memoryview] | None) -> None:
         """Check a read block's header (every route) and, given its payload's host ``views``, the payload
         checksum (``verify``). Error handling: BlockError."""
-        header = parse_header(res.head, layout=self.layout, block_hash=block_hash, file_size=res.size)
+        header = self._headers.parse(res.head, block_hash, res.size)
         if not res.payload_done or res.size != header.header_len + header.payload_len:
             raise BlockError(f"KV block {block_hash}: file has {res.size} bytes, header says "
                              f"{header.header_len + header.payload_len}")
