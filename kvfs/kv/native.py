@@ -167,9 +167,19 @@ class NativeBackend:
         return res
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                  map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
+                  map_local: bool = False, caller_verifies: bool = False,
+                  locations: Sequence[Any] | None = None) -> list[ReadResult | None | OSError]:
+        """``Backend.read_many``. ``locations``: ``locate_many``'s answers for the jobs' files (their chunk
+        maps, fetched by a lookup moments ago, maybe by another client): with ``map_local`` and
+        ``caller_verifies`` the files are mapped from them without asking meta again (a KV run is
+        immutable and checked byte for byte against its own header and block sums by the caller, so a
+        map meta has since replaced can only yield that run's verified bytes or a failed map); otherwise
+        they seed the cached maps, so the reads start while meta confirms them."""
         if not jobs:
             return []
+        if locations is not None and (len(locations) != len(jobs)
+                                      or not all(isinstance(loc, P.GetChunksReply) for loc in locations)):
+            locations = None
         results: list[ReadResult | None | OSError] = [None] * len(jobs)
 
         def settle_from(idx: list[int]) -> OnReady:
@@ -180,7 +190,8 @@ class NativeBackend:
             return settle
 
         if map_local and all(len(j) == 5 for j in jobs):
-            mapped = self._run(self._map_many_local, jobs, not caller_verifies)
+            known = locations if caller_verifies else None  # meta is asked again unless the caller verifies
+            mapped = self._run(self._map_many_local, jobs, not caller_verifies, known)
             if mapped is not None:
                 everyone = list(range(len(jobs)))
                 for i, res in enumerate(mapped):
@@ -191,6 +202,8 @@ class NativeBackend:
         if landed:
             self._run(self._read_landed_many, [jobs[i] for i in landed], settle_from(landed))
         if plain:
+            if locations is not None:
+                self._run(self._learn, [jobs[i][0] for i in plain], [locations[i] for i in plain])
             # kvfs.kv.native_cached: cached chunk maps, reads on plain threads, meta's check beside them.
             self._cached.read_many([jobs[i] for i in plain], settle_from(plain))
         return results
@@ -204,6 +217,9 @@ class NativeBackend:
         await self._touch_all([(info.attr, before) for info, before in zip(reply.files, touch_before)
                                if info is not None])
         return reply.files
+
+    async def _learn(self, paths: list[str], infos: list[P.GetChunksReply]) -> None:
+        self._cached.learn(paths, infos)  # here: local_chunk runs in the client's thread
 
     async def _read_landed_many(self, jobs: Sequence[tuple], settle: OnReady) -> None:
         """The kvikio route's blocks (``_read_landed``), after one META_KV_CHUNKS round trip."""
@@ -268,14 +284,20 @@ class NativeBackend:
         await self._touch(attr, touch_before_ns)
         return ReadResult(head, attr.size, attr.atime_ns, True)
 
-    async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True) -> list[ReadResult | None] | None:
+    async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True,
+                              known: Sequence[P.GetChunksReply] | None = None) -> list[ReadResult | None] | None:
         """Every file is one chunk with a replica on this host: map the chunk files (locked, and verified
         unless ``verify`` is False: kvfs.chunkio.map_local_chunk) instead of copying them. None when that
         cannot be done (a file in several chunks or not local, an odd size, a failed map or lock): the
-        caller reads instead."""
+        caller reads instead. ``known``: the files' chunk maps from a lookup (``read_many``'s
+        ``locations``): no META_KV_CHUNKS round trip first."""
         if self._map_refused:
             return None
-        infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
+        if known is not None:
+            infos: Sequence[P.GetChunksReply | None] = known
+            self._cached.learn([j[0] for j in jobs], known)
+        else:
+            infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
         plans: list = []
         for info, (_path, expect_size, *_rest) in zip(infos, jobs):
             if info is None:
@@ -433,6 +455,16 @@ class NativeBackend:
             return [], 0
         reply = self._run(self.c.meta.request, P.META_KV_EXISTS, P.KVExists(base, names, leading_only))
         return list(reply.exists), reply.leading
+
+    def locate_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[Any], int]:
+        """``Backend.locate_many``: one META_KV_CHUNKS round trip; a file's location is its chunk map
+        (``P.GetChunksReply``), which ``read_many(locations=...)`` maps or reads without asking again."""
+        if not names:
+            return [], 0
+        reply = self._run(self.c.meta.request, P.META_KV_CHUNKS, P.KVChunks([f"{base}/{n}" for n in names]))
+        found = list(reply.files)
+        leading = next((i for i, f in enumerate(found) if f is None), len(found))
+        return found, leading
 
     def remove(self, path: str) -> None:
         self._cached.cache.drop(path)

@@ -7,7 +7,9 @@ semantics. The loser of a race removes its temp file and reports the block as al
 
 Reads: one ``preadv`` scatters the header into a small buffer and the payload straight into the
 caller's tensors; for CUDA tensors read with kvikio, the header is read here and the payload by a
-``land`` callback (kvfs.kv.device, which checks that kvikio opened the same inode).
+``land`` callback (kvfs.kv.device, which checks that kvikio opened the same inode). A read whose file
+was last accessed before the touch interval records an access on one background thread, not on the
+read's path.
 
 Error handling: OSErrors from the file system pass through; a missing block reads as None.
 """
@@ -58,6 +60,9 @@ class PosixBackend:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kvfs-kv")
         self._concurrency = concurrency
+        # Access times are recorded off the read path: on the kvfs mount a touch is two more round trips
+        # (GETATTR, SETATTR) through the mount daemon to meta per file, which a load would wait for.
+        self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfs-kv-touch")
 
     def put(self, directory: str, name: str, header: bytes, payload: Sequence[memoryview],
             check_existing: bool) -> bool:
@@ -106,10 +111,7 @@ class PosixBackend:
         try:
             res = self._read_fd(fd, expect_size, header_len, out, land)
             if res.payload_done and res.atime_ns < touch_before_ns:
-                try:
-                    os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
-                except OSError:
-                    pass  # a read-only mount, or evicted meanwhile: recency is best effort
+                self._toucher.submit(_touch, path)
             return res
         except OSError as exc:
             # EIO on a block evicted while we read it (its chunks are gone): a miss, not an error.
@@ -150,6 +152,10 @@ class PosixBackend:
         leading = next((i for i, e in enumerate(exists) if not e), len(names))
         return exists, leading
 
+    def locate_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[bool | None], int]:
+        exists, leading = self.exists_many(base, names, leading_only)
+        return [True if e else None for e in exists], leading
+
     def remove(self, path: str) -> None:
         os.unlink(path)
 
@@ -168,7 +174,8 @@ class PosixBackend:
         return self._gather(self.put, jobs)
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                  map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
+                  map_local: bool = False, caller_verifies: bool = False,
+                  locations: Sequence[object] | None = None) -> list[ReadResult | None | OSError]:
         # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
         return self._gather(self.read, jobs, on_ready)
 
@@ -188,6 +195,15 @@ class PosixBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._toucher.shutdown(wait=True)
+
+
+def _touch(path: str) -> None:
+    """Record an access on ``path`` (the eviction engine's recency); best effort."""
+    try:
+        os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
+    except OSError:
+        pass  # a read-only mount, or evicted meanwhile
 
 
 def _consume(views: list[memoryview], n: int) -> None:
