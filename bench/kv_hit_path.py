@@ -11,6 +11,7 @@ route: lookup, load and their sum (medians over rounds), and the meta requests e
 
     python bench/kv_hit_path.py --rounds 10
     python bench/kv_hit_path.py --rounds 10 --strace      # also FUSE-side syscalls: strace -c of a mount round
+    python bench/kv_hit_path.py --rounds 10 --touch-due --baseline /work/main   # against another tree
 
 Nothing here asserts on time; every round checks that all 128 blocks loaded.
 """
@@ -39,8 +40,8 @@ lay = KVLayout(**cfg["layout"])
 hashes = cfg["hashes"]
 def store():
     if cfg["route"] == "native":
-        return KVStore(cfg["root"], lay, client=kvfs.SyncClient(cfg["meta"]))
-    return KVStore(cfg["root"], lay)
+        return KVStore(cfg["root"], lay, client=kvfs.SyncClient(cfg["meta"]), touch_interval=cfg["touch_interval"])
+    return KVStore(cfg["root"], lay, touch_interval=cfg["touch_interval"])
 sched, worker = store(), store()   # a vLLM instance: the scheduler's connector and the worker's
 staging = torch.empty((len(hashes), *lay.block_shape), dtype=lay.torch_dtype())
 staging.view(-1)[::2048] = 0  # touched once, as the connector's reused staging buffer is
@@ -49,7 +50,8 @@ found = sched.runs_prefix(hashes, cfg["run_blocks"], len(hashes))
 t1 = time.perf_counter()
 runs = [hashes[s:s + n] for s, n in found.runs]
 outs = list(staging[:sum(len(r) for r in runs)].split([len(r) for r in runs]))
-got = worker.get_runs(runs, outs, map_local=True, locations=found.locations if cfg["pass_locations"] else None)
+kw = {"locations": found.locations} if cfg["pass_locations"] else {}  # (a baseline tree may not have them)
+got = worker.get_runs(runs, outs, map_local=True, **kw)
 t2 = time.perf_counter()
 print(json.dumps({"lookup": t1 - t0, "load": t2 - t1, "blocks": sum(r.blocks for r in got)}))
 sched.close(); worker.close()
@@ -62,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--routes", default="native,mount")
     p.add_argument("--strace", action="store_true", help="strace -c -f one extra mount round")
+    p.add_argument("--touch-due", action="store_true",
+                   help="every load finds its runs' access time due (touch_interval 0), as a hit minutes "
+                        "after the runs were written does")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run each route with the kvfs package of another tree (e.g. /work/main: "
+                        "PYTHONPATH=DIR), as route@base")
     p.add_argument("--workdir")
     args = p.parse_args(argv)
     from cluster import Cluster, free_port
@@ -93,16 +101,21 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
             results: dict[str, list[dict]] = {}
             routes = args.routes.split(",")
+            if args.baseline:
+                routes += [r + "@base" for r in routes]
             for rnd in range(args.rounds):
                 for route in routes:
-                    base = route.split("-")[0]
+                    base = route.split("-")[0].split("@")[0]
+                    on_base = route.endswith("@base")
+                    env = {**os.environ, "PYTHONPATH": args.baseline} if on_base else None
                     cfg = {"route": base, "root": roots[base], "meta": cluster.meta_address, "hashes": hashes,
-                           "run_blocks": run_blocks, "pass_locations": not route.endswith("-relookup"),
+                           "run_blocks": run_blocks, "pass_locations": not (on_base or "-relookup" in route),
+                           "touch_interval": 0 if args.touch_due else 60,
                            "layout": {"dtype": "bf16", "block_tokens": 32, "num_layers": 8, "num_kv_heads": 4,
                                       "head_dim": 64, "order": ""}}
                     before = cluster.meta_rpcs()
                     out = subprocess.run([sys.executable, "-c", ROUND, json.dumps(cfg)], check=True,
-                                         capture_output=True, text=True).stdout
+                                         capture_output=True, text=True, env=env).stdout
                     r = json.loads(out.strip().splitlines()[-1])
                     assert r["blocks"] == len(hashes), r
                     try:
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"meta requests in the last round: {rs[-1]['meta']}")
             if args.strace:
                 cfg = {"route": "mount", "root": roots["mount"], "meta": cluster.meta_address, "hashes": hashes,
-                       "run_blocks": run_blocks, "pass_locations": True, "layout": {"dtype": "bf16", "block_tokens": 32, "num_layers": 8,
+                       "run_blocks": run_blocks, "pass_locations": True, "touch_interval": 60, "layout": {"dtype": "bf16", "block_tokens": 32, "num_layers": 8,
                                                            "num_kv_heads": 4, "head_dim": 64, "order": ""}}
                 res = subprocess.run(["strace", "-c", "-f", "-e", "trace=%file,%desc", sys.executable, "-c", ROUND,
                                       json.dumps(cfg)], capture_output=True, text=True)

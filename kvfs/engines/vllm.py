@@ -28,8 +28,9 @@ directory.
 
 **Scheduler side**: ``get_num_new_matched_tokens`` is one ``KVStore.runs_prefix`` call over the
 prompt's full blocks (one or two round trips; never the last token: vLLM must compute at least one).
-The loads it promises are sent to the workers in ``KvfsConnectorMetadata`` with the runs' hashes and
-the vLLM block ids; so are the runs each step completes (to be saved), but for those the lookup found.
+The loads it promises are sent to the workers in ``KvfsConnectorMetadata`` with the runs' hashes, where
+the lookup found them (``RunPrefix.locations``: through the native client their chunk maps, so the
+worker maps them without a metadata round trip of its own) and the vLLM block ids; so are the runs each step completes (to be saved), but for those the lookup found.
 
 **Worker side**: ``start_load_kv`` reads and verifies every run of the step's loads
 (``KVStore.get_runs``: each block's checksum; a corrupt, truncated or wrong-layout run is never copied
