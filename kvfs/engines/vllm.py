@@ -425,7 +425,7 @@ class KvfsConnector(KVConnectorBase_V1):
             pos += len(hashes)
         good = sum(len(ids) for _, ids in pieces)
         self._event({"event": "load", "req": load.req_id, "blocks": len(load.block_ids), "loaded": good,
-                     "runs": len(runs), "ok": ok, "read_s": round(t1 - t0, 4)})
+                     "runs": len(runs), "located": len(locations or ()), "ok": ok, "read_s": round(t1 - t0, 4)})
         if good < len(load.block_ids):
             log.info("KvfsConnector: request %s: %d of %d blocks loaded, the rest is recomputed", load.req_id,
                      good, len(load.block_ids))

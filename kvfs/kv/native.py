@@ -14,9 +14,12 @@ under a limiter. Plain block reads mostly run on threads of their own (``kvfs.kv
   only returned once meta confirmed it). Otherwise that round trip comes first and the blocks whose
   chunks are on this host are read the same way. The rest (a chunk elsewhere, a failed read, a changed
   map) goes block by block through the client, which fails over and reports bad replicas.
+* read with a lookup's chunk maps (``locate_many``, ``read_many(locations=...)``; KV runs, which the caller
+  verifies byte for byte): mapped in the calling thread with no META_KV_CHUNKS round trip (``_map_known``).
 * kvikio route (``_read_landed``): the head is read here, the payload by the caller from the chunk files.
 * exists_many: one META_KV_EXISTS round trip for a whole prompt (meta resolves the layout directory
-  once, then one directory-entry lookup per block).
+  once, then one directory-entry lookup per block). locate_many: one META_KV_CHUNKS round trip, which
+  also returns the files' chunk maps.
 
 Error handling: OSErrors with errnos from the client; a missing block reads as None. A block evicted
 between resolve and the chunk reads surfaces as a miss (the caller re-checks), never as partial data.
@@ -190,8 +193,11 @@ class NativeBackend:
             return settle
 
         if map_local and all(len(j) == 5 for j in jobs):
-            known = locations if caller_verifies else None  # meta is asked again unless the caller verifies
-            mapped = self._run(self._map_many_local, jobs, not caller_verifies, known)
+            mapped = None
+            if locations is not None and caller_verifies:  # else meta is asked again: its answer is relied on
+                mapped = self._map_known(jobs, locations)
+            if mapped is None:
+                mapped = self._run(self._map_many_local, jobs, not caller_verifies)
             if mapped is not None:
                 everyone = list(range(len(jobs)))
                 for i, res in enumerate(mapped):
@@ -284,29 +290,58 @@ class NativeBackend:
         await self._touch(attr, touch_before_ns)
         return ReadResult(head, attr.size, attr.atime_ns, True)
 
-    async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True,
-                              known: Sequence[P.GetChunksReply] | None = None) -> list[ReadResult | None] | None:
+    def _map_known(self, jobs: Sequence[tuple], known: Sequence[P.GetChunksReply]) -> list[ReadResult | None] | None:
+        """``_map_many_local`` from chunk maps a lookup returned (``read_many``'s ``locations``), for a
+        caller that verifies every byte: no metadata round trip, and the files are mapped here, in the
+        calling thread (a prompt's 16 runs in about a millisecond: a hop to the client's threads and back
+        costs more); the maps are remembered and due accesses recorded afterwards, in the background.
+        None when it cannot be done (as ``_map_many_local``): the caller falls back to that."""
+        if self._map_refused:
+            return None
+        chunks = []
+        for info, job in zip(known, jobs):
+            lc = self._whole_local_chunk(info, job[1])
+            if lc is None:
+                return None
+            chunks.append(lc)
+        try:
+            views = [map_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, lc.length, False)
+                     for lc in chunks]
+        except OSError as exc:
+            if exc.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+                self._map_refused = True  # the lock limit will not grow: stop trying
+            return None  # e.g. the chunk file is gone: the run changed since the lookup
+        self._run(self._after_known, [j[0] for j in jobs], known, [j[4] for j in jobs])
+        return [ReadResult(view[:max(SCRATCH, job[2])], info.attr.size, info.attr.atime_ns, True, mapped=view)
+                for view, info, job in zip(views, known, jobs)]
+
+    def _whole_local_chunk(self, info: P.GetChunksReply, expect_size: int) -> Any:
+        """The file's one chunk, on this host (``Client.local_chunk``), if the file is exactly that chunk
+        and ``expect_size`` bytes; else None."""
+        ref = info.chunks[0] if len(info.chunks) == 1 else None
+        if info.attr.size != expect_size or ref is None or ref.index != 0 or ref.length != expect_size:
+            return None
+        return self.c.local_chunk(ref)
+
+    async def _after_known(self, paths: list[str], infos: Sequence[P.GetChunksReply],
+                           touch_before: list[int]) -> None:
+        self._cached.learn(paths, infos)
+        await self._touch_all([(info.attr, before) for info, before in zip(infos, touch_before)])
+
+    async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True) -> list[ReadResult | None] | None:
         """Every file is one chunk with a replica on this host: map the chunk files (locked, and verified
         unless ``verify`` is False: kvfs.chunkio.map_local_chunk) instead of copying them. None when that
         cannot be done (a file in several chunks or not local, an odd size, a failed map or lock): the
-        caller reads instead. ``known``: the files' chunk maps from a lookup (``read_many``'s
-        ``locations``): no META_KV_CHUNKS round trip first."""
+        caller reads instead."""
         if self._map_refused:
             return None
-        if known is not None:
-            infos: Sequence[P.GetChunksReply | None] = known
-            self._cached.learn([j[0] for j in jobs], known)
-        else:
-            infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
+        infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
         plans: list = []
         for info, (_path, expect_size, *_rest) in zip(infos, jobs):
             if info is None:
                 plans.append(None)
                 continue
-            ref = info.chunks[0] if len(info.chunks) == 1 else None
-            if info.attr.size != expect_size or ref is None or ref.index != 0 or ref.length != expect_size:
-                return None
-            lc = self.c.local_chunk(ref)
+            lc = self._whole_local_chunk(info, expect_size)
             if lc is None:
                 return None
             plans.append((info.attr, lc))

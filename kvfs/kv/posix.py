@@ -8,8 +8,8 @@ semantics. The loser of a race removes its temp file and reports the block as al
 Reads: one ``preadv`` scatters the header into a small buffer and the payload straight into the
 caller's tensors; for CUDA tensors read with kvikio, the header is read here and the payload by a
 ``land`` callback (kvfs.kv.device, which checks that kvikio opened the same inode). A read whose file
-was last accessed before the touch interval records an access on one background thread, not on the
-read's path.
+was last accessed before the touch interval records an access on one background thread once the read
+(or its whole batch) is done, not on the read's path.
 
 Error handling: OSErrors from the file system pass through; a missing block reads as None.
 """
@@ -104,15 +104,19 @@ class PosixBackend:
         """``Backend.read``. ``land`` (kvfs.kv.device's kvikio route): read only the head into host memory
         here and leave the payload to ``land(fd, header_len)``, which returns the bytes it put in place
         (``out`` is then unused). An OSError from ``land`` is handled like one from a read."""
+        res = self._read(path, expect_size, header_len, out, touch_before_ns, land)
+        self._touch_later([(path, res, touch_before_ns)])
+        return res
+
+    def _read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview],
+              touch_before_ns: int, land: Land | None = None) -> ReadResult | None:
+        """``read`` without recording the access."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            res = self._read_fd(fd, expect_size, header_len, out, land)
-            if res.payload_done and res.atime_ns < touch_before_ns:
-                self._toucher.submit(_touch, path)
-            return res
+            return self._read_fd(fd, expect_size, header_len, out, land)
         except OSError as exc:
             # EIO on a block evicted while we read it (its chunks are gone): a miss, not an error.
             if exc.errno in (errno.EIO, errno.ENOENT) and not os.path.exists(path):
@@ -177,7 +181,18 @@ class PosixBackend:
                   map_local: bool = False, caller_verifies: bool = False,
                   locations: Sequence[object] | None = None) -> list[ReadResult | None | OSError]:
         # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
-        return self._gather(self.read, jobs, on_ready)
+        results = self._gather(self._read, jobs, on_ready)
+        self._touch_later([(job[0], res, job[4]) for job, res in zip(jobs, results)])
+        return results
+
+    def _touch_later(self, reads: list[tuple[str, object, int]]) -> None:
+        """Record an access on each (path, read result, touch_before_ns) read whole whose access time is
+        older than asked, on the background thread, once the whole batch is read: on the mount the
+        touches then do not queue in the mount daemon between the batch's own opens and reads."""
+        due = [path for path, res, before in reads
+               if isinstance(res, ReadResult) and res.payload_done and res.atime_ns < before]
+        if due:
+            self._toucher.submit(_touch_each, due)
 
     def _gather(self, fn, jobs: Sequence[tuple], on_ready: OnReady | None = None) -> list:
         def one(i: int, args: tuple):
@@ -198,12 +213,13 @@ class PosixBackend:
         self._toucher.shutdown(wait=True)
 
 
-def _touch(path: str) -> None:
-    """Record an access on ``path`` (the eviction engine's recency); best effort."""
-    try:
-        os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
-    except OSError:
-        pass  # a read-only mount, or evicted meanwhile
+def _touch_each(paths: list[str]) -> None:
+    """Record an access on each file (the eviction engine's recency); best effort."""
+    for path in paths:
+        try:
+            os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
+        except OSError:
+            pass  # a read-only mount, or evicted meanwhile
 
 
 def _consume(views: list[memoryview], n: int) -> None:
