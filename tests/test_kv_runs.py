@@ -185,10 +185,13 @@ def test_mapping_falls_back_to_reads_when_the_lock_is_refused(cluster, monkeypat
         data = blocks(4, 3)
         hashes = store_prompt(s, list(range(16)), data)
         monkeypatch.setattr(chunkio, "_libc", NoLock())
-        out = torch.empty_like(data)
-        [read] = s.get_runs([hashes], [out], map_local=True)
-        assert (read.blocks, read.error) == (4, None) and read.data is out and torch.equal(out, data)
-        assert s.backend._map_refused
+        locations = s.runs_prefix(hashes, RUN).locations
+        for given in (locations, None):  # mapped from the lookup's chunk maps, or after asking meta
+            s.backend._map_refused = False
+            out = torch.empty_like(data)
+            [read] = s.get_runs([hashes], [out], map_local=True, locations=given)
+            assert (read.blocks, read.error) == (4, None) and read.data is out and torch.equal(out, data)
+            assert s.backend._map_refused
 
 
 def test_mapped_runs_are_verified_once_by_their_block_sums(cluster):
