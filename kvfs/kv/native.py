@@ -304,6 +304,10 @@ class NativeBackend:
             if lc is None:
                 return None
             chunks.append(lc)
+        # The touches start first, as a META_KV_CHUNKS read starts them: the client's thread holds the GIL
+        # while it sends them, and started after the mapping they ran into the engine's forward (on the
+        # 2-core VM a 4,096-token hit's forward took 0.9-1.3 s instead of 0.3 s).
+        self._run(self._after_known, [j[0] for j in jobs], known, [j[4] for j in jobs])
         try:
             views = [map_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, lc.length, False)
                      for lc in chunks]
@@ -311,7 +315,6 @@ class NativeBackend:
             if exc.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
                 self._map_refused = True  # the lock limit will not grow: stop trying
             return None  # e.g. the chunk file is gone: the run changed since the lookup
-        self._run(self._after_known, [j[0] for j in jobs], known, [j[4] for j in jobs])
         return [ReadResult(view[:max(SCRATCH, job[2])], info.attr.size, info.attr.atime_ns, True, mapped=view)
                 for view, info, job in zip(views, known, jobs)]
 
