@@ -15,7 +15,7 @@ under a limiter. Plain block reads mostly run on threads of their own (``kvfs.kv
   chunks are on this host are read the same way. The rest (a chunk elsewhere, a failed read, a changed
   map) goes block by block through the client, which fails over and reports bad replicas.
 * read with a lookup's chunk maps (``locate_many``, ``read_many(locations=...)``; KV runs, which the caller
-  verifies byte for byte): mapped in the calling thread with no META_KV_CHUNKS round trip (``_map_known``).
+  verifies byte for byte): mapped with no META_KV_CHUNKS round trip of their own (``_map_many_local``).
 * kvikio route (``_read_landed``): the head is read here, the payload by the caller from the chunk files.
 * exists_many: one META_KV_EXISTS round trip for a whole prompt (meta resolves the layout directory
   once, then one directory-entry lookup per block). locate_many: one META_KV_CHUNKS round trip, which
@@ -193,10 +193,9 @@ class NativeBackend:
             return settle
 
         if map_local and all(len(j) == 5 for j in jobs):
-            mapped = None
-            if locations is not None and caller_verifies:  # else meta is asked again: its answer is relied on
-                mapped = self._map_known(jobs, locations)
-            if mapped is None:
+            known = locations if caller_verifies else None  # else meta is asked again: its answer is relied on
+            mapped = self._run(self._map_many_local, jobs, not caller_verifies, known)
+            if mapped is None and known is not None:  # e.g. a chunk file gone: the run changed since the lookup
                 mapped = self._run(self._map_many_local, jobs, not caller_verifies)
             if mapped is not None:
                 everyone = list(range(len(jobs)))
@@ -290,34 +289,6 @@ class NativeBackend:
         await self._touch(attr, touch_before_ns)
         return ReadResult(head, attr.size, attr.atime_ns, True)
 
-    def _map_known(self, jobs: Sequence[tuple], known: Sequence[P.GetChunksReply]) -> list[ReadResult | None] | None:
-        """``_map_many_local`` from chunk maps a lookup returned (``read_many``'s ``locations``), for a
-        caller that verifies every byte: no metadata round trip, and the files are mapped here, in the
-        calling thread (a prompt's 16 runs in about a millisecond: a hop to the client's threads and back
-        costs more); the maps are remembered and due accesses recorded afterwards, in the background.
-        None when it cannot be done (as ``_map_many_local``): the caller falls back to that."""
-        if self._map_refused:
-            return None
-        chunks = []
-        for info, job in zip(known, jobs):
-            lc = self._whole_local_chunk(info, job[1])
-            if lc is None:
-                return None
-            chunks.append(lc)
-        # The touches start first, as a META_KV_CHUNKS read starts them: the client's thread holds the GIL
-        # while it sends them, and started after the mapping they ran into the engine's forward (on the
-        # 2-core VM a 4,096-token hit's forward took 0.9-1.3 s instead of 0.3 s).
-        self._run(self._after_known, [j[0] for j in jobs], known, [j[4] for j in jobs])
-        try:
-            views = [map_local_chunk(lc.path, lc.sums_path, lc.chunk_id, lc.address, lc.length, False)
-                     for lc in chunks]
-        except OSError as exc:
-            if exc.errno in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
-                self._map_refused = True  # the lock limit will not grow: stop trying
-            return None  # e.g. the chunk file is gone: the run changed since the lookup
-        return [ReadResult(view[:max(SCRATCH, job[2])], info.attr.size, info.attr.atime_ns, True, mapped=view)
-                for view, info, job in zip(views, known, jobs)]
-
     def _whole_local_chunk(self, info: P.GetChunksReply, expect_size: int) -> Any:
         """The file's one chunk, on this host (``Client.local_chunk``), if the file is exactly that chunk
         and ``expect_size`` bytes; else None."""
@@ -326,19 +297,20 @@ class NativeBackend:
             return None
         return self.c.local_chunk(ref)
 
-    async def _after_known(self, paths: list[str], infos: Sequence[P.GetChunksReply],
-                           touch_before: list[int]) -> None:
-        self._cached.learn(paths, infos)
-        await self._touch_all([(info.attr, before) for info, before in zip(infos, touch_before)])
-
-    async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True) -> list[ReadResult | None] | None:
+    async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True,
+                              known: Sequence[P.GetChunksReply] | None = None) -> list[ReadResult | None] | None:
         """Every file is one chunk with a replica on this host: map the chunk files (locked, and verified
         unless ``verify`` is False: kvfs.chunkio.map_local_chunk) instead of copying them. None when that
         cannot be done (a file in several chunks or not local, an odd size, a failed map or lock): the
-        caller reads instead."""
+        caller reads instead. ``known``: the files' chunk maps from a lookup (``read_many``'s
+        ``locations``), used instead of a META_KV_CHUNKS round trip."""
         if self._map_refused:
             return None
-        infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
+        if known is not None:
+            infos: Sequence[P.GetChunksReply | None] = known
+            self._cached.learn([j[0] for j in jobs], known)
+        else:
+            infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
         plans: list = []
         for info, (_path, expect_size, *_rest) in zip(infos, jobs):
             if info is None:
