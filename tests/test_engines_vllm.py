@@ -235,6 +235,7 @@ def test_prefix_hits_across_instances(work, models, reference, shared):
     assert sum(e["new_tokens"] for e in lookups) > 0
     loads = of(ev_b, "load")
     assert loads and all(e["ok"] and e["loaded"] == e["blocks"] > 0 for e in loads)
+    assert all(e["located"] == e["runs"] for e in loads)  # the lookup's chunk maps reached the worker
     with open(work / "b.log", errors="replace") as f:
         assert "kvfs: loaded" in f.read()  # the kvfs model loader ran
 
@@ -250,6 +251,7 @@ def test_engine_core_in_its_own_process(work, models, reference, shared):
     assert out == reference
     loads = of(ev, "load")
     assert loads and all(e["loaded"] == e["blocks"] > 0 for e in loads)
+    assert all(e["located"] == e["runs"] for e in loads)  # the lookup's locations crossed the process boundary
     assert {e["pid"] for e in of(ev, "lookup")}.isdisjoint({e["pid"] for e in loads})  # two processes
 
 

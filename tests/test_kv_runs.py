@@ -185,10 +185,13 @@ def test_mapping_falls_back_to_reads_when_the_lock_is_refused(cluster, monkeypat
         data = blocks(4, 3)
         hashes = store_prompt(s, list(range(16)), data)
         monkeypatch.setattr(chunkio, "_libc", NoLock())
-        out = torch.empty_like(data)
-        [read] = s.get_runs([hashes], [out], map_local=True)
-        assert (read.blocks, read.error) == (4, None) and read.data is out and torch.equal(out, data)
-        assert s.backend._map_refused
+        locations = s.runs_prefix(hashes, RUN).locations
+        for given in (locations, None):  # mapped from the lookup's chunk maps, or after asking meta
+            s.backend._map_refused = False
+            out = torch.empty_like(data)
+            [read] = s.get_runs([hashes], [out], map_local=True, locations=given)
+            assert (read.blocks, read.error) == (4, None) and read.data is out and torch.equal(out, data)
+            assert s.backend._map_refused
 
 
 def test_mapped_runs_are_verified_once_by_their_block_sums(cluster):
@@ -241,3 +244,91 @@ def test_loaded_runs_are_touched(cluster):
             while not all(client.stat(s.run_path(run)).atime_ns > old for run in runs):
                 assert time.monotonic() < deadline, map_local
                 time.sleep(0.05)
+
+
+def test_lookup_locations_spare_the_load_its_metadata_round_trip(cluster):
+    """Through the native client ``runs_prefix`` returns each run's chunk map (``RunPrefix.locations``;
+    they pickle, as vLLM's scheduler hands them to its worker process). Another client's
+    ``get_runs(locations=...)`` then maps the runs without a META_KV_CHUNKS round trip of its own, to the
+    same verified bytes; without them it asks meta first; read into tensors, they seed its cached maps."""
+    import pickle
+
+    from kvfs import protocol as P
+
+    with cluster.client() as a, cluster.client() as b, KVStore("/kvruns/located", LAYOUT, client=a) as sched, \
+            KVStore("/kvruns/located", LAYOUT, client=b) as worker:
+        data = blocks(12, 6)
+        hashes = store_prompt(sched, list(range(48)), data)
+        found = sched.runs_prefix(hashes, RUN)
+        assert found.blocks == 12 and found.runs == [(0, 4), (4, 4), (8, 4)]
+        assert all(isinstance(loc, P.GetChunksReply) for loc in found.locations) and len(found.locations) == 3
+        locations = pickle.loads(pickle.dumps(found.locations))
+        runs = [hashes[s:s + n] for s, n in found.runs]
+        asked: list[int] = []
+        real = b.client.meta.request
+
+        async def counting(method, *args, **kwargs):
+            asked.append(method)
+            return await real(method, *args, **kwargs)
+
+        b.client.meta.request = counting
+
+        def load_all(**kwargs) -> list[int]:
+            asked.clear()
+            outs = [torch.empty((len(r), *LAYOUT.block_shape), dtype=torch.bfloat16) for r in runs]
+            reads = worker.get_runs(runs, outs, **kwargs)
+            assert [r.blocks for r in reads] == [4, 4, 4] and torch.equal(torch.cat([r.data for r in reads]), data)
+            return [m for m in asked if m == P.META_KV_CHUNKS]
+
+        assert load_all(map_local=True, locations=locations) == []
+        assert len(load_all(map_local=True)) == 1
+        worker.backend._cached.cache.drop(worker.run_path(runs[0]))
+        assert len(load_all(locations=locations)) == 1  # read: meta still confirms the maps, beside the reads
+        with pytest.raises(ValueError):
+            worker.get_runs(runs, [torch.empty((4, *LAYOUT.block_shape), dtype=torch.bfloat16)] * 3,
+                            locations=locations[:2])
+
+
+def test_a_stale_location_loads_the_current_run(cluster):
+    """A run deleted after the lookup and stored again with other bytes: once the old chunk file is gone,
+    a load with the old location falls back to meta's current map and loads the new bytes (never a
+    failed load, never bytes that fail the run's checks)."""
+    import time
+
+    with cluster.client() as client, KVStore("/kvruns/stale", LAYOUT, client=client) as s:
+        old, new = blocks(4, 7), blocks(4, 8)
+        hashes = store_prompt(s, list(range(16)), old)
+        found = s.runs_prefix(hashes, RUN)
+        old_chunk = client.client.local_chunk(found.locations[0].chunks[0])
+        assert old_chunk is not None and os.path.exists(old_chunk.path)
+        assert s.delete_run(hashes)
+        s.backend._cached.cache.drop(s.run_path(hashes))
+        store_prompt(s, list(range(16)), new)
+        deadline = time.monotonic() + 30  # meta's deletions reach the chunkserver with its heartbeats
+        while os.path.exists(old_chunk.path):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        [read] = s.get_runs([hashes], [torch.empty_like(new)], map_local=True, locations=found.locations)
+        assert read.blocks == 4 and read.error is None and torch.equal(read.data, new)
+
+
+def test_runs_loaded_through_the_mount_are_touched_in_the_background(mounted):
+    """Through a directory (the kvfs mount) a load records its access on a background thread, not on the
+    load's path; the access still lands, on every run it loaded."""
+    import time
+
+    root = f"{mounted.mountpoint}/kvruns/touch-mount"
+    with KVStore(root, LAYOUT, touch_interval=0) as s:
+        data = blocks(12, 9)
+        hashes = store_prompt(s, list(range(48)), data)
+        runs = [hashes[a:a + n] for a, n in run_spans(len(hashes), RUN)]
+        old = time.time_ns() - 3600 * 10**9
+        for run in runs:
+            os.utime(s.run_path(run), ns=(old, old))
+        reads = s.get_runs(runs, [torch.empty((len(r), *LAYOUT.block_shape), dtype=torch.bfloat16) for r in runs])
+        assert [r.blocks for r in reads] == [4, 4, 4]
+        deadline = time.monotonic() + 10
+        while not all(os.stat(s.run_path(run)).st_atime_ns > old for run in runs):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert all(os.stat(s.run_path(run)).st_mtime_ns == old for run in runs)  # only the access time moved

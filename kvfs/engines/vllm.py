@@ -28,8 +28,9 @@ directory.
 
 **Scheduler side**: ``get_num_new_matched_tokens`` is one ``KVStore.runs_prefix`` call over the
 prompt's full blocks (one or two round trips; never the last token: vLLM must compute at least one).
-The loads it promises are sent to the workers in ``KvfsConnectorMetadata`` with the runs' hashes and
-the vLLM block ids; so are the runs each step completes (to be saved), but for those the lookup found.
+The loads it promises are sent to the workers in ``KvfsConnectorMetadata`` with the runs' hashes, where
+the lookup found them (``RunPrefix.locations``: through the native client their chunk maps, so the
+worker maps them without a metadata round trip of its own) and the vLLM block ids; so are the runs each step completes (to be saved), but for those the lookup found.
 
 **Worker side**: ``start_load_kv`` reads and verifies every run of the step's loads
 (``KVStore.get_runs``: each block's checksum; a corrupt, truncated or wrong-layout run is never copied
@@ -122,6 +123,9 @@ class Transfer:
     block_ids: list[int]
     skip: int = 0
     context: list[int] = field(default_factory=list)  # saves: the request's block ids up to these runs' end
+    # loads: where each run is, from the scheduler's lookup (``RunPrefix.locations``: through the native
+    # client the runs' chunk maps, so the worker reads them without a metadata round trip of its own)
+    locations: list[Any] = field(default_factory=list)
 
     def run_hashes(self) -> list[list[str]]:
         out, pos = [], 0
@@ -142,6 +146,7 @@ class _Request:
     hashes: list[str]  # one per full prompt block
     hit_blocks: int = 0  # leading blocks kvfs had at the last lookup
     runs: list[tuple[int, int]] = field(default_factory=list)  # (first block, blocks) of the runs holding them
+    locations: list[Any] = field(default_factory=list)  # per run in ``runs``: where it is (the lookup's answer)
     stored: set[tuple[int, int]] = field(default_factory=set)  # runs known stored: not saved again
 
 
@@ -245,7 +250,7 @@ class KvfsConnector(KVConnectorBase_V1):
             return 0, False
         t0 = time.perf_counter()
         ok, found = self._guard.call(lambda: self._open().runs_prefix(st.hashes, self._run_blocks, usable), "lookup")
-        st.hit_blocks, st.runs = (found.blocks, found.runs) if ok else (0, [])
+        st.hit_blocks, st.runs, st.locations = (found.blocks, found.runs, found.locations) if ok else (0, [], [])
         st.stored = set(st.runs)
         new = max(0, st.hit_blocks * bs - num_computed_tokens)
         self._event({"event": "lookup", "req": request.request_id, "prompt_tokens": request.num_prompt_tokens,
@@ -262,10 +267,13 @@ class KvfsConnector(KVConnectorBase_V1):
         end = st.hit_blocks
         start = end - (num_external_tokens + bs - 1) // bs
         block_ids = blocks.get_block_ids()[0]
-        runs = [(s, n) for s, n in st.runs if s + n > start and s < end]  # whole runs are read
+        picked = [i for i, (s, n) in enumerate(st.runs) if s + n > start and s < end]  # whole runs are read
+        runs = [st.runs[i] for i in picked]
         hashes = [h for s, n in runs for h in st.hashes[s:s + n]]
+        locations = [st.locations[i] for i in picked] if len(st.locations) == len(st.runs) else []
         self._pending_loads[request.request_id] = Transfer(request.request_id, hashes, [n for _, n in runs],
-                                                           list(block_ids[start:end]), skip=start - runs[0][0])
+                                                           list(block_ids[start:end]), skip=start - runs[0][0],
+                                                           locations=locations)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KvfsConnectorMetadata(loads=list(self._pending_loads.values()))
@@ -394,7 +402,9 @@ class KvfsConnector(KVConnectorBase_V1):
         t0 = time.perf_counter()
         runs = load.run_hashes()
         outs = list(bufs.split(load.runs))
-        ok, got = self._guard.call(lambda: self._open().get_runs(runs, outs, map_local=True), "load",
+        locations = load.locations if len(load.locations) == len(runs) else None
+        ok, got = self._guard.call(lambda: self._open().get_runs(runs, outs, map_local=True, locations=locations),
+                                   "load",
                                    nbytes=bufs.numel() * bufs.element_size())
         if not ok:
             self._staging = None  # a timed-out read may still land in it later: never reuse it
@@ -415,7 +425,7 @@ class KvfsConnector(KVConnectorBase_V1):
             pos += len(hashes)
         good = sum(len(ids) for _, ids in pieces)
         self._event({"event": "load", "req": load.req_id, "blocks": len(load.block_ids), "loaded": good,
-                     "runs": len(runs), "ok": ok, "read_s": round(t1 - t0, 4)})
+                     "runs": len(runs), "located": len(locations or ()), "ok": ok, "read_s": round(t1 - t0, 4)})
         if good < len(load.block_ids):
             log.info("KvfsConnector: request %s: %d of %d blocks loaded, the rest is recomputed", load.req_id,
                      good, len(load.block_ids))

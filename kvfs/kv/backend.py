@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # A reader fetches the first SCRATCH bytes of a block into a scratch buffer (the header and the start
 # of the payload), and the rest of the payload straight into the caller's tensors from this offset,
@@ -48,6 +48,12 @@ class Backend(Protocol):
         """Which of ``names`` (paths relative to directory ``base``) exist, and how many lead without a
         gap. ``leading_only``: the caller only wants the count; the backend may stop at the first miss."""
 
+    def locate_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[Any], int]:
+        """``exists_many`` with, per name, None (missing) or where the file is (native: its chunk map;
+        a directory: True), and the leading count. A location may travel to another process (it is
+        picklable) and be handed to ``read_many(locations=...)`` there, to skip a look-up the read
+        would make."""
+
     def remove(self, path: str) -> None: ...
 
     def set_xattr(self, path: str, name: str, value: bytes) -> None: ...
@@ -58,7 +64,8 @@ class Backend(Protocol):
         """``put(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot."""
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                  map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
+                  map_local: bool = False, caller_verifies: bool = False,
+                  locations: Sequence[Any] | None = None) -> list[ReadResult | None | OSError]:
         """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot.
         ``on_ready(i, result)``, if given, is called once per job as soon as that job's result is final,
         from whichever thread finished it, so a caller can use each block while others still read (the
@@ -67,7 +74,8 @@ class Backend(Protocol):
         read is), where it can do so safely; ``out`` is then left alone. ``caller_verifies``: the caller
         checks every byte it uses of a mapped file against checksums of its own (a KV run's header
         checksum and per-block sums), so the backend may skip checking the mapping against the chunk
-        checksums (each byte hashed once)."""
+        checksums (each byte hashed once). ``locations``: ``locate_many``'s answers for the jobs' files,
+        which the backend may use instead of looking them up again (native: their chunk maps)."""
 
     def close(self) -> None: ...
 

@@ -15,9 +15,12 @@ under a limiter. Plain block reads mostly run on threads of their own (``kvfs.kv
   current (and renews the leases). Otherwise that round trip comes first and the blocks whose
   chunks are on this host are read the same way. The rest (a chunk elsewhere, a failed read, a changed
   map) goes block by block through the client, which fails over and reports bad replicas.
+* read with a lookup's chunk maps (``locate_many``, ``read_many(locations=...)``; KV runs, which the caller
+  verifies byte for byte): mapped with no META_KV_CHUNKS round trip of their own (``_map_many_local``).
 * kvikio route (``_read_landed``): the head is read here, the payload by the caller from the chunk files.
 * exists_many: one META_KV_EXISTS round trip for a whole prompt (meta resolves the layout directory
-  once, then one directory-entry lookup per block).
+  once, then one directory-entry lookup per block). locate_many: one META_KV_CHUNKS round trip, which
+  also returns the files' chunk maps.
 
 Error handling: OSErrors with errnos from the client; a missing block reads as None. A block evicted
 between resolve and the chunk reads surfaces as a miss (the caller re-checks), never as partial data.
@@ -168,9 +171,19 @@ class NativeBackend:
         return res
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                  map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
+                  map_local: bool = False, caller_verifies: bool = False,
+                  locations: Sequence[Any] | None = None) -> list[ReadResult | None | OSError]:
+        """``Backend.read_many``. ``locations``: ``locate_many``'s answers for the jobs' files (their chunk
+        maps, fetched by a lookup moments ago, maybe by another client): with ``map_local`` and
+        ``caller_verifies`` the files are mapped from them without asking meta again (a KV run is
+        immutable and checked byte for byte against its own header and block sums by the caller, so a
+        map meta has since replaced can only yield that run's verified bytes or a failed map); otherwise
+        they seed the cached maps, so the reads start while meta confirms them."""
         if not jobs:
             return []
+        if locations is not None and (len(locations) != len(jobs)
+                                      or not all(isinstance(loc, P.GetChunksReply) for loc in locations)):
+            locations = None
         results: list[ReadResult | None | OSError] = [None] * len(jobs)
 
         def settle_from(idx: list[int]) -> OnReady:
@@ -181,7 +194,10 @@ class NativeBackend:
             return settle
 
         if map_local and all(len(j) == 5 for j in jobs):
-            mapped = self._run(self._map_many_local, jobs, not caller_verifies)
+            known = locations if caller_verifies else None  # else meta is asked again: its answer is relied on
+            mapped = self._run(self._map_many_local, jobs, not caller_verifies, known)
+            if mapped is None and known is not None:  # e.g. a chunk file gone: the run changed since the lookup
+                mapped = self._run(self._map_many_local, jobs, not caller_verifies)
             if mapped is not None:
                 everyone = list(range(len(jobs)))
                 for i, res in enumerate(mapped):
@@ -192,6 +208,8 @@ class NativeBackend:
         if landed:
             self._run(self._read_landed_many, [jobs[i] for i in landed], settle_from(landed))
         if plain:
+            if locations is not None:
+                self._run(self._learn, [jobs[i][0] for i in plain], [locations[i] for i in plain])
             # kvfs.kv.native_cached: cached chunk maps, reads on plain threads, meta's check beside them.
             self._cached.read_many([jobs[i] for i in plain], settle_from(plain))
         return results
@@ -207,6 +225,9 @@ class NativeBackend:
         await self._touch_all([(info.attr, before) for info, before in zip(reply.files, touch_before)
                                if info is not None])
         return reply.files
+
+    async def _learn(self, paths: list[str], infos: list[P.GetChunksReply]) -> None:
+        self._cached.learn(paths, infos)  # here: local_chunk runs in the client's thread
 
     async def _read_landed_many(self, jobs: Sequence[tuple], settle: OnReady) -> None:
         """The kvikio route's blocks (``_read_landed``): with the cached maps when every one is leased
@@ -288,23 +309,34 @@ class NativeBackend:
         await self._touch(attr, touch_before_ns)
         return ReadResult(head, attr.size, attr.atime_ns, True)
 
-    async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True) -> list[ReadResult | None] | None:
+    def _whole_local_chunk(self, info: P.GetChunksReply, expect_size: int) -> Any:
+        """The file's one chunk, on this host (``Client.local_chunk``), if the file is exactly that chunk
+        and ``expect_size`` bytes; else None."""
+        ref = info.chunks[0] if len(info.chunks) == 1 else None
+        if info.attr.size != expect_size or ref is None or ref.index != 0 or ref.length != expect_size:
+            return None
+        return self.c.local_chunk(ref)
+
+    async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True,
+                              known: Sequence[P.GetChunksReply] | None = None) -> list[ReadResult | None] | None:
         """Every file is one chunk with a replica on this host: map the chunk files (locked, and verified
         unless ``verify`` is False: kvfs.chunkio.map_local_chunk) instead of copying them. None when that
         cannot be done (a file in several chunks or not local, an odd size, a failed map or lock): the
-        caller reads instead."""
+        caller reads instead. ``known``: the files' chunk maps from a lookup (``read_many``'s
+        ``locations``), used instead of a META_KV_CHUNKS round trip."""
         if self._map_refused:
             return None
-        infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
+        if known is not None:
+            infos: Sequence[P.GetChunksReply | None] = known
+            self._cached.learn([j[0] for j in jobs], known)
+        else:
+            infos = await self._validate([j[0] for j in jobs], [0] * len(jobs))
         plans: list = []
         for info, (_path, expect_size, *_rest) in zip(infos, jobs):
             if info is None:
                 plans.append(None)
                 continue
-            ref = info.chunks[0] if len(info.chunks) == 1 else None
-            if info.attr.size != expect_size or ref is None or ref.index != 0 or ref.length != expect_size:
-                return None
-            lc = self.c.local_chunk(ref)
+            lc = self._whole_local_chunk(info, expect_size)
             if lc is None:
                 return None
             plans.append((info.attr, lc))
@@ -453,6 +485,16 @@ class NativeBackend:
             return [], 0
         reply = self._run(self.c.meta.request, P.META_KV_EXISTS, P.KVExists(base, names, leading_only))
         return list(reply.exists), reply.leading
+
+    def locate_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[Any], int]:
+        """``Backend.locate_many``: one META_KV_CHUNKS round trip; a file's location is its chunk map
+        (``P.GetChunksReply``), which ``read_many(locations=...)`` maps or reads without asking again."""
+        if not names:
+            return [], 0
+        reply = self._run(self.c.meta.request, P.META_KV_CHUNKS, P.KVChunks([f"{base}/{n}" for n in names]))
+        found = list(reply.files)
+        leading = next((i for i, f in enumerate(found) if f is None), len(found))
+        return found, leading
 
     def remove(self, path: str) -> None:
         self._cached.cache.drop(path)

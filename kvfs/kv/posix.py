@@ -7,7 +7,9 @@ semantics. The loser of a race removes its temp file and reports the block as al
 
 Reads: one ``preadv`` scatters the header into a small buffer and the payload straight into the
 caller's tensors; for CUDA tensors read with kvikio, the header is read here and the payload by a
-``land`` callback (kvfs.kv.device, which checks that kvikio opened the same inode).
+``land`` callback (kvfs.kv.device, which checks that kvikio opened the same inode). A read whose file
+was last accessed before the touch interval records an access on one background thread once the read
+(or its whole batch) is done, not on the read's path.
 
 Error handling: OSErrors from the file system pass through; a missing block reads as None.
 """
@@ -58,6 +60,9 @@ class PosixBackend:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kvfs-kv")
         self._concurrency = concurrency
+        # Access times are recorded off the read path: on the kvfs mount a touch is two more round trips
+        # (GETATTR, SETATTR) through the mount daemon to meta per file, which a load would wait for.
+        self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfs-kv-touch")
 
     def put(self, directory: str, name: str, header: bytes, payload: Sequence[memoryview],
             check_existing: bool) -> bool:
@@ -99,18 +104,19 @@ class PosixBackend:
         """``Backend.read``. ``land`` (kvfs.kv.device's kvikio route): read only the head into host memory
         here and leave the payload to ``land(fd, header_len)``, which returns the bytes it put in place
         (``out`` is then unused). An OSError from ``land`` is handled like one from a read."""
+        res = self._read(path, expect_size, header_len, out, touch_before_ns, land)
+        self._touch_later([(path, res, touch_before_ns)])
+        return res
+
+    def _read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview],
+              touch_before_ns: int, land: Land | None = None) -> ReadResult | None:
+        """``read`` without recording the access."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            res = self._read_fd(fd, expect_size, header_len, out, land)
-            if res.payload_done and res.atime_ns < touch_before_ns:
-                try:
-                    os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))
-                except OSError:
-                    pass  # a read-only mount, or evicted meanwhile: recency is best effort
-            return res
+            return self._read_fd(fd, expect_size, header_len, out, land)
         except OSError as exc:
             # EIO on a block evicted while we read it (its chunks are gone): a miss, not an error.
             if exc.errno in (errno.EIO, errno.ENOENT) and not os.path.exists(path):
@@ -150,6 +156,10 @@ class PosixBackend:
         leading = next((i for i, e in enumerate(exists) if not e), len(names))
         return exists, leading
 
+    def locate_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[bool | None], int]:
+        exists, leading = self.exists_many(base, names, leading_only)
+        return [True if e else None for e in exists], leading
+
     def remove(self, path: str) -> None:
         os.unlink(path)
 
@@ -168,9 +178,21 @@ class PosixBackend:
         return self._gather(self.put, jobs)
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
-                  map_local: bool = False, caller_verifies: bool = False) -> list[ReadResult | None | OSError]:
+                  map_local: bool = False, caller_verifies: bool = False,
+                  locations: Sequence[object] | None = None) -> list[ReadResult | None | OSError]:
         # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
-        return self._gather(self.read, jobs, on_ready)
+        results = self._gather(self._read, jobs, on_ready)
+        self._touch_later([(job[0], res, job[4]) for job, res in zip(jobs, results)])
+        return results
+
+    def _touch_later(self, reads: list[tuple[str, object, int]]) -> None:
+        """Record an access on each (path, read result, touch_before_ns) read whole whose access time is
+        older than asked, on the background thread, once the whole batch is read: on the mount the
+        touches then do not queue in the mount daemon between the batch's own opens and reads."""
+        due = [path for path, res, before in reads
+               if isinstance(res, ReadResult) and res.payload_done and res.atime_ns < before]
+        if due:
+            self._toucher.submit(_touch_each, due)
 
     def _gather(self, fn, jobs: Sequence[tuple], on_ready: OnReady | None = None) -> list:
         def one(i: int, args: tuple):
@@ -188,6 +210,16 @@ class PosixBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._toucher.shutdown(wait=True)
+
+
+def _touch_each(paths: list[str]) -> None:
+    """Record an access on each file (the eviction engine's recency); best effort."""
+    for path in paths:
+        try:
+            os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
+        except OSError:
+            pass  # a read-only mount, or evicted meanwhile
 
 
 def _consume(views: list[memoryview], n: int) -> None:

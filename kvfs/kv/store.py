@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from kvfs.chunkio import first_bad_block, packed_checksums
@@ -61,10 +61,14 @@ COUNTERS = ("get_hits", "get_misses", "lookup_hit_blocks", "lookup_miss_blocks",
 
 @dataclass
 class RunPrefix:
-    """``KVStore.runs_prefix``'s answer: leading blocks stored, and the runs holding them (first, count)."""
+    """``KVStore.runs_prefix``'s answer: leading blocks stored, the runs holding them (first, count), and
+    where each run is (the backend's ``locate_many`` answer: native, its chunk map), which
+    ``get_runs(locations=...)`` takes to skip looking the runs up again (a loader in another process
+    too: they pickle)."""
 
     blocks: int
     runs: list[tuple[int, int]]
+    locations: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -282,7 +286,8 @@ class KVStore:
                 raise r
         return [bool(r) for r in results]
 
-    def get_runs(self, runs: Sequence[Sequence[str]], outs: Sequence[Any], *, map_local: bool = False) -> list[RunRead]:
+    def get_runs(self, runs: Sequence[Sequence[str]], outs: Sequence[Any], *, map_local: bool = False,
+                 locations: Sequence[Any] | None = None) -> list[RunRead]:
         """Load runs into contiguous CPU tensors of shape ``(len(hashes), *layout.block_shape)``; per run a
         ``RunRead``: blocks verified from its first on, the error that stopped it, and the tensor holding
         them. A miss is ``RunRead(0, None, out)``; a run whose header is bad loads nothing; a corrupt block
@@ -290,8 +295,14 @@ class KVStore:
 
         ``map_local``: where the native client has a run's chunk on this host, ``data`` is a read-only
         view of the chunk file, mapped and locked in memory (``kvfs.chunkio.map_local_chunk``), instead of
-        ``out``: no copy. Keep it only as long as needed (it pins page cache). Error handling: ValueError
-        for unfit ``outs``; the first OSError is raised after every run was read."""
+        ``out``: no copy. Keep it only as long as needed (it pins page cache).
+        ``locations``: ``runs_prefix``'s ``RunPrefix.locations`` for these runs, in order (through the
+        native client the runs are then mapped or read from the lookup's chunk maps, with no metadata
+        round trip of their own when ``verify`` is on: every byte is checked against the run's header and
+        block sums anyway). Error handling: ValueError for unfit ``outs`` or ``locations``; the first
+        OSError is raised after every run was read."""
+        if locations is not None and len(locations) != len(runs):
+            raise ValueError("get_runs: one location per run")
         if len(outs) != len(runs):
             raise ValueError("get_runs: one out per run")
         touch_before = time.time_ns() - int(self.touch_interval * 1e9) if self.touch_interval >= 0 else 0
@@ -311,7 +322,7 @@ class KVStore:
                          [byte_view(out)], touch_before))
         # Every byte loaded is checked below against the run's per-block sums: a mapped chunk need not be
         # hashed against its chunk checksums as well (with verify off, the backend checks chunks).
-        reads = self.backend.read_many(jobs, map_local=map_local, caller_verifies=self.verify)
+        reads = self.backend.read_many(jobs, map_local=map_local, caller_verifies=self.verify, locations=locations)
         items = list(zip(runs, reads, outs, (j[2] for j in jobs)))
         checked = list(self._verifier().map(self._check_run, items)) if len(items) > 1 else [
             self._check_run(it) for it in items]
@@ -356,23 +367,25 @@ class KVStore:
         ``usable``, and the runs that hold them. ``hashes``: every full block of the prompt (a run may end
         after ``usable``). At most two metadata round trips through the native client: the runs of the
         prompt's own alignment (up to the first missing one), then, for that run's place, the runs that end
-        earlier (a shorter prompt's last run); through a directory, one stat per name asked."""
+        earlier (a shorter prompt's last run); through a directory, one stat per name asked. Through the
+        native client these round trips return the runs' chunk maps too (``RunPrefix.locations``)."""
         usable = len(hashes) if usable is None else min(usable, len(hashes))
         check_hashes(hashes)
         spans = [sp for sp in run_spans(len(hashes), run_blocks) if sp[0] < usable]
         names = [self._run_entry(hashes[s:s + n]) for s, n in spans]
-        _, lead = self.backend.exists_many(self.dir, names, True) if names else ([], 0)
-        found = spans[:lead]
+        where, lead = self.backend.locate_many(self.dir, names, True) if names else ([], 0)
+        found, locations = spans[:lead], where[:lead]
         if lead < len(spans):
             s, n = spans[lead]
             shorter = [self._run_entry(hashes[s:s + k]) for k in range(1, n)]
-            exists, _ = self.backend.exists_many(self.dir, shorter, False) if shorter else ([], 0)
-            k = max((i + 1 for i, e in enumerate(exists) if e), default=0)
+            where, _ = self.backend.locate_many(self.dir, shorter, False) if shorter else ([], 0)
+            k = max((i + 1 for i, w in enumerate(where) if w is not None), default=0)
             if k:
                 found.append((s, k))
+                locations.append(where[k - 1])
         blocks = min(usable, sum(n for _, n in found))
         self._count(lookup_hit_blocks=blocks, lookup_miss_blocks=usable - blocks)
-        return RunPrefix(blocks, found)
+        return RunPrefix(blocks, found, locations)
 
     @staticmethod
     def _run_entry(hashes: Sequence[str]) -> str:
