@@ -643,7 +643,9 @@ def test_eviction_under_quota_with_active_readers(cluster):
         root = "/kvevict/model"
         c.mkdir(root, parents=True, exist_ok=True)
         quota = 40 * (MID.nbytes + 4096)
-        set_policy(c, "/kvevict", quota=quota)
+        # One hour-long LRU window: with 60 s windows on wall-clock time, a run that straddles a window
+        # boundary puts its first blocks in an older window, which is evicted first.
+        set_policy(c, "/kvevict", quota=quota, window=3600)
         writer = KVStore(root, MID, client=c)
         reader = KVStore(root, MID, client=rc)
         stop = threading.Event()
