@@ -12,6 +12,11 @@
  * recv_verify() is the same for chunk data arriving over TCP (kvfs.rpc_blocking): receive, and hash each
  * block as soon as it is whole, in one call per reply.
  *
+ * read_hashed() reads a whole file made of several local chunk files (a KV block) and computes one XXH3-64
+ * over a suffix of it (the block's payload) while each window is still in the CPU cache: a caller that
+ * checks that one digest against an end-to-end checksum of its own hashes every byte once, not twice
+ * (chunk checksums, then its own). Its streaming XXH3 (reset/update/digest) comes from init_stream().
+ *
  * The hash function itself is not compiled here: kvfs.xxh3_impls picks one XXH3_64bits (an AVX-512 or
  * AVX2 build from kvfs._xxh3_simd where the CPU has it, else python-xxhash's own SSE2 build, found with
  * ctypes) and hands its address and name to init(); impl() says which one is active. Built as an
@@ -20,6 +25,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -197,6 +204,35 @@ static ssize_t source_read(source_t *src, struct iovec *iov, int cnt, Py_ssize_t
     }
 }
 
+/* The iovecs for the next ``left`` bytes of ``views`` from the cursor (vi, vpos), at most 1024 of them;
+ * returns how many. */
+static int next_iov(Py_buffer *views, Py_ssize_t n, Py_ssize_t vi, Py_ssize_t vpos, Py_ssize_t left,
+                    struct iovec *iov) {
+    int cnt = 0;
+    while (left > 0 && cnt < 1024 && vi < n) {
+        Py_ssize_t avail = views[vi].len - vpos;
+        if (avail <= 0) { vi++; vpos = 0; continue; }
+        Py_ssize_t take = avail < left ? avail : left;
+        iov[cnt].iov_base = (char *)views[vi].buf + vpos;
+        iov[cnt].iov_len = (size_t)take;
+        cnt++;
+        left -= take;
+        vpos += take;
+    }
+    return cnt;
+}
+
+/* Advance the cursor (*vi, *vpos) into ``views`` past ``r`` bytes (what a read brought). */
+static void advance_cursor(Py_buffer *views, Py_ssize_t *vi, Py_ssize_t *vpos, Py_ssize_t r) {
+    while (r > 0) {
+        Py_ssize_t avail = views[*vi].len - *vpos;
+        if (avail <= 0) { (*vi)++; *vpos = 0; continue; }
+        Py_ssize_t take = avail < r ? avail : r;
+        *vpos += take;
+        r -= take;
+    }
+}
+
 /* Fill ``views`` (``want`` bytes in all) from ``src`` in windows of at most ``window`` bytes, hashing
  * each block of the bytes that arrived right after it arrived, while it is still in the CPU cache (one
  * pass over memory fewer than receiving everything first; many threads at once are bound by memory
@@ -214,29 +250,12 @@ static int fill_and_verify(source_t *src, Py_buffer *views, Py_ssize_t n, struct
         Py_ssize_t goal = total + window;
         if (goal > want) goal = want;
         while (total < goal) {
-            int cnt = 0;
-            Py_ssize_t left = goal - total, tvi = rvi, tvpos = rvpos;
-            while (left > 0 && cnt < 1024 && tvi < n) {
-                Py_ssize_t avail = views[tvi].len - tvpos;
-                if (avail <= 0) { tvi++; tvpos = 0; continue; }
-                Py_ssize_t take = avail < left ? avail : left;
-                iov[cnt].iov_base = (char *)views[tvi].buf + tvpos;
-                iov[cnt].iov_len = (size_t)take;
-                cnt++;
-                left -= take;
-                tvpos += take;
-            }
+            int cnt = next_iov(views, n, rvi, rvpos, goal - total, iov);
             ssize_t r = source_read(src, iov, cnt, total);
             if (r < 0) { err = (int)-r; break; }
             if (r == 0) { eof = 1; break; }
             total += r;
-            while (r > 0) {  /* advance the read cursor past what arrived */
-                Py_ssize_t avail = views[rvi].len - rvpos;
-                if (avail <= 0) { rvi++; rvpos = 0; continue; }
-                Py_ssize_t take = avail < r ? avail : (Py_ssize_t)r;
-                rvpos += take;
-                r -= take;
-            }
+            advance_cursor(views, &rvi, &rvpos, r);
             if (src->is_socket) break;  /* hash what a receive brought before waiting for more */
         }
         /* Whole blocks read so far, and the short last one once nothing more will come. */
@@ -353,6 +372,194 @@ static PyObject *recv_verify(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* Streaming XXH3-64 (python-xxhash's library exports it; kvfs.chunkio finds it with ctypes). */
+typedef void *(*state_create_fn)(void);
+typedef int (*state_free_fn)(void *);
+typedef int (*state_reset_fn)(void *);
+typedef int (*state_update_fn)(void *, const void *, size_t);
+typedef uint64_t (*state_digest_fn)(const void *);
+static state_create_fn st_create = NULL;
+static state_free_fn st_free = NULL;
+static state_reset_fn st_reset = NULL;
+static state_update_fn st_update = NULL;
+static state_digest_fn st_digest = NULL;
+
+/* init_stream(create, free, reset, update, digest): addresses of XXH3_createState, XXH3_freeState,
+ * XXH3_64bits_reset, XXH3_64bits_update and XXH3_64bits_digest. */
+static PyObject *init_stream(PyObject *self, PyObject *args) {
+    PyObject *a[5];
+    void *fn[5];
+    if (!PyArg_ParseTuple(args, "OOOOO", &a[0], &a[1], &a[2], &a[3], &a[4]))
+        return NULL;
+    for (int i = 0; i < 5; i++) {
+        fn[i] = PyLong_AsVoidPtr(a[i]);
+        if (fn[i] == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "null hash function");
+            return NULL;
+        }
+    }
+    st_create = (state_create_fn)fn[0];
+    st_free = (state_free_fn)fn[1];
+    st_reset = (state_reset_fn)fn[2];
+    st_update = (state_update_fn)fn[3];
+    st_digest = (state_digest_fn)fn[4];
+    Py_RETURN_NONE;
+}
+
+#define HASH_WINDOW (256 * 1024) /* read_hashed reads this much, then hashes it while it is in L2 */
+
+/* Feed bytes [from, to) of the concatenation of ``views`` to the hash state; (*vi, *vpos, *pos) is a
+ * cursor into the views at concatenation offset *pos <= from, advanced to ``to``. */
+static void hash_range(void *state, Py_buffer *views, Py_ssize_t n, Py_ssize_t *vi, Py_ssize_t *vpos,
+                       Py_ssize_t *pos, Py_ssize_t from, Py_ssize_t to) {
+    while (*pos < to && *vi < n) {
+        Py_ssize_t avail = views[*vi].len - *vpos;
+        if (avail <= 0) { (*vi)++; *vpos = 0; continue; }
+        Py_ssize_t take = to - *pos < avail ? to - *pos : avail;
+        Py_ssize_t skip = *pos < from ? (from - *pos < take ? from - *pos : take) : 0;
+        if (take > skip)
+            st_update(state, (const char *)views[*vi].buf + *vpos + skip, (size_t)(take - skip));
+        *vpos += take;
+        *pos += take;
+    }
+}
+
+/* The body of read_hashed() without the GIL: fill ``views`` from the files in order (``lengths[i]``
+ * bytes from the start of file i), hashing bytes from ``hash_from`` on, one window at a time right
+ * after it arrived. Stops at the first file that is short (*total tells) or fails (returns its errno,
+ * *failed its index). */
+static int read_files_hashed(char **paths, Py_ssize_t *lengths, Py_ssize_t nfiles, Py_buffer *views, Py_ssize_t n,
+                             struct iovec *iov, Py_ssize_t hash_from, void *state, Py_ssize_t *total_out,
+                             Py_ssize_t *failed) {
+    Py_ssize_t total = 0;
+    Py_ssize_t rvi = 0, rvpos = 0;                 /* read cursor */
+    Py_ssize_t hvi = 0, hvpos = 0, hpos = 0;       /* hash cursor */
+    int err = 0;
+    for (Py_ssize_t f = 0; f < nfiles && !err; f++) {
+        int fd;
+        do { fd = open(paths[f], O_RDONLY | O_CLOEXEC); } while (fd < 0 && errno == EINTR);
+        if (fd < 0) { err = errno; *failed = f; break; }
+        Py_ssize_t done = 0, want = lengths[f];
+        while (done < want) {
+            Py_ssize_t left = want - done < HASH_WINDOW ? want - done : HASH_WINDOW;
+            int cnt = next_iov(views, n, rvi, rvpos, left, iov);
+            ssize_t r;
+            do { r = preadv(fd, iov, cnt, (off_t)done); } while (r < 0 && errno == EINTR);
+            if (r < 0) { err = errno; *failed = f; break; }
+            if (r == 0) break;  /* a short file: *total tells the caller */
+            done += r;
+            total += r;
+            advance_cursor(views, &rvi, &rvpos, r);
+            hash_range(state, views, n, &hvi, &hvpos, &hpos, hash_from, total);
+        }
+        close(fd);
+        if (done < want)
+            break;
+    }
+    *total_out = total;
+    return err;
+}
+
+/* read_hashed(paths, lengths, bufs, hash_from) -> (nread, digest)
+ * Fill the writable buffers ``bufs`` (together sum(lengths) bytes) with the first ``lengths[i]`` bytes
+ * of each file ``paths[i]`` in turn, and return how many bytes arrived (less than asked: a file was
+ * short; the rest of ``bufs`` is undefined) and the XXH3-64 of bytes [hash_from, nread) of them. Nothing
+ * is checked here: the caller compares the digest with a checksum of its own. OSError for a file that
+ * does not open or read (its filename set). The GIL is released for the whole call. */
+static PyObject *read_hashed(PyObject *self, PyObject *args) {
+    PyObject *path_seq, *len_seq, *buf_seq;
+    Py_ssize_t hash_from;
+    if (st_create == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "init_stream() not called");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOOn", &path_seq, &len_seq, &buf_seq, &hash_from))
+        return NULL;
+    PyObject *pfast = PySequence_Fast(path_seq, "paths must be a sequence");
+    PyObject *lfast = pfast ? PySequence_Fast(len_seq, "lengths must be a sequence") : NULL;
+    PyObject *bfast = lfast ? PySequence_Fast(buf_seq, "bufs must be a sequence of writable buffers") : NULL;
+    PyObject *result = NULL;
+    Py_ssize_t nfiles = 0, n = 0, ptaken = 0, btaken = 0;
+    PyObject **encoded = NULL;
+    char **paths = NULL;
+    Py_ssize_t *lengths = NULL;
+    Py_buffer *views = NULL;
+    struct iovec *iov = NULL;
+    void *state = NULL;
+    if (bfast == NULL)
+        goto done;
+    nfiles = PySequence_Fast_GET_SIZE(pfast);
+    n = PySequence_Fast_GET_SIZE(bfast);
+    if (PySequence_Fast_GET_SIZE(lfast) != nfiles) {
+        PyErr_SetString(PyExc_ValueError, "one length per path");
+        goto done;
+    }
+    encoded = PyMem_Calloc(nfiles ? nfiles : 1, sizeof(PyObject *));
+    paths = PyMem_Calloc(nfiles ? nfiles : 1, sizeof(char *));
+    lengths = PyMem_Calloc(nfiles ? nfiles : 1, sizeof(Py_ssize_t));
+    views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    iov = PyMem_Calloc(n < 1024 ? (n ? n : 1) : 1024, sizeof(struct iovec));
+    state = st_create();
+    if (!encoded || !paths || !lengths || !views || !iov || !state) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t want = 0, room = 0;
+    for (; ptaken < nfiles; ptaken++) {
+        if (!PyUnicode_FSConverter(PySequence_Fast_GET_ITEM(pfast, ptaken), &encoded[ptaken]))
+            goto done;
+        paths[ptaken] = PyBytes_AS_STRING(encoded[ptaken]);
+        lengths[ptaken] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(lfast, ptaken));
+        if (lengths[ptaken] < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "negative length");
+            ptaken++;
+            goto done;
+        }
+        want += lengths[ptaken];
+    }
+    for (; btaken < n; btaken++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(bfast, btaken), &views[btaken], PyBUF_WRITABLE) < 0)
+            goto done;
+        room += views[btaken].len;
+    }
+    if (room != want || hash_from < 0) {
+        PyErr_SetString(PyExc_ValueError, "bufs must hold exactly sum(lengths) bytes, hash_from >= 0");
+        goto done;
+    }
+    Py_ssize_t total = 0, failed = -1;
+    int err;
+    uint64_t digest;
+    Py_BEGIN_ALLOW_THREADS
+    st_reset(state);
+    err = read_files_hashed(paths, lengths, nfiles, views, n, iov, hash_from, state, &total, &failed);
+    digest = st_digest(state);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PySequence_Fast_GET_ITEM(pfast, failed));
+        goto done;
+    }
+    result = Py_BuildValue("nK", total, (unsigned long long)digest);
+done:
+    for (Py_ssize_t i = 0; i < btaken; i++)
+        PyBuffer_Release(&views[i]);
+    for (Py_ssize_t i = 0; i < ptaken; i++)
+        Py_XDECREF(encoded ? encoded[i] : NULL);
+    if (state)
+        st_free(state);
+    PyMem_Free(encoded);
+    PyMem_Free(paths);
+    PyMem_Free(lengths);
+    PyMem_Free(views);
+    PyMem_Free(iov);
+    Py_XDECREF(bfast);
+    Py_XDECREF(lfast);
+    Py_XDECREF(pfast);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"init", init, METH_VARARGS, "init(address, name): set the XXH3_64bits function used by the other functions."},
     {"impl", impl, METH_NOARGS, "The name given to init() with the active hash function, or None."},
@@ -360,6 +567,8 @@ static PyMethodDef methods[] = {
     {"hash_blocks", hash_blocks, METH_VARARGS, "Little-endian u64 XXH3 of every block."},
     {"preadv_verify", preadv_verify, METH_VARARGS, "Read a file range into buffers and check its blocks."},
     {"recv_verify", recv_verify, METH_VARARGS, "Receive from a socket into buffers and check each block as it lands."},
+    {"init_stream", init_stream, METH_VARARGS, "init_stream(create, free, reset, update, digest): streaming XXH3-64."},
+    {"read_hashed", read_hashed, METH_VARARGS, "Read files in turn into buffers and XXH3-64 a suffix of the bytes."},
     {NULL, NULL, 0, NULL},
 };
 

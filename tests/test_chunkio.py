@@ -252,3 +252,38 @@ def test_direct_read_copies_a_cached_chunk_and_reads_an_uncached_one_with_o_dire
     flags_seen.clear()
     assert bytes(read_chunk_direct(path, sums_path, 1, "test", len(data), None, buffers)) == data
     assert any(f & os.O_DIRECT for p, f in flags_seen if p == path)
+
+
+@pytest.mark.parametrize("c_helper", [True, False], ids=["c", "python"])
+def test_files_read_whole_with_one_digest_of_a_suffix(tmp_path, monkeypatch, c_helper):
+    """``read_files_hashed``: several files in turn into buffers cut anywhere, bytes intact, one XXH3-64 of
+    the bytes from ``hash_from`` on (what a KV block's payload checksum covers); a short file reads short,
+    a missing one is an OSError. The C helper and the Python fallback agree."""
+    if c_helper and chunkio._READ_HASHED is None:
+        pytest.skip("kvfs._blockhash.read_hashed not built")
+    if not c_helper:
+        monkeypatch.setattr(chunkio, "_READ_HASHED", None)
+    rng = random.Random(7)
+    data = rng.randbytes(3 * (1 << 20) + 12345)
+    cuts = [1 << 20, 2 * (1 << 20), len(data)]  # three "chunk files"
+    paths = []
+    for k, (a, b) in enumerate(zip([0] + cuts, cuts)):
+        path = tmp_path / f"chunk{k}"
+        path.write_bytes(data[a:b])
+        paths.append(str(path))
+    lengths = [b - a for a, b in zip([0] + cuts, cuts)]
+    out = bytearray(len(data))
+    view = memoryview(out)
+    dests = [view[:4096], view[4096:4099], view[4099:1_500_000], view[1_500_000:]]
+    got, digest = chunkio.read_files_hashed(paths, lengths, dests, 4096)
+    assert got == len(data) and bytes(out) == data
+    assert digest == xxhash.xxh3_64_intdigest(data[4096:])
+    _, whole = chunkio.read_files_hashed(paths, lengths, [memoryview(bytearray(len(data)))], 0)
+    assert whole == xxhash.xxh3_64_intdigest(data)
+
+    os.truncate(paths[1], lengths[1] - 100)
+    got, _ = chunkio.read_files_hashed(paths, lengths, dests, 4096)
+    assert got == lengths[0] + lengths[1] - 100
+    with pytest.raises(OSError) as info:
+        chunkio.read_files_hashed([paths[0], str(tmp_path / "gone")], lengths[:2], [view[:cuts[1]]], 0)
+    assert info.value.errno == errno.ENOENT

@@ -922,29 +922,39 @@ def test_native_batch_reports_each_block_as_it_lands(cluster, monkeypatch):
                 byte = f.read(1)
                 f.seek(40_000)
                 f.write(bytes([byte[0] ^ 0x10]))
-        calls = []
+        calls: list = []  # per backend.read_many call: its payload_digest flag and its reports
         real = s.backend.read_many
 
-        def spy(jobs, on_ready=None):
+        def spy(jobs, on_ready=None, **kwargs):
+            reports: list = []
+            calls.append((kwargs.get("payload_digest", False), len(jobs), reports))
+
             def record(i, res):
-                calls.append((i, threading.get_ident(), res))
+                reports.append((i, threading.get_ident(), res))
                 on_ready(i, res)
 
-            return real(jobs, record)
+            return real(jobs, record, **kwargs)
 
         s.backend.read_many = spy
         outs = _outs(MID, 5)
         with pytest.raises((OSError, BlockError)):
             s.get_many(hs[:5], outs)
-        assert sorted(i for i, _, _ in calls) == [0, 1, 2, 3, 4]
-        by_index = {i: (thread, res) for i, thread, res in calls}
+        # First pass: payloads hashed as they land (chunk checksums not checked), every block reported.
+        digest, n, first = calls[0]
+        assert digest and n == 5
+        assert sorted(i for i, _, _ in first) == [0, 1, 2, 3, 4]
+        by_index = {i: (thread, res) for i, thread, res in first}
         assert len({by_index[i][0] for i in (0, 1, 3)}) > 1  # read (and settled) by several threads
         for i in (0, 1, 3):
             res = by_index[i][1]
-            assert res.payload_done
+            assert res.payload_done and res.payload_xxh3 is not None
             assert torch.equal(_as_block(outs[i], MID), block_for(MID, hs[i]))
-        assert isinstance(by_index[2][1], OSError)
         assert by_index[4][1] is None
+        # Block 2's digest did not match: read once more the checked way, which fails it (every replica bad).
+        assert by_index[2][1].payload_xxh3 is not None
+        assert [(d, k) for d, k, _ in calls[1:]] == [(False, 1)]
+        (i, _, res), = calls[1][2]
+        assert i == 0 and isinstance(res, OSError)
         s.close()
 
 

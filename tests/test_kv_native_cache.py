@@ -15,9 +15,11 @@ import time
 import pytest
 import torch
 
+from kvfs.chunkio import packed_checksums
 from kvfs.chunkserver.store import SUM_SUFFIX, chunk_path
 from kvfs.kv import BlockError, KVLayout, KVStore, block_hashes
 from kvfs.kv import native_cached
+from kvfs.protocol import CHECKSUM_BLOCK
 
 MID = KVLayout("float16", block_tokens=16, num_layers=4, num_kv_heads=4, head_dim=64)  # 64 KiB: 1 chunk
 BIG = KVLayout("float16", block_tokens=16, num_layers=80, num_kv_heads=8, head_dim=64)  # 2.5 MiB: 3 chunks
@@ -29,23 +31,32 @@ def block_for(layout: KVLayout, block_hash: str, salt: int = 0) -> torch.Tensor:
 
 
 class ReadCounter:
-    """Counts the hot path's chunk reads and the general path's per-block reads."""
+    """Counts the hot path's chunk reads (checked against the chunk checksums, or read whole per block
+    with the payload hashed: ``hashed``) and the general path's per-block reads."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, store: KVStore):
         self.hot = 0
+        self.hashed = 0  # of ``hot``: chunks read by read_files_hashed (not checked against chunk checksums)
         self.general = 0
         real_read = native_cached.read_chunk_start
+        real_hashed = native_cached.read_files_hashed
         real_each = store.backend._read_each
 
         def hot(*args, **kwargs):
             self.hot += 1
             return real_read(*args, **kwargs)
 
+        def hashed(paths, *args, **kwargs):
+            self.hot += len(paths)
+            self.hashed += len(paths)
+            return real_hashed(paths, *args, **kwargs)
+
         async def general(infos, jobs, settle):
             self.general += len(jobs)
             return await real_each(infos, jobs, settle)
 
         monkeypatch.setattr(native_cached, "read_chunk_start", hot)
+        monkeypatch.setattr(native_cached, "read_files_hashed", hashed)
         monkeypatch.setattr(store.backend, "_read_each", general)
 
 
@@ -107,6 +118,7 @@ def test_cached_maps_read_the_same_bytes(cluster, monkeypatch, layout, device_io
             assert torch.equal(g.view(torch.int16), block_for(layout, h).view(torch.int16))
         chunks = -(-(s._header_len_for(hs[0]) + layout.nbytes) // (1 << 20))
         assert counter.hot == 5 * chunks and counter.general == 0
+        assert counter.hashed == counter.hot  # verified by the blocks' own checksums, each byte hashed once
         s.close()
 
 
@@ -183,6 +195,60 @@ def test_truncated_chunk_after_caching_is_detected(cluster):
         out = torch.full(MID.block_shape, 7, dtype=MID.torch_dtype())
         with pytest.raises((OSError, BlockError)):
             s.get(hs[1], out)
+        s.close()
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def rewrite_chunk(path: str, data: bytes) -> None:
+    """Replace a chunk file and its checksum file so that they agree (the chunk checksums then pass)."""
+    with open(path, "wb") as f:
+        f.write(data)
+    with open(path + SUM_SUFFIX, "wb") as f:
+        f.write(packed_checksums(data, CHECKSUM_BLOCK))
+
+
+@pytest.mark.parametrize("device_io", ["auto", "staged"])
+def test_payload_hashed_once_never_returns_wrong_bytes(cluster, monkeypatch, device_io):
+    """Cached reads hash each payload byte once (against the block's own checksum, not the chunk
+    checksums). Each way a chunk can be wrong is still caught and its bytes never returned: a corrupt
+    replica (the checked re-read finds it, the other replica serves); a byte changed with the chunk
+    checksums rewritten to match (header right, payload wrong); a chunk swapped for the same chunk of
+    another block, with its checksums (a stale or mixed-up chunk); a chunk file cut short."""
+    with cluster.client() as client:
+        s = KVStore(f"/kvcache/once-{device_io}", BIG, client=client, device_io=device_io)
+        hs = block_hashes(range(16 * 5), 16, salt=f"once-{device_io}")
+        want = [block_for(BIG, h) for h in hs]
+        s.put_many(list(zip(hs, want)))
+        assert all(torch.equal(g, w) for g, w in zip(s.get_many(hs), want))  # maps cached
+        files = {h: chunk_files(client, s, h) for h in hs}  # chunk 0's replicas, chunk 1's, chunk 2's
+
+        counter = ReadCounter(monkeypatch, s)
+        flip_byte(files[hs[0]][2], 300_000)  # one replica of block 0's middle chunk
+        mid = files[hs[1]][2:4]  # both replicas of block 1's middle chunk: changed, checksums rewritten
+        for path in mid:
+            data = bytearray(read_file(path))
+            data[300_000] ^= 0x10
+            rewrite_chunk(path, bytes(data))
+        other = read_file(files[hs[4]][2])  # block 4's middle chunk into block 2's place
+        for path in files[hs[2]][2:4]:
+            rewrite_chunk(path, other)
+        for path in files[hs[3]][4:6]:  # block 3's last chunk cut short on both replicas
+            os.truncate(path, os.path.getsize(path) - 5000)
+
+        outs = [torch.full(BIG.block_shape, 7, dtype=BIG.torch_dtype()) for _ in hs]
+        with pytest.raises((OSError, BlockError)):
+            s.get_many(hs, outs)
+        assert counter.hashed > 0  # the batch went through the hashed-once reads
+        assert torch.equal(s.get(hs[0]), want[0])  # the good replica, after the checked re-read
+        for h in hs[1:4]:
+            out = torch.full(BIG.block_shape, 7, dtype=BIG.torch_dtype())
+            with pytest.raises((OSError, BlockError)):
+                s.get(h, out)
+        assert torch.equal(s.get(hs[4]), want[4])
         s.close()
 
 

@@ -31,6 +31,10 @@ class ReadResult:
     atime_ns: int
     payload_done: bool  # False: the payload was not read (the size was not the expected one)
     mapped: memoryview | None = None  # read_many(map_local=True): the whole file, mapped; ``out`` untouched
+    # read_many(payload_digest=True): XXH3-64 of the payload bytes (from header_len on) as they landed in
+    # ``out``, computed while reading, and *not* checked against the chunk checksums: the caller must
+    # compare it with the block's payload checksum. None: the backend checked the chunk checksums.
+    payload_xxh3: int | None = None
 
 
 class Backend(Protocol):
@@ -65,7 +69,8 @@ class Backend(Protocol):
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
                   map_local: bool = False, caller_verifies: bool = False,
-                  locations: Sequence[Any] | None = None) -> list[ReadResult | None | OSError]:
+                  locations: Sequence[Any] | None = None,
+                  payload_digest: bool = False) -> list[ReadResult | None | OSError]:
         """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot.
         ``on_ready(i, result)``, if given, is called once per job as soon as that job's result is final,
         from whichever thread finished it, so a caller can use each block while others still read (the
@@ -75,7 +80,12 @@ class Backend(Protocol):
         checks every byte it uses of a mapped file against checksums of its own (a KV run's header
         checksum and per-block sums), so the backend may skip checking the mapping against the chunk
         checksums (each byte hashed once). ``locations``: ``locate_many``'s answers for the jobs' files,
-        which the backend may use instead of looking them up again (native: their chunk maps)."""
+        which the backend may use instead of looking them up again (native: their chunk maps).
+        ``payload_digest``: the caller checks each block's payload against an end-to-end checksum of its
+        own (the block header's XXH3-64 of the payload): the backend may, instead of checking the chunk
+        checksums, hash the payload once as it lands and return that digest (``ReadResult.payload_xxh3``)
+        for the caller to compare; on a mismatch the caller reads the block again without this flag (the
+        chunk checksums then find a bad replica, and the backend fails over)."""
 
     def close(self) -> None: ...
 

@@ -52,6 +52,12 @@ class BlockError(ValueError):
     """A block file that must not be loaded: wrong layout, truncated, corrupt or not a block at all."""
 
 
+class DigestMismatch(BlockError):
+    """A payload hashed as it was read, with the chunk checksums not checked (``ReadResult.payload_xxh3``),
+    does not match the header's checksum: read the block again with the chunk checksums checked, which
+    finds a corrupt replica (and fails over) or confirms the block itself is corrupt."""
+
+
 @dataclass(frozen=True)
 class BlockHeader:
     version: int
@@ -181,6 +187,13 @@ def payload_checksum(views: Sequence[memoryview]) -> int:
     for v in views:
         h.update(v)
     return h.intdigest()
+
+
+def check_digest(header: BlockHeader, digest: int) -> None:
+    """Error handling: DigestMismatch if ``digest`` (XXH3-64 of the payload bytes as read) is not the
+    header's payload checksum."""
+    if digest != header.payload_checksum:
+        raise DigestMismatch(f"corrupt KV block {header.block_hash}: payload checksum mismatch")
 
 
 def verify_payload(header: BlockHeader, views: Sequence[memoryview]) -> None:

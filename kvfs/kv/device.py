@@ -61,7 +61,7 @@ from typing import Any
 from kvfs.chunkfiles import ChunkFiles, OpenFileCache
 from kvfs.gds import is_kvfs_mount, kvikio_available, kvikio_settings, wait_all
 from kvfs.kv.backend import Backend, ReadResult
-from kvfs.kv.block import BlockError, byte_view, check_tensors
+from kvfs.kv.block import BlockError, DigestMismatch, byte_view, check_tensors
 from kvfs.kv.layout import KVLayout
 
 HOST, KVIKIO, STAGED = "host", "kvikio", "staged"
@@ -228,7 +228,22 @@ class DeviceIO:
 
     def read_many(self, backend: Backend, jobs: Sequence[ReadJob], check: Check) -> list[Any]:
         """Read every job's block into its target; per job the target's ``out`` (a hit), None (a miss) or
-        the exception (an OSError from the backend, a BlockError from ``check``)."""
+        the exception (an OSError from the backend, a BlockError from ``check``).
+
+        Verified routes ask the backend for payload digests (``Backend.read_many(payload_digest=True)``):
+        each payload byte is then hashed once, as it lands, and compared with the block's own checksum,
+        instead of once against the chunk checksums and once more here. A block whose digest does not
+        match is read again the checked way (chunk checksums: a bad replica fails over)."""
+        results = self._read_routes(backend, jobs, check, self.verify)
+        again = [i for i, r in enumerate(results) if isinstance(r, DigestMismatch)]
+        if again:
+            for i, r in zip(again, self._read_routes(backend, [jobs[i] for i in again], check, False)):
+                results[i] = r
+        return results
+
+    def _read_routes(self, backend: Backend, jobs: Sequence[ReadJob], check: Check, digest: bool) -> list[Any]:
+        """``read_many``'s one pass: the direct routes (host, kvikio) in one backend call, then the staged
+        one in windows. ``digest``: ask the backend for payload digests."""
         results: list[Any] = [None] * len(jobs)
         direct = [i for i, j in enumerate(jobs) if j.target.route != STAGED]
         if direct:
@@ -243,14 +258,14 @@ class DeviceIO:
                     results[direct[k]] = _finish_guarded(check, job, res, job.target.views)
                     seen[k] = True
 
-            reads = backend.read_many([self._direct_args(jobs[i]) for i in direct], ready)
+            reads = backend.read_many([self._direct_args(jobs[i]) for i in direct], ready, payload_digest=digest)
             rest = [k for k in range(len(direct)) if not seen[k]]  # kvikio, or a backend that did not report
             done = self._finish_all(check, [(jobs[direct[k]], reads[k], jobs[direct[k]].target.views) for k in rest])
             for k, r in zip(rest, done):
                 results[direct[k]] = r
         staged = [i for i, j in enumerate(jobs) if j.target.route == STAGED]
         if staged:
-            for i, r in zip(staged, self._read_staged(backend, [jobs[i] for i in staged], check)):
+            for i, r in zip(staged, self._read_staged(backend, [jobs[i] for i in staged], check, digest)):
                 results[i] = r
         return results
 
@@ -328,7 +343,7 @@ class DeviceIO:
             pos += n
         return wait_all(futures, f"kvikio read of {what}")
 
-    def _read_staged(self, backend: Backend, jobs: Sequence[ReadJob], check: Check) -> list[Any]:
+    def _read_staged(self, backend: Backend, jobs: Sequence[ReadJob], check: Check, digest: bool) -> list[Any]:
         w = self.window
         bufs = self.pool.take(min(len(jobs), 2 * w))
         copied: list[list[Any]] = [[] for _ in bufs]  # per buffer: CUDA events of the copies out of it
@@ -364,7 +379,7 @@ class DeviceIO:
                     done[k] = r
 
                 reads = backend.read_many([(j.path, j.expect_size, j.header_len, [bufs[b].view], j.touch_before_ns)
-                                           for j, b in zip(window, idx)], ready)
+                                           for j, b in zip(window, idx)], ready, payload_digest=digest)
                 for k, res in enumerate(reads):
                     if not seen[k]:  # a backend that did not report this one as it landed
                         ready(k, res)

@@ -172,13 +172,15 @@ class NativeBackend:
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
                   map_local: bool = False, caller_verifies: bool = False,
-                  locations: Sequence[Any] | None = None) -> list[ReadResult | None | OSError]:
+                  locations: Sequence[Any] | None = None,
+                  payload_digest: bool = False) -> list[ReadResult | None | OSError]:
         """``Backend.read_many``. ``locations``: ``locate_many``'s answers for the jobs' files (their chunk
         maps, fetched by a lookup moments ago, maybe by another client): with ``map_local`` and
         ``caller_verifies`` the files are mapped from them without asking meta again (a KV run is
         immutable and checked byte for byte against its own header and block sums by the caller, so a
         map meta has since replaced can only yield that run's verified bytes or a failed map); otherwise
-        they seed the cached maps, so the reads start while meta confirms them."""
+        they seed the cached maps, so the reads start while meta confirms them. ``payload_digest``: blocks read
+        from this host's chunk files come back hashed once, unchecked (``kvfs.kv.native_cached``)."""
         if not jobs:
             return []
         if locations is not None and (len(locations) != len(jobs)
@@ -211,7 +213,7 @@ class NativeBackend:
             if locations is not None:
                 self._run(self._learn, [jobs[i][0] for i in plain], [locations[i] for i in plain])
             # kvfs.kv.native_cached: cached chunk maps, reads on plain threads, meta's check beside them.
-            self._cached.read_many([jobs[i] for i in plain], settle_from(plain))
+            self._cached.read_many([jobs[i] for i in plain], settle_from(plain), payload_digest)
         return results
 
     async def _validate(self, paths: list[str], touch_before: list[int]) -> list[P.GetChunksReply | None]:

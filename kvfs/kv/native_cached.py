@@ -13,6 +13,11 @@ GPU host, issue 10). Here:
   small scratch buffer; a chunk's checksums are read once and kept with its map. A batch of less than
   ``MIN_GROUP_BYTES`` is read on the calling thread alone; a bigger one on up to ``threads`` threads,
   the calling one among them;
+* with ``payload_digest`` (``KVStore.get_many`` on its verified routes) a block is read instead by one C
+  call for all its chunk files (``chunkio.read_files_hashed``), its payload hashed as it lands, in
+  cache, and the chunk checksums not checked: the caller compares that digest with the block's own
+  payload checksum, so each byte is hashed once, not twice; a block that fails it is read again the
+  checked way (``kvfs.kv.device``). A batch's blocks are split over the threads whole;
 * if every map of the batch is leased, nothing else: no round trip, no other thread. Past half its
   lease a batch's maps are renewed by one META_KV_CHUNKS in the background;
 * otherwise one META_KV_CHUNKS round trip for the batch goes to meta through the client's trio thread
@@ -55,7 +60,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvfs import protocol as P
-from kvfs.chunkio import read_chunk_start
+from kvfs.chunkio import ChecksumError, read_chunk_start, read_files_hashed, slice_views
 from kvfs.kv.backend import OnReady, ReadResult
 
 CACHE_LIMIT = 65536  # chunk maps kept (a few hundred bytes each)
@@ -270,11 +275,14 @@ class CachedReads:
 
         self._validator.submit(renew)
 
-    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None) -> list[ReadResult | None | OSError]:
+    def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None,
+                  payload_digest: bool = False) -> list[ReadResult | None | OSError]:
         """Plain block reads (``Backend.read_many``'s 5-tuples). With every map cached and leased, meta is
         not asked at all; with every map cached, the reads start at once and meta's check runs beside
         them; otherwise the maps are fetched first (one round trip, as the general path would), and the
-        blocks they make local are read here all the same."""
+        blocks they make local are read here all the same. ``payload_digest``: each block is read whole
+        by one C call (``chunkio.read_files_hashed``) that hashes its payload as it lands instead of
+        checking the chunk checksums (``ReadResult.payload_xxh3``, for the caller to check)."""
         n = len(jobs)
         results: list[ReadResult | None | OSError] = [None] * n
 
@@ -308,13 +316,17 @@ class CachedReads:
         for i, (plan, head) in enumerate(zip(plans, heads)):
             if plan is not None and batch.verdict[i] in (None, "same"):
                 batch.results[i] = ReadResult(head, plan.info.attr.size, plan.info.attr.atime_ns, True)
-        groups = self._groups(jobs, [p if r is not None else None for p, r in zip(plans, batch.results)], heads)
+        readable = [p if r is not None else None for p, r in zip(plans, batch.results)]
+        if payload_digest:
+            groups, read = self._block_groups(jobs, readable), self._read_blocks
+        else:
+            groups, read = self._groups(jobs, readable, heads), self._read_group
         for g in groups:
             for i in {r[0] for r in g}:
                 batch.groups_left[i] += 1
-        futures = [self._pool.submit(self._read_group, g, batch) for g in groups[1:]]
+        futures = [self._pool.submit(read, g, batch) for g in groups[1:]]
         if groups:
-            self._read_group(groups[0], batch)  # the calling thread reads too: one hop fewer
+            read(groups[0], batch)  # the calling thread reads too: one hop fewer
         for f in futures:
             f.result()
         if validation is not None:
@@ -384,18 +396,45 @@ class CachedReads:
                 continue
             dests = [head, *job[3]]
             for piece in plan.pieces:
-                reads.append((i, piece, _slice(dests, piece.offset, piece.length)))
-        total = sum(r[1].length for r in reads)
-        share = max(MIN_GROUP_BYTES, -(-total // self.threads))
+                reads.append((i, piece, slice_views(dests, piece.offset, piece.length)))
+        return self._split(reads, [r[1].length for r in reads])
+
+    def _block_groups(self, jobs: Sequence[tuple], plans: list[Plan | None]) -> list[list]:
+        """``payload_digest`` reads: whole blocks as (block, plan, job), in about ``threads`` groups of
+        consecutive blocks (a block's payload is hashed in order, so it is read by one thread)."""
+        reads = [(i, plan, job) for i, (job, plan) in enumerate(zip(jobs, plans)) if plan is not None]
+        return self._split(reads, [job[1] for _i, _plan, job in reads])
+
+    def _split(self, reads: list, sizes: list[int]) -> list[list]:
+        """``reads`` (of ``sizes`` bytes) in order, cut into about ``threads`` groups of equal bytes, none
+        smaller than ``MIN_GROUP_BYTES`` but the last."""
+        share = max(MIN_GROUP_BYTES, -(-sum(sizes) // self.threads))
         groups: list[list] = []
         size = share
-        for r in reads:
+        for r, n in zip(reads, sizes):
             if size >= share:
                 groups.append([])
                 size = 0
             groups[-1].append(r)
-            size += r[1].length
+            size += n
         return groups
+
+    @staticmethod
+    def _read_blocks(group: list, batch: _Batch) -> None:
+        """Each block of ``group``: its chunk files read in one C call into its head and ``out``, the payload
+        hashed as it lands (not checked here: ``ReadResult.payload_xxh3``); then the block is settled."""
+        for i, plan, job in group:
+            res = batch.results[i]
+            try:
+                got, digest = read_files_hashed([p.path for p in plan.pieces], [p.length for p in plan.pieces],
+                                                [res.head, *job[3]], job[2])
+                if got < job[1]:
+                    raise ChecksumError(errno.EIO, f"KV block {job[0]}: local chunk files short ({got} of "
+                                                   f"{job[1]} bytes)")
+                res.payload_xxh3 = digest
+            except OSError as exc:
+                batch.failed[i] = exc
+            batch.group_done(i)
 
     @staticmethod
     def _read_group(group: list, batch: _Batch) -> None:
@@ -417,19 +456,3 @@ class CachedReads:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._validator.shutdown(wait=True)
-
-
-
-def _slice(views: list[memoryview], offset: int, length: int) -> list[memoryview]:
-    """The pieces of the concatenation of ``views`` that cover [offset, offset + length)."""
-    out = []
-    pos = 0
-    end = offset + length
-    for v in views:
-        n = len(v)
-        if pos + n > offset and pos < end:
-            out.append(v[max(0, offset - pos):min(n, end - pos)])
-        pos += n
-        if pos >= end:
-            break
-    return out

@@ -179,7 +179,9 @@ class PosixBackend:
 
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
                   map_local: bool = False, caller_verifies: bool = False,
-                  locations: Sequence[object] | None = None) -> list[ReadResult | None | OSError]:
+                  locations: Sequence[object] | None = None,
+                  payload_digest: bool = False) -> list[ReadResult | None | OSError]:
+        # payload_digest is not taken up: the caller hashes the payload itself (ReadResult.payload_xxh3 None).
         # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
         results = self._gather(self._read, jobs, on_ready)
         self._touch_later([(job[0], res, job[4]) for job, res in zip(jobs, results)])

@@ -48,7 +48,8 @@ from typing import Any, Self
 
 from kvfs.chunkio import first_bad_block, packed_checksums
 from kvfs.kv.backend import Backend, ReadResult
-from kvfs.kv.block import BlockError, CheckedHeaders, byte_view, encode_block, encode_header, verify_payload
+from kvfs.kv.block import (BlockError, CheckedHeaders, byte_view, check_digest, encode_block, encode_header,
+                           verify_payload)
 from kvfs.kv.device import DeviceIO, ReadJob
 from kvfs.kv.hashing import check_hash, check_hashes
 from kvfs.kv.layout import KVLayout
@@ -223,12 +224,16 @@ class KVStore:
 
     def _check(self, block_hash: str, res: ReadResult, views: list[memoryview] | None) -> None:
         """Check a read block's header (every route) and, given its payload's host ``views``, the payload
-        checksum (``verify``). Error handling: BlockError."""
+        checksum (``verify``): the digest the backend computed as the bytes landed, where it did
+        (``ReadResult.payload_xxh3``), else a hash of ``views``. Error handling: BlockError
+        (``DigestMismatch`` for a digest that does not match: read the block again without one)."""
         header = self._headers.parse(res.head, block_hash, res.size)
         if not res.payload_done or res.size != header.header_len + header.payload_len:
             raise BlockError(f"KV block {block_hash}: file has {res.size} bytes, header says "
                              f"{header.header_len + header.payload_len}")
-        if self.verify and views is not None:
+        if res.payload_xxh3 is not None:
+            check_digest(header, res.payload_xxh3)  # whatever ``verify`` says: no chunk checksum was checked
+        elif self.verify and views is not None:
             verify_payload(header, views)
 
     # ------------------------------------------------------------------ lookups
