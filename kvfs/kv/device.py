@@ -193,6 +193,8 @@ class DeviceIO:
         self._verifier: ThreadPoolExecutor | None = None  # checks a batch's payloads in parallel
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: device -> side stream for staged copies
+        self._routes: dict[str, str] = {}  # device type -> route_for's answer (fixed once resolved)
+        self._block_shape = layout.block_shape
 
     # ------------------------------------------------------------------ choosing (resolved on first use)
 
@@ -210,6 +212,10 @@ class DeviceIO:
     def _kvikio_settings(self) -> dict[str, Any]:
         return kvikio_settings(self.root)  # compat mode "on" on a FUSE mount
 
+    @functools.cached_property
+    def _dtype(self) -> Any:
+        return self.layout.torch_dtype()  # imports torch: not at construction
+
     def route_for(self, device_type: str) -> str:
         """The route a block whose ``out`` is on a ``device_type`` ("cpu", "cuda") device takes."""
         if device_type == "cpu" or self.mode == STAGED:
@@ -219,8 +225,18 @@ class DeviceIO:
                             verify=self.verify, verified_in_transit=self.verified_in_transit)
 
     def target(self, out: Any) -> Target:
-        tensors, dev = out_tensors(self.layout, out)
-        route = self.route_for(dev.type)
+        import torch
+
+        # The common ``out``, one contiguous CPU or CUDA tensor of the block's shape, checked inline (a
+        # get_many makes one target per block); anything else through the general checks.
+        if (isinstance(out, torch.Tensor) and out.shape == self._block_shape and out.dtype == self._dtype
+                and out.is_contiguous() and out.device.type in ("cpu", "cuda")):
+            tensors, dev = [out], out.device
+        else:
+            tensors, dev = out_tensors(self.layout, out)
+        route = self._routes.get(dev.type)
+        if route is None:
+            route = self._routes[dev.type] = self.route_for(dev.type)
         views = [byte_view(t) for t in tensors] if route == HOST else None
         return Target(out, tensors, dev, route, views)
 

@@ -198,15 +198,16 @@ class KVStore:
             raise ValueError("get_many: one out per hash")
         jobs = []
         touch_before = time.time_ns() - int(self.touch_interval * 1e9) if self.touch_interval >= 0 else 0
+        check_hashes(hashes)  # once for the batch: the paths below need no check of their own
+        nbytes, base, target = self.layout.nbytes, self.dir, self.device_io.target
         for block_hash, out in zip(hashes, outs):
             if out is None:
                 import torch
 
                 out = torch.empty(self.layout.block_shape, dtype=self.layout.torch_dtype())
-            target = self.device_io.target(out)
-            header_len = self._header_len_for(check_hash(block_hash))
-            jobs.append(ReadJob(block_hash, self.path(block_hash), header_len + self.layout.nbytes, header_len,
-                                target, touch_before))
+            header_len = self._header_len_for(block_hash)
+            jobs.append(ReadJob(block_hash, f"{base}/{block_hash[:2]}/{block_hash}", header_len + nbytes, header_len,
+                                target(out), touch_before))
         loaded: list[Any] = []
         first_error: BaseException | None = None
         errors = 0
