@@ -90,6 +90,12 @@ def _stream_hasher():
 _READ_HASHED = _stream_hasher()
 
 
+def hashed_reads_in_c() -> bool:
+    """Whether ``read_files_hashed`` runs in C (GIL released); its Python fallback holds the GIL while it
+    hashes, so a reader with the C helper missing is better off checking chunk checksums in C instead."""
+    return _READ_HASHED is not None
+
+
 def xxh3_impl() -> str:
     """Which XXH3-64 verifies blocks: a ``kvfs.xxh3_impls`` name ("avx2", "xxhash-sse2", ...), or
     "python-xxhash" where no C function is reachable (hashing from Python, GIL held)."""

@@ -105,6 +105,7 @@ def test_cached_maps_read_the_same_bytes(cluster, monkeypatch, layout, device_io
     CPU tensors (host route) or the staging buffers (staged route), bit-exact; a miss stays a miss."""
     with cluster.client() as client:
         s = KVStore(f"/kvcache/same-{layout.nbytes}-{device_io}", layout, client=client, device_io=device_io)
+        s.backend._cached.threads = 2  # on any machine: 5 blocks are then read whole, hashed once
         hs = block_hashes(range(16 * 6), 16, salt=f"same-{device_io}")
         s.put_many([(h, block_for(layout, h)) for h in hs[:5]])  # hs[5]: never stored
         first = s.get_many(hs)
@@ -220,6 +221,7 @@ def test_payload_hashed_once_never_returns_wrong_bytes(cluster, monkeypatch, dev
     another block, with its checksums (a stale or mixed-up chunk); a chunk file cut short."""
     with cluster.client() as client:
         s = KVStore(f"/kvcache/once-{device_io}", BIG, client=client, device_io=device_io)
+        s.backend._cached.threads = 2  # on any machine: 5 blocks are then read whole, hashed once
         hs = block_hashes(range(16 * 5), 16, salt=f"once-{device_io}")
         want = [block_for(BIG, h) for h in hs]
         s.put_many(list(zip(hs, want)))
@@ -249,6 +251,22 @@ def test_payload_hashed_once_never_returns_wrong_bytes(cluster, monkeypatch, dev
             with pytest.raises((OSError, BlockError)):
                 s.get(h, out)
         assert torch.equal(s.get(hs[4]), want[4])
+        s.close()
+
+
+def test_fewer_blocks_than_threads_are_read_chunk_by_chunk(cluster, monkeypatch):
+    """A batch of fewer blocks than the reader threads its chunks would keep busy (one block of 3 chunks,
+    3 threads) is read chunk by chunk, checked against the chunk checksums, not whole by one thread;
+    a batch of as many blocks as threads is read whole, hashed once. Both bit-exact."""
+    with cluster.client() as client:
+        s, hs, want = stored_and_cached(client, "spread", BIG, 3)
+        s.backend._cached.threads = 3
+        counter = ReadCounter(monkeypatch, s)
+        assert torch.equal(s.get(hs[0]), want[0])
+        assert (counter.hot, counter.hashed) == (3, 0)
+        got = s.get_many(hs)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert (counter.hot, counter.hashed) == (3 + 9, 9)
         s.close()
 
 

@@ -7,6 +7,9 @@ payload reaches ``out``:
 * **host** (CPU ``out``): the backend reads the payload straight into ``out``'s memory; the payload
   checksum is verified there, each block as it lands (the backend's ``on_ready``, in the thread that
   read it), while the rest of the batch is still being read. This is the path of ``kvfs.kv.store`` and ``posix``/``native``.
+  Through the native client the payload is hashed as it lands, by the C call that reads it, and the
+  chunk checksums are left unchecked (``Backend.read_many(payload_digest=True)``): each byte is hashed
+  once; a block whose digest does not match is read again with the chunk checksums checked.
 * **kvikio** (CUDA ``out``, kvikio importable): ``kvikio.CuFile.pread`` reads the payload from the
   block file (a directory store), or from the block's chunk files on this host (the native client,
   ``kvfs.chunkfiles``; only when asked for with ``device_io="kvikio"``, ENXIO if a chunk is elsewhere),

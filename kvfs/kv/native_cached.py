@@ -17,7 +17,8 @@ GPU host, issue 10). Here:
   call for all its chunk files (``chunkio.read_files_hashed``), its payload hashed as it lands, in
   cache, and the chunk checksums not checked: the caller compares that digest with the block's own
   payload checksum, so each byte is hashed once, not twice; a block that fails it is read again the
-  checked way (``kvfs.kv.device``). A batch's blocks are split over the threads whole;
+  checked way (``kvfs.kv.device``). A batch's blocks are split over the threads whole (a batch of fewer
+  blocks than the threads it would keep busy chunk by chunk is read chunk by chunk, checked as before);
 * if every map of the batch is leased, nothing else: no round trip, no other thread. Past half its
   lease a batch's maps are renewed by one META_KV_CHUNKS in the background;
 * otherwise one META_KV_CHUNKS round trip for the batch goes to meta through the client's trio thread
@@ -60,7 +61,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvfs import protocol as P
-from kvfs.chunkio import ChecksumError, read_chunk_start, read_files_hashed, slice_views
+from kvfs.chunkio import ChecksumError, hashed_reads_in_c, read_chunk_start, read_files_hashed, slice_views
 from kvfs.kv.backend import OnReady, ReadResult
 
 CACHE_LIMIT = 65536  # chunk maps kept (a few hundred bytes each)
@@ -280,9 +281,10 @@ class CachedReads:
         """Plain block reads (``Backend.read_many``'s 5-tuples). With every map cached and leased, meta is
         not asked at all; with every map cached, the reads start at once and meta's check runs beside
         them; otherwise the maps are fetched first (one round trip, as the general path would), and the
-        blocks they make local are read here all the same. ``payload_digest``: each block is read whole
-        by one C call (``chunkio.read_files_hashed``) that hashes its payload as it lands instead of
-        checking the chunk checksums (``ReadResult.payload_xxh3``, for the caller to check)."""
+        blocks they make local are read here all the same. ``payload_digest`` (and the C helper built):
+        each block is read whole by one C call (``chunkio.read_files_hashed``) that hashes its payload as
+        it lands instead of checking the chunk checksums (``ReadResult.payload_xxh3``, for the caller to
+        check)."""
         n = len(jobs)
         results: list[ReadResult | None | OSError] = [None] * n
 
@@ -317,7 +319,7 @@ class CachedReads:
             if plan is not None and batch.verdict[i] in (None, "same"):
                 batch.results[i] = ReadResult(head, plan.info.attr.size, plan.info.attr.atime_ns, True)
         readable = [p if r is not None else None for p, r in zip(plans, batch.results)]
-        if payload_digest:
+        if payload_digest and hashed_reads_in_c() and self._whole_blocks_pay(jobs, readable):
             groups, read = self._block_groups(jobs, readable), self._read_blocks
         else:
             groups, read = self._groups(jobs, readable, heads), self._read_group
@@ -398,6 +400,16 @@ class CachedReads:
             for piece in plan.pieces:
                 reads.append((i, piece, slice_views(dests, piece.offset, piece.length)))
         return self._split(reads, [r[1].length for r in reads])
+
+    def _whole_blocks_pay(self, jobs: Sequence[tuple], plans: list[Plan | None]) -> bool:
+        """Whether reading the batch block by block (each block by one thread, its bytes hashed once) keeps
+        as many threads busy as reading it chunk by chunk (``_groups``) would. A batch of fewer blocks
+        than that, e.g. one 32 MiB block of 9 chunks with 8 threads, is read chunk by chunk: spread over
+        more threads, though hashed twice (chunk checksums, then the payload checksum from memory)."""
+        sizes = [job[1] for job, plan in zip(jobs, plans) if plan is not None]
+        pieces = sum(len(plan.pieces) for plan in plans if plan is not None)
+        spread = min(self.threads, -(-sum(sizes) // MIN_GROUP_BYTES), pieces)
+        return len(sizes) >= spread
 
     def _block_groups(self, jobs: Sequence[tuple], plans: list[Plan | None]) -> list[list]:
         """``payload_digest`` reads: whole blocks as (block, plan, job), in about ``threads`` groups of
