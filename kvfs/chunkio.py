@@ -401,7 +401,8 @@ def read_chunk_direct(path: str, sums_path: str, chunk_id: int, where: str, leng
     (``cachestat``) is copied from there; otherwise it is read with ``O_DIRECT``: the disk's DMA is
     the only copy, and no page cache is filled (that costs as much CPU as the copy, and a chunk read
     whole is held by the caller anyway). Where the file system refuses ``O_DIRECT`` (tmpfs), a
-    buffered read. Errors as ``read_local_chunk``."""
+    buffered read. All of it, the checksum file included when ``sums`` does not hold it, is one C call
+    where the extension has it (``_read_chunk_file``). Errors as ``read_local_chunk``."""
     view = (buffers or ChunkBuffers(0)).take(length)
     data = view[:length]
     if _READ_CHUNK_FILE is not None:
