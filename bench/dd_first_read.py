@@ -8,12 +8,18 @@ directory is the ceiling (labelled as one). Reported: per target the rounds and 
 kvfs/bindfs ratio of medians, each mount's kernel readahead, and the CPU seconds the file system's own
 processes (bindfs; kvfs's mount, meta and chunkserver) used per GB read (median).
 
+``--baseline-python PY`` adds a second kvfs target, ``kvfs-baseline``, whose processes run another
+checkout's kvfs (that checkout's virtualenv python; ``tests/cluster.py``'s ``KVFS_TEST_PYTHON``), so a
+change and its baseline are measured in the same rounds. For each kvfs target the CPU of the mount's
+event-loop thread (the one that answers every FUSE request) is reported besides the processes' total.
+
 The kvfs mount sets its readahead itself (``kvfs mount --readahead``, 4 MiB by default) and bindfs
 keeps the kernel's FUSE default (128 KiB), so a second bindfs target, ``bindfs-ra``, runs with kvfs's
 readahead: both comparisons are in the table. ``--no-bindfs-ra`` leaves it out.
 
     python bench/dd_first_read.py --size 1G --repeat 5
     python bench/dd_first_read.py --size 1G --repeat 5 --record docs/benchmarks.md
+    python bench/dd_first_read.py --size 1G --repeat 5 --baseline-python /work/main/.venv/bin/python
 
 Needs root (drop_caches) and bindfs. Benchmarks are not tests: nothing here asserts on time.
 """
@@ -42,17 +48,27 @@ from kvfs.config import parse_size
 SECTION = "dd first read through the mount vs bindfs (issue 10)"
 
 
-def dd_read(path: str, pids: list[int]) -> tuple[float, float | None]:
-    """MB/s, and CPU seconds per GB of ``pids`` (None without pids)."""
+def dd_read(path: str, pids: list[int], loop_pid: int | None) -> tuple[float, float | None, float | None]:
+    """MB/s, CPU seconds per GB of ``pids`` (None without pids) and of the main thread of ``loop_pid``
+    (a kvfs mount's event loop; None without one)."""
     subprocess.run(["sync"], check=True)
     if not drop_caches():
         raise SystemExit("cannot drop the page cache (needs root)")
-    cpu = cpu_seconds(pids)
+    cpu, loop = cpu_seconds(pids), thread_seconds(loop_pid)
     t0 = time.perf_counter()
     subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
     elapsed = time.perf_counter() - t0
-    size = os.path.getsize(path)
-    return size / elapsed / 1e6, (cpu_seconds(pids) - cpu) / (size / 1e9) if pids else None
+    gb = os.path.getsize(path) / 1e9
+    return (gb * 1e3 / elapsed, (cpu_seconds(pids) - cpu) / gb if pids else None,
+            (thread_seconds(loop_pid) - loop) / gb if loop_pid else None)
+
+
+def thread_seconds(pid: int | None) -> float:
+    """CPU time of a process's main thread (``schedstat``: nanoseconds on a CPU)."""
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -92,18 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--record", metavar="MD")
     p.add_argument("--no-bindfs-ra", action="store_true", help="leave out bindfs with kvfs's readahead")
+    p.add_argument("--baseline-python", metavar="PY", help="add kvfs-baseline: the same cluster run by another "
+                                                            "checkout's interpreter (e.g. /work/main/.venv/bin/python)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the kvfs processes during their dd rounds "
                                                     "(collapsed stacks; bench/profile_top.py summarises them)")
     args = p.parse_args(argv)
     size = parse_size(args.size)
     rows: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
+    loop_cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-dd-", dir="/var/tmp") as root, ExitStack() as stack:
         targets = [stack.enter_context(local_target(root)), stack.enter_context(bindfs_target(root))]
         if not args.no_bindfs_ra:
             targets.append(stack.enter_context(bindfs_target(root, "bindfs-ra")))
         targets.append(stack.enter_context(kvfs_target(root, "kvfs", chunkservers=1, replication=1,
                                                        chunk_size="4M", mount_args=[])))
+        if args.baseline_python:
+            # tests/cluster.py's Proc takes its interpreter from KVFS_TEST_PYTHON when it is made.
+            os.environ["KVFS_TEST_PYTHON"] = args.baseline_python
+            try:
+                targets.append(stack.enter_context(kvfs_target(root, "kvfs-baseline", chunkservers=1, replication=1,
+                                                               chunk_size="4M", mount_args=[])))
+            finally:
+                os.environ.pop("KVFS_TEST_PYTHON", None)
         pids = {t.name: list(t.pids.values()) or bindfs_pid(t.path) for t in targets}
         block = os.urandom(1 << 20)
         for t in targets:
@@ -119,20 +146,26 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeat):
             for t in (targets if r % 2 == 0 else targets[::-1]):
                 with profiled(t.pids if t.name == "kvfs" else {}, f"dd{r}", args.profile):
-                    mbs, cpu_gb = dd_read(os.path.join(t.path, "f"), pids[t.name])
+                    mbs, cpu_gb, loop_gb = dd_read(os.path.join(t.path, "f"), pids[t.name], t.pids.get("mount"))
                 rows.setdefault(t.name, []).append(mbs)
                 if cpu_gb is not None:
                     cpu.setdefault(t.name, []).append(cpu_gb)
-                print(t.name, f"{mbs:.0f} MB/s", "" if cpu_gb is None else f"{cpu_gb:.2f} CPU s/GB", flush=True)
+                if loop_gb is not None:
+                    loop_cpu.setdefault(t.name, []).append(loop_gb)
+                print(t.name, f"{mbs:.0f} MB/s", "" if cpu_gb is None else f"{cpu_gb:.2f} CPU s/GB",
+                      "" if loop_gb is None else f"(event loop {loop_gb:.2f})", flush=True)
         ras = {t.name: readahead_kb(t.path) if t.name != "local" else "-" for t in targets}
     med = {name: statistics.median(v) for name, v in rows.items()}
-    lines = ["| target | readahead | MB/s, each round | median MB/s | vs bindfs | fs CPU s/GB (median) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| target | readahead | MB/s, each round | median MB/s | vs bindfs | fs CPU s/GB (median) "
+             "| of it the mount's event loop |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in rows.items():
-        label = {"local": "local directory (ceiling)", "bindfs-ra": "bindfs, kvfs's readahead"}.get(name, name)
+        label = {"local": "local directory (ceiling)", "bindfs-ra": "bindfs, kvfs's readahead",
+                 "kvfs-baseline": f"kvfs, baseline (`{args.baseline_python}`)"}.get(name, name)
         cpu_med = f"{statistics.median(cpu[name]):.2f}" if name in cpu else "-"
+        loop_med = f"{statistics.median(loop_cpu[name]):.2f}" if name in loop_cpu else "-"
         lines.append(f"| {label} | {ras[name]} | {', '.join(f'{x:.0f}' for x in v)} | {med[name]:.0f} | "
-                     f"{med[name] / med['bindfs']:.2f}x | {cpu_med} |")
+                     f"{med[name] / med['bindfs']:.2f}x | {cpu_med} | {loop_med} |")
     table = "\n".join(lines)
     print(table)
     if args.record:
@@ -144,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"the target order; kvfs: meta + 1 chunkserver (replication 1, 4 MiB chunks) + `kvfs mount` with "
                 f"default options; bindfs 1.14 of a directory on the same disk, with its default readahead and "
                 f"with kvfs's. fs CPU: user + system seconds of the file system's processes (bindfs; kvfs mount, "
-                f"meta, chunkserver) per GB read; dd's own are not counted. Target: kvfs >= 1.0x bindfs.\n\n"
+                f"meta, chunkserver) per GB read; dd's own are not counted; the mount's event loop: its main thread. "
+                f"Target: kvfs >= 1.0x bindfs.\n\n"
                 f"{table}\n")
         write_section(args.record, SECTION, body)
     return 0

@@ -52,6 +52,8 @@ def _block_hasher():
 _BLOCKHASH = _block_hasher()
 # Read and verify in one C call (older builds of the extension lack it).
 _PREADV_VERIFY = getattr(_BLOCKHASH, "preadv_verify", None)
+# A whole chunk file, O_DIRECT unless cached, read and verified in one C call (read_chunk_direct).
+_READ_CHUNK_FILE = getattr(_BLOCKHASH, "read_chunk_file", None)
 # Receive chunk data from a socket and check each block as it lands (kvfs.rpc_blocking), or None.
 recv_verify = getattr(_BLOCKHASH, "recv_verify", None)
 
@@ -310,11 +312,22 @@ class ChunkSums:
             raw = bytes(buf[:_preadv(fd, [memoryview(buf)], 0, flags)]) if buf else b""
         finally:
             os.close(fd)
+        self.put(sums_path, raw)
+        return raw
+
+    def peek(self, sums_path: str) -> bytes | None:
+        """The kept checksums, or None (nothing is read)."""
+        with self._lock:
+            raw = self._sums.get(sums_path)
+            if raw is not None:
+                self._sums.move_to_end(sums_path)
+            return raw
+
+    def put(self, sums_path: str, raw: bytes) -> None:
         with self._lock:
             self._sums[sums_path] = raw
             while len(self._sums) > self.limit:
                 self._sums.popitem(last=False)
-        return raw
 
     def drop(self, sums_path: str) -> None:
         with self._lock:
@@ -479,9 +492,13 @@ def read_chunk_direct(path: str, sums_path: str, chunk_id: int, where: str, leng
     (``cachestat``) is copied from there; otherwise it is read with ``O_DIRECT``: the disk's DMA is
     the only copy, and no page cache is filled (that costs as much CPU as the copy, and a chunk read
     whole is held by the caller anyway). Where the file system refuses ``O_DIRECT`` (tmpfs), a
-    buffered read. Errors as ``read_local_chunk``."""
+    buffered read. All of it, the checksum file included when ``sums`` does not hold it, is one C call
+    where the extension has it (``_read_chunk_file``). Errors as ``read_local_chunk``."""
     view = (buffers or ChunkBuffers(0)).take(length)
     data = view[:length]
+    if _READ_CHUNK_FILE is not None:
+        _read_chunk_file(path, sums_path, chunk_id, where, view, length, sums)
+        return data.toreadonly()
     if _all_cached(path, length):  # just written, or read before: copy it, no disk read
         read_local_chunk(path, sums_path, chunk_id, where, 0, [data], sums=sums)
         return data.toreadonly()
@@ -513,6 +530,23 @@ def read_chunk_direct(path: str, sums_path: str, chunk_id: int, where: str, leng
             sums.drop(sums_path)
         raise
     return data.toreadonly()
+
+
+def _read_chunk_file(path: str, sums_path: str, chunk_id: int, where: str, view: memoryview, length: int,
+                     sums: ChunkSums | None) -> None:
+    """``read_chunk_direct`` in one C call (kvfs/_blockhash.c ``read_chunk_file``): the worker thread
+    gives the GIL back once per chunk, not once per system call."""
+    known = sums.peek(sums_path) if sums is not None else None
+    _, got, bad, raw, _ = _READ_CHUNK_FILE(path, view, length, known, sums_path, BLOCK)
+    count = (length + BLOCK - 1) // BLOCK * 8
+    try:
+        _check_verified_read(min(got, length), bad, length, raw[:count], chunk_id, where, 0)
+    except ChecksumError:
+        if sums is not None:
+            sums.drop(sums_path)  # it may be the checksums that are bad, or come back repaired
+        raise
+    if sums is not None and known is None:
+        sums.put(sums_path, raw)
 
 
 class _CacheRange(ctypes.Structure):

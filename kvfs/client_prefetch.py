@@ -24,6 +24,7 @@ import trio
 from kvfs import protocol as P
 from kvfs.chunkio import read_chunk_direct
 from kvfs.client_types import FileState
+from kvfs.tasks import run_in_thread
 
 log = logging.getLogger("kvfs.client")
 
@@ -45,11 +46,18 @@ class ClientPrefetch:
                 continue
             ref = st.ref(index)
             if ref is not None:
-                self._nursery.start_soon(self._prefetch, st, index, ref)
+                # Claimed now, not when the task first runs: a read served from the cache does not yield,
+                # so the next one would otherwise start the same chunks again (4 tasks per chunk).
+                st.prefetching[index] = trio.Event()
+                try:
+                    self._nursery.start_soon(self._prefetch, st, index, ref)
+                except RuntimeError:  # the client is closing: no read-ahead
+                    st.prefetching.pop(index).set()
+                    return
 
     async def _prefetch(self, st: FileState, index: int, ref: P.ChunkRef) -> None:
         try:
-            await self._load_chunk(st, index, ref)
+            await self._fill_chunk(st, index, ref)
         except OSError as exc:
             log.debug("prefetch of chunk %d failed: %s", ref.chunk_id, exc)
 
@@ -60,7 +68,12 @@ class ClientPrefetch:
         if loading is not None:
             await loading.wait()
             return st.cache.get(index)
-        done = st.prefetching[index] = trio.Event()
+        st.prefetching[index] = trio.Event()
+        return await self._fill_chunk(st, index, ref)
+
+    async def _fill_chunk(self, st: FileState, index: int, ref: P.ChunkRef) -> bytes | None:
+        """Fetch and cache chunk ``index``, claimed by the caller in ``st.prefetching``; wake its waiters."""
+        done = st.prefetching[index]
         try:
             data = await self._fetch_chunk(ref)
             if st.ref(index) is not ref:
@@ -78,9 +91,9 @@ class ClientPrefetch:
         local = self.local_chunk(ref)
         if local is not None:
             try:
-                view = await trio.to_thread.run_sync(read_chunk_direct, local.path, local.sums_path, ref.chunk_id,
-                                                     local.address, ref.length, self._local_sums,
-                                                     self._chunk_buffers, limiter=self._io)
+                view = await run_in_thread(read_chunk_direct, local.path, local.sums_path, ref.chunk_id,
+                                           local.address, ref.length, self._local_sums, self._chunk_buffers,
+                                           limiter=self._io)
                 return view  # type: ignore[return-value]  # a read-only buffer, used as bytes
             except OSError as exc:
                 log.debug("direct read of chunk %x failed (%s): reading it the general way", ref.chunk_id, exc)

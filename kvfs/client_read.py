@@ -16,7 +16,7 @@ from kvfs.chunkio import ChecksumError, NotCached, read_local_chunk
 from kvfs.chunkio import verify as _verify
 from kvfs.client_types import BLOCK, FileState, LocalChunk, _ServerInfo
 from kvfs.errors import error
-from kvfs.tasks import open_nursery
+from kvfs.tasks import open_nursery, run_in_thread
 
 log = logging.getLogger("kvfs.client")
 
@@ -314,7 +314,7 @@ class ClientReads:
                 # the disk goes to a thread, so the event loop never does.
                 work(nowait=True)
             except NotCached:
-                await trio.to_thread.run_sync(work, limiter=self._io)
+                await run_in_thread(work, limiter=self._io)
         except FileNotFoundError:
             raise error(errno.EIO, f"chunk {ref.chunk_id:x} missing from {info.data_dir}") from None
 

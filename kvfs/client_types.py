@@ -79,6 +79,10 @@ class FileState:
     prefetching: dict[int, trio.Event] = field(default_factory=dict)  # chunk index -> set once loaded
     inflight: set[int] = field(default_factory=set)  # chunk indexes being uploaded
     truncated_to: int = -1  # smallest size truncated to since the last commit (-1: none)
+    # kvfs.remote.fill: no chunk is missing below this index, as of the chunk map, version and size stamped
+    # with it ((chunks, len(chunks), version, size, index)): a sequential reader looks ahead for holes once
+    # per chunk, not once per read.
+    holes_checked: tuple | None = None
 
     def ref(self, index: int) -> P.ChunkRef | None:
         return self.uploaded.get(index) or self.chunks.get(index)

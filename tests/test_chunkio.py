@@ -21,11 +21,14 @@ from kvfs.chunkserver.store import block_checksums
 @pytest.fixture(params=["preadv", "native", "python"], autouse=True)
 def hashing(request, monkeypatch):
     """Every test runs with the C helper (kvfs._blockhash, built by the install): reading and verifying
-    in one call ("preadv") or verifying runs of blocks after a Python read ("native"); and without it."""
+    in one call ("preadv", and ``read_chunk_file`` for whole chunks) or verifying runs of blocks after a
+    Python read ("native"); and without it."""
     assert chunkio._BLOCKHASH is not None, "kvfs._blockhash was not built"
     assert chunkio._PREADV_VERIFY is not None, "kvfs._blockhash lacks preadv_verify"
+    assert chunkio._READ_CHUNK_FILE is not None, "kvfs._blockhash lacks read_chunk_file"
     if request.param != "preadv":
         monkeypatch.setattr(chunkio, "_PREADV_VERIFY", None)
+        monkeypatch.setattr(chunkio, "_READ_CHUNK_FILE", None)
     if request.param == "python":
         monkeypatch.setattr(chunkio, "_BLOCKHASH", None)
         monkeypatch.setattr(chunkio, "_XXH3", None)
@@ -229,7 +232,7 @@ def test_nowait_reads_only_from_the_page_cache(tmp_path):
         os.close(fd)
 
 
-def test_direct_read_copies_a_cached_chunk_and_reads_an_uncached_one_with_o_direct(tmp_path, monkeypatch):
+def test_direct_read_copies_a_cached_chunk_and_reads_an_uncached_one_with_o_direct(tmp_path, monkeypatch, hashing):
     """read_chunk_direct: a chunk file all in the page cache (just written) is copied from there; one
     dropped from the cache is read with O_DIRECT. The same bytes either way."""
     from kvfs.chunk_buffers import ChunkBuffers
@@ -237,6 +240,9 @@ def test_direct_read_copies_a_cached_chunk_and_reads_an_uncached_one_with_o_dire
 
     data = os.urandom(4 * BLOCK)
     path, sums_path = write_chunk(_fresh_dir(tmp_path), data)
+    if hashing == "preadv":  # the one C call: it says which way it read
+        _direct_read_in_c(path, sums_path, data)
+        return
     flags_seen = []
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda p, flags, *a: (flags_seen.append((p, flags)), real_open(p, flags, *a))[1])
@@ -287,3 +293,30 @@ def test_files_read_whole_with_one_digest_of_a_suffix(tmp_path, monkeypatch, c_h
     with pytest.raises(OSError) as info:
         chunkio.read_files_hashed([paths[0], str(tmp_path / "gone")], lengths[:2], [view[:cuts[1]]], 0)
     assert info.value.errno == errno.ENOENT
+
+
+def _direct_read_in_c(path: str, sums_path: str, data: bytes) -> None:
+    from kvfs.chunk_buffers import ChunkBuffers
+
+    buffers = ChunkBuffers()
+    expected_sums = Path(sums_path).read_bytes()
+
+    def read(sums):
+        view = buffers.take(len(data))
+        length, got, bad, raw, direct = chunkio._READ_CHUNK_FILE(path, view, len(data), sums, sums_path, BLOCK)
+        assert (length, got, bad, raw) == (len(data), len(data), -1, expected_sums)
+        assert bytes(view[:len(data)]) == data
+        return direct
+
+    assert read(None) is False  # cached (just written): copied, no disk read; the checksums read from their file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert read(expected_sums) is True  # O_DIRECT, with the checksums the caller kept
+    with pytest.raises(FileNotFoundError):
+        chunkio._READ_CHUNK_FILE(path + ".gone", buffers.take(BLOCK), BLOCK, None, sums_path, BLOCK)
+    with pytest.raises(FileNotFoundError):
+        chunkio._READ_CHUNK_FILE(path, buffers.take(BLOCK), BLOCK, None, sums_path + ".gone", BLOCK)

@@ -293,7 +293,9 @@ async def fill(client, st, first: int, last: int, sequential: bool) -> None:
         # reader comes near): looking to the end of the file on every read made reading a whole
         # file quadratic in its chunks.
         window = min(count, last + 1 + max(1, READAHEAD_BYTES // cs))
-        begin = first if need else next((i for i in range(last + 1, window) if missing(i)), None)
+        begin = first if need else next((i for i in range(_checked(st, last + 1), window) if missing(i)), None)
+        if begin is None:
+            st.holes_checked = (st.chunks, len(st.chunks), st.version, st.size, window)
     if not need and begin is None:
         return
     info = await f.remote_info(st)
@@ -318,6 +320,15 @@ async def fill(client, st, first: int, last: int, sequential: bool) -> None:
             return
     raise error(errno.EIO, f"{info.url}/{info.key}: chunks {need[:4]} could not be fetched")
 
+
+
+def _checked(st, start: int) -> int:
+    """Where a look for holes from ``start`` on must begin: past the chunks already found present, while
+    the file's chunk map, version and size are the ones they were found in."""
+    seen = st.holes_checked
+    if seen is not None and seen[0] is st.chunks and seen[1:4] == (len(st.chunks), st.version, st.size):
+        return max(start, seen[4])
+    return start
 
 async def refill(client, st, index: int, ref: P.ChunkRef) -> bool:
     """Chunk ``index`` of clean remote-backed file ``st`` could not be read from any replica: have meta
