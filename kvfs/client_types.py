@@ -31,6 +31,9 @@ class ClientOptions:
     read_threads: int = 8  # such reads in flight at once per client
     # A TLS directory (kvfs.tls) for this client; "" uses the process's (--tls-dir, KVFS_TLS_DIR), if any.
     tls_dir: str = ""
+    # Lookups of KV block/run files bring their chunk map under a KV map lease, so their open needs no
+    # META_GET_CHUNKS (kvfs/leased_lookups.py); False: every open asks meta (close-to-open).
+    kv_lookup_leases: bool = True
 
 
 @dataclass
