@@ -73,7 +73,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         self._changes = ChangeLog()  # this client's namespace changes: a listing fetched across one is not kept
         self.leased_maps = LeasedMaps()  # KV files' chunk maps from leased lookups, for their next open
         self._shared_lookups = SharedLookups()  # concurrent lookups of one name: one meta request
-        self._kv_lookup = self.options.kv_lookup_leases  # off after a meta without META_KV_LOOKUP said ENOSYS
+        self._kv_lookup = False  # META_KV_LOOKUP for KV files' lookups: asked for and served (connect)
         self._servers: dict[str, _ServerInfo] = {}
         self._chunk_clients: dict[str, RpcClient] = {}
         self._thread_clients: dict[str, BlockingChunkClient] = {}  # bulk reads in worker threads
@@ -97,6 +97,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         # A tenant's credential confines it to its tenant's root: that directory is this client's "/"
         # (paths are resolved there by meta; the mount maps its root inode to it).
         self.root_ino, self.tenant = reply.root_ino or ROOT_INO, reply.tenant
+        self._kv_lookup = self.options.kv_lookup_leases and reply.kv_lookup
         self._host_id = host_id()
         await self.refresh_servers()
         nursery.start_soon(self._renew_leases, reply.lease_seconds)
@@ -197,13 +198,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         if not (self._kv_lookup and is_kv_file_name(name)):
             return await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
         sent = time.monotonic()  # the lease counts from here (LeasedMaps' clock)
-        try:
-            reply = await self.meta.request(P.META_KV_LOOKUP, P.KVLookup(parent, name, lease=True))
-        except OSError as exc:
-            if exc.errno != errno.ENOSYS:
-                raise
-            self._kv_lookup = False  # an older meta
-            return await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
+        reply = await self.meta.request(P.META_KV_LOOKUP, P.KVLookup(parent, name, lease=True))
         until = lease_end(sent, reply.lease_seconds)
         if reply.file is not None and until and reply.attr.ino not in self.files:
             self.leased_maps.store(reply.attr.ino, until, reply.file)

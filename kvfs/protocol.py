@@ -391,6 +391,8 @@ class HelloReply(Struct):
     # The caller's "/" : its tenant's root directory (meta/tenants.py), or 1 (the whole namespace).
     root_ino: int = 1
     tenant: str = ""
+    # META_KV_LOOKUP is served (a meta before it answers an unknown method by closing the connection).
+    kv_lookup: bool = False
 
 
 META_HELLO = 1

@@ -56,7 +56,7 @@ class MetaService:
         E = P.Empty()
 
         async def hello(r, _):
-            return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id, ns.lease_seconds)
+            return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id, ns.lease_seconds, kv_lookup=True)
 
         async def setxattr(r, _):
             _policy_needs_admin(r.name)
