@@ -442,7 +442,8 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         fresh = st is None and created is not None and created.size == 0
         if fresh:
             assert created is not None
-            st = self.files[ino] = FileState(ino, created, {}, size=0)
+            st = self.files[ino] = FileState(ino, created, {}, size=0, born_mtime_ns=created.mtime_ns,
+                                             born_at=time.monotonic())
         elif st is None or (st.opens == 0 and not st.modified):
             # A KV file's map from its leased lookup (a write open dropped it in _changed above).
             reply = self.leased_maps.get(ino) or await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(ino))

@@ -82,6 +82,10 @@ class FileState:
     prefetching: dict[int, trio.Event] = field(default_factory=dict)  # chunk index -> set once loaded
     inflight: set[int] = field(default_factory=set)  # chunk indexes being uploaded
     truncated_to: int = -1  # smallest size truncated to since the last commit (-1: none)
+    # A file this client created, until its first commit: its create mtime and when (time.monotonic) it
+    # was created here; a first commit soon after keeps that mtime (kvfs/client_write.py, flush).
+    born_mtime_ns: int = 0
+    born_at: float = 0.0
 
     def ref(self, index: int) -> P.ChunkRef | None:
         return self.uploaded.get(index) or self.chunks.get(index)
