@@ -12,6 +12,8 @@ route: lookup, load and their sum (medians over rounds), and the meta requests e
     python bench/kv_hit_path.py --rounds 10
     python bench/kv_hit_path.py --rounds 10 --strace      # also FUSE-side syscalls: strace -c of a mount round
     python bench/kv_hit_path.py --rounds 10 --touch-due --baseline /work/main   # against another tree
+    KVFS_TEST_PYTHON=/work/main/.venv/bin/python python bench/kv_hit_path.py --routes mount   # another
+        # tree's meta, chunkserver and mount daemon (the mount route's cost is there, not in the round)
 
 Nothing here asserts on time; every round checks that all 128 blocks loaded.
 """

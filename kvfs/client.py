@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,6 +47,7 @@ from kvfs.client_types import _ServerInfo
 from kvfs.client_write import ClientWrites
 from kvfs.dircache import ChangeLog, ListingCache
 from kvfs.errors import error
+from kvfs.leased_lookups import LeasedMaps, SharedLookups, is_kv_file_name, lease_end
 from kvfs.meta_router import meta_client
 from kvfs.rpc import RpcClient
 from kvfs.rpc_blocking import BlockingChunkClient
@@ -69,6 +71,9 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         self.files: dict[int, FileState] = {}
         self.listings = ListingCache(self.options.dir_cache_ttl, self.options.dir_cache_burst)
         self._changes = ChangeLog()  # this client's namespace changes: a listing fetched across one is not kept
+        self.leased_maps = LeasedMaps()  # KV files' chunk maps from leased lookups, for their next open
+        self._shared_lookups = SharedLookups()  # concurrent lookups of one name: one meta request
+        self._kv_lookup = False  # META_KV_LOOKUP for KV files' lookups: asked for and served (connect)
         self._servers: dict[str, _ServerInfo] = {}
         self._chunk_clients: dict[str, RpcClient] = {}
         self._thread_clients: dict[str, BlockingChunkClient] = {}  # bulk reads in worker threads
@@ -92,6 +97,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         # A tenant's credential confines it to its tenant's root: that directory is this client's "/"
         # (paths are resolved there by meta; the mount maps its root inode to it).
         self.root_ino, self.tenant = reply.root_ino or ROOT_INO, reply.tenant
+        self._kv_lookup = self.options.kv_lookup_leases and reply.kv_lookup
         self._host_id = host_id()
         await self.refresh_servers()
         nursery.start_soon(self._renew_leases, reply.lease_seconds)
@@ -177,13 +183,26 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         # committed size there would cut this client's own pending writes off (reads hit "EOF").
         attr = self.listings.get(parent, name)
         if attr is None:
-            attr = await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
+            attr = await self._shared_lookups.lookup(parent, name, self._changes.seq,
+                                                     lambda: self._lookup_meta(parent, name))
             if self.listings.wants_listing(parent):
                 if self._nursery is not None:
                     self._nursery.start_soon(self._list_dir, parent)  # this lookup need not wait for it
                 else:
                     await self._list_dir(parent)
         return self._overlay(attr)
+
+    async def _lookup_meta(self, parent: int, name: str) -> P.Attr:
+        """META_LOOKUP; for a KV block or run file, META_KV_LOOKUP, which brings its chunk map under a
+        lease for the open that follows (kvfs/leased_lookups.py)."""
+        if not (self._kv_lookup and is_kv_file_name(name)):
+            return await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
+        sent = time.monotonic()  # the lease counts from here (LeasedMaps' clock)
+        reply = await self.meta.request(P.META_KV_LOOKUP, P.KVLookup(parent, name, lease=True))
+        until = lease_end(sent, reply.lease_seconds)
+        if reply.file is not None and until and reply.attr.ino not in self.files:
+            self.leased_maps.store(reply.attr.ino, until, reply.file)
+        return reply.attr
 
     async def _list_dir(self, parent: int) -> None:
         """Fetch a whole directory listing (attributes included) for ``self.listings``."""
@@ -210,6 +229,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
     def _changed(self, ino: int) -> None:
         self._changes.note(ino=ino)
         self.listings.changed(ino)
+        self.leased_maps.drop(ino)
 
     async def getattr(self, ino: int) -> P.Attr:
         attr = self.listings.dir_attr(ino)
@@ -422,9 +442,11 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         fresh = st is None and created is not None and created.size == 0
         if fresh:
             assert created is not None
-            st = self.files[ino] = FileState(ino, created, {}, size=0)
+            st = self.files[ino] = FileState(ino, created, {}, size=0, born_mtime_ns=created.mtime_ns,
+                                             born_at=time.monotonic())
         elif st is None or (st.opens == 0 and not st.modified):
-            reply = await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(ino))
+            # A KV file's map from its leased lookup (a write open dropped it in _changed above).
+            reply = self.leased_maps.get(ino) or await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(ino))
             if stat.S_ISDIR(reply.attr.mode):
                 raise error(errno.EISDIR, "is a directory")
             chunks = {c.index: c for c in reply.chunks}

@@ -31,6 +31,9 @@ class ClientOptions:
     read_threads: int = 8  # such reads in flight at once per client
     # A TLS directory (kvfs.tls) for this client; "" uses the process's (--tls-dir, KVFS_TLS_DIR), if any.
     tls_dir: str = ""
+    # Lookups of KV block/run files bring their chunk map under a KV map lease, so their open needs no
+    # META_GET_CHUNKS (kvfs/leased_lookups.py); False: every open asks meta (close-to-open).
+    kv_lookup_leases: bool = True
 
 
 @dataclass
@@ -83,6 +86,10 @@ class FileState:
     # with it ((chunks, len(chunks), version, size, index)): a sequential reader looks ahead for holes once
     # per chunk, not once per read.
     holes_checked: tuple | None = None
+    # A file this client created, until its first commit: its create mtime and when (time.monotonic) it
+    # was created here; a first commit soon after keeps that mtime (kvfs/client_write.py, flush).
+    born_mtime_ns: int = 0
+    born_at: float = 0.0
 
     def ref(self, index: int) -> P.ChunkRef | None:
         return self.uploaded.get(index) or self.chunks.get(index)

@@ -17,6 +17,8 @@ from kvfs.errors import error
 
 log = logging.getLogger("kvfs.client")
 
+BORN_MTIME_WINDOW = 2.0  # seconds after its create in which a new file's first commit keeps its mtime
+
 
 def written_ref(index: int, alloc: P.AllocChunkReply, length: int) -> P.ChunkRef:
     """The ref of a chunk this client just wrote (its write capability also reads it back)."""
@@ -191,8 +193,9 @@ class ClientWrites:
         version, cut, committed = st.version, st.truncated_to, dict(st.uploaded)
         refs = [P.ChunkRef(i, r.chunk_id, r.length, []) for i, r in sorted(committed.items())]
         release = release and st.opens <= 1  # the closing handle at most: none opened meanwhile
-        attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, time.time_ns(),
+        attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, _commit_mtime(st),
                                                                cut, release))
+        st.born_mtime_ns = 0
         if release:
             st.leased = False
         self._changed(ino)
@@ -245,3 +248,16 @@ class ClientWrites:
         st.modified = True
         st.version += 1
         st.cache.clear()
+
+
+def _commit_mtime(st: FileState) -> int:
+    """The mtime a commit sets: now, except for the first commit of a file this client created less
+    than ``BORN_MTIME_WINDOW`` ago, which keeps its create mtime. Why: the kernel does not update a FUSE
+    file's mtime on writes (without the writeback cache), so it still holds the create's; the first
+    attributes it fetches with another mtime make it drop the file's page cache (``auto_inval_data``),
+    i.e. the pages just written, which the next reader on this host then reads through the mount
+    daemon (issue 11: a KV run read right after its put). Off by at most the window, and earlier, never
+    later, than the last write (``make`` stays safe)."""
+    if st.born_mtime_ns and time.monotonic() - st.born_at <= BORN_MTIME_WINDOW:
+        return st.born_mtime_ns
+    return time.time_ns()

@@ -391,6 +391,8 @@ class HelloReply(Struct):
     # The caller's "/" : its tenant's root directory (meta/tenants.py), or 1 (the whole namespace).
     root_ino: int = 1
     tenant: str = ""
+    # META_KV_LOOKUP is served (a meta before it answers an unknown method by closing the connection).
+    kv_lookup: bool = False
 
 
 META_HELLO = 1
@@ -789,6 +791,22 @@ class KVChunksReply(Struct):
     lease_seconds: float = 0.0
 
 
+class KVLookup(Struct):
+    """LOOKUP of ``name`` in directory ``parent`` that also returns a regular file's chunk map, under a KV
+    map lease when asked (meta/kv_leases.py): the mount's open of a KV block or run file then needs no
+    GET_CHUNKS round trip of its own (kvfs/leased_lookups.py)."""
+
+    parent: int
+    name: str
+    lease: bool = False
+
+
+class KVLookupReply(Struct):
+    attr: Attr
+    file: GetChunksReply | None = None  # None: not a regular file, or no map to rely on (a remote-bound file)
+    lease_seconds: float = 0.0  # the lease on ``file``'s map (0: none), counted from when the request was sent
+
+
 class KVAlloc(Struct):
     """A chunk for a file that does not exist yet (a block being put): pending until KV_PUBLISH
     names it, garbage-collected if never published."""
@@ -822,6 +840,7 @@ META_KV_EVICT = 62  # run one eviction pass now (tests, `kvfs policy evict`)
 META_KV_CHUNKS = 63
 META_KV_ALLOC = 64
 META_KV_PUBLISH = 65
+META_KV_LOOKUP = 66
 
 META_METHODS.update({
     META_KV_EXISTS: (KVExists, ExistsManyReply),
@@ -830,6 +849,7 @@ META_METHODS.update({
     META_KV_CHUNKS: (KVChunks, KVChunksReply),
     META_KV_ALLOC: (KVAlloc, AllocChunkReply),
     META_KV_PUBLISH: (KVPublish, KVPublishReply),
+    META_KV_LOOKUP: (KVLookup, KVLookupReply),
 })
 
 
@@ -929,7 +949,7 @@ META_IDEMPOTENT = frozenset({
     META_GET_CHUNKS, META_ALLOC_CHUNK, META_COMMIT, META_PURGE, META_RENEW_LEASES, META_REGISTER,
     META_HEARTBEAT, META_LIST_CHUNKSERVERS, META_REPORT_BAD_CHUNK, META_CHUNK_LOCATIONS, META_KV_EXISTS,
     META_KV_STATUS, META_KV_CHUNKS, META_KV_ALLOC, META_REMOTE_LIST, META_REMOTE_INFO, META_HA_STATUS,
-    META_TENANT_LIST, META_TENANT_SET, META_DECOMMISSION,
+    META_TENANT_LIST, META_TENANT_SET, META_DECOMMISSION, META_KV_LOOKUP,
 })
 
 

@@ -349,6 +349,19 @@ class KVCache:
             out.append(self.ns.chunks(attr.ino, 0, 1 << 30))
         return P.KVChunksReply(out, leases.seconds if leased and leases is not None else 0.0)
 
+    def lookup_chunks(self, parent: int, name: str, leases: KVLeases | None = None) -> P.KVLookupReply:
+        """LOOKUP that also returns a regular file's chunk map, leased with ``leases`` (``chunks_many`` for
+        one entry named by its directory inode: the mount knows inodes, not paths). Error handling: the
+        errnos of LOOKUP."""
+        attr = self.ns.lookup(parent, name)
+        if not stat.S_ISREG(attr.mode) or name in (".", ".."):
+            return P.KVLookupReply(attr)
+        leased = leases is not None and leases.seconds > 0
+        if leased:
+            assert leases is not None
+            leases.grant(parent, name, attr.ino)
+        return P.KVLookupReply(attr, self.ns.chunks(attr.ino, 0, 1 << 30), leases.seconds if leased and leases else 0.0)
+
     def exists_under(self, base: str, names: list[str], leading_only: bool = False) -> P.ExistsManyReply:
         """Which of ``names`` (relative paths under directory ``base``) exist, in one call: a prompt's
         block lookup.

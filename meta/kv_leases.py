@@ -8,8 +8,8 @@ stale map can read a deleted-then-re-put block's old bytes, checksums and all). 
 hashes: re-publishing one is rare, reading one is the hot path. So the rare operation waits, not the
 common one.
 
-* A META_KV_CHUNKS request that asks for a lease (``KVChunks.lease``) gets ``lease_seconds`` in its
-  reply; meta records ``until = now + seconds`` per name (directory inode, entry name) and per inode:
+* A META_KV_CHUNKS request that asks for a lease (``KVChunks.lease``), or a META_KV_LOOKUP (the
+  mount's lookup of a KV file: kvfs/leased_lookups.py), gets ``lease_seconds`` in its reply; meta records ``until = now + seconds`` per name (directory inode, entry name) and per inode:
   one dict write each, whoever asked (not per client).
 * Operations that bind a leased name to other bytes apply at once but are acknowledged only after the
   lease: KV_PUBLISH, MKNODE, SYMLINK, LINK and RENAME onto the name, COMMIT of the leased inode (an

@@ -602,6 +602,15 @@ class RemoteTier(RemoteFills, RemoteUploads):
             self._kick()
             return reply
 
+        async def kv_lookup(r, data):
+            await self.sync_dir(r.parent)
+            reply = await orig[P.META_KV_LOOKUP](r, data)
+            if reply.file is not None and self.binding_of_file(reply.attr.ino) is not None:
+                # A remote-bound file's map is validated against the remote at each GET_CHUNKS: the
+                # client's open asks for it (the lease taken stays harmless: changes wait out 2 s).
+                reply.file, reply.lease_seconds = None, 0.0
+            return reply
+
         async def getxattr(r, data):
             if r.name == STATE_XATTR:
                 rec = self.file(r.ino)
@@ -650,7 +659,7 @@ class RemoteTier(RemoteFills, RemoteUploads):
 
         h.update({
             P.META_MKNODE: mknode, P.META_COMMIT: commit, P.META_UNLINK: unlink, P.META_RENAME: rename,
-            P.META_GETXATTR: getxattr, P.META_LISTXATTR: listxattr, P.META_RMDIR: rmdir,
+            P.META_GETXATTR: getxattr, P.META_LISTXATTR: listxattr, P.META_RMDIR: rmdir, P.META_KV_LOOKUP: kv_lookup,
             P.META_REMOTE_ATTACH: attach, P.META_REMOTE_DETACH: detach, P.META_REMOTE_LIST: list_,
             P.META_REMOTE_SYNC: sync, P.META_REMOTE_INFO: info, P.META_REMOTE_FILL_ALLOC: fill_alloc,
             P.META_REMOTE_FILL_COMMIT: fill_commit, P.META_REMOTE_EVICT: evict,

@@ -56,7 +56,7 @@ class MetaService:
         E = P.Empty()
 
         async def hello(r, _):
-            return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id, ns.lease_seconds)
+            return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id, ns.lease_seconds, kv_lookup=True)
 
         async def setxattr(r, _):
             _policy_needs_admin(r.name)
@@ -129,6 +129,7 @@ class MetaService:
             P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths, self.kv_leases if r.lease else None)),
             P.META_KV_ALLOC: lambda r, _: _now(ns.alloc_pending_chunk(r.size_hint, 0, pending_owner())),
             P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
+            P.META_KV_LOOKUP: lambda r, _: _now(self.kv.lookup_chunks(r.parent, r.name, self.kv_leases if r.lease else None)),
             # A lone meta (RocksDB); meta/leader.py answers this for an HA group on etcd.
             P.META_HA_STATUS: lambda r, _: _now(P.HaStatusReply("rocksdb", "", "single", "", [], [])),
             **tenant_handlers(ns.tenants, self.kv.path_of),

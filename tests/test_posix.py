@@ -632,3 +632,66 @@ def test_pending_writes_keep_their_size_through_link_and_lookup(mounted, mnt, se
     finally:
         os.close(fd)
     assert read(os.path.join(second_mount, name, "other")) == data
+
+
+def resident_pages(path: str) -> int:
+    """Pages of ``path`` in the kernel's page cache (mincore over a read-only mapping; the open keeps the
+    cache when the file is unchanged since the mount last saw it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            pages = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+            assert libc.mincore(addr, size, pages) == 0, os.strerror(ctypes.get_errno())
+            return sum(p & 1 for p in pages)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def test_written_pages_stay_cached_for_the_next_reader(mnt):
+    """A file created and written through the mount keeps its create mtime at its first commit (the mtime
+    the kernel holds: it does not update a FUSE file's mtime on writes), so attributes fetched after
+    the close do not make the kernel drop the pages just written: the next reader on this host reads
+    them from the page cache (issue 11: a KV run read right after its put), with the same bytes."""
+    import time
+
+    path = os.path.join(mnt, "f")
+    data = os.urandom(1 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    born = os.fstat(fd).st_mtime_ns
+    os.write(fd, data)
+    os.close(fd)
+    time.sleep(1.2)  # past the attribute timeout: the stat fetches attributes from meta
+    assert os.stat(path).st_mtime_ns == born
+    assert resident_pages(path) == len(data) // 4096
+    assert read(path) == data
+
+
+def test_late_first_commit_takes_the_commit_time(mnt):
+    """Past the window (kvfs/client_write.py BORN_MTIME_WINDOW, 2 s) a new file's first commit sets the
+    time of the commit, as every later commit does."""
+    import time
+
+    path = os.path.join(mnt, "f")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    born = os.fstat(fd).st_mtime_ns
+    time.sleep(2.2)
+    os.write(fd, b"late")
+    os.close(fd)
+    assert os.stat(path).st_mtime_ns > born
+    fd = os.open(path, os.O_WRONLY)
+    os.write(fd, b"again")
+    os.close(fd)
+    assert read(path) == b"again"

@@ -1,0 +1,180 @@
+"""The mount's leased lookups of KV files and shared lookups (kvfs/leased_lookups.py, issue 11).
+
+Against a real cluster with two mounts: a KV-named file looked up through a mount is opened without a
+META_GET_CHUNKS (its map came with the lookup, under a KV map lease), an ordinary file still asks meta
+at every open (close-to-open), and an in-place rewrite of a leased file is read as the new bytes once
+acknowledged, even by a mount whose kernel keeps the old entry (the cached map is dropped when its
+lease ends). Meta's requests are counted from its metrics endpoint; nothing asserts a duration. The
+helpers' bookkeeping (lease ends, one request for concurrent lookups) is checked in-process with trio.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+import trio
+from cluster import free_port
+from test_posix import read, write
+
+from kvfs import protocol as P
+from kvfs.leased_lookups import LeasedMaps, SharedLookups, is_kv_file_name
+
+RUN_NAME = "0123456789abcdef0123456789abcdef-8"  # a KV run file's name shape (kvfs/kv/run.py)
+
+
+def served(cluster, method: str) -> float:
+    return cluster.meta_rpcs().get(method, 0.0)
+
+
+@pytest.fixture
+def two_mounts(make_cluster, tmp_path):
+    """A cluster, a writer mount and a reader mount whose kernel keeps entries and attributes for 30 s
+    (so its reads of a file it looked up once never look it up again: only the daemon's map is in play)."""
+    cluster = make_cluster(chunkservers=1, replication=1, meta_metrics_port=free_port())
+    writer = cluster.mount(str(tmp_path / "w"))
+    reader = cluster.mount(str(tmp_path / "r"), "--attr-timeout", "30")
+    return cluster, writer, reader
+
+
+def test_kv_file_open_needs_no_get_chunks_after_its_lookup(two_mounts):
+    cluster, writer, reader = two_mounts
+    os.makedirs(os.path.join(writer, "kv", "ab"))
+    data = os.urandom(3 << 20)
+    write(os.path.join(writer, "kv", "ab", RUN_NAME), data)
+    write(os.path.join(writer, "kv", "ab", "plain"), data)
+
+    kv_path, plain_path = os.path.join(reader, "kv", "ab", RUN_NAME), os.path.join(reader, "kv", "ab", "plain")
+    before = cluster.meta_rpcs()
+    os.stat(kv_path)  # the reader's first lookup of it: META_KV_LOOKUP
+    assert served(cluster, "kv_lookup") == before.get("kv_lookup", 0.0) + 1
+    chunks_before = served(cluster, "get_chunks")
+    assert read(kv_path) == data
+    assert served(cluster, "get_chunks") == chunks_before  # the open used the lookup's leased map
+
+    assert read(plain_path) == data  # an ordinary name: a plain lookup, and a GET_CHUNKS per open
+    assert served(cluster, "get_chunks") == chunks_before + 1
+    assert served(cluster, "kv_lookup") == before.get("kv_lookup", 0.0) + 1
+
+
+def test_rewrite_of_a_leased_file_is_read_once_acknowledged(two_mounts):
+    """The reader's daemon holds the old map under a lease; the writer's in-place rewrite (COMMIT of the
+    leased inode) is acknowledged only after that lease, and the reader's next open, which its kernel
+    sends without a new lookup, must not use the expired map: it reads the new bytes."""
+    cluster, writer, reader = two_mounts
+    os.makedirs(os.path.join(writer, "kv", "cd"))
+    old, new = os.urandom(1 << 20), os.urandom(1 << 20)
+    write(os.path.join(writer, "kv", "cd", RUN_NAME), old)
+    path = os.path.join(reader, "kv", "cd", RUN_NAME)
+    assert read(path) == old  # looked up (leased map) and read by the reader
+    lookups = served(cluster, "kv_lookup") + served(cluster, "lookup")
+
+    fd = os.open(os.path.join(writer, "kv", "cd", RUN_NAME), os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, new, 0) == len(new)
+    finally:
+        os.close(fd)  # the commit: held by meta until the reader's lease has ended
+
+    before = cluster.meta_rpcs()
+    assert read(path) == new
+    # The open asked meta for the new map: the expired one was not used. (Had it been, the old chunk,
+    # deleted by the commit, would have failed the read, and the client would have looked its
+    # replacement up with CHUNK_LOCATIONS: the bytes alone cannot tell.)
+    assert served(cluster, "get_chunks") == before.get("get_chunks", 0.0) + 1
+    assert served(cluster, "chunk_locations") == before.get("chunk_locations", 0.0)
+    assert served(cluster, "kv_lookup") + served(cluster, "lookup") == lookups  # no new lookup by the reader
+
+
+def test_deleted_kv_file_is_not_found_once_its_lease_ends(two_mounts):
+    """Deletes are not held by leases: the reader may read the deleted bytes within its lease, but once
+    the map's lease ends its open (sent by its kernel without a new lookup) asks meta and fails ENOENT."""
+    cluster, writer, reader = two_mounts
+    os.makedirs(os.path.join(writer, "kv", "ef"))
+    write(os.path.join(writer, "kv", "ef", RUN_NAME), b"x" * 4096)
+    path = os.path.join(reader, "kv", "ef", RUN_NAME)
+    assert read(path) == b"x" * 4096
+    os.unlink(os.path.join(writer, "kv", "ef", RUN_NAME))
+    deadline = time.monotonic() + 20  # a bound on the wait, not a timing check (leases are 2 s here)
+    outcome: object = None
+    while time.monotonic() < deadline:
+        try:
+            outcome = read(path)
+        except OSError as exc:
+            outcome = exc.errno
+            break
+        assert outcome == b"x" * 4096  # within the lease: the bytes the name held
+        time.sleep(0.2)
+    assert outcome == errno.ENOENT
+
+
+# ---------------------------------------------------------------------- the helpers, in-process
+
+
+def test_kv_file_names():
+    assert is_kv_file_name("0123456789abcdef")  # a block (16-128 hex)
+    assert is_kv_file_name(RUN_NAME)
+    assert is_kv_file_name("f" * 128 + "-1")
+    for name in ("plain", "0123456789ABCDEF", "0123456789abcde", "f" * 129, RUN_NAME + ".tmp",
+                 "." + RUN_NAME + ".1a2b3c4d5e6f.tmp", "0123456789abcdef-0", "0123456789abcdef-", "ab"):
+        assert not is_kv_file_name(name), name
+
+
+def _reply(ino: int) -> P.GetChunksReply:
+    return P.GetChunksReply(P.Attr(ino=ino, mode=0o100644, nlink=1, uid=0, gid=0, rdev=0, size=1, atime_ns=0,
+                                   mtime_ns=0, ctime_ns=0, generation=0), 4 << 20, [])
+
+
+def test_leased_maps_end_with_their_lease():
+    now = [100.0]
+    maps = LeasedMaps(clock=lambda: now[0], limit=2)
+    maps.store(1, 101.0, _reply(1))
+    assert maps.get(1) is not None
+    now[0] = 101.0
+    assert maps.get(1) is None and len(maps) == 0  # at its end: gone
+    maps.store(2, 105.0, _reply(2))
+    maps.drop(2)
+    assert maps.get(2) is None
+    for ino in (3, 4, 5):
+        maps.store(ino, 105.0, _reply(ino))
+    assert len(maps) == 2 and maps.get(3) is None and maps.get(5) is not None  # bounded, oldest first
+
+
+def test_shared_lookups_send_one_request_for_concurrent_lookups():
+    calls: list[int] = []
+    answers: list[P.Attr] = []
+
+    async def main() -> None:
+        shared = SharedLookups()
+        release = trio.Event()
+
+        async def fetch() -> P.Attr:
+            calls.append(1)
+            await release.wait()
+            return _reply(7).attr
+
+        async def one(seq: int) -> None:
+            answers.append(await shared.lookup(1, "d", seq, fetch))
+
+        async with trio.open_nursery() as n:
+            for _ in range(4):
+                n.start_soon(one, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(one, 1)  # this client changed the namespace since: asks meta itself
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+
+        async def fail() -> P.Attr:
+            calls.append(1)
+            raise FileNotFoundError(errno.ENOENT, "gone")
+
+        with pytest.raises(FileNotFoundError):
+            await shared.lookup(1, "d", 0, fail)
+
+    import trio.testing  # noqa: F401  (wait_all_tasks_blocked)
+
+    trio.run(main)
+    assert len(calls) == 3  # 4 concurrent lookups -> 1 request; the later-seq one -> 1; the failing one -> 1
+    assert len(answers) == 5 and all(a.ino == 7 for a in answers)
+    assert len({id(a) for a in answers}) == 5  # copies: callers overlay their own sizes
