@@ -356,11 +356,11 @@ class KVCache:
         attr = self.ns.lookup(parent, name)
         if not stat.S_ISREG(attr.mode) or name in (".", ".."):
             return P.KVLookupReply(attr)
-        leased = leases is not None and leases.seconds > 0
-        if leased:
+        seconds = leases.seconds if leases is not None and leases.seconds > 0 else 0.0
+        if seconds:
             assert leases is not None
             leases.grant(parent, name, attr.ino)
-        return P.KVLookupReply(attr, self.ns.chunks(attr.ino, 0, 1 << 30), leases.seconds if leased and leases else 0.0)
+        return P.KVLookupReply(attr, self.ns.chunks(attr.ino, 0, 1 << 30), seconds)
 
     def exists_under(self, base: str, names: list[str], leading_only: bool = False) -> P.ExistsManyReply:
         """Which of ``names`` (relative paths under directory ``base``) exist, in one call: a prompt's

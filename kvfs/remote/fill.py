@@ -321,7 +321,6 @@ async def fill(client, st, first: int, last: int, sequential: bool) -> None:
     raise error(errno.EIO, f"{info.url}/{info.key}: chunks {need[:4]} could not be fetched")
 
 
-
 def _checked(st, start: int) -> int:
     """Where a look for holes from ``start`` on must begin: past the chunks already found present, while
     the file's chunk map, version and size are the ones they were found in."""
@@ -329,6 +328,7 @@ def _checked(st, start: int) -> int:
     if seen is not None and seen[0] is st.chunks and seen[1:4] == (len(st.chunks), st.version, st.size):
         return max(start, seen[4])
     return start
+
 
 async def refill(client, st, index: int, ref: P.ChunkRef) -> bool:
     """Chunk ``index`` of clean remote-backed file ``st`` could not be read from any replica: have meta
