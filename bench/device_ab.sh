@@ -36,6 +36,10 @@ for tree in "${trees[@]}"; do
   mkdir -p "$out/$name"
   args=("${@//\{out\}/$out/$name}")
   echo "=== $name: $script ${args[*]}"
+  # PYSPY="-r 500 --native": the benchmark runs under py-spy record (a wheel in WHEELS), raw stacks in
+  # OUT/<name>/profile.txt (bench/profile_top.py summarises them).
+  spy=()
+  [ -n "${PYSPY:-}" ] && spy=(/tmp/ab/deps/bin/py-spy record $PYSPY -f raw -o "$out/$name/profile.txt" --)
   (cd /tmp && PYTHONPATH="/tmp/ab/$name:/tmp/ab/deps" PATH="/tmp/ab/deps/bin:$PATH" PYTHONUNBUFFERED=1 \
-    "$PY" "$tree/$script" "${args[@]}" 2>&1 | tee "$out/$name/stdout.txt" | tail -25)
+    "${spy[@]}" "$PY" "$tree/$script" "${args[@]}" 2>&1 | tee "$out/$name/stdout.txt" | tail -25)
 done

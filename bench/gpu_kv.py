@@ -289,6 +289,8 @@ def bench_size(nbytes: int, args: argparse.Namespace, emit, client: Any = None, 
     kvikio_ok = dev.type == "cuda" and kvikio_available()  # native: kvikio reads the chunk files
     methods = (["kvikio"] if kvikio_ok else []) + ["staged", "host+copy"] + (["host"] if dev.type == "cpu" else [])
     methods += (["baseline"] if client is None else []) + (["kvikio-raw"] if kvikio_ok and client is None else [])
+    if args.methods:  # a subset, e.g. for a profile of one route
+        methods = [m for m in methods if m in args.methods.split(",")]
     for name in methods:
         device_io = name if name in ("kvikio", "staged") else "auto"  # (raw methods only use its paths)
         store = KVStore(root, layout, client=client, concurrency=args.batch, device_io=device_io)
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native-gib", type=float, default=0.5, help="GiB of blocks per size through the client")
     p.add_argument("--meta-args", default="", help="extra `kvfs meta` flags for --native, e.g. "
                    "'--kv-lease-seconds 0' (no KV map leases: every batch checked with meta)")
+    p.add_argument("--methods", default="", help="only these methods (comma-separated, e.g. staged,baseline)")
     p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu: CPU tensors as the destination (no GPU)")
     args = p.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
