@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wanted = [s for s in args.sources.split(",") if s]
     # "" : /m with the cluster's chunk size; "16M": /m-16M, every file with 16 MiB chunks.
-    copies = sorted({_split_source(s)[1] for s in wanted if s.startswith("kvfs")} | {""})
+    copies = sorted({_split_source(s)[1] for s in wanted if s.startswith("kvfs")})
     try:
         with cluster.client(timeout=60) as c:
             for size in copies:
