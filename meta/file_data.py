@@ -90,7 +90,7 @@ class FileData:
         exact, pending content; ENOENT/ENOTDIR for a bad parent."""
         check_name(r.name)
         pnode = self._dir(r.parent)
-        cs = self.new_file_chunk_size(r.parent, pnode, r.chunk_size) if r.chunk_size else self.chunk_size
+        cs = self.split_chunk_size(r.chunk_size)
         count = (r.size + cs - 1) // cs if r.size > 0 else 0
         refs = sorted(r.chunks, key=lambda c: c.index)
         if r.size < 0 or [c.index for c in refs] != list(range(count)) or any(

@@ -41,6 +41,11 @@ class Layouts:
             ino, node = up, self.inode(up)
         return self.chunk_size
 
+    def split_chunk_size(self, size: int) -> int:
+        """The chunk size a writer says it split a new file by (KV_PUBLISH): 0 (an older client) or the
+        cluster's, which may be any multiple of 64 KiB, else a checked per-file size (EINVAL)."""
+        return self.chunk_size if size in (0, self.chunk_size) else _checked(size)
+
     def layout_getxattr(self, ino: int, node: R.Inode) -> bytes:
         if stat.S_ISREG(node.mode):
             return str(self.file_chunk_size(node)).encode()

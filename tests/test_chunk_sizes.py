@@ -292,3 +292,31 @@ def test_kv_blocks_under_a_policy_directory(cl):
         store = KVStore("/kvp/store", layout, client=tcp)
         assert all(torch.equal(g, b) for g, b in zip(store.get_many(hashes), blocks))
         store.close()
+
+
+def test_a_cluster_chunk_size_that_is_not_a_power_of_two(make_cluster):
+    """The cluster's --chunk-size may be any multiple of 64 KiB (192K here): files and KV blocks that
+    take it still work; only explicit per-file sizes must be powers of two."""
+    from kvfs.kv import KVLayout, KVStore
+
+    cl = make_cluster(chunkservers=1, replication=1, chunk_size="192K")
+    data = os.urandom(MiB + 7)
+    layout = KVLayout("float16", block_tokens=16, num_layers=16, num_kv_heads=4, head_dim=64)  # 256 KiB: 2 chunks
+    with cl.client() as c:
+        c.write_file("/plain", data)
+        assert_split(chunk_map(c, "/plain"), len(data), 192 * KiB)
+        c.write_file("/pow2", data, chunk_size=128 * KiB)
+        assert_split(chunk_map(c, "/pow2"), len(data), 128 * KiB)
+        random_reads(c, "/plain", data, 192 * KiB, seed=5)
+        store = KVStore("/kv", layout, client=c)
+        blocks = [torch.randn(layout.block_shape, generator=torch.Generator().manual_seed(i)).to(torch.float16)
+                  for i in range(3)]
+        hashes = [f"{i:032x}" for i in range(10, 13)]
+        assert store.put_many(list(zip(hashes, blocks))) == [True] * 3
+        assert all(torch.equal(g, b) for g, b in zip(store.get_many(hashes), blocks))
+        store.close()
+        files = walk(c, "/kv")
+        assert len(files) == 3, files
+        for f in files:
+            assert_split(chunk_map(c, f), c.resolve(f).size, 192 * KiB)
+            assert len(chunk_map(c, f).chunks) == 2
