@@ -24,6 +24,11 @@ A kvfs source may end in ``@IMPL`` to verify with that XXH3-64 implementation (`
 compare in one run: ``--sources local,kvfs-native@xxhash-sse2,kvfs-native@avx2``. Without it, the
 default (the widest one usable here).
 
+A kvfs source may also end in ``:SIZE`` (before any ``@IMPL``) to read a copy of the model whose files
+have that per-file chunk size (``SyncClient.write_file(..., chunk_size=...)``, kvfs/layout.py), stored
+under ``/m-SIZE`` next to ``/m`` (the cluster's ``--chunk-size``), so chunk sizes compare in one run on
+one cluster: ``--sources local,kvfs-native:4M,kvfs-native:16M,kvfs-tcp:4M,kvfs-tcp:16M``.
+
 ``local`` and ``kvfs-mount`` use the loader's pinned pipeline; ``local-kvikio`` and ``kvfs-mount-kvikio``
 read with kvikio ``CuFile`` (compat mode through FUSE: POSIX reads by kvikio's threads).
 
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--chunkservers", type=int, default=3)
-    p.add_argument("--chunk-size", default="4M", help="kvfs chunk size (kvfs meta --chunk-size)")
+    p.add_argument("--chunk-size", default="4M", help="the cluster's chunk size (kvfs meta --chunk-size); a "
+                   "source SOURCE:SIZE reads a copy whose files have chunk size SIZE")
     p.add_argument("--sources", default="local,kvfs-native,kvfs-tcp")
     p.add_argument("--read-threads", type=int, default=8, help="ClientOptions.read_threads for kvfs-tcp")
     p.add_argument("--out", default=".")
@@ -128,21 +134,28 @@ def main(argv: list[str] | None = None) -> int:
     cluster.start()
     pids = [cluster.meta.popen.pid] + [s.popen.pid for s in cluster.servers]
     clients = {}
+    from kvfs.config import parse_size
+
+    wanted = [s for s in args.sources.split(",") if s]
+    # "" : /m with the cluster's chunk size; "16M": /m-16M, every file with 16 MiB chunks.
+    copies = sorted({_split_source(s)[1] for s in wanted if s.startswith("kvfs")})
     try:
         with cluster.client(timeout=60) as c:
-            c.mkdir("/m", parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            for f in sorted(model.iterdir()):
-                if f.is_file():
-                    c.write_file(f"/m/{f.name}", f.read_bytes())
-            say(f"copied into kvfs in {time.perf_counter() - t0:.1f} s")
+            for size in copies:
+                top = f"/m-{size}" if size else "/m"
+                c.mkdir(top, parents=True, exist_ok=True)
+                t0 = time.perf_counter()
+                for f in sorted(model.iterdir()):
+                    if f.is_file():
+                        c.write_file(f"{top}/{f.name}", f.read_bytes(), chunk_size=parse_size(size) if size else 0)
+                say(f"copied into kvfs {top} (chunk size {size or args.chunk_size}) in {time.perf_counter() - t0:.1f} s")
         clients["kvfs-native"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(timeout=60))
         clients["kvfs-tcp"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(
             timeout=60, local_reads=False, read_threads=args.read_threads))
         clients["kvfs-tcp-loop"] = kvfs.SyncClient(cluster.meta_address, kvfs.ClientOptions(
             timeout=60, local_reads=False, thread_read_min=0))
 
-        sources = usable_rows([s for s in args.sources.split(",") if s])
+        sources = usable_rows(wanted)
         mountpoint = str(model.parent / "kvfs-mnt")
         if any(s.startswith("kvfs-mount") for s in sources):
             cluster.mount(mountpoint)
@@ -150,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         default_xxh3 = chunkio.xxh3_impl()
 
         def load(source: str):
-            source, _, xxh3 = source.partition("@")
+            source, size, xxh3 = _split_source(source)
+            top = f"m-{size}" if size else "m"
             if (xxh3 or default_xxh3) != chunkio.xxh3_impl():
                 chunkio.use_xxh3(xxh3 or default_xxh3)
             opts = LoadOptions(use_kvikio=source.endswith("-kvikio"))
@@ -160,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             if source.startswith("local"):
                 return load_safetensors(str(model), device=args.device, options=opts)
             if source.startswith("kvfs-mount"):
-                return load_safetensors(os.path.join(mountpoint, "m"), device=args.device, options=opts)
-            return load_safetensors("/m", device=args.device, client=clients[source.removesuffix("-kvikio")],
+                return load_safetensors(os.path.join(mountpoint, top), device=args.device, options=opts)
+            return load_safetensors(f"/{top}", device=args.device, client=clients[source.removesuffix("-kvikio")],
                                     options=opts)
 
         def read_disk() -> None:
@@ -244,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
         log.close()
     return 0
+
+
+def _split_source(source: str) -> tuple[str, str, str]:
+    """``kvfs-native:16M@avx2`` -> (``kvfs-native``, ``16M``, ``avx2``); missing parts are ""."""
+    head, _, xxh3 = source.partition("@")
+    name, _, size = head.partition(":")
+    return name, size, xxh3
 
 
 if __name__ == "__main__":

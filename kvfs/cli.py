@@ -590,7 +590,7 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
 
 # Feature modules that add subcommands. They may import torch, boto3 or pyarrow (seconds of start-up),
 # so the service commands, which start often (tests, restarts), do not load them.
-EXTENSIONS = ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli", "kvfs.tenant_cli")
+EXTENSIONS = ("kvfs.models.cli", "kvfs.kv.cli", "kvfs.remote.cli", "kvfs.tenant_cli", "kvfs.layout_cli")
 CORE_COMMANDS = {"up", "meta", "chunkserver", "mount", "status", "certs", "doctor"}
 
 

@@ -66,7 +66,8 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         self.meta = meta_client(meta_address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout,
                                 ssl_context=self._tls)
         self.client_id = client_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.chunk_size = 4 << 20
+        self.chunk_size = 4 << 20  # the cluster's: files made before per-file chunk sizes use it
+        self.per_file_chunk_size = False  # meta records each file's own (HelloReply)
         self.root_ino, self.tenant = ROOT_INO, ""
         self.files: dict[int, FileState] = {}
         self.listings = ListingCache(self.options.dir_cache_ttl, self.options.dir_cache_burst)
@@ -94,6 +95,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         self._nursery = nursery
         reply = await self.meta.request(P.META_HELLO, P.Hello(P.PROTOCOL_VERSION))
         self.chunk_size = reply.chunk_size
+        self.per_file_chunk_size = reply.per_file_chunk_size
         # A tenant's credential confines it to its tenant's root: that directory is this client's "/"
         # (paths are resolved there by meta; the mount maps its root inode to it).
         self.root_ino, self.tenant = reply.root_ino or ROOT_INO, reply.tenant
@@ -256,12 +258,16 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         return await self.getattr(ino)
 
     async def mknode(self, parent: int, name: str, mode: int, uid: int = 0, gid: int = 0, rdev: int = 0,
-                     exclusive: bool = True, lease: bool = False) -> P.Attr:
+                     exclusive: bool = True, lease: bool = False, chunk_size: int = 0) -> P.Attr:
         """Create a node; ``lease`` also takes the write lease (a create about to be written; without it,
-        ``open(created=...)`` takes a new file's lease at its first write)."""
+        ``open(created=...)`` takes a new file's lease at its first write). ``chunk_size``: a new regular
+        file's (kvfs/layout.py; 0: its directory's policy, else the cluster's). Error handling: EINVAL
+        for a bad size; EOPNOTSUPP for an explicit size a meta without per-file sizes would ignore."""
+        if chunk_size and not self.per_file_chunk_size and chunk_size != self.chunk_size:
+            raise error(errno.EOPNOTSUPP, "meta is too old for per-file chunk sizes")
         self._changes.note(directory=parent)
         attr = await self.meta.request(P.META_MKNODE, P.MkNode(
-            parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else ""))
+            parent, name, mode, uid, gid, rdev, exclusive, self.client_id if lease else "", chunk_size))
         self.listings.added(parent, name, attr)
         self.listings.dir_touched(parent, 1 if stat.S_ISDIR(attr.mode) else 0)
         return self._overlay(attr)
@@ -318,6 +324,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         return await self.meta.request(P.META_STATFS, P.Empty())
 
     async def setxattr(self, ino: int, name: str, value: bytes, flags: int = 0) -> None:
+        self._changed(ino)  # kvfs.chunk_size changes an empty file's attributes (kvfs/layout.py)
         await self.meta.request(P.META_SETXATTR, P.SetXattr(ino, name, value, flags))
 
     async def getxattr(self, ino: int, name: str) -> bytes:
@@ -327,6 +334,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         return (await self.meta.request(P.META_LISTXATTR, P.GetAttr(ino))).names
 
     async def removexattr(self, ino: int, name: str) -> None:
+        self._changed(ino)
         await self.meta.request(P.META_REMOVEXATTR, P.GetXattr(ino, name))
 
     async def purge(self, ino: int) -> None:
@@ -399,13 +407,27 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         if replaced and replaced not in self.files:
             await self.purge(replaced)
 
-    async def create(self, path: str, mode: int = 0o644, *, exclusive: bool = False) -> P.Attr:
+    async def create(self, path: str, mode: int = 0o644, *, exclusive: bool = False, chunk_size: int = 0) -> P.Attr:
+        """Create ``path`` (or, not ``exclusive``, return the existing file, whose chunk size stays)."""
         parent, name = await self._parent_of(path)
-        return await self.mknode(parent, name, stat.S_IFREG | mode, os.getuid(), os.getgid(), exclusive=exclusive)
+        return await self.mknode(parent, name, stat.S_IFREG | mode, os.getuid(), os.getgid(), exclusive=exclusive,
+                                 chunk_size=chunk_size)
 
-    async def write_file(self, path: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False) -> P.Attr:
-        """Create or replace ``path`` with ``data`` and commit it (visible to all clients on return)."""
-        attr = await self.create(path, exclusive=exclusive)
+    async def create_replacing(self, path: str, *, exclusive: bool = False, chunk_size: int = 0) -> P.Attr:
+        """``create`` for a writer about to replace the whole file: an existing file with another chunk
+        size than an explicit ``chunk_size`` is unlinked and made anew (a new inode), since a file's
+        chunk size never changes once it has data."""
+        attr = await self.create(path, exclusive=exclusive, chunk_size=chunk_size)
+        if chunk_size and self.file_chunk_size(attr) != chunk_size:
+            await self.unlink(path)
+            attr = await self.create(path, exclusive=True, chunk_size=chunk_size)
+        return attr
+
+    async def write_file(self, path: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False,
+                         chunk_size: int = 0) -> P.Attr:
+        """Create or replace ``path`` with ``data`` and commit it (visible to all clients on return).
+        ``chunk_size``: the file's (kvfs/layout.py; see ``create_replacing``)."""
+        attr = await self.create_replacing(path, exclusive=exclusive, chunk_size=chunk_size)
         await self.open(attr.ino, write=True, truncate=True)
         try:
             await self.write(attr.ino, 0, data)
@@ -443,7 +465,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         if fresh:
             assert created is not None
             st = self.files[ino] = FileState(ino, created, {}, size=0, born_mtime_ns=created.mtime_ns,
-                                             born_at=time.monotonic())
+                                             born_at=time.monotonic(), chunk_size=self.file_chunk_size(created))
         elif st is None or (st.opens == 0 and not st.modified):
             # A KV file's map from its leased lookup (a write open dropped it in _changed above).
             reply = self.leased_maps.get(ino) or await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(ino))
@@ -454,11 +476,13 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
             # concurrent open created one (the kernel sends release asynchronously).
             st = self.files.get(ino)
             if st is None:
-                st = self.files[ino] = FileState(ino, reply.attr, chunks, size=reply.attr.size)
+                st = self.files[ino] = FileState(ino, reply.attr, chunks, size=reply.attr.size,
+                                                 chunk_size=reply.chunk_size)
             elif st.opens == 0 and not st.modified:
                 if st.chunks != chunks or st.attr.size != reply.attr.size:
                     st.cache.clear()
                 st.attr, st.chunks, st.size = reply.attr, chunks, reply.attr.size
+                st.chunk_size = reply.chunk_size  # set on an empty file since (kvfs.chunk_size xattr)
         st.opens += 1  # counted before the next await, so a concurrent release keeps this state
         if leased:
             st.leased = True
@@ -470,7 +494,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
             if truncate and not fresh:  # a file this open created is empty already
                 await self._truncate_state(st, 0)
             elif write and not st.modified and st.size:
-                await self._fill_remote(st, 0, (st.size - 1) // self.chunk_size)  # writes build on the whole file
+                await self._fill_remote(st, 0, (st.size - 1) // st.chunk_size)  # writes build on the whole file
         except BaseException:
             st.opens -= 1
             if st.opens <= 0 and not st.modified and self.files.get(ino) is st:
@@ -507,6 +531,10 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
                         # the uncommitted writes, so this client sees what every other client sees.
                         log.warning("inode %d: discarding writes that could not be committed", ino)
                     self.files.pop(ino, None)
+
+    def file_chunk_size(self, attr: P.Attr) -> int:
+        """A regular file's chunk size from its attributes (a meta before per-file sizes: the cluster's)."""
+        return attr.chunk_size or self.chunk_size
 
     def cached_state(self, ino: int) -> FileState | None:
         return self.files.get(ino)

@@ -39,7 +39,7 @@ class ClientPrefetch:
         st.last_read_end = end
         if not (sequential and small and self.options.prefetch and self._nursery is not None):
             return
-        cs = self.chunk_size
+        cs = st.chunk_size
         first = (end + cs - 1) // cs
         for index in range(first, min(first + self.options.prefetch_chunks, (st.size + cs - 1) // cs)):
             if index in st.cache or index in st.prefetching or index in st.dirty or index in st.inflight:

@@ -31,7 +31,7 @@ class ClientReads:
         st = self.files.get(ino)
         if st is None or st.modified or st.dirty or st.uploaded:
             return None
-        return self.chunk_size, {index: self.local_chunk(ref) for index, ref in st.chunks.items()}
+        return st.chunk_size, {index: self.local_chunk(ref) for index, ref in st.chunks.items()}
 
     def local_chunk(self, ref: P.ChunkRef) -> LocalChunk | None:
         """The chunk file of a replica on this host, if there is one (short-circuit reads)."""
@@ -93,7 +93,7 @@ class ClientReads:
                           view_ok: bool = False) -> memoryview | None:
         """Fill ``out`` with the bytes at ``offset``; with ``view_ok``, a range inside one cached chunk
         is returned as a view of it instead (``out`` untouched)."""
-        cs = self.chunk_size
+        cs = st.chunk_size
         end = offset + len(out)
         small = len(out) < cs
         sequential = offset == st.last_read_end

@@ -90,6 +90,8 @@ class FileState:
     # was created here; a first commit soon after keeps that mtime (kvfs/client_write.py, flush).
     born_mtime_ns: int = 0
     born_at: float = 0.0
+    # The file's own chunk size (kvfs/layout.py): chunk ``i`` holds bytes [i*chunk_size, (i+1)*chunk_size).
+    chunk_size: int = 4 << 20
 
     def ref(self, index: int) -> P.ChunkRef | None:
         return self.uploaded.get(index) or self.chunks.get(index)

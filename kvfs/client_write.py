@@ -38,7 +38,7 @@ class ClientWrites:
         if not st.leased:
             await self._lease(st)
         view = memoryview(data).cast("B")
-        cs = self.chunk_size
+        cs = st.chunk_size
         pos = offset
         end = offset + len(view)
         while pos < end:
@@ -72,9 +72,10 @@ class ClientWrites:
             if now is not None and not st.modified and (now.size, now.mtime_ns) != (st.attr.size, st.attr.mtime_ns):
                 chunks = await self.meta.request(P.META_GET_CHUNKS, P.GetChunks(st.ino))
                 st.attr, st.chunks, st.size = chunks.attr, {c.index: c for c in chunks.chunks}, chunks.attr.size
+                st.chunk_size = chunks.chunk_size
                 st.cache.clear()
                 if st.size:
-                    await self._fill_remote(st, 0, (st.size - 1) // self.chunk_size)
+                    await self._fill_remote(st, 0, (st.size - 1) // st.chunk_size)
 
     async def _dirty_chunk(self, st: FileState, index: int, whole: bool) -> bytearray:
         buf = st.dirty.get(index)
@@ -88,7 +89,7 @@ class ClientWrites:
         buf = bytearray()
         ref = st.ref(index)
         if ref is not None and not whole and ref.length:
-            base = bytearray(min(ref.length, max(st.size - index * self.chunk_size, 0)))
+            base = bytearray(min(ref.length, max(st.size - index * st.chunk_size, 0)))
             if base:
                 await self._fetch(ref, 0, memoryview(base))
                 # A copy: a worker thread of the fetch may still hold a view of ``base`` for a moment,
@@ -113,7 +114,7 @@ class ClientWrites:
         async def run() -> None:
             try:
                 ref = await self._upload(st.ino, index, buf)
-                if index not in st.dirty and index * self.chunk_size < st.size:
+                if index not in st.dirty and index * st.chunk_size < st.size:
                     st.uploaded[index] = ref
                     st.cache.pop(index, None)  # a read during the upload may have cached the old chunk
             except OSError as exc:
@@ -179,7 +180,7 @@ class ClientWrites:
         while st.uploads:
             await st.upload_done.wait()
         for index in sorted(st.dirty):
-            if index * self.chunk_size < st.size:
+            if index * st.chunk_size < st.size:
                 await self._start_upload(st, index)
             else:
                 del st.dirty[index]
@@ -194,7 +195,7 @@ class ClientWrites:
         refs = [P.ChunkRef(i, r.chunk_id, r.length, []) for i, r in sorted(committed.items())]
         release = release and st.opens <= 1  # the closing handle at most: none opened meanwhile
         attr = await self.meta.request(P.META_COMMIT, P.Commit(ino, self.client_id, st.size, refs, _commit_mtime(st),
-                                                               cut, release))
+                                                               cut, release, st.chunk_size))
         st.born_mtime_ns = 0
         if release:
             st.leased = False
@@ -205,7 +206,7 @@ class ClientWrites:
             st.chunks[i] = r
             if st.uploaded.get(i) is r:
                 del st.uploaded[i]
-        st.chunks = {i: r for i, r in st.chunks.items() if i * self.chunk_size < st.size}
+        st.chunks = {i: r for i, r in st.chunks.items() if i * st.chunk_size < st.size}
         if st.version == version and not st.dirty and not st.uploaded and not st.uploads:
             st.modified = False
         st.attr = attr
@@ -226,7 +227,7 @@ class ClientWrites:
             raise error(errno.EINVAL, "negative size")
         while st.uploads:
             await st.upload_done.wait()
-        cs = self.chunk_size
+        cs = st.chunk_size
         if size < st.size and size % cs:
             index = size // cs
             if index in st.dirty:

@@ -62,6 +62,9 @@ class Attr(Struct):
     ctime_ns: int
     rdev: int = 0
     generation: int = 0
+    # A regular file's chunk size (kvfs/layout.py); 0 for other types, and from a meta before per-file
+    # chunk sizes: the file then uses the cluster's (HelloReply.chunk_size).
+    chunk_size: int = 0
 
 
 class DirEntry(Struct):
@@ -144,6 +147,8 @@ class MkNode(Struct):
     # Non-empty: also take the write lease for this client (create + open in one call; the mount sends
     # it for an O_TRUNC create; other creates take the lease at their first write).
     lease_client: str = ""
+    # A new regular file's chunk size (kvfs/layout.py); 0: its directory's policy, else the cluster's.
+    chunk_size: int = 0
 
 
 class Unlink(Struct):
@@ -305,6 +310,9 @@ class Commit(Struct):
     truncated_to: int = -1
     # The writer's last close: drop its write lease in the same call (no RELEASE_WRITE after it).
     release: bool = False
+    # The chunk size the writer split the file by (0: an older client: the cluster's). Meta refuses a
+    # commit whose chunk size is not the file's (EINVAL), so an old client cannot misplace bytes.
+    chunk_size: int = 0
 
 
 class Purge(Struct):
@@ -393,6 +401,8 @@ class HelloReply(Struct):
     tenant: str = ""
     # META_KV_LOOKUP is served (a meta before it answers an unknown method by closing the connection).
     kv_lookup: bool = False
+    # Files carry their own chunk size (Attr.chunk_size, MkNode.chunk_size; kvfs/layout.py).
+    per_file_chunk_size: bool = False
 
 
 META_HELLO = 1
@@ -601,6 +611,7 @@ class FrameHeader(msgspec.Struct):
 
 REQUEST_PAYLOAD = 1 << 20
 MAX_CHUNK_SIZE = 256 << 20  # the largest --chunk-size meta accepts: bounds CHUNK_WRITE's data
+MIN_FILE_CHUNK_SIZE = 64 << 10  # the smallest per-file chunk size (kvfs/layout.py): one checksum block
 LIST_PAYLOAD = 16 << 20  # requests that carry lists (paths, chunk ids, chunk refs)
 
 
@@ -696,6 +707,7 @@ class RemoteFillCommit(Struct):
     ino: int
     etag: str
     chunks: list[ChunkRef]
+    chunk_size: int = 0  # the chunk size the filler split the object by (0: the cluster's); as Commit
 
 
 class RemoteFillCommitReply(Struct):
@@ -827,6 +839,7 @@ class KVPublish(Struct):
     gid: int
     size: int
     chunks: list[ChunkRef]
+    chunk_size: int = 0  # the chunk size the writer split the block by (0: an older client: the cluster's)
 
 
 class KVPublishReply(Struct):

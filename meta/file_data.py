@@ -63,14 +63,14 @@ class FileData:
                 break
             rec = R.decode_chunk(raw)
             out.append(P.ChunkRef(index, rec.chunk_id, rec.length, self.registry.replicas_of(rec.chunk_id)))
-        return P.GetChunksReply(self.attr(ino, node), self.chunk_size, out)
+        return P.GetChunksReply(self.attr(ino, node), self.file_chunk_size(node), out)
 
     def alloc_chunk(self, ino: int, client_id: str, size_hint: int) -> P.AllocChunkReply:
         node = self.inode(ino)
         if not stat.S_ISREG(node.mode):
             raise error(errno.EINVAL, "not a regular file")
         self._check_lease(ino, client_id)
-        return self.alloc_pending_chunk(size_hint, ino, client_id)
+        return self.alloc_pending_chunk(size_hint or self.file_chunk_size(node), ino, client_id)
 
     def alloc_pending_chunk(self, size_hint: int, ino: int = 0, client_id: str = "") -> P.AllocChunkReply:
         """A new chunk id placed on R servers: pending until a commit or publish names it. One of an
@@ -90,7 +90,7 @@ class FileData:
         exact, pending content; ENOENT/ENOTDIR for a bad parent."""
         check_name(r.name)
         pnode = self._dir(r.parent)
-        cs = self.chunk_size
+        cs = self.split_chunk_size(r.chunk_size)
         count = (r.size + cs - 1) // cs if r.size > 0 else 0
         refs = sorted(r.chunks, key=lambda c: c.index)
         if r.size < 0 or [c.index for c in refs] != list(range(count)) or any(
@@ -108,7 +108,7 @@ class FileData:
         t = now_ns()
         mode = stat.S_IFREG | (r.mode & 0o7777)
         node = R.Inode(mode, 1, r.uid, r.gid, r.size, t, t, t, 0, parent=0, target="", tenant=pnode.tenant,
-                       kv_block=True)
+                       kv_block=True, chunk_size=cs)
         self._put(batch, ino, node)
         batch.append((R.dentry_key(r.parent, r.name), R.U64.pack(ino)))
         for c in refs:
@@ -139,7 +139,10 @@ class FileData:
         if req.size < 0:
             raise error(errno.EINVAL, "negative size")
         self._check_lease(req.ino, req.client_id)
-        cs = self.chunk_size
+        cs = self.file_chunk_size(node)
+        if (req.chunk_size or self.chunk_size) != cs:
+            raise error(errno.EINVAL, f"inode {req.ino} has {cs}-byte chunks, the writer split it by "
+                        f"{req.chunk_size or self.chunk_size} (a client too old for per-file chunk sizes?)")
         new_count = (req.size + cs - 1) // cs
         cut = req.size if req.truncated_to < 0 else min(req.truncated_to, req.size)
         incoming: dict[int, P.ChunkRef] = {}

@@ -18,6 +18,7 @@ from kvfs.errors import error
 from kvfs.meta import records as R
 from kvfs.meta.engine import Batch, MetaEngine
 from kvfs.meta.file_data import FileData
+from kvfs.meta.layouts import Layouts, is_layout_xattr
 from kvfs.meta.names import check_name, now_ns
 from kvfs.meta.pending import PendingChunks
 from kvfs.meta.registry import Registry, new_cluster_id
@@ -33,7 +34,7 @@ XATTR_SIZE_MAX = 64 << 10
 ID_BLOCK = 4096  # ids are reserved in blocks so allocation rarely writes the counters
 
 
-class Namespace(FileData):
+class Namespace(FileData, Layouts):
     def __init__(self, engine: MetaEngine, *, chunk_size: int = 4 << 20, replication: int = 1,
                  lease_seconds: float = 60.0, pending_grace: float = 120.0, registry: Registry | None = None,
                  clock=time.monotonic):
@@ -112,7 +113,7 @@ class Namespace(FileData):
     def attr(self, ino: int, node: R.Inode | None = None) -> P.Attr:
         n = node or self.inode(ino)
         return P.Attr(ino, n.mode, n.nlink, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns, n.ctime_ns, n.rdev,
-                      n.generation)
+                      n.generation, self.file_chunk_size(n) if stat.S_ISREG(n.mode) else 0)
 
     def _dir(self, ino: int) -> R.Inode:
         node = self.inode(ino)
@@ -193,7 +194,10 @@ class Namespace(FileData):
     # ------------------------------------------------------------------ creation
 
     def mknode(self, parent: int, name: str, mode: int, uid: int, gid: int, rdev: int = 0,
-               exclusive: bool = True, target: str = "", lease_client: str = "", tenant: str | None = None) -> P.Attr:
+               exclusive: bool = True, target: str = "", lease_client: str = "", tenant: str | None = None,
+               chunk_size: int = 0) -> P.Attr:
+        """Create a node. ``chunk_size``: a new regular file's (0: inherited, meta/layouts.py); an existing
+        file returned by a non-exclusive create keeps its own."""
         check_name(name)
         pnode = self._dir(parent)
         existing = self._child(parent, name)
@@ -209,13 +213,15 @@ class Namespace(FileData):
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode) or stat.S_ISFIFO(mode)
                 or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
             raise error(errno.EINVAL, "unsupported file type")
+        file_chunk_size = self.new_file_chunk_size(parent, pnode, chunk_size) if stat.S_ISREG(mode) else 0
         batch: Batch = []
         ino = self._alloc_ino(batch)
         t = now_ns()
         is_dir = stat.S_ISDIR(mode)
         node = R.Inode(mode, 2 if is_dir else 1, uid, gid, len(target.encode()) if target else 0, t, t, t, rdev,
                        parent=parent if is_dir else 0, target=target,
-                       tenant=pnode.tenant if tenant is None else tenant)
+                       tenant=pnode.tenant if tenant is None else tenant,
+                       chunk_size=file_chunk_size)
         self._put(batch, ino, node)
         batch.append((R.dentry_key(parent, name), R.U64.pack(ino)))
         pnode.mtime_ns = pnode.ctime_ns = t
@@ -449,7 +455,9 @@ class Namespace(FileData):
         return self.attr(req.ino, node)
 
     def setxattr(self, ino: int, name: str, value: bytes, flags: int) -> None:
-        self.inode(ino)
+        node = self.inode(ino)
+        if is_layout_xattr(name):
+            return self.layout_setxattr(ino, node, bytes(value))
         if not name or len(name.encode()) > XATTR_NAME_MAX:
             raise error(errno.ERANGE, "bad xattr name")
         if len(value) > XATTR_SIZE_MAX:
@@ -462,7 +470,9 @@ class Namespace(FileData):
         self.engine.write([(R.xattr_key(ino, name), bytes(value))])
 
     def getxattr(self, ino: int, name: str) -> bytes:
-        self.inode(ino)
+        node = self.inode(ino)
+        if is_layout_xattr(name):
+            return self.layout_getxattr(ino, node)
         raw = self.engine.get(R.xattr_key(ino, name))
         if raw is None:
             raise error(errno.ENODATA, f"no xattr {name}")
@@ -474,6 +484,8 @@ class Namespace(FileData):
         return [k[len(prefix):].decode("utf-8", "surrogateescape") for k, _ in self.engine.scan(prefix)]
 
     def removexattr(self, ino: int, name: str) -> None:
+        if is_layout_xattr(name):
+            return self.layout_setxattr(ino, self.inode(ino), None)
         self.getxattr(ino, name)
         self.engine.write([(R.xattr_key(ino, name), None)])
 

@@ -42,6 +42,9 @@ class Inode(msgspec.Struct, array_like=True):
     # never changed (rename and link across tenants are refused), so checking it needs no tree walk.
     tenant: str = ""
     kv_block: bool = False  # created whole by KV_PUBLISH: counts against the tenant's KV-block quota
+    # A regular file's chunk size (0: made before per-file sizes: the cluster's); a directory's chunk-size
+    # policy for new files below it (0: none). meta/layouts.py; never changes once a file has data.
+    chunk_size: int = 0
 
 
 class ChunkRecord(msgspec.Struct, array_like=True):

@@ -57,7 +57,13 @@ class RemoteFills:
             for ref in r.chunks:
                 self.ns.registry.drop_chunk(ref.chunk_id)
             raise error(errno.ESTALE, f"{info.key}: the remote object changed while it was being fetched")
-        cs = self.ns.chunk_size
+        cs = self.ns.file_chunk_size(self.ns.inode(r.ino))
+        if (r.chunk_size or self.ns.chunk_size) != cs:
+            self.ns.engine.write(batch)
+            for ref in r.chunks:
+                self.ns.registry.drop_chunk(ref.chunk_id)
+            raise error(errno.EINVAL, f"inode {r.ino} has {cs}-byte chunks, the filler split it by "
+                        f"{r.chunk_size or self.ns.chunk_size}")
         out = []
         garbage = []
         for ref in r.chunks:

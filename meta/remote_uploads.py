@@ -157,7 +157,7 @@ class RemoteUploads:
             size = st.size
             upload = await trio.to_thread.run_sync(store.begin_upload, key, size)
             try:
-                step = client.chunk_size
+                step = st.chunk_size
                 # Read the next chunk while the previous one is sent.
                 send, recv = trio.open_memory_channel(2)
 

@@ -56,7 +56,8 @@ class MetaService:
         E = P.Empty()
 
         async def hello(r, _):
-            return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id, ns.lease_seconds, kv_lookup=True)
+            return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id, ns.lease_seconds, kv_lookup=True,
+                                per_file_chunk_size=True)
 
         async def setxattr(r, _):
             _policy_needs_admin(r.name)
@@ -94,7 +95,7 @@ class MetaService:
             P.META_GETATTR: lambda r, _: _now(ns.attr(r.ino)),
             P.META_SETATTR: lambda r, _: _now(ns.setattr(r)),
             P.META_MKNODE: lambda r, _: _now(ns.mknode(r.parent, r.name, r.mode, r.uid, r.gid, r.rdev, r.exclusive,
-                                                               lease_client=r.lease_client)),
+                                                               lease_client=r.lease_client, chunk_size=r.chunk_size)),
             P.META_UNLINK: lambda r, _: _now(ns.unlink(r.parent, r.name, r.keep_open)),
             P.META_RMDIR: rmdir,
             P.META_RENAME: lambda r, _: _now(ns.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags)),

@@ -140,7 +140,9 @@ class TenantGuard:
             self.tenants.check_quota(rec, files=1, nbytes=r.size, kv_blocks=1)
 
     def _alloc(self, rec: R.TenantRecord, r: P.AllocChunk | P.KVAlloc) -> None:
-        self.tenants.check_quota(rec, nbytes=r.size_hint or self.ns.chunk_size)
+        ino = getattr(r, "ino", 0)  # KVAlloc: a block not yet published, sized by its hint
+        nbytes = r.size_hint or (self.ns.file_chunk_size(self.ns.inode(ino)) if ino else self.ns.chunk_size)
+        self.tenants.check_quota(rec, nbytes=nbytes)
 
     def _commit(self, rec: R.TenantRecord, r: P.Commit) -> None:
         node = self._visible(rec, r.ino)

@@ -628,6 +628,33 @@ def _soak(ha: HaCluster, tmp_path, seconds: float, seed: int = 1) -> None:
                 assert f.read() == value, path
 
 
+def test_chunk_sizes_survive_a_leader_change(ha):
+    """Per-file chunk sizes and directory policies live in the inodes on etcd: a new leader (from its
+    warm standby copy) serves the same sizes, and new files still inherit the policy."""
+    from kvfs.layout import CHUNK_SIZE_XATTR
+
+    data = os.urandom(5 * (1 << 20) + 9)
+    ha.wait_servers(ha.chunkservers)  # back with the leader of the tests before (a new chunk needs R of them)
+    with ha.client(timeout=20.0) as c:
+        c.mkdir("/sized-ha")
+        c.setxattr(c.resolve("/sized-ha").ino, CHUNK_SIZE_XATTR, b"2M")
+        c.write_file("/sized-ha/policy", data)
+        c.write_file("/sized-ha/explicit", data, chunk_size=256 << 10)
+    leader = ha.leader()
+    ha.meta_procs[leader].kill(signal.SIGKILL)
+    new = ha.wait_leader()
+    assert new != leader
+    ha.wait_servers(ha.chunkservers)
+    with ha.client(timeout=20.0) as c:
+        for name, size in (("policy", 2 << 20), ("explicit", 256 << 10)):
+            reply = c.chunk_map(c.resolve(f"/sized-ha/{name}").ino)
+            assert reply.chunk_size == size and len(reply.chunks) == -(-len(data) // size), name
+            assert c.read_file(f"/sized-ha/{name}") == data
+        c.write_file("/sized-ha/after", data[:3 << 20])
+        assert c.chunk_map(c.resolve("/sized-ha/after").ino).chunk_size == 2 << 20
+    ha.meta_procs[leader].start()  # back as a standby
+
+
 def test_soak_short(ha, tmp_path):
     """Random namespace and data operations from 3 clients while meta leaders, chunkservers and the
     mount are killed and restarted; the final state matches the model of acknowledged operations."""

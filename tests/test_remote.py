@@ -555,3 +555,44 @@ def test_attach_only_what_the_admin_allowed(make_cluster, tmp_path):
     closed = make_cluster(chunkservers=1, replication=1, remote_allow=())
     r = kvfs(closed.meta_address, "remote", "attach", "/m", f"file://{allowed}/models", check=False)
     assert r.returncode == 1 and "allow-list" in r.stderr
+
+
+def test_non_default_chunk_sizes_fill_and_upload(rmounted, backend):
+    """Per-file chunk sizes (kvfs/layout.py) on the remote tier: a read-only binding under a 256 KiB
+    policy fills its objects in 256 KiB chunks; a file written with 2 MiB chunks into a writeback
+    binding uploads whole and is fetched back in 2 MiB chunks after an eviction."""
+    from kvfs.layout import CHUNK_SIZE_XATTR
+
+    obj = os.urandom(3 * MiB + 4321)
+    backend.put("sized/obj", obj)
+    kpath = unique("sized")
+    with rmounted.client() as c:
+        c.mkdir(kpath)
+        c.setxattr(c.resolve(kpath).ino, CHUNK_SIZE_XATTR, b"256K")  # before attach: readonly refuses changes
+    kvfs(rmounted.meta_address, "remote", "attach", kpath, backend.url, "--mode", "readonly")
+    with rmounted.client() as c:
+        ino = c.resolve(f"{kpath}/sized/obj").ino
+        c.open(ino)
+        try:
+            assert c.read(ino, 300_000, 500_000) == obj[300_000:800_000]  # a random read fills what it needs
+            assert c.read(ino, 0, len(obj)) == obj
+        finally:
+            c.release(ino)
+        reply = c.chunk_map(ino)
+        assert reply.chunk_size == 256 << 10
+        assert [ch.length for ch in reply.chunks] == [min(256 << 10, len(obj) - i * (256 << 10))
+                                                       for i in range(len(reply.chunks))]
+        assert sum(ch.length for ch in reply.chunks) == len(obj)
+    wpath = unique("wsized")
+    kvfs(rmounted.meta_address, "remote", "attach", wpath, backend.url, "--mode", "writeback")
+    data = os.urandom(5 * MiB + 17)
+    with rmounted.client() as c:
+        c.write_file(f"{wpath}/big", data, chunk_size=2 * MiB)
+    kvfs(rmounted.meta_address, "flush", wpath, "--wait", "60")
+    assert backend.get("big") == data
+    kvfs(rmounted.meta_address, "remote", "evict", wpath)
+    assert cached_bytes(rmounted, f"{wpath}/big") == 0
+    with rmounted.client(local_reads=False) as c:
+        assert c.read_file(f"{wpath}/big") == data
+        reply = c.chunk_map(c.resolve(f"{wpath}/big").ino)
+        assert reply.chunk_size == 2 * MiB and [ch.length for ch in reply.chunks] == [2 * MiB, 2 * MiB, MiB + 17]

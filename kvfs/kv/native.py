@@ -140,7 +140,7 @@ class NativeBackend:
     async def _publish(self, d: int, name: str, header: bytes, payload: Sequence[memoryview]) -> bool:
         """The one-step put: chunks written to fresh pending chunk ids, then META_KV_PUBLISH creates the
         file whole under its final name (no temp file, no open/commit/rename), or reports it existed."""
-        cs = self.c.chunk_size
+        cs = self.c.chunk_size  # KV blocks are split by the cluster's chunk size (recorded with the file)
         # One copy of the block: the header and the tensor planes are separate buffers.
         whole = memoryview(b"".join([header, *(memoryview(v).cast("B") for v in payload)]))
         size = len(whole)
@@ -158,7 +158,7 @@ class NativeBackend:
                     nursery.start_soon(upload, i)
         reply = await self.c.meta.request(P.META_KV_PUBLISH, P.KVPublish(
             d, name, 0o644, os.getuid(), os.getgid(), size,
-            [P.ChunkRef(r.index, r.chunk_id, r.length, []) for r in refs if r is not None]))
+            [P.ChunkRef(r.index, r.chunk_id, r.length, []) for r in refs if r is not None], cs))
         return reply.created
 
     # ------------------------------------------------------------------ read

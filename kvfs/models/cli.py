@@ -2,7 +2,8 @@
 
 ``kvfs models load PATH [--device cuda:0]`` loads a safetensors file, index or model directory (a local
 or mounted path, or with ``--meta`` a kvfs namespace path read through the client library), shows a
-progress bar per file and prints the achieved GB/s.
+progress bar per file and prints the achieved GB/s. ``kvfs models put SRC DEST`` copies a local model
+into kvfs, weight files with 16 MiB chunks (kvfs/models/put.py).
 
 Error handling: malformed files, I/O errors and a missing CUDA print one line and exit with status 1
 (``SystemExit``); ``run`` returns 0 on success.
@@ -11,6 +12,7 @@ Error handling: malformed files, I/O errors and a missing CUDA print one line an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -64,9 +66,40 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     load.add_argument("--no-kvikio", dest="kvikio", action="store_false", help="GPU: use the pinned pipeline")
     load.add_argument("--hugepages", action="store_true", help="CPU: back large tensors with huge pages")
     load.add_argument("--no-progress", action="store_true", help="no progress bars")
+    put = sub.add_parser("put", help="copy a local model directory or weight file into kvfs (weights get "
+                         "16 MiB chunks)")
+    put.add_argument("source", help="a local model directory or weight file")
+    put.add_argument("dest", help="a kvfs directory (a kvfs path, not a mount path), e.g. /models/llama")
+    put.add_argument("--chunk-size", default="16M", help="chunk size of weight files (default 16M; a power of "
+                     "two from 64K to 256M); other files take the directory's policy")
+    put.add_argument("--meta", default=None, help="meta address host:port (default: KVFS_META or 127.0.0.1:7600)")
+    put.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     load.set_defaults(func=run)
+    put.set_defaults(func=run_put)
     return p
+
+
+def run_put(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kvfs import config
+    from kvfs.client import SyncClient
+    from kvfs.layout import parse_chunk_size
+    from kvfs.models.put import model_copies, put_model
+
+    try:
+        chunk_size = parse_chunk_size(args.chunk_size)
+        total = sum(os.path.getsize(s) for s, _ in model_copies(args.source, args.dest))
+        with SyncClient(args.meta or config.default_meta_address()) as c, tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="put", disable=args.no_progress) as bar:
+            files = c.call(put_model, c.client, args.source, args.dest, chunk_size=chunk_size, progress=bar.update)
+    except (ValueError, OSError) as exc:
+        print(f"kvfs models put: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    for path, size in files:
+        print(f"{path}  chunk size {config.format_size(size)}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -158,8 +158,8 @@ class ClientFileReader:
         st = client.open(attr.ino)
         self._open = True
         self.size = st.size
-        self.alignment = int(client.chunk_size)
-        self._chunk_size = int(client.chunk_size)
+        self.alignment = int(st.chunk_size)  # the file's own (kvfs/layout.py): reads split at its chunks
+        self._chunk_size = int(st.chunk_size)
         # Chunk files on this host, read directly (None: no short-circuit, e.g. local_reads=False).
         self._local: dict | None = None
         self._files = OpenChunks()

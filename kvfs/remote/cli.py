@@ -190,14 +190,15 @@ def cmd_warm(args) -> None:
     async def body(c, path):
         files = await _walk_files(c, path)
         total = sum(a.size for _, a in files)
-        block = max(c.chunk_size, 64 << 20) // c.chunk_size * c.chunk_size
-        buf = memoryview(bytearray(block))
+        # Reads of whole chunks, 64 MiB or more at a time (each file's own chunk size).
+        blocks = {ino: max(cs, 64 << 20) // cs * cs for ino, cs in ((a.ino, c.file_chunk_size(a)) for _, a in files)}
+        buf = memoryview(bytearray(max(blocks.values(), default=0)))
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="warm",
                   disable=args.quiet) as bar:
             for p, attr in files:
                 await c.open(attr.ino)
                 try:
-                    size = c.files[attr.ino].size
+                    size, block = c.files[attr.ino].size, blocks[attr.ino]
                     for off in range(0, size, block):
                         n = await c.read_into(attr.ino, off, buf[: min(block, size - off)])
                         bar.update(n)

@@ -67,7 +67,7 @@ class _Filler:
         from kvfs.remote.store import read_range
 
         client = self.client
-        cs = client.chunk_size
+        cs = st.chunk_size
         events = {}
         for i in indexes:
             events[i] = self.inflight[(st.ino, i)] = trio.Event()
@@ -119,7 +119,7 @@ class _Filler:
                     nursery.start_soon(one_get, run)
             if got:
                 reply = await client.meta.request(P.META_REMOTE_FILL_COMMIT, P.RemoteFillCommit(
-                    st.ino, info.etag, [ref for ref, _ in got.values()]))
+                    st.ino, info.etag, [ref for ref, _ in got.values()], cs))
                 for ref in reply.chunks:
                     if not st.modified and st.ref(ref.index) is None:
                         st.chunks[ref.index] = ref
@@ -147,7 +147,7 @@ class _Filler:
         from kvfs.remote.store import read_full
 
         client = self.client
-        cs = client.chunk_size
+        cs = st.chunk_size
         count = (info.size + cs - 1) // cs
         window = max(1, READAHEAD_BYTES // cs)
         events = seq.events
@@ -183,7 +183,7 @@ class _Filler:
                 if st.ref(index) is None:
                     await client.write_chunk(a, data, durable=FILL_FSYNC)
                     reply = await client.meta.request(P.META_REMOTE_FILL_COMMIT, P.RemoteFillCommit(
-                        st.ino, info.etag, [P.ChunkRef(index, a.chunk_id, len(data), a.replicas)]))
+                        st.ino, info.etag, [P.ChunkRef(index, a.chunk_id, len(data), a.replicas)], cs))
                     for ref in reply.chunks:
                         if not st.modified and st.ref(ref.index) is None:
                             st.chunks[ref.index] = ref
@@ -271,7 +271,7 @@ _fillers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 async def fill(client, st, first: int, last: int, sequential: bool) -> None:
     """Make chunks ``first..last`` of open file ``st`` present if they only exist remotely."""
-    cs = client.chunk_size
+    cs = st.chunk_size
     count = (st.size + cs - 1) // cs
     last = min(last, count - 1)
 
