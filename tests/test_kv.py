@@ -373,8 +373,13 @@ def _plant_bad_blocks(s: KVStore, layout: KVLayout, hs: list[str]) -> None:
     _write_raw(s, hs[2], bytes(bad))
 
 
-def test_staged_route_batches_verifies_and_reuses_buffers(kv):
-    """device_io="staged": payload into a host staging buffer, verified there, copied into out."""
+@pytest.mark.parametrize("overlap", [False, True], ids=["copies-after-window", "copies-as-landed"])
+def test_staged_route_batches_verifies_and_reuses_buffers(kv, monkeypatch, overlap):
+    """device_io="staged": payload into a host staging buffer, verified there, copied into out; small
+    blocks' copies after their window, large ones' as each lands (both ways here, whatever the size)."""
+    from kvfs.kv import device
+
+    monkeypatch.setattr(device, "OVERLAP_COPIES_FROM", 0 if overlap else 1 << 40)
     s = kv("staged", MID, device_io="staged", concurrency=2)
     hs = block_hashes(range(4 * 12), 4, salt="staged")
     s.put_many([(h, block_for(MID, h)) for h in hs[:7]])

@@ -25,7 +25,9 @@ payload reaches ``out``:
   ``copy_(non_blocking=True)`` on a side stream that first waits for the caller's current stream; the
   call synchronizes before it returns. Each block is verified and its copy started as soon as it has
   landed, in the thread that read it (the backend's ``on_ready``), so copies overlap the reads of the
-  rest of the batch. A batch is read in windows of ``concurrency`` blocks (concurrent within a
+  rest of the batch; blocks under ``OVERLAP_COPIES_FROM`` bytes are instead copied together by the calling
+  thread once their window has landed (a copy of a small block is shorter than the per-copy costs the
+  reader threads would pay for it: CUDA stream switch and event record under the GIL). A batch is read in windows of ``concurrency`` blocks (concurrent within a
   window), so staging memory is at most ``2 x concurrency`` blocks per ``get_many`` call in flight;
   buffers are reused across calls and freed by ``KVStore.close``. Works with both backends (the native
   client reads straight into the staging buffer).
@@ -137,6 +139,12 @@ def _bytes(t: Any) -> Any:
 class _Staging:
     tensor: Any  # uint8, one payload
     view: memoryview
+
+
+# Staged blocks this large or larger are copied as each lands, overlapping the batch's other reads; smaller
+# ones after their window (on the GPU host, 2 MiB blocks: the host route + one copy per batch was 1.3x
+# the per-block copies, while at 32 MiB the overlap won: docs/benchmarks.md, session 8 on the GPU host).
+OVERLAP_COPIES_FROM = 8 << 20
 
 
 class StagingPool:
@@ -370,6 +378,7 @@ class DeviceIO:
         after = self._caller_events(jobs)
         lock = threading.Lock()
         results: list[Any] = []
+        overlap = self.pool.nbytes >= OVERLAP_COPIES_FROM
         try:
             for start in range(0, len(jobs), w):
                 window = jobs[start:start + w]
@@ -386,7 +395,7 @@ class DeviceIO:
                     j, b = window[k], idx[k]
                     seen[k] = True
                     r = _finish_guarded(check, j, res, [bufs[b].view])
-                    if r is j.target.out:
+                    if r is j.target.out and overlap:
                         try:
                             ev = self._copy(bufs[b].tensor, j.target, after)
                             if ev is not None:
@@ -402,12 +411,35 @@ class DeviceIO:
                 for k, res in enumerate(reads):
                     if not seen[k]:  # a backend that did not report this one as it landed
                         ready(k, res)
+                if not overlap:
+                    self._copy_window(window, idx, bufs, done, after, copied, pending)
                 results += done
         finally:
             for ev in pending:
                 ev.synchronize()
             self.pool.give(bufs)
         return results
+
+    def _copy_window(self, window: Sequence[ReadJob], idx: list[int], bufs: list[_Staging], done: list[Any],
+                     after: dict[Any, Any], copied: list[list[Any]], pending: list[Any]) -> None:
+        """The non-overlapped copies: every verified block of a landed window, from this thread, one CUDA
+        event per device for the lot (each buffer waits on it before its next reuse)."""
+        events: dict[Any, Any] = {}
+        for k, (j, b) in enumerate(zip(window, idx)):
+            if done[k] is not j.target.out:
+                continue
+            try:
+                self._copy(bufs[b].tensor, j.target, after, record=False)
+            except Exception as exc:  # noqa: BLE001  (reported in the block's slot)
+                done[k] = exc
+                continue
+            if j.target.device.type == "cuda":
+                events.setdefault(j.target.device, []).append(b)
+        for dev, used in events.items():
+            ev = self._record(dev)
+            pending.append(ev)
+            for b in used:
+                copied[b].append(ev)
 
     def _caller_events(self, jobs: Sequence[ReadJob]) -> dict[Any, Any]:
         """Per CUDA device of ``jobs``: an event on the caller's current stream. Copies (from reader
@@ -424,9 +456,10 @@ class DeviceIO:
             events[dev] = ev
         return events
 
-    def _copy(self, src: Any, target: Target, after: dict[Any, Any]) -> Any:
+    def _copy(self, src: Any, target: Target, after: dict[Any, Any], record: bool = True) -> Any:
         """Copy one staged payload into ``target``'s tensors; for CUDA, on this thread's side stream
-        after ``after[device]``, returning the event after the copies."""
+        after ``after[device]``, returning the event after the copies (``record=False``: None, the
+        caller records one for several copies with ``_record``)."""
         import torch
 
         if target.device.type == "cpu":
@@ -436,11 +469,8 @@ class DeviceIO:
                 dst.copy_(src[pos:pos + dst.numel()])
                 pos += dst.numel()
             return None
-        per_thread = self._local.__dict__.setdefault("streams", {})
         with torch.cuda.device(target.device):
-            s = per_thread.get(target.device)
-            if s is None:
-                s = per_thread[target.device] = torch.cuda.Stream(target.device)
+            s = self._side_stream(target.device)
             s.wait_event(after[target.device])
             with torch.cuda.stream(s):
                 pos = 0
@@ -448,8 +478,29 @@ class DeviceIO:
                     dst = _bytes(t)
                     dst.copy_(src[pos:pos + dst.numel()], non_blocking=True)
                     pos += dst.numel()
+                if not record:
+                    return None
                 ev = torch.cuda.Event()
                 ev.record(s)
+        return ev
+
+    def _side_stream(self, device: Any) -> Any:
+        """This thread's stream for staged copies to ``device``."""
+        import torch
+
+        per_thread = self._local.__dict__.setdefault("streams", {})
+        s = per_thread.get(device)
+        if s is None:
+            s = per_thread[device] = torch.cuda.Stream(device)
+        return s
+
+    def _record(self, device: Any) -> Any:
+        """An event after everything this thread queued on its side stream to ``device``."""
+        import torch
+
+        with torch.cuda.device(device):
+            ev = torch.cuda.Event()
+            ev.record(self._side_stream(device))
         return ev
 
     def _finish_all(self, check: Check, items: list[tuple[ReadJob, Any, list[memoryview] | None]]) -> list[Any]:
