@@ -13,7 +13,8 @@ tensor's memory, which torch allocates with transparent huge pages where the ker
 * ``chunk-checked + payload``: that, then the payload's XXH3-64 from memory (the block's own checksum:
   the second pass ``KVStore`` made);
 * ``read_files_hashed``: ``chunkio.read_files_hashed``, the payload hashed as it lands, in cache, and
-  nothing else (session 8: each byte hashed once).
+  nothing else (session 8: each byte hashed once); ``read_files_hashed@NAME``: the same with another
+  streaming XXH3 (before session 9 it was always python-xxhash's SSE2 build, ``xxhash-sse2``).
 
 Prints ms per pass over all files and GB/s. A benchmark, not a test: nothing is asserted.
 """
@@ -26,7 +27,7 @@ import shutil
 import tempfile
 import time
 
-from kvfs import chunkio
+from kvfs import chunkio, xxh3_impls
 
 HEAD = 4096
 
@@ -81,18 +82,26 @@ def main(argv: list[str] | None = None) -> None:
             for path in paths:
                 chunkio.read_files_hashed([path], [size], [head, body], HEAD)
 
+        active = chunkio.xxh3_impl()
         methods = {"preadv": preadv, "chunk-checked": checked, "chunk-checked + payload": checked_and_payload,
                    "read_files_hashed": hashed}
+        if chunkio.hashed_reads_in_c():  # the same with each other streaming XXH3 (kvfs.xxh3_impls)
+            for impl in xxh3_impls.usable():
+                if impl.name != active:
+                    methods[f"read_files_hashed@{impl.name}"] = hashed
         best = dict.fromkeys(methods, float("inf"))
         for _ in range(args.reps):
             for name, fn in methods.items():
+                chunkio.use_xxh3(name.partition("@")[2] or active)  # (switched outside the timed calls)
                 fn()
                 t0 = time.perf_counter()
                 for _ in range(5):
                     fn()
                 best[name] = min(best[name], (time.perf_counter() - t0) / 5)
+            chunkio.use_xxh3(active)
         print(f"{args.files} files of {size} bytes into a {args.dest} buffer, one thread; "
-              f"XXH3: {chunkio.xxh3_impl()}, read_files_hashed in C: {chunkio.hashed_reads_in_c()}")
+              f"XXH3: {chunkio.xxh3_impl()}, read_files_hashed in C: {chunkio.hashed_reads_in_c()} "
+              f"(streaming XXH3: {chunkio.stream_xxh3_impl()})")
         for name, secs in best.items():
             print(f"{name:26s} {secs * 1e3:8.3f} ms  {args.files * size / secs / 1e9:6.2f} GB/s  "
                   f"{secs / best['preadv']:5.2f}x preadv")

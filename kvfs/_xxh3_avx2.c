@@ -11,3 +11,4 @@
 #include "_xxh3_simd.h"
 
 uint64_t kvfs_xxh3_avx2(const void *data, size_t len) { return XXH3_64bits(data, len); }
+KVFS_XXH3_STREAM_DEF(avx2)

@@ -6,6 +6,8 @@
  * baseline x86-64 so that importing it is safe on any CPU, lists those the CPU supports:
  *
  *     impls() -> [(name, address), ...], widest first
+ *     streams() -> [(name, (create, free, reset, update, digest)), ...]: the same builds' streaming
+ *                  XXH3-64 (addresses), for kvfs._blockhash.init_stream
  *
  * kvfs.xxh3_impls checks each against python-xxhash before handing its address to
  * kvfs._blockhash.init(). Optional extension: no compiler or no xxhash.h -> not built, and kvfs
@@ -38,8 +40,39 @@ static PyObject *impls(PyObject *self, PyObject *unused) {
     return out;
 }
 
+static PyObject *streams(PyObject *self, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    __builtin_cpu_init();
+    struct { const char *name; int supported; void *fn[5]; } all[] = {
+        {"avx512", __builtin_cpu_supports("avx512f"),
+         {(void *)kvfs_xxh3_avx512_create, (void *)kvfs_xxh3_avx512_free, (void *)kvfs_xxh3_avx512_reset,
+          (void *)kvfs_xxh3_avx512_update, (void *)kvfs_xxh3_avx512_digest}},
+        {"avx2", __builtin_cpu_supports("avx2"),
+         {(void *)kvfs_xxh3_avx2_create, (void *)kvfs_xxh3_avx2_free, (void *)kvfs_xxh3_avx2_reset,
+          (void *)kvfs_xxh3_avx2_update, (void *)kvfs_xxh3_avx2_digest}},
+    };
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        if (!all[i].supported)
+            continue;
+        void **f = all[i].fn;
+        PyObject *item = Py_BuildValue("(s(NNNNN))", all[i].name, PyLong_FromVoidPtr(f[0]), PyLong_FromVoidPtr(f[1]),
+                                       PyLong_FromVoidPtr(f[2]), PyLong_FromVoidPtr(f[3]), PyLong_FromVoidPtr(f[4]));
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"impls", impls, METH_NOARGS, "[(name, address of an XXH3_64bits)] this CPU supports, widest first."},
+    {"streams", streams, METH_NOARGS,
+     "[(name, (create, free, reset, update, digest) addresses)] of the streaming XXH3-64 builds this CPU supports."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -58,20 +58,25 @@ _READ_CHUNK_FILE = getattr(_BLOCKHASH, "read_chunk_file", None)
 recv_verify = getattr(_BLOCKHASH, "recv_verify", None)
 
 
-def _stream_hasher():
-    """kvfs._blockhash.read_hashed with python-xxhash's streaming XXH3-64 (its runtime-dispatched
-    update where the library has one: AVX2/AVX-512 on CPUs that have them), checked against
-    ``xxhash.xxh3_64_intdigest`` on a probe file before it is trusted; None where any piece is missing."""
+def _stream_hasher(name: str | None):
+    """kvfs._blockhash.read_hashed with the streaming XXH3-64 of the implementation ``name`` (the one
+    that verifies blocks: kvfs's AVX2/AVX-512 build where the CPU has it), else python-xxhash's (its
+    runtime-dispatched update where the library has one), checked against ``xxhash.xxh3_64_intdigest``
+    on a probe file before it is trusted; None where any piece is missing."""
     read_hashed = getattr(_BLOCKHASH, "read_hashed", None)
     if read_hashed is None:
-        return None
-    try:
-        from xxhash import _xxhash
+        return None, None
+    for impl in dict.fromkeys([name, xxh3_impls.PYTHON_XXHASH]):
+        fns = xxh3_impls.stream_functions(impl) if impl else None
+        if fns is not None and _stream_probe(read_hashed, fns):
+            return read_hashed, impl
+    return None, None
 
-        lib = ctypes.CDLL(_xxhash.__file__)
-        update = getattr(lib, "XXH3_64bits_update_dispatch", None) or lib.XXH3_64bits_update
-        fns = [lib.XXH3_createState, lib.XXH3_freeState, lib.XXH3_64bits_reset, update, lib.XXH3_64bits_digest]
-        _BLOCKHASH.init_stream(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns))
+
+def _stream_probe(read_hashed, fns: tuple[int, ...]) -> bool:
+    """Install ``fns`` as read_hashed's streaming hash; whether it then reads and hashes a probe right."""
+    try:
+        _BLOCKHASH.init_stream(*fns)
         probe = bytes(range(256)) * 1031  # 263,936 bytes: more than one read window, a partial stripe
         fd = os.memfd_create("kvfs-xxh3-probe", os.MFD_CLOEXEC)
         try:
@@ -82,14 +87,12 @@ def _stream_hasher():
         finally:
             os.close(fd)
         want = xxhash.xxh3_64_intdigest(probe[7:half] + probe[:len(probe) - half])
-        if got != len(probe) or digest != want or b"".join(bufs) != probe[:half] + probe[:len(probe) - half]:
-            return None
-    except (ImportError, OSError, AttributeError, ValueError):
-        return None
-    return read_hashed
+        return got == len(probe) and digest == want and b"".join(bufs) == probe[:half] + probe[:len(probe) - half]
+    except (OSError, ValueError):
+        return False
 
 
-_READ_HASHED = _stream_hasher()
+_READ_HASHED, _STREAM_IMPL = _stream_hasher(_IMPL.name if _IMPL is not None else None)
 
 
 def hashed_reads_in_c() -> bool:
@@ -111,11 +114,18 @@ def use_xxh3(name: str) -> None:
     safe while other threads hash.
 
     Error handling: ``ValueError`` for a name that is not usable here."""
-    global _IMPL, _XXH3
+    global _IMPL, _XXH3, _READ_HASHED, _STREAM_IMPL
     _IMPL = xxh3_impls.choose(name)
     _XXH3 = _IMPL.fn
     if _BLOCKHASH is not None:
         _BLOCKHASH.init(_IMPL.address, _IMPL.name)
+        _READ_HASHED, _STREAM_IMPL = _stream_hasher(_IMPL.name)
+
+
+def stream_xxh3_impl() -> str | None:
+    """Which streaming XXH3-64 ``read_files_hashed`` hashes with (a ``kvfs.xxh3_impls`` name), or None
+    where it runs in Python."""
+    return _STREAM_IMPL
 
 
 def block_checksums(data) -> list[int]:

@@ -42,6 +42,7 @@ def report() -> list[tuple[str, str]]:
         ("python", f"{platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs"),
         ("C block hasher (kvfs._blockhash)", "built" if chunkio._BLOCKHASH is not None else "not built"),
         ("XXH3-64 verifying reads", chunkio.xxh3_impl()),
+        ("XXH3-64 hashing KV reads (one pass)", chunkio.stream_xxh3_impl() or "python (no kvfs._blockhash)"),
         ("XXH3-64 usable here", ", ".join(i.name for i in xxh3_impls.usable()) or "none"),
         ("SIMD XXH3 (kvfs._xxh3_simd)", "built" if _found("kvfs._xxh3_simd") == "yes" else
          "not built (needs xxhash.h at install: libxxhash-dev or KVFS_XXHASH_INCLUDE)"),

@@ -61,6 +61,27 @@ def _simd() -> list[Impl]:
     return [Impl(name, address, XXH3_FN(address)) for name, address in _xxh3_simd.impls()]
 
 
+def stream_functions(name: str) -> tuple[int, ...] | None:
+    """Addresses of the named implementation's streaming XXH3-64 (create, free, reset, update, digest:
+    ``kvfs._blockhash.init_stream``'s arguments), or None where that build has none."""
+    if name == PYTHON_XXHASH:
+        try:
+            from xxhash import _xxhash
+
+            lib = ctypes.CDLL(_xxhash.__file__)
+            fns = [lib.XXH3_createState, lib.XXH3_freeState, lib.XXH3_64bits_reset,
+                   getattr(lib, "XXH3_64bits_update_dispatch", None) or lib.XXH3_64bits_update,
+                   lib.XXH3_64bits_digest]
+        except (ImportError, OSError, AttributeError):
+            return None
+        return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in fns)
+    try:
+        from kvfs import _xxh3_simd
+    except ImportError:
+        return None
+    return next((tuple(addresses) for n, addresses in getattr(_xxh3_simd, "streams", list)() if n == name), None)
+
+
 def candidates() -> list[Impl]:
     """Every implementation this process can use, best first (not yet probed)."""
     fallback = _python_xxhash()

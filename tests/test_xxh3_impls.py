@@ -76,6 +76,30 @@ def test_block_checksums_and_corruption_with_each_implementation(impl, restore_i
         chunkio.verify(1, "test", corrupt, 0, want, len(data))
 
 
+@pytest.mark.parametrize("impl", IMPLS, ids=[i.name for i in IMPLS])
+def test_hashed_reads_stream_with_each_implementation(impl, restore_impl, tmp_path):
+    """``read_files_hashed`` (a KV block read and hashed in one C call) hashes with the streaming XXH3 of
+    the implementation that verifies blocks (kvfs's AVX2/AVX-512 build, not python-xxhash's SSE2 one,
+    where it is active), and its digest is python-xxhash's over any split of files and buffers."""
+    chunkio.use_xxh3(impl.name)
+    if not chunkio.hashed_reads_in_c():
+        pytest.skip("kvfs._blockhash.read_hashed not built")
+    assert chunkio.stream_xxh3_impl() == impl.name
+    rng = random.Random(11)
+    data = rng.randbytes(3 * BLOCK * 5 + 777)
+    cuts = [BLOCK * 4 + 3, BLOCK * 9, len(data)]
+    paths, lengths = [], []
+    for k, (a, b) in enumerate(zip([0, *cuts], cuts)):
+        (tmp_path / f"c{k}").write_bytes(data[a:b])
+        paths.append(str(tmp_path / f"c{k}"))
+        lengths.append(b - a)
+    out = memoryview(bytearray(len(data)))
+    for hash_from in (0, 1, 4096, BLOCK + 5):
+        got, digest = chunkio.read_files_hashed(paths, lengths, [out[:100], out[100:300001], out[300001:]], hash_from)
+        assert got == len(data) and out == data
+        assert digest == xxhash.xxh3_64_intdigest(data[hash_from:]), hash_from
+
+
 def test_a_function_that_disagrees_is_never_used(restore_impl):
     wrong = xxh3_impls.XXH3_FN(lambda address, length: 12345)
     address = ctypes.cast(wrong, ctypes.c_void_p).value
@@ -93,6 +117,8 @@ def test_the_widest_implementation_the_cpu_has_is_active():
         pytest.skip("no AVX2 on this CPU or no xxhash.h to build kvfs._xxh3_simd with")
     want = "avx512" if "avx512f" in flags else "avx2"
     assert chunkio.xxh3_impl() == want
+    if chunkio.hashed_reads_in_c():  # (kvfs._blockhash built)
+        assert chunkio.stream_xxh3_impl() == want
     assert [i.name for i in IMPLS][:1] == [want]
 
 
