@@ -417,12 +417,17 @@ class KvfsConnector(KVConnectorBase_V1):
         if not ok:
             self._staging = None  # a timed-out read may still land in it later: never reuse it
         t1 = time.perf_counter()
-        pieces = []  # (verified blocks, their block ids) of the leading runs that loaded
-        pos = 0  # run-space index of the current run's first block; block_ids start at load.skip
-        for hashes, read in zip(runs, got if ok else []):
+        pieces: list[tuple[torch.Tensor, list[int]]] = []  # (verified blocks, their block ids), leading runs
+        pos = 0  # run-space index of the current run's first block (its row in ``bufs``); block_ids start at load.skip
+        staged = -1  # the end row in ``bufs`` of the last piece, when that piece is rows of ``bufs``
+        for hashes, read, out in zip(runs, got if ok else [], outs):
             lo, hi = max(pos, load.skip), min(pos + read.blocks, load.skip + len(load.block_ids))
-            if hi > lo:
-                pieces.append((read.data[lo - pos:hi - pos], load.block_ids[lo - load.skip:hi - load.skip]))
+            ids = load.block_ids[lo - load.skip:hi - load.skip]
+            if hi > lo and read.data is out and staged == lo:  # runs read side by side: one copy per layer
+                pieces[-1] = (bufs[lo - len(pieces[-1][1]):hi], pieces[-1][1] + ids)
+            elif hi > lo:
+                pieces.append((read.data[lo - pos:hi - pos], ids))
+            staged = hi if hi > lo and read.data is out else -1
             if read.error is not None:
                 log.warning("KvfsConnector: %s; deleting the run", read.error)
                 self._event({"event": "bad_block", "run": run_name(hashes), "hashes": hashes,
