@@ -73,8 +73,11 @@ t2 = time.perf_counter()
 blocks = sum(r.blocks for r in got)
 if pages is not None:
     pos, pieces = 0, []
-    for r in got:
-        pieces.append((r.data[:r.blocks], list(range(pos, pos + r.blocks))))
+    for r, out in zip(got, outs):  # as the connector: runs read side by side into staging, copied as one
+        if pieces and r.data is out and pieces[-1][0].data_ptr() + pieces[-1][0].nbytes == out.data_ptr():
+            pieces[-1] = (staging[pieces[-1][1][0]:pos + r.blocks], pieces[-1][1] + list(range(pos, pos + r.blocks)))
+        else:
+            pieces.append((r.data[:r.blocks], list(range(pos, pos + r.blocks))))
         pos += r.blocks
     del got
     pages.start(pieces)
