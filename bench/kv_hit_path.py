@@ -4,14 +4,19 @@ request and its first token, timed per phase in fresh processes.
 A 4096-token prompt's KV (default: 8 layers, 4 KV heads, head dim 64, bf16, 32-token blocks, 256-token
 runs: 16 runs of 2 MiB, as bench/bench_vllm.py) is published once; then each round a fresh process does
 what a fresh vLLM instance's connector does, with the scheduler's and the worker's own store (and own
-client): ``runs_prefix`` (the lookup), then ``get_runs(map_local=True)`` into one staging tensor (the
-load), through the native client and through the kvfs mount, the routes taking turns. Reported per
-route: lookup, load and their sum (medians over rounds), and the meta requests each route's round sent
-(the meta's metrics endpoint).
+client): ``runs_prefix`` (the lookup), then ``get_runs`` into one staging tensor (the load: read and
+checked as it lands, as the connector does; ``--map``: ``map_local=True``, the chunk files mapped, as
+main's connector did before issue 11's read path, and as a ``--baseline`` tree does), then the copy of
+every layer into paged buffers (``kvfs.engines.pages.PagedCache``, identity page order, as the connector
+copies on CPU; the copy reads the staging tensor or the mapped files), through the native client and
+through the kvfs mount, the routes taking turns. Reported per route: lookup, load, copy and lookup +
+load + copy (medians over rounds), and the meta requests each route's round sent (the meta's metrics
+endpoint).
 
     python bench/kv_hit_path.py --rounds 10
     python bench/kv_hit_path.py --rounds 10 --strace      # also FUSE-side syscalls: strace -c of a mount round
     python bench/kv_hit_path.py --rounds 10 --touch-due --baseline /work/main   # against another tree
+    python bench/kv_hit_path.py --rounds 10 --map                 # this tree, mapping the runs
     KVFS_TEST_PYTHON=/work/main/.venv/bin/python python bench/kv_hit_path.py --routes mount   # another
         # tree's meta, chunkserver and mount daemon (the mount route's cost is there, not in the round)
 
@@ -47,15 +52,39 @@ def store():
 sched, worker = store(), store()   # a vLLM instance: the scheduler's connector and the worker's
 staging = torch.empty((len(hashes), *lay.block_shape), dtype=lay.torch_dtype())
 staging.view(-1)[::2048] = 0  # touched once, as the connector's reused staging buffer is
+pages = None
+try:  # the engine's paged KV buffers, one per layer, in use already (touched; torch's copy warmed up)
+    from kvfs.engines.pages import PagedCache, PageOrder
+    shape = (len(hashes), lay.num_kv_heads, lay.block_tokens, 2 * lay.head_dim)
+    pages = PagedCache([(torch.zeros(shape, dtype=lay.torch_dtype()), PageOrder.identity(lay))
+                        for _ in range(lay.num_layers)])
+    pages.start([(staging[:1], [0])])
+    pages.finish()
+except ImportError:
+    pass  # a tree without kvfs.engines: no copy timed
 t0 = time.perf_counter()
 found = sched.runs_prefix(hashes, cfg["run_blocks"], len(hashes))
 t1 = time.perf_counter()
 runs = [hashes[s:s + n] for s, n in found.runs]
 outs = list(staging[:sum(len(r) for r in runs)].split([len(r) for r in runs]))
 kw = {"locations": found.locations} if cfg["pass_locations"] else {}  # (a baseline tree may not have them)
-got = worker.get_runs(runs, outs, map_local=True, **kw)
+got = worker.get_runs(runs, outs, map_local=cfg["map_local"], **kw)
 t2 = time.perf_counter()
-print(json.dumps({"lookup": t1 - t0, "load": t2 - t1, "blocks": sum(r.blocks for r in got)}))
+blocks = sum(r.blocks for r in got)
+if pages is not None:
+    pos, pieces = 0, []
+    for r, out in zip(got, outs):  # as the connector: runs read side by side into staging, copied as one
+        if pieces and r.data is out and pieces[-1][0].data_ptr() + pieces[-1][0].nbytes == out.data_ptr():
+            pieces[-1] = (staging[pieces[-1][1][0]:pos + r.blocks], pieces[-1][1] + list(range(pos, pos + r.blocks)))
+        else:
+            pieces.append((r.data[:r.blocks], list(range(pos, pos + r.blocks))))
+        pos += r.blocks
+    del got
+    pages.start(pieces)
+    del pieces
+    pages.finish()  # every layer copied in, the sources dropped (mapped files unmapped)
+t3 = time.perf_counter()
+print(json.dumps({"lookup": t1 - t0, "load": t2 - t1, "copy": t3 - t2, "blocks": blocks}))
 sched.close(); worker.close()
 """
 
@@ -65,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--routes", default="native,mount")
+    p.add_argument("--map", action="store_true",
+                   help="get_runs(map_local=True) in this tree's rounds (a --baseline tree's rounds always map, "
+                        "as main's connector did)")
     p.add_argument("--strace", action="store_true", help="strace -c -f one extra mount round")
     p.add_argument("--touch-due", action="store_true",
                    help="every load finds its runs' access time due (touch_interval 0), as a hit minutes "
@@ -111,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                     on_base = route.endswith("@base")
                     env = {**os.environ, "PYTHONPATH": args.baseline} if on_base else None
                     cfg = {"route": base, "root": roots[base], "meta": cluster.meta_address, "hashes": hashes,
-                           "run_blocks": run_blocks, "pass_locations": not (on_base or "-relookup" in route),
+                           "run_blocks": run_blocks, "pass_locations": "-relookup" not in route,
+                           "map_local": on_base or args.map,
                            "touch_interval": 0 if args.touch_due else 60,
                            "layout": {"dtype": "bf16", "block_tokens": 32, "num_layers": 8, "num_kv_heads": 4,
                                       "head_dim": 64, "order": ""}}
@@ -127,14 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                         r["meta"] = {}
                     results.setdefault(route, []).append(r)
             for route, rs in results.items():
-                med = {k: statistics.median(r[k] for r in rs) * 1000 for k in ("lookup", "load")}
-                tot = statistics.median((r["lookup"] + r["load"]) * 1000 for r in rs)
-                print(f"{route:8s} lookup {med['lookup']:6.1f} ms  load {med['load']:6.1f} ms  total {tot:6.1f} ms  "
-                      f"(each total: {', '.join('%.0f' % ((r['lookup'] + r['load']) * 1000) for r in rs)})  "
+                med = {k: statistics.median(r[k] for r in rs) * 1000 for k in ("lookup", "load", "copy")}
+                tot = statistics.median((r["lookup"] + r["load"] + r["copy"]) * 1000 for r in rs)
+                print(f"{route:11s} lookup {med['lookup']:5.1f} ms  load {med['load']:5.1f} ms  copy {med['copy']:5.1f} ms  "
+                      f"total {tot:5.1f} ms  (each total: "
+                      f"{', '.join('%.0f' % ((r['lookup'] + r['load'] + r['copy']) * 1000) for r in rs)})  "
                       f"meta requests in the last round: {rs[-1]['meta']}")
             if args.strace:
                 cfg = {"route": "mount", "root": roots["mount"], "meta": cluster.meta_address, "hashes": hashes,
-                       "run_blocks": run_blocks, "pass_locations": True, "touch_interval": 60, "layout": {"dtype": "bf16", "block_tokens": 32, "num_layers": 8,
+                       "run_blocks": run_blocks, "pass_locations": True, "touch_interval": 60,
+                       "map_local": args.map, "layout": {"dtype": "bf16", "block_tokens": 32, "num_layers": 8,
                                                            "num_kv_heads": 4, "head_dim": 64, "order": ""}}
                 res = subprocess.run(["strace", "-c", "-f", "-e", "trace=%file,%desc", sys.executable, "-c", ROUND,
                                       json.dumps(cfg)], capture_output=True, text=True)

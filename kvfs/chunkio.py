@@ -469,6 +469,29 @@ def read_files_hashed(paths: list[str], lengths: list[int], dests: list[memoryvi
     return total, h.intdigest()
 
 
+def read_blocks_checked(fd: int, offset: int, dests: list[memoryview], sums: bytes, block: int) -> int:
+    """Fill ``dests`` from file ``fd`` at ``offset`` on, checking each ``block`` bytes against the caller's
+    little-endian u64 XXH3-64s ``sums`` as they land (a KV run's per-block sums: each byte is hashed once,
+    while it is still in the CPU cache). Returns how many leading blocks were read whole and match; the
+    read stops at the first that does not (or at a short file). One C call, GIL released, where the
+    extension is built (``preadv_verify``); else ``os.preadv`` and ``first_bad_block``. Error handling:
+    OSError from the read."""
+    whole = len(sums) // 8
+    if _PREADV_VERIFY is not None:
+        got, bad = _PREADV_VERIFY(fd, offset, dests, sums, block)
+    else:
+        got, rest = 0, [v.cast("B") if v.format != "B" else v for v in dests]
+        while rest:
+            n = os.preadv(fd, rest[:IOV_MAX], offset + got)
+            if n <= 0:
+                break
+            got += n
+            rest = _advance(rest, n)
+        flat = b"".join(dests)[:got] if len(dests) > 1 else dests[0][:got]
+        bad = first_bad_block(flat, block, sums)
+    return min(bad if bad >= 0 else whole, got // block, whole)
+
+
 def slice_views(views: list[memoryview], offset: int, length: int) -> list[memoryview]:
     """The pieces of the concatenation of ``views`` that cover [offset, offset + length)."""
     out, pos, end = [], 0, offset + length

@@ -320,3 +320,41 @@ def _direct_read_in_c(path: str, sums_path: str, data: bytes) -> None:
         chunkio._READ_CHUNK_FILE(path + ".gone", buffers.take(BLOCK), BLOCK, None, sums_path, BLOCK)
     with pytest.raises(FileNotFoundError):
         chunkio._READ_CHUNK_FILE(path, buffers.take(BLOCK), BLOCK, None, sums_path + ".gone", BLOCK)
+
+
+def test_blocks_read_and_checked_against_the_callers_sums(tmp_path):
+    """``read_blocks_checked`` (a KV run's payload against its header's per-block sums): bytes intact in
+    buffers cut anywhere, blocks straddling them included; a corrupt block stops the count at it (the
+    blocks before it are good), a short file at its last whole block; every hashing route agrees."""
+    rng = random.Random(11)
+    block, head = 48 * 1024 + 8, 3000  # blocks of any size, at any file offset
+    payload = rng.randbytes(5 * block)
+    sums = chunkio.packed_checksums(payload, block)
+    path = tmp_path / "run"
+    path.write_bytes(rng.randbytes(head) + payload)
+
+    def read(n: int = 5) -> tuple[int, bytes]:
+        out = bytearray(n * block)
+        view = memoryview(out)
+        dests = [view[:100], view[100:block + 7], view[block + 7:]]  # block 0 and 1 straddle buffers
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return chunkio.read_blocks_checked(fd, head, dests, sums[:8 * n], block), bytes(out)
+        finally:
+            os.close(fd)
+
+    assert read() == (5, payload)
+    assert read(3) == (3, payload[:3 * block])
+    raw = bytearray(path.read_bytes())
+    raw[head + 3 * block + 17] ^= 0x01  # block 3
+    path.write_bytes(bytes(raw))
+    good, got = read()
+    assert good == 3 and got[:3 * block] == payload[:3 * block]
+    raw[head + 3 * block + 17] ^= 0x01
+    raw[head + 7] ^= 0x80  # block 0, in the first buffer
+    path.write_bytes(bytes(raw))
+    assert read()[0] == 0
+    raw[head + 7] ^= 0x80
+    path.write_bytes(bytes(raw[:head + 4 * block - 1]))  # truncated inside block 3
+    good, got = read()
+    assert good == 3 and got[:3 * block] == payload[:3 * block]

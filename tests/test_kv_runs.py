@@ -71,6 +71,19 @@ def get(s: KVStore, runs: list[list[str]], outs: list[torch.Tensor]) -> list[tup
     return [(r.blocks, r.error) for r in copied]
 
 
+def meta_methods_asked(client) -> list[int]:
+    """The meta methods ``client`` (a ``kvfs.SyncClient``) sends from now on, appended as they go out."""
+    asked: list[int] = []
+    real = client.client.meta.request
+
+    async def counting(method, *args, **kwargs):
+        asked.append(method)
+        return await real(method, *args, **kwargs)
+
+    client.client.meta.request = counting
+    return asked
+
+
 def load(s: KVStore, hashes: list[str]) -> list[tuple[int, BlockError | None]]:
     return get(s, [hashes], [torch.empty((len(hashes), *LAYOUT.block_shape), dtype=torch.bfloat16)])
 
@@ -224,9 +237,49 @@ def test_mapped_runs_are_verified_once_by_their_block_sums(cluster):
             assert read.blocks <= 2
 
 
+def test_runs_read_from_local_chunk_files_are_checked_as_they_land(cluster):
+    """With the lookup's chunk maps (``locations``, as the vLLM connector loads) a run whose chunk is on
+    this host is read from its chunk file straight into ``out``, each block checked against the run's own
+    sums as it lands, not against the chunk checksums, with no metadata round trip: a chunk file
+    corrupted or truncated on disk loads the blocks before the damage, never the damaged ones."""
+    from kvfs import protocol as P
+    from kvfs.chunkserver.store import chunk_path
+
+    with cluster.client() as client, KVStore("/kvruns/read-local", LAYOUT, client=client) as s:
+        data = blocks(4, 9)
+        hashes = store_prompt(s, list(range(16)), data)
+        found = s.runs_prefix(hashes, RUN)
+        servers = {x.address: x.data_dir for x in client.refresh_servers().servers}
+        ref = found.locations[0].chunks[0]
+        files = [chunk_path(servers[a], ref.chunk_id) for a in ref.replicas]  # every replica: no good copy
+        header_len = ref.length - data.numel() * data.element_size()
+        asked = meta_methods_asked(client)
+
+        def load() -> tuple[int, str, torch.Tensor]:
+            out = torch.zeros_like(data)
+            [read] = s.get_runs([hashes], [out], locations=found.locations)
+            assert read.data is out  # read into the caller's tensor, not mapped
+            return read.blocks, str(read.error), out
+
+        assert load()[:2] == (4, "None") and torch.equal(load()[2], data)
+        for path in files:
+            with open(path, "r+b") as f:
+                f.seek(header_len + 2 * LAYOUT.nbytes + 3)  # inside block 2
+                byte = f.read(1)
+                f.seek(header_len + 2 * LAYOUT.nbytes + 3)
+                f.write(bytes([byte[0] ^ 0x10]))
+        n, err, out = load()
+        assert n == 2 and "block 2 payload checksum" in err and torch.equal(out[:2], data[:2])
+        for path in files:
+            os.truncate(path, header_len + LAYOUT.nbytes + LAYOUT.nbytes // 2)  # inside block 1
+        n, err, out = load()
+        assert n == 1 and "block 1" in err and torch.equal(out[:1], data[:1])
+        assert P.META_KV_CHUNKS not in asked
+
+
 def test_loaded_runs_are_touched(cluster):
-    """A hit records an access on every run it loaded (mapped or read; the touches go out together, in
-    the background), so the eviction engine sees the runs as recent."""
+    """A hit records an access on every run it loaded (mapped or read, with the lookup's chunk maps or
+    not; the touches go out together, in the background), so the eviction engine sees the runs as recent."""
     import time
 
     with cluster.client() as client, KVStore("/kvruns/touch", LAYOUT, client=client, touch_interval=0) as s:
@@ -234,11 +287,12 @@ def test_loaded_runs_are_touched(cluster):
         hashes = store_prompt(s, list(range(48)), data)
         runs = [hashes[a:a + n] for a, n in run_spans(len(hashes), RUN)]
         old = time.time_ns() - 3600 * 10**9
-        for map_local in (True, False):
+        for map_local, located in ((True, False), (False, False), (False, True)):
             for run in runs:
                 client.setattr(client.stat(s.run_path(run)).ino, atime_ns=old, mtime_ns=old)
+            locations = s.runs_prefix(hashes, RUN).locations if located else None
             reads = s.get_runs(runs, [torch.empty((len(r), *LAYOUT.block_shape), dtype=torch.bfloat16) for r in runs],
-                               map_local=map_local)
+                               map_local=map_local, locations=locations)
             assert [r.blocks for r in reads] == [4, 4, 4]
             deadline = time.monotonic() + 10  # touches run in the background: the load does not wait for them
             while not all(client.stat(s.run_path(run)).atime_ns > old for run in runs):
@@ -250,7 +304,8 @@ def test_lookup_locations_spare_the_load_its_metadata_round_trip(cluster):
     """Through the native client ``runs_prefix`` returns each run's chunk map (``RunPrefix.locations``;
     they pickle, as vLLM's scheduler hands them to its worker process). Another client's
     ``get_runs(locations=...)`` then maps the runs without a META_KV_CHUNKS round trip of its own, to the
-    same verified bytes; without them it asks meta first; read into tensors, they seed its cached maps."""
+    same verified bytes, or reads them into tensors, checked against the runs' own block sums as they land,
+    with no round trip either; without them it asks meta first."""
     import pickle
 
     from kvfs import protocol as P
@@ -264,14 +319,7 @@ def test_lookup_locations_spare_the_load_its_metadata_round_trip(cluster):
         assert all(isinstance(loc, P.GetChunksReply) for loc in found.locations) and len(found.locations) == 3
         locations = pickle.loads(pickle.dumps(found.locations))
         runs = [hashes[s:s + n] for s, n in found.runs]
-        asked: list[int] = []
-        real = b.client.meta.request
-
-        async def counting(method, *args, **kwargs):
-            asked.append(method)
-            return await real(method, *args, **kwargs)
-
-        b.client.meta.request = counting
+        asked = meta_methods_asked(b)
 
         def load_all(**kwargs) -> list[int]:
             asked.clear()
@@ -283,7 +331,7 @@ def test_lookup_locations_spare_the_load_its_metadata_round_trip(cluster):
         assert load_all(map_local=True, locations=locations) == []
         assert len(load_all(map_local=True)) == 1
         worker.backend._cached.cache.drop(worker.run_path(runs[0]))
-        assert len(load_all(locations=locations)) == 1  # read: meta still confirms the maps, beside the reads
+        assert load_all(locations=locations) == []  # read, each block checked as it lands: no round trip either
         with pytest.raises(ValueError):
             worker.get_runs(runs, [torch.empty((4, *LAYOUT.block_shape), dtype=torch.bfloat16)] * 3,
                             locations=locations[:2])

@@ -33,8 +33,9 @@ the lookup found them (``RunPrefix.locations``: through the native client their 
 worker maps them without a metadata round trip of its own) and the vLLM block ids; so are the runs each step completes (to be saved), but for those the lookup found.
 
 **Worker side**: ``start_load_kv`` reads and verifies every run of the step's loads
-(``KVStore.get_runs``: each block's checksum; a corrupt, truncated or wrong-layout run is never copied
-in; through the native client a run whose chunk is on this host is mapped, not copied), plans the
+(``KVStore.get_runs``: each block's checksum, checked as it lands in a reused staging buffer; a
+corrupt, truncated or wrong-layout run is never copied in; through the native client a run whose chunk
+is on this host is read from its chunk file with the lookup's chunk map, no metadata round trip), plans the
 copies into the pages (``kvfs.engines.pages.PagedCache``) and returns: ``wait_for_layer_load`` copies
 its layer's blocks in, just before that layer's attention reads them (in the engine's thread: on CPU,
 a copy thread beside vLLM's core-bound OpenMP threads slowed the forward down). ``wait_for_save`` (after the step's forward) copies the completed runs out of every layer
@@ -365,6 +366,10 @@ class KvfsConnector(KVConnectorBase_V1):
         self._pages = PagedCache(caches)
         self._layer_index = {name: i for i, name in enumerate(self._layer_names)}
         self._guard.call(self._open, "open")  # connect now, not in the first request (bounded, as always)
+        # The staging buffer for a prompt of max_model_len tokens (up to STAGING_KEEP), touched now: on the
+        # first load its page faults cost as much as reading the blocks.
+        max_blocks = -(-self._vllm_config.model_config.max_model_len // lay.block_tokens)
+        self._staging_for(max(1, min(max_blocks, STAGING_KEEP // lay.nbytes))).zero_()
         t0 = caches[0][0]
         log.info("KvfsConnector: %d layers, %s pages %s on %s (%s), page order %s", len(caches), backend,
                  tuple(t0.shape), t0.device, key, caches[0][1].kind or "irregular (a gather per element)")
@@ -403,18 +408,26 @@ class KvfsConnector(KVConnectorBase_V1):
         runs = load.run_hashes()
         outs = list(bufs.split(load.runs))
         locations = load.locations if len(load.locations) == len(runs) else None
-        ok, got = self._guard.call(lambda: self._open().get_runs(runs, outs, map_local=True, locations=locations),
+        # Read into the staging buffer, each block checked as it lands, rather than mapped: mapping and
+        # locking the chunk files, then copying the pages in from 4 KiB mappings cost more than the read
+        # (bench/kv_hit_path.py --map).
+        ok, got = self._guard.call(lambda: self._open().get_runs(runs, outs, locations=locations),
                                    "load",
                                    nbytes=bufs.numel() * bufs.element_size())
         if not ok:
             self._staging = None  # a timed-out read may still land in it later: never reuse it
         t1 = time.perf_counter()
-        pieces = []  # (verified blocks, their block ids) of the leading runs that loaded
-        pos = 0  # run-space index of the current run's first block; block_ids start at load.skip
-        for hashes, read in zip(runs, got if ok else []):
+        pieces: list[tuple[torch.Tensor, list[int]]] = []  # (verified blocks, their block ids), leading runs
+        pos = 0  # run-space index of the current run's first block (its row in ``bufs``); block_ids start at load.skip
+        staged = -1  # the end row in ``bufs`` of the last piece, when that piece is rows of ``bufs``
+        for hashes, read, out in zip(runs, got if ok else [], outs):
             lo, hi = max(pos, load.skip), min(pos + read.blocks, load.skip + len(load.block_ids))
-            if hi > lo:
-                pieces.append((read.data[lo - pos:hi - pos], load.block_ids[lo - load.skip:hi - load.skip]))
+            ids = load.block_ids[lo - load.skip:hi - load.skip]
+            if hi > lo and read.data is out and staged == lo:  # runs read side by side: one copy per layer
+                pieces[-1] = (bufs[lo - len(pieces[-1][1]):hi], pieces[-1][1] + ids)
+            elif hi > lo:
+                pieces.append((read.data[lo - pos:hi - pos], ids))
+            staged = hi if hi > lo and read.data is out else -1
             if read.error is not None:
                 log.warning("KvfsConnector: %s; deleting the run", read.error)
                 self._event({"event": "bad_block", "run": run_name(hashes), "hashes": hashes,

@@ -12,6 +12,7 @@ Error handling: primitives raise ``OSError`` with an errno; ``read`` returns Non
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +23,9 @@ from typing import Any, Protocol
 SCRATCH = 64 << 10
 
 OnReady = Callable[[int, "ReadResult | None | OSError"], None]
+# read_many(payload_sums=...): (job index, the file's head, its size) -> the caller's XXH3-64 per ``block``
+# bytes of that job's payload (little-endian u64s) and ``block``, or None: the head is bad, skip the payload.
+PayloadSums = Callable[[int, memoryview, int], "tuple[bytes, int] | None"]
 
 
 @dataclass
@@ -35,6 +39,10 @@ class ReadResult:
     # ``out``, computed while reading, and *not* checked against the chunk checksums: the caller must
     # compare it with the block's payload checksum. None: the backend checked the chunk checksums.
     payload_xxh3: int | None = None
+    # read_many(payload_sums=...): the payload was checked as it landed in ``out`` against the caller's
+    # per-block sums: how many leading blocks were read whole and match (the read stopped at the first
+    # that did not). None: not checked here (the caller hashes ``out`` itself).
+    payload_checked: int | None = None
 
 
 class Backend(Protocol):
@@ -70,7 +78,8 @@ class Backend(Protocol):
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
                   map_local: bool = False, caller_verifies: bool = False,
                   locations: Sequence[Any] | None = None,
-                  payload_digest: bool = False) -> list[ReadResult | None | OSError]:
+                  payload_digest: bool = False,
+                  payload_sums: PayloadSums | None = None) -> list[ReadResult | None | OSError]:
         """``read(*job)`` for every job, concurrently (bounded); an OSError is returned in its slot.
         ``on_ready(i, result)``, if given, is called once per job as soon as that job's result is final,
         from whichever thread finished it, so a caller can use each block while others still read (the
@@ -85,9 +94,52 @@ class Backend(Protocol):
         own (the block header's XXH3-64 of the payload): the backend may, instead of checking the chunk
         checksums, hash the payload once as it lands and return that digest (``ReadResult.payload_xxh3``)
         for the caller to compare; on a mismatch the caller reads the block again without this flag (the
-        chunk checksums then find a bad replica, and the backend fails over)."""
+        chunk checksums then find a bad replica, and the backend fails over). ``payload_sums`` (with
+        ``caller_verifies``; KV runs, whose header holds a checksum per block): the backend may read a
+        job's head first, ask ``payload_sums`` for the payload's block sums and read the payload into
+        ``out`` checking each block as it lands (``ReadResult.payload_checked``), in place of mapping it
+        or of the caller hashing it afterwards."""
 
     def close(self) -> None: ...
+
+
+def read_run_checked(fd: int, index: int, size: int, atime_ns: int, expect_size: int, header_len: int,
+                     out: Sequence[memoryview], payload_sums: PayloadSums) -> ReadResult:
+    """``read_many(payload_sums=...)`` for one open file of ``size`` bytes: its head, then, if it is the
+    size expected and ``payload_sums`` accepts the head, its payload into ``out``, checked block by block
+    as it lands (``kvfs.chunkio.read_blocks_checked``). Error handling: OSError from the reads."""
+    from kvfs.chunkio import read_blocks_checked
+
+    if size != expect_size:
+        return ReadResult(memoryview(os.pread(fd, SCRATCH, 0)), size, atime_ns, False)
+    head = memoryview(os.pread(fd, header_len, 0))
+    want = payload_sums(index, head, size) if len(head) == header_len else None
+    if want is None:
+        return ReadResult(head, size, atime_ns, False)
+    sums, block = want
+    checked = read_blocks_checked(fd, header_len, list(out), sums, block)
+    return ReadResult(head, size, atime_ns, True, payload_checked=checked)
+
+
+def in_parts(pool: Any, fn: Callable[[Any], Any], items: Sequence[Any], parts: int) -> list[Any]:
+    """``[fn(x) for x in items]``, the items dealt into ``parts`` interleaved parts: the first run in the
+    calling thread, the others on ``pool`` (a ``concurrent.futures`` executor), so a small batch costs no
+    thread hand-off of its own and a large one keeps ``parts`` threads busy. ``fn`` releases the GIL for
+    its heavy part (a C read) or the parts run one at a time anyway."""
+    parts = max(1, min(parts, len(items)))
+    out: list[Any] = [None] * len(items)
+
+    def run(k: int) -> None:
+        for i in range(k, len(items), parts):
+            out[i] = fn(items[i])
+
+    futures = [pool.submit(run, k) for k in range(1, parts)]
+    try:
+        run(0)
+    finally:
+        for f in futures:
+            f.result()
+    return out
 
 
 def split_into(views: Sequence[memoryview], skip: int) -> list[tuple[int, memoryview]]:

@@ -16,7 +16,10 @@ under a limiter. Plain block reads mostly run on threads of their own (``kvfs.kv
   chunks are on this host are read the same way. The rest (a chunk elsewhere, a failed read, a changed
   map) goes block by block through the client, which fails over and reports bad replicas.
 * read with a lookup's chunk maps (``locate_many``, ``read_many(locations=...)``; KV runs, which the caller
-  verifies byte for byte): mapped with no META_KV_CHUNKS round trip of their own (``_map_many_local``).
+  verifies byte for byte), no META_KV_CHUNKS round trip of their own: with ``payload_sums`` each run's
+  local chunk file is read straight into ``out``, its blocks checked against the run's own sums as they
+  land, in the calling thread and the read pool (``_read_local_checked``: no trio hop); else mapped
+  (``_map_many_local``).
 * kvikio route (``_read_landed``): the head is read here, the payload by the caller from the chunk files.
 * exists_many: one META_KV_EXISTS round trip for a whole prompt (meta resolves the layout directory
   once, then one directory-entry lookup per block). locate_many: one META_KV_CHUNKS round trip, which
@@ -41,7 +44,8 @@ import trio
 from kvfs import protocol as P
 from kvfs.chunkfiles import ChunkFiles
 from kvfs.chunkio import map_local_chunk, read_local_chunk
-from kvfs.kv.backend import SCRATCH, OnReady, ReadResult, copy_into, split_into
+from kvfs.kv.backend import (SCRATCH, OnReady, PayloadSums, ReadResult, copy_into, in_parts, read_run_checked,
+                              split_into)
 from kvfs.kv.native_cached import CachedReads
 from kvfs.tasks import open_nursery
 
@@ -173,7 +177,8 @@ class NativeBackend:
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
                   map_local: bool = False, caller_verifies: bool = False,
                   locations: Sequence[Any] | None = None,
-                  payload_digest: bool = False) -> list[ReadResult | None | OSError]:
+                  payload_digest: bool = False,
+                  payload_sums: PayloadSums | None = None) -> list[ReadResult | None | OSError]:
         """``Backend.read_many``. ``locations``: ``locate_many``'s answers for the jobs' files (their chunk
         maps, fetched by a lookup moments ago, maybe by another client): with ``map_local`` and
         ``caller_verifies`` the files are mapped from them without asking meta again (a KV run is
@@ -205,6 +210,10 @@ class NativeBackend:
                 for i, res in enumerate(mapped):
                     settle_from(everyone)(i, res)
                 return results
+        if payload_sums is not None and caller_verifies and locations is not None and all(len(j) == 5 for j in jobs):
+            checked = self._read_local_checked(jobs, locations, payload_sums)
+            if checked is not None:
+                return checked
         landed = [i for i, j in enumerate(jobs) if len(j) > 5]  # kvikio route: payload read by the caller
         plain = [i for i, j in enumerate(jobs) if len(j) <= 5]
         if landed:
@@ -318,6 +327,47 @@ class NativeBackend:
         if info.attr.size != expect_size or ref is None or ref.index != 0 or ref.length != expect_size:
             return None
         return self.c.local_chunk(ref)
+
+    def _read_local_checked(self, jobs: Sequence[tuple], infos: Sequence[P.GetChunksReply],
+                            payload_sums: PayloadSums) -> list[ReadResult | None | OSError] | None:
+        """Every file is one chunk with a replica on this host (``infos``: a lookup's chunk maps): read
+        each chunk file's head, then its payload into the job's ``out``, checked block by block against
+        ``payload_sums`` as it lands (``read_run_checked``). In the calling thread and the read pool,
+        with no trip through the client's trio thread (none at all unless an access time is due). None
+        when that cannot be done (a file not one local chunk, a chunk file gone or unreadable: the run
+        may have changed since the lookup): the caller takes another route, which asks meta."""
+        plans: list[tuple[P.Attr, Any] | None] = []
+        for info, job in zip(infos, jobs):
+            if info is None:
+                plans.append(None)
+                continue
+            lc = self._whole_local_chunk(info, job[1])
+            if lc is None:
+                return None
+            plans.append((info.attr, lc))
+
+        def one(i: int) -> ReadResult | None | OSError:
+            plan, (_path, expect_size, header_len, out, _touch) = plans[i], jobs[i]
+            if plan is None:
+                return None
+            attr, lc = plan
+            try:
+                fd = os.open(lc.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    return read_run_checked(fd, i, attr.size, attr.atime_ns, expect_size, header_len, out,
+                                            payload_sums)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                return exc
+
+        results = in_parts(self._cached.pool, one, range(len(jobs)), self._cached.threads)
+        if any(isinstance(r, OSError) for r in results):
+            return None
+        due = [(plan[0], job[4]) for plan, job in zip(plans, jobs) if plan is not None and plan[0].atime_ns < job[4]]
+        if due:
+            self._run(self._touch_all, due)
+        return results
 
     async def _map_many_local(self, jobs: Sequence[tuple], verify: bool = True,
                               known: Sequence[P.GetChunksReply] | None = None) -> list[ReadResult | None] | None:

@@ -220,6 +220,7 @@ class CachedReads:
         # Reads are bound by memory bandwidth and the GIL hand-offs between them: no more threads than cores.
         self.threads = max(1, min(threads, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="kvfs-kv-read")
+        self.pool = self._pool  # for the backend's other plain-thread reads (``_read_local_checked``)
         self._validator = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvfs-kv-validate")
         self._renewing = threading.Lock()  # held while a background lease renewal is in flight
         self.lease_seconds = 0.0  # the last lease meta granted (0: none, e.g. an older meta)

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kvfs.kv.backend import SCRATCH, OnReady, ReadResult
+from kvfs.kv.backend import SCRATCH, OnReady, PayloadSums, ReadResult, read_run_checked
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -111,12 +111,27 @@ class PosixBackend:
     def _read(self, path: str, expect_size: int, header_len: int, out: Sequence[memoryview],
               touch_before_ns: int, land: Land | None = None) -> ReadResult | None:
         """``read`` without recording the access."""
+        return self._open_read(path, lambda fd: self._read_fd(fd, expect_size, header_len, out, land))
+
+    def _read_checked(self, index: int, path: str, expect_size: int, header_len: int, out: Sequence[memoryview],
+                      payload_sums: PayloadSums) -> ReadResult | None:
+        """``read_many(payload_sums=...)``'s read of job ``index``: head, then the payload checked as it lands."""
+        def read(fd: int) -> ReadResult:
+            st = os.fstat(fd)
+            return read_run_checked(fd, index, st.st_size, st.st_atime_ns, expect_size, header_len, out,
+                                    payload_sums)
+
+        return self._open_read(path, read)
+
+    @staticmethod
+    def _open_read(path: str, read: Callable[[int], ReadResult]) -> ReadResult | None:
+        """``read(fd)`` of the file at ``path``; None if there is no such file."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            return self._read_fd(fd, expect_size, header_len, out, land)
+            return read(fd)
         except OSError as exc:
             # EIO on a block evicted while we read it (its chunks are gone): a miss, not an error.
             if exc.errno in (errno.EIO, errno.ENOENT) and not os.path.exists(path):
@@ -180,10 +195,15 @@ class PosixBackend:
     def read_many(self, jobs: Sequence[tuple], on_ready: OnReady | None = None,
                   map_local: bool = False, caller_verifies: bool = False,
                   locations: Sequence[object] | None = None,
-                  payload_digest: bool = False) -> list[ReadResult | None | OSError]:
+                  payload_digest: bool = False,
+                  payload_sums: PayloadSums | None = None) -> list[ReadResult | None | OSError]:
         # payload_digest is not taken up: the caller hashes the payload itself (ReadResult.payload_xxh3 None).
         # Never mapped: touching a mapped page of a file on a FUSE mount that died kills the process (SIGBUS).
-        results = self._gather(self._read, jobs, on_ready)
+        if payload_sums is not None and caller_verifies and all(len(j) == 5 for j in jobs):
+            results = self._gather(self._read_checked, [(i, *j[:4], payload_sums) for i, j in enumerate(jobs)],
+                                   on_ready)
+        else:
+            results = self._gather(self._read, jobs, on_ready)
         self._touch_later([(job[0], res, job[4]) for job, res in zip(jobs, results)])
         return results
 

@@ -53,7 +53,7 @@ from kvfs.kv.block import (BlockError, CheckedHeaders, byte_view, check_digest, 
 from kvfs.kv.device import DeviceIO, ReadJob
 from kvfs.kv.hashing import check_hash, check_hashes
 from kvfs.kv.layout import KVLayout
-from kvfs.kv.run import encode_run_header, parse_run_header, run_header_len, run_name, run_spans
+from kvfs.kv.run import RunHeader, encode_run_header, parse_run_header, run_header_len, run_name, run_spans
 
 STATS_XATTR = "kvfs.kv.stats."
 COUNTERS = ("get_hits", "get_misses", "lookup_hit_blocks", "lookup_miss_blocks", "puts", "puts_existing",
@@ -305,7 +305,10 @@ class KVStore:
         ``locations``: ``runs_prefix``'s ``RunPrefix.locations`` for these runs, in order (through the
         native client the runs are then mapped or read from the lookup's chunk maps, with no metadata
         round trip of their own when ``verify`` is on: every byte is checked against the run's header and
-        block sums anyway). Error handling: ValueError for unfit ``outs`` or ``locations``; the first
+        block sums anyway). With ``verify`` on, a run that is read (not mapped) has its header read first
+        and each block checked against the header's sums as it lands in ``out`` (``Backend.read_many(
+        payload_sums=...)``: one pass over the bytes; through the native client with ``locations``, from
+        the run's chunk file on this host, with no thread hop but to the read pool). Error handling: ValueError for unfit ``outs`` or ``locations``; the first
         OSError is raised after every run was read."""
         if locations is not None and len(locations) != len(runs):
             raise ValueError("get_runs: one location per run")
@@ -328,9 +331,21 @@ class KVStore:
                          [byte_view(out)], touch_before))
         # Every byte loaded is checked below against the run's per-block sums: a mapped chunk need not be
         # hashed against its chunk checksums as well (with verify off, the backend checks chunks).
-        reads = self.backend.read_many(jobs, map_local=map_local, caller_verifies=self.verify, locations=locations)
-        items = list(zip(runs, reads, outs, (j[2] for j in jobs)))
-        checked = list(self._verifier().map(self._check_run, items)) if len(items) > 1 else [
+        headers: dict[int, RunHeader] = {}  # parsed by payload_sums, for _check_run
+
+        def payload_sums(i: int, head: memoryview, size: int) -> tuple[bytes, int] | None:
+            try:
+                header = headers[i] = parse_run_header(head, self.layout, runs[i], size)
+            except BlockError:
+                return None  # reported by _check_run, which parses it again
+            return header.sums, self.layout.nbytes
+
+        reads = self.backend.read_many(jobs, map_local=map_local, caller_verifies=self.verify, locations=locations,
+                                       payload_sums=payload_sums if self.verify else None)
+        items = [(hashes, res, out, job[2], headers.get(i)) for i, (hashes, res, out, job) in
+                 enumerate(zip(runs, reads, outs, jobs))]
+        to_hash = sum(isinstance(res, ReadResult) and res.payload_checked is None for res in reads)
+        checked = list(self._verifier().map(self._check_run, items)) if to_hash > 1 else [
             self._check_run(it) for it in items]
         good = sum(r.blocks for r in checked)
         self._count(get_hits=good, get_misses=sum(len(h) for h in runs) - good, get_bytes=good * self.layout.nbytes)
@@ -339,16 +354,23 @@ class KVStore:
                 raise r
         return checked
 
-    def _check_run(self, item: tuple[Sequence[str], Any, Any, int]) -> RunRead:
-        hashes, res, out, header_len = item
+    def _check_run(self, item: tuple[Sequence[str], Any, Any, int, RunHeader | None]) -> RunRead:
+        hashes, res, out, header_len, header = item
         if res is None or isinstance(res, BaseException):
             return RunRead(0, None, out)
-        try:
-            header = parse_run_header(res.head, self.layout, hashes, res.size)
-        except BlockError as exc:
-            return RunRead(0, exc, out)
+        if header is None:
+            try:
+                header = parse_run_header(res.head, self.layout, hashes, res.size)
+            except BlockError as exc:
+                return RunRead(0, exc, out)
         if not res.payload_done:
             return RunRead(0, BlockError(f"KV run {run_name(hashes)}: payload not read"), out)
+        if res.payload_checked is not None:  # checked as it landed (read_many(payload_sums=...))
+            good = min(res.payload_checked, len(hashes))
+            if good == len(hashes):
+                return RunRead(good, None, out)
+            return RunRead(good, BlockError(f"corrupt KV run {run_name(hashes)}: block {good} payload checksum "
+                                            f"mismatch or short"), out)
         if res.mapped is not None:
             payload = res.mapped[header_len:header_len + header.payload_len]
             data = _readonly_tensor(payload, self.layout.torch_dtype(), out.shape)
