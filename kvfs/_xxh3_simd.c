@@ -17,19 +17,31 @@
 #include <Python.h>
 #include "_xxh3_simd.h"
 
-static PyObject *impls(PyObject *self, PyObject *unused) {
+#define N_ISAS 2 /* widest first */
+static const char *const ISA_NAMES[N_ISAS] = {"avx512", "avx2"};
+static void *const ISA_HASH[N_ISAS] = {(void *)kvfs_xxh3_avx512, (void *)kvfs_xxh3_avx2};
+static void *const ISA_STREAM[N_ISAS][5] = {
+    {(void *)kvfs_xxh3_avx512_create, (void *)kvfs_xxh3_avx512_free, (void *)kvfs_xxh3_avx512_reset,
+     (void *)kvfs_xxh3_avx512_update, (void *)kvfs_xxh3_avx512_digest},
+    {(void *)kvfs_xxh3_avx2_create, (void *)kvfs_xxh3_avx2_free, (void *)kvfs_xxh3_avx2_reset,
+     (void *)kvfs_xxh3_avx2_update, (void *)kvfs_xxh3_avx2_digest},
+};
+
+static int isa_supported(size_t i) {
+    __builtin_cpu_init();
+    return i == 0 ? __builtin_cpu_supports("avx512f") : __builtin_cpu_supports("avx2");
+}
+
+/* [(name, value(i))] for each build this CPU supports, widest first. */
+static PyObject *listing(PyObject *(*value)(size_t)) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
-    __builtin_cpu_init();
-    struct { const char *name; int supported; void *fn; } all[] = {
-        {"avx512", __builtin_cpu_supports("avx512f"), (void *)kvfs_xxh3_avx512},
-        {"avx2", __builtin_cpu_supports("avx2"), (void *)kvfs_xxh3_avx2},
-    };
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
-        if (!all[i].supported)
+    for (size_t i = 0; i < N_ISAS; i++) {
+        if (!isa_supported(i))
             continue;
-        PyObject *item = Py_BuildValue("(sN)", all[i].name, PyLong_FromVoidPtr(all[i].fn));
+        PyObject *v = value(i);
+        PyObject *item = v == NULL ? NULL : Py_BuildValue("(sN)", ISA_NAMES[i], v);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(out);
@@ -40,34 +52,17 @@ static PyObject *impls(PyObject *self, PyObject *unused) {
     return out;
 }
 
-static PyObject *streams(PyObject *self, PyObject *unused) {
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
-    __builtin_cpu_init();
-    struct { const char *name; int supported; void *fn[5]; } all[] = {
-        {"avx512", __builtin_cpu_supports("avx512f"),
-         {(void *)kvfs_xxh3_avx512_create, (void *)kvfs_xxh3_avx512_free, (void *)kvfs_xxh3_avx512_reset,
-          (void *)kvfs_xxh3_avx512_update, (void *)kvfs_xxh3_avx512_digest}},
-        {"avx2", __builtin_cpu_supports("avx2"),
-         {(void *)kvfs_xxh3_avx2_create, (void *)kvfs_xxh3_avx2_free, (void *)kvfs_xxh3_avx2_reset,
-          (void *)kvfs_xxh3_avx2_update, (void *)kvfs_xxh3_avx2_digest}},
-    };
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
-        if (!all[i].supported)
-            continue;
-        void **f = all[i].fn;
-        PyObject *item = Py_BuildValue("(s(NNNNN))", all[i].name, PyLong_FromVoidPtr(f[0]), PyLong_FromVoidPtr(f[1]),
-                                       PyLong_FromVoidPtr(f[2]), PyLong_FromVoidPtr(f[3]), PyLong_FromVoidPtr(f[4]));
-        if (item == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(item);
-    }
-    return out;
+static PyObject *hash_address(size_t i) { return PyLong_FromVoidPtr(ISA_HASH[i]); }
+
+static PyObject *stream_addresses(size_t i) {
+    void *const *f = ISA_STREAM[i];
+    return Py_BuildValue("(NNNNN)", PyLong_FromVoidPtr(f[0]), PyLong_FromVoidPtr(f[1]), PyLong_FromVoidPtr(f[2]),
+                         PyLong_FromVoidPtr(f[3]), PyLong_FromVoidPtr(f[4]));
 }
+
+static PyObject *impls(PyObject *self, PyObject *unused) { return listing(hash_address); }
+
+static PyObject *streams(PyObject *self, PyObject *unused) { return listing(stream_addresses); }
 
 static PyMethodDef methods[] = {
     {"impls", impls, METH_NOARGS, "[(name, address of an XXH3_64bits)] this CPU supports, widest first."},
