@@ -517,12 +517,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
             if st.opens <= 0:
                 st.writable = False
                 if st.leased:  # nothing committed (no writes, or the commit failed): release it alone
-                    async with st.leasing:  # a new open's lease request waits for this release
-                        st.leased = False
-                        try:
-                            await self.meta.request(P.META_RELEASE_WRITE, P.ReleaseWrite(ino, self.client_id))
-                        except OSError as exc:
-                            log.warning("releasing write lease of inode %d: %s", ino, exc)
+                    await self.drop_write_lease(st)
                 # Re-check after the awaits: the kernel sends release asynchronously, so the next
                 # open of this inode may have arrived meanwhile and must keep its state.
                 if st.opens <= 0 and self.files.get(ino) is st:

@@ -168,12 +168,28 @@ class ClientWrites:
         assert last is not None
         raise last
 
+    async def drop_write_lease(self, st: FileState) -> None:
+        """Give the file's write lease back to meta (RELEASE_WRITE), if this client still holds it."""
+        async with st.leasing:  # a new open's lease request waits for this release
+            if not st.leased:
+                return
+            st.leased = False
+            try:
+                await self.meta.request(P.META_RELEASE_WRITE, P.ReleaseWrite(st.ino, self.client_id))
+            except OSError as exc:
+                log.warning("releasing write lease of inode %d: %s", st.ino, exc)
+
     async def flush(self, ino: int, *, release: bool = False) -> P.Attr:
         """Upload buffered data and commit size + chunk map: afterwards every client sees it.
         ``release``: the caller's handle is this client's last one on the file and is closing: the
         commit drops the write lease too (no RELEASE_WRITE after it; a later write takes it again)."""
         st = self._state(ino)
         if not st.modified:
+            if release and st.leased and st.opens <= 1:
+                # Nothing to commit (e.g. a create closed unwritten): drop the lease now, with the
+                # close, not at the kernel's asynchronous RELEASE (a setxattr of the file's chunk size
+                # right after close() would otherwise find it still being written: EBUSY).
+                await self.drop_write_lease(st)
             return st.attr
         if not st.leased:  # writes that raced a commit which released the lease
             await self._lease(st)
