@@ -85,6 +85,7 @@ class KVCache:
         self.ns = ns
         # exists_under's cache: base path -> (inode, subdirectory -> dentry key prefix)
         self._lookup_dirs: dict[tuple[int, str], tuple[int, dict[str, bytes]]] = {}
+        self._dir_inos: dict[tuple[int, str], int] = {}  # chunks_many's run directories, by path
         self._lookup_epoch = -1
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
@@ -321,15 +322,10 @@ class KVCache:
         says for how long (0 when a path names no file by a plain name, e.g. ends in "..")."""
         out: list[P.GetChunksReply | None] = []
         leased = leases is not None and leases.seconds > 0
-        parents: dict[str, int | None] = {}  # a batch's blocks share a few directories: walk each once
+        self._check_epoch()
         for path in paths:
             head, _, name = path.rstrip("/").rpartition("/")
-            if head not in parents:
-                try:
-                    parents[head] = self.ns.resolve(head or "/").ino
-                except OSError:
-                    parents[head] = None
-            parent = parents[head]
+            parent = self._dir_ino(head or "/")
             try:
                 if parent is None:
                     raise FileNotFoundError
@@ -348,6 +344,31 @@ class KVCache:
                     leases.grant(parent, name, attr.ino)
             out.append(self.ns.chunks(attr.ino, 0, 1 << 30))
         return P.KVChunksReply(out, leases.seconds if leased and leases is not None else 0.0)
+
+    def _check_epoch(self) -> None:
+        """Drop the cached directories after a rmdir or rename (``ns.dir_epoch``): until then a directory
+        path names the same inode (directories are never hard-linked, and inode numbers are not reused)."""
+        if self._lookup_epoch != self.ns.dir_epoch:
+            self._lookup_dirs.clear()
+            self._dir_inos.clear()
+            self._lookup_epoch = self.ns.dir_epoch
+
+    def _dir_ino(self, path: str) -> int | None:
+        """The inode of directory ``path`` in the request's tenant scope, or None if it is not one; cached
+        (``_check_epoch``): a batch's runs sit in up to 256 hash-prefix directories, each a 4-step walk."""
+        key = (scope_root(ROOT_INO), path)
+        ino = self._dir_inos.get(key)
+        if ino is None:
+            try:
+                attr = self.ns.resolve(path)
+            except OSError:
+                return None  # not cached: the directory may be created any time
+            if not stat.S_ISDIR(attr.mode):
+                return None
+            if len(self._dir_inos) > 4096:
+                self._dir_inos.clear()
+            ino = self._dir_inos[key] = attr.ino
+        return ino
 
     def lookup_chunks(self, parent: int, name: str, leases: KVLeases | None = None) -> P.KVLookupReply:
         """LOOKUP that also returns a regular file's chunk map, leased with ``leases`` (``chunks_many`` for
@@ -371,9 +392,7 @@ class KVCache:
         ``leading_only`` lookup stops soon after the first miss."""
         n = len(names)
         exists = [False] * n
-        if self._lookup_epoch != self.ns.dir_epoch:
-            self._lookup_dirs.clear()
-            self._lookup_epoch = self.ns.dir_epoch
+        self._check_epoch()
         key = (scope_root(ROOT_INO), base)  # a tenant's "/" is its root
         cached = self._lookup_dirs.get(key)
         if cached is None:

@@ -380,3 +380,34 @@ def test_runs_loaded_through_the_mount_are_touched_in_the_background(mounted):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert all(os.stat(s.run_path(run)).st_mtime_ns == old for run in runs)  # only the access time moved
+
+
+def test_lookups_follow_renamed_and_recreated_directories(cluster):
+    """Meta resolves the runs' directories of a ``runs_prefix`` (META_KV_CHUNKS) from a cache kept until
+    a rmdir or rename: after the store's directory is renamed away the runs are a miss, after it is
+    renamed back they hit again, and a run directory removed and made again (a new inode) is looked up
+    in, not the old one; another client's lookups see each change at once."""
+    with cluster.client() as a, cluster.client() as b, KVStore("/kvruns/moved/s", LAYOUT, client=a) as writer, \
+            KVStore("/kvruns/moved/s", LAYOUT, client=b) as reader:
+        data = blocks(8, 9)
+        hashes = store_prompt(writer, list(range(32)), data)
+        assert reader.runs_prefix(hashes, RUN).blocks == 8
+        a.rename("/kvruns/moved/s", "/kvruns/moved/t")
+        assert reader.runs_prefix(hashes, RUN).blocks == 0
+        a.rename("/kvruns/moved/t", "/kvruns/moved/s")
+        found = reader.runs_prefix(hashes, RUN)
+        assert found.blocks == 8
+        # Empty one run's directory, remove it and make it again, then store that run anew.
+        first = reader.run_path(hashes[:RUN])
+        run_dir = first.rpartition("/")[0]
+        for name in a.listdir(run_dir):
+            a.unlink(f"{run_dir}/{name}")
+        a.rmdir(run_dir)
+        assert reader.runs_prefix(hashes, RUN).blocks == 0
+        writer.put_runs([(hashes[:RUN], data[:RUN])])
+        found = reader.runs_prefix(hashes, RUN)
+        assert found.blocks == 8
+        runs = [hashes[s:s + n] for s, n in found.runs]
+        reads = reader.get_runs(runs, [torch.empty((len(r), *LAYOUT.block_shape), dtype=torch.bfloat16) for r in runs],
+                                locations=found.locations)
+        assert torch.equal(torch.cat([r.data[:r.blocks] for r in reads]), data)
