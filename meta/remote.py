@@ -12,9 +12,9 @@ a trio task in the meta process, reads the file through ``kvfs.Client`` and uplo
 lookups, refuses writes in read-only bindings (EROFS), and marks files dirty after commits. The
 namespace itself knows nothing about remotes.
 
-Files: this one (bindings, listing sync, staleness, the handler layer), ``remote_fills.py``
-(read-through fills, eviction), ``remote_uploads.py`` (the write-back uploader), ``remote_records.py``
-(records, keys and tunables).
+Files: this one (bindings, listing sync, staleness), ``remote_handlers.py`` (the handler layer),
+``remote_fills.py`` (read-through fills, eviction), ``remote_uploads.py`` (the write-back uploader),
+``remote_records.py`` (records, keys and tunables).
 
 Error handling: remote failures never fail a local write; they are retried with exponential
 backoff and shown as the file's ``error``. Attach validates the location and fails with one line.
@@ -40,7 +40,6 @@ from kvfs.meta.remote_records import (
     CLEAN,
     DIRTY,
     MODES,
-    STATE_XATTR,
     UPLOADING,
     BindingRecord,
     DeleteJob,
@@ -477,192 +476,7 @@ class RemoteTier(RemoteFills, RemoteUploads):
             raise error(errno.EROFS, f"{found[0].path} is bound read-only to {found[0].url}")
 
     def wrap(self, handlers: dict) -> dict:
-        """Layer the tier over the namespace handlers and add the remote RPCs."""
-        ns = self.ns
-        h = dict(handlers)
-        orig = handlers
+        """Layer the tier over the namespace handlers and add the remote RPCs (meta/remote_handlers.py)."""
+        from kvfs.meta.remote_handlers import wrap_handlers
 
-        def before(method, check):
-            async def handler(r, data):
-                await check(r)
-                return await orig[method](r, data)
-            h[method] = handler
-
-        async def lookup(r):
-            await self.sync_dir(r.parent)
-
-        async def readdir(r):
-            if not r.after:
-                await self.sync_dir(r.ino)
-
-        async def resolve(r):
-            await self.resolve(r.path)
-
-        async def get_chunks(r):
-            await self.validate(r.ino)
-
-        async def dir_writable(r):
-            self._check_dir_writable(r.parent)
-
-        async def file_writable(r):
-            self._check_file_writable(r.ino)
-
-        async def link(r):
-            self._check_file_writable(r.ino)
-            if self.binding_of_file(r.ino) is not None or self.locate_dir(r.new_parent) is not None:
-                raise error(errno.EXDEV, "hard links into or out of a remote-bound directory are not supported")
-
-        async def publish(r):
-            if self.locate_dir(r.parent) is not None:
-                # A file born whole would skip the upload queue: writers use create/write/commit there.
-                raise error(errno.EXDEV, "one-step publish into a remote-bound directory is not supported")
-
-        before(P.META_LOOKUP, lookup)
-        before(P.META_READDIR, readdir)
-        before(P.META_KV_PUBLISH, publish)
-        before(P.META_RESOLVE, resolve)
-        before(P.META_GET_CHUNKS, get_chunks)
-        before(P.META_SYMLINK, dir_writable)
-        before(P.META_LINK, link)
-        for m in (P.META_SETATTR, P.META_OPEN_WRITE, P.META_ALLOC_CHUNK, P.META_SETXATTR, P.META_REMOVEXATTR):
-            before(m, file_writable)
-
-        async def mknode(r, data):
-            self._check_dir_writable(r.parent)
-            attr = await orig[P.META_MKNODE](r, data)
-            loc = self.locate_dir(r.parent)
-            if loc is not None and stat.S_ISREG(attr.mode) and self.file(attr.ino) is None:
-                b, rel = loc
-                batch: Batch = []
-                self._enqueue(batch, attr.ino, FileRecord(b.path, f"{rel}/{r.name}" if rel else r.name, DIRTY))
-                ns.engine.write(batch)
-                self._kick()
-            return attr
-
-        async def commit(r, data):
-            self._check_file_writable(r.ino)
-            attr = await orig[P.META_COMMIT](r, data)
-            found = self.binding_of_file(r.ino)
-            if found is not None:
-                b, rec = found
-                rec.error = ""
-                batch: Batch = []
-                self._enqueue(batch, r.ino, rec)
-                ns.engine.write(batch)
-                self._backoff.pop(r.ino, None)
-                self._kick()
-                if b.mode == "writethrough":
-                    await self.wait_clean(r.ino, self.opts.writethrough_timeout)
-            return attr
-
-        async def unlink(r, data):
-            self._check_dir_writable(r.parent)
-            child = ns._child(r.parent, r.name)
-            attr = await orig[P.META_UNLINK](r, data)
-            if child is not None and attr.nlink <= 0:
-                found = self.binding_of_file(child)
-                if found is not None:
-                    b, rec = found
-                    batch: Batch = [(file_key(child), None), (upload_key(child), None)]
-                    self._queue_delete(batch, b.url, rec.key)
-                    ns.engine.write(batch)
-                    self._kick()
-            return attr
-
-        async def rename(r, data):
-            self._check_dir_writable(r.parent)
-            self._check_dir_writable(r.new_parent)
-            src = ns._child(r.parent, r.name)
-            src_loc, dst_loc = self.locate_dir(r.parent), self.locate_dir(r.new_parent)
-            if src is not None and stat.S_ISDIR(ns.inode(src).mode):
-                if src_loc is not None or dst_loc is not None:
-                    raise error(errno.EXDEV, "renaming directories inside a remote-bound tree is not supported")
-                if any(ns._is_ancestor(src, b.root_ino) for b in self.bindings.values()):
-                    raise error(errno.EBUSY, "the directory holds a remote binding: detach it first")
-            replaced = ns._child(r.new_parent, r.new_name)
-            reply = await orig[P.META_RENAME](r, data)
-            if src is not None and stat.S_ISDIR(ns.inode(src).mode):
-                self._forget_dirs()  # directory paths changed (file renames leave them alone)
-            if src is None or (src_loc is None and dst_loc is None):
-                return reply
-            batch: Batch = []
-            if replaced is not None and replaced != src and self.file(replaced) is not None:
-                batch += [(file_key(replaced), None), (upload_key(replaced), None)]
-            rec = self.file(src)
-            if rec is not None and rec.binding in self.bindings:
-                self._queue_delete(batch, self.bindings[rec.binding].url, rec.key)
-            if dst_loc is not None and stat.S_ISREG(ns.inode(src).mode):
-                b, rel = dst_loc
-                new = FileRecord(b.path, f"{rel}/{r.new_name}" if rel else r.new_name, DIRTY,
-                                 version=rec.version if rec else 0)
-                self._enqueue(batch, src, new)
-            elif rec is not None:
-                batch += [(file_key(src), None), (upload_key(src), None)]
-            ns.engine.write(batch)
-            self._kick()
-            return reply
-
-        async def kv_lookup(r, data):
-            await self.sync_dir(r.parent)
-            reply = await orig[P.META_KV_LOOKUP](r, data)
-            if reply.file is not None and self.binding_of_file(reply.attr.ino) is not None:
-                # A remote-bound file's map is validated against the remote at each GET_CHUNKS: the
-                # client's open asks for it (the lease taken stays harmless: changes wait out 2 s).
-                reply.file, reply.lease_seconds = None, 0.0
-            return reply
-
-        async def getxattr(r, data):
-            if r.name == STATE_XATTR:
-                rec = self.file(r.ino)
-                if rec is not None:
-                    return P.XattrValue(rec.state.encode())
-            return await orig[P.META_GETXATTR](r, data)
-
-        async def listxattr(r, data):
-            reply = await orig[P.META_LISTXATTR](r, data)
-            if self.file(r.ino) is not None:
-                reply.names.append(STATE_XATTR)
-            return reply
-
-        async def rmdir(r, data):
-            self._check_dir_writable(r.parent)
-            return await orig[P.META_RMDIR](r, data)
-
-        async def attach(r, _):
-            return await self.attach(r)
-
-        async def detach(r, _):
-            self.detach(r.path)
-            return P.Empty()
-
-        async def list_(r, _):
-            return self.list()
-
-        async def sync(r, _):
-            return await self.sync_path(r.path)
-
-        async def info(r, _):
-            return self.info(r.ino)
-
-        async def fill_alloc(r, _):
-            return self.fill_alloc(r)
-
-        async def fill_commit(r, _):
-            return self.fill_commit(r)
-
-        async def evict(r, _):
-            return await self.evict_path(r.path)
-
-        async def refill(r, _):
-            self.refill(r)
-            return P.Empty()
-
-        h.update({
-            P.META_MKNODE: mknode, P.META_COMMIT: commit, P.META_UNLINK: unlink, P.META_RENAME: rename,
-            P.META_GETXATTR: getxattr, P.META_LISTXATTR: listxattr, P.META_RMDIR: rmdir, P.META_KV_LOOKUP: kv_lookup,
-            P.META_REMOTE_ATTACH: attach, P.META_REMOTE_DETACH: detach, P.META_REMOTE_LIST: list_,
-            P.META_REMOTE_SYNC: sync, P.META_REMOTE_INFO: info, P.META_REMOTE_FILL_ALLOC: fill_alloc,
-            P.META_REMOTE_FILL_COMMIT: fill_commit, P.META_REMOTE_EVICT: evict,
-            P.META_REMOTE_REFILL: refill,
-        })
-        return h
+        return wrap_handlers(self, handlers)
