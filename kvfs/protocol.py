@@ -795,6 +795,11 @@ class KVChunks(Struct):
     # Ask for a KV map lease (meta/kv_leases.py): meta acknowledges no change to these names' bytes
     # until ``KVChunksReply.lease_seconds`` after it answered. Old clients do not ask.
     lease: bool = False
+    # Record an access on every file found whose access time is older than this (ns since the epoch;
+    # 0: none): a load's lookup carries its recency update, so the load sends no write per file. Meta
+    # answers with the new access time and writes it just after (meta/eviction.py); an old meta ignores
+    # the field and answers the old time, so the client touches as before.
+    touch_before_ns: int = 0
 
 
 class KVChunksReply(Struct):

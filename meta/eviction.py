@@ -86,6 +86,7 @@ class KVCache:
         # exists_under's cache: base path -> (inode, subdirectory -> dentry key prefix)
         self._lookup_dirs: dict[tuple[int, str], tuple[int, dict[str, bytes]]] = {}
         self._dir_inos: dict[tuple[int, str], int] = {}  # chunks_many's run directories, by path
+        self._touches: dict[int, int] = {}  # inode -> access time chunks_many answered, not yet written
         self._lookup_epoch = -1
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
@@ -207,6 +208,7 @@ class KVCache:
 
     def run_once(self) -> P.KVStatusReply:
         """One eviction pass over every policy directory; returns the status after it."""
+        self.flush_touches()  # a run just looked up for a load is recent, not an eviction candidate
         started = time.monotonic()
         now_ns = int(self.clock() * 1e9)
         policies, stats = self._xattr_dirs()
@@ -315,13 +317,18 @@ class KVCache:
 
     # ------------------------------------------------------------------ lookups
 
-    def chunks_many(self, paths: list[str], leases: KVLeases | None = None) -> P.KVChunksReply:
+    def chunks_many(self, paths: list[str], leases: KVLeases | None = None,
+                    touch_before_ns: int = 0) -> P.KVChunksReply:
         """Attributes and chunk maps (with replica addresses) of several files in one call: a batch
         of block reads needs no other meta round trip. None for a path that is not a regular file.
         With ``leases`` (a leased read: meta/kv_leases.py) every file found is leased, and the reply
-        says for how long (0 when a path names no file by a plain name, e.g. ends in "..")."""
+        says for how long (0 when a path names no file by a plain name, e.g. ends in "..").
+        ``touch_before_ns``: files found with an older access time get an access recorded now: the
+        reply carries the new time, the write waits for ``flush_touches`` (so this read-only request
+        waits for no disk sync, and many lookups' touches go out in one write)."""
         out: list[P.GetChunksReply | None] = []
         leased = leases is not None and leases.seconds > 0
+        now = time.time_ns()
         self._check_epoch()
         for path in paths:
             head, _, name = path.rstrip("/").rpartition("/")
@@ -342,8 +349,33 @@ class KVCache:
                     leased = False
                 else:
                     leases.grant(parent, name, attr.ino)
-            out.append(self.ns.chunks(attr.ino, 0, 1 << 30))
+            info = self.ns.chunks(attr.ino, 0, 1 << 30)
+            if info.attr.atime_ns < touch_before_ns:
+                self._touches[info.attr.ino] = now
+                info.attr.atime_ns = now
+            out.append(info)
         return P.KVChunksReply(out, leases.seconds if leased and leases is not None else 0.0)
+
+    @property
+    def touches_pending(self) -> int:
+        return len(self._touches)
+
+    def flush_touches(self) -> int:
+        """Write the access times ``chunks_many`` answered with (files deleted meanwhile are skipped);
+        how many were written. The service calls it shortly after (and every eviction pass first)."""
+        if not self._touches:
+            return 0
+        touches, self._touches = self._touches, {}
+        written = 0
+        for ino, atime_ns in touches.items():
+            try:
+                node = self.ns.inode(ino)
+                if node.atime_ns < atime_ns:
+                    self.ns.setattr(P.SetAttr(ino, atime_ns=atime_ns))
+                    written += 1
+            except OSError:
+                continue  # deleted meanwhile: nothing to record
+        return written
 
     def _check_epoch(self) -> None:
         """Drop the cached directories after a rmdir or rename (``ns.dir_epoch``): until then a directory

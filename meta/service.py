@@ -26,6 +26,7 @@ from kvfs.rpc import RpcServer, ServerLimits
 from kvfs.tasks import open_nursery
 
 log = logging.getLogger("kvfs.meta")
+TOUCH_FLUSH_SECONDS = 0.5  # how soon access times answered by KV lookups are written (best effort)
 
 
 def _policy_needs_admin(xattr: str) -> None:
@@ -127,7 +128,8 @@ class MetaService:
             P.META_KV_EXISTS: lambda r, _: _now(self.kv.exists_under(r.base, r.names, r.leading_only)),
             P.META_KV_STATUS: lambda r, _: _now(self.kv.status()),
             P.META_KV_EVICT: lambda r, _: _now(self.kv.run_once()),
-            P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths, self.kv_leases if r.lease else None)),
+            P.META_KV_CHUNKS: lambda r, _: _now(self.kv.chunks_many(r.paths, self.kv_leases if r.lease else None,
+                                                                  r.touch_before_ns)),
             P.META_KV_ALLOC: lambda r, _: _now(ns.alloc_pending_chunk(r.size_hint, 0, pending_owner())),
             P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
             P.META_KV_LOOKUP: lambda r, _: _now(self.kv.lookup_chunks(r.parent, r.name, self.kv_leases if r.lease else None)),
@@ -156,6 +158,7 @@ class MetaService:
         async with open_nursery() as nursery:
             nursery.start_soon(self.commits.run)
             nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self._record_kv_touches)
             nursery.start_soon(self.replicator.loop)
             nursery.start_soon(self.bad_chunks.run)
             nursery.start_soon(tier.run, meta_address)
@@ -178,6 +181,16 @@ class MetaService:
                 log.info("dropped %d uncommitted chunk(s) of writers that are gone", expired)
             self.kv.tick()
             self.kv_leases.tick()
+
+    async def _record_kv_touches(self) -> None:
+        """Write the access times KV lookups answered with (``KVCache.flush_touches``), a moment after: out
+        of the lookups' replies, so they wait for no disk sync, and many lookups' in one go."""
+        while True:
+            await trio.sleep(TOUCH_FLUSH_SECONDS)
+            try:
+                self.kv.flush_touches()
+            except OSError as exc:  # e.g. the engine refuses writes: recency is best effort
+                log.warning("recording KV access times: %s", exc)
 
     def _is_dir(self, parent: int, name: str) -> bool:
         try:

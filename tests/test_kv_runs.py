@@ -337,6 +337,43 @@ def test_lookup_locations_spare_the_load_its_metadata_round_trip(cluster):
                             locations=locations[:2])
 
 
+def test_the_lookup_records_the_loads_accesses(cluster):
+    """Through the native client ``runs_prefix`` asks meta to record an access on the runs it finds
+    (META_KV_CHUNKS ``touch_before_ns``): the locations carry the new access time, meta writes it a
+    moment later, and the load that follows sends no SETATTR of its own; runs accessed within the touch
+    interval are left alone."""
+    import time
+
+    from kvfs import protocol as P
+
+    with cluster.client() as a, cluster.client() as b, \
+            KVStore("/kvruns/lookup-touch", LAYOUT, client=a, touch_interval=60) as sched, \
+            KVStore("/kvruns/lookup-touch", LAYOUT, client=b, touch_interval=60) as worker:
+        hashes = store_prompt(sched, list(range(48)), blocks(12, 10))
+        runs = [hashes[s:s + n] for s, n in run_spans(len(hashes), RUN)]
+        old = time.time_ns() - 3600 * 10**9
+        for run in runs:
+            a.setattr(a.stat(sched.run_path(run)).ino, atime_ns=old, mtime_ns=old)
+        before = time.time_ns()
+        found = sched.runs_prefix(hashes, RUN)
+        assert found.blocks == 12 and all(loc.attr.atime_ns >= before for loc in found.locations)
+        asked = meta_methods_asked(b)
+        reads = worker.get_runs(runs, [torch.empty((len(r), *LAYOUT.block_shape), dtype=torch.bfloat16) for r in runs],
+                                locations=found.locations)
+        assert [r.blocks for r in reads] == [4, 4, 4]
+        time.sleep(0.3)  # a touch the load started would be on its way by now
+        assert P.META_SETATTR not in asked and P.META_KV_CHUNKS not in asked
+        deadline = time.monotonic() + 10  # meta writes the times just after answering
+        while not all(a.stat(sched.run_path(run)).atime_ns >= before for run in runs):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stamped = [a.stat(sched.run_path(run)).atime_ns for run in runs]
+        again = sched.runs_prefix(hashes, RUN)  # touched within the interval: nothing to record
+        assert [loc.attr.atime_ns for loc in again.locations] == stamped
+        time.sleep(1.5)
+        assert [a.stat(sched.run_path(run)).atime_ns for run in runs] == stamped
+
+
 def test_a_stale_location_loads_the_current_run(cluster):
     """A run deleted after the lookup and stored again with other bytes: once the old chunk file is gone,
     a load with the old location falls back to meta's current map and loads the new bytes (never a

@@ -60,11 +60,14 @@ class Backend(Protocol):
         """Which of ``names`` (paths relative to directory ``base``) exist, and how many lead without a
         gap. ``leading_only``: the caller only wants the count; the backend may stop at the first miss."""
 
-    def locate_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[Any], int]:
+    def locate_many(self, base: str, names: list[str], leading_only: bool,
+                    touch_before_ns: int = 0) -> tuple[list[Any], int]:
         """``exists_many`` with, per name, None (missing) or where the file is (native: its chunk map;
         a directory: True), and the leading count. A location may travel to another process (it is
         picklable) and be handed to ``read_many(locations=...)`` there, to skip a look-up the read
-        would make."""
+        would make. ``touch_before_ns``: the files about to be loaded; where the backend can, an access
+        is recorded on those older than this as part of the lookup (native: by meta, in the same
+        round trip; the location then carries the new access time, so the read records none)."""
 
     def remove(self, path: str) -> None: ...
 

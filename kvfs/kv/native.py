@@ -538,12 +538,15 @@ class NativeBackend:
         reply = self._run(self.c.meta.request, P.META_KV_EXISTS, P.KVExists(base, names, leading_only))
         return list(reply.exists), reply.leading
 
-    def locate_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[Any], int]:
+    def locate_many(self, base: str, names: list[str], leading_only: bool,
+                    touch_before_ns: int = 0) -> tuple[list[Any], int]:
         """``Backend.locate_many``: one META_KV_CHUNKS round trip; a file's location is its chunk map
-        (``P.GetChunksReply``), which ``read_many(locations=...)`` maps or reads without asking again."""
+        (``P.GetChunksReply``), which ``read_many(locations=...)`` maps or reads without asking again.
+        Meta records the accesses asked for (``touch_before_ns``) in the same round trip."""
         if not names:
             return [], 0
-        reply = self._run(self.c.meta.request, P.META_KV_CHUNKS, P.KVChunks([f"{base}/{n}" for n in names]))
+        reply = self._run(self.c.meta.request, P.META_KV_CHUNKS,
+                          P.KVChunks([f"{base}/{n}" for n in names], touch_before_ns=touch_before_ns))
         found = list(reply.files)
         leading = next((i for i, f in enumerate(found) if f is None), len(found))
         return found, leading

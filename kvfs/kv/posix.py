@@ -171,7 +171,8 @@ class PosixBackend:
         leading = next((i for i, e in enumerate(exists) if not e), len(names))
         return exists, leading
 
-    def locate_many(self, base: str, names: list[str], leading_only: bool) -> tuple[list[bool | None], int]:
+    def locate_many(self, base: str, names: list[str], leading_only: bool,
+                    touch_before_ns: int = 0) -> tuple[list[bool | None], int]:
         exists, leading = self.exists_many(base, names, leading_only)
         return [True if e else None for e in exists], leading
 

@@ -401,11 +401,15 @@ class KVStore:
         check_hashes(hashes)
         spans = [sp for sp in run_spans(len(hashes), run_blocks) if sp[0] < usable]
         names = [self._run_entry(hashes[s:s + n]) for s, n in spans]
-        where, lead = self.backend.locate_many(self.dir, names, True) if names else ([], 0)
+        # The runs found are about to be loaded: their accesses are recorded by the lookup where the
+        # backend can (native: meta, in this round trip), and the load then records none of its own.
+        touch = time.time_ns() - int(self.touch_interval * 1e9) if self.touch_interval >= 0 else 0
+        where, lead = self.backend.locate_many(self.dir, names, True, touch) if names else ([], 0)
         found, locations = spans[:lead], where[:lead]
         if lead < len(spans):
             s, n = spans[lead]
             shorter = [self._run_entry(hashes[s:s + k]) for k in range(1, n)]
+            # (No touch here: of the shorter runs only the longest found is loaded, and the load touches it.)
             where, _ = self.backend.locate_many(self.dir, shorter, False) if shorter else ([], 0)
             k = max((i + 1 for i, w in enumerate(where) if w is not None), default=0)
             if k:
