@@ -200,7 +200,9 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         if not (self._kv_lookup and is_kv_file_name(name)):
             return await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
         sent = time.monotonic()  # the lease counts from here (LeasedMaps' clock)
-        reply = await self.meta.request(P.META_KV_LOOKUP, P.KVLookup(parent, name, lease=True))
+        interval = self.options.kv_lookup_touch_interval
+        touch = time.time_ns() - int(interval * 1e9) if interval >= 0 else 0
+        reply = await self.meta.request(P.META_KV_LOOKUP, P.KVLookup(parent, name, lease=True, touch_before_ns=touch))
         until = lease_end(sent, reply.lease_seconds)
         if reply.file is not None and until and reply.attr.ino not in self.files:
             self.leased_maps.store(reply.attr.ino, until, reply.file)

@@ -34,6 +34,10 @@ class ClientOptions:
     # Lookups of KV block/run files bring their chunk map under a KV map lease, so their open needs no
     # META_GET_CHUNKS (kvfs/leased_lookups.py); False: every open asks meta (close-to-open).
     kv_lookup_leases: bool = True
+    # Such a lookup also records an access on a file last accessed longer ago than this (seconds; the
+    # KV stores' default touch interval): an engine reading KV runs through the mount then sends no
+    # access-time write of its own while it computes. -1: lookups record nothing.
+    kv_lookup_touch_interval: float = 60.0
 
 
 @dataclass

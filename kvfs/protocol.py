@@ -816,6 +816,9 @@ class KVLookup(Struct):
     parent: int
     name: str
     lease: bool = False
+    # As KVChunks.touch_before_ns: a regular file found with an older access time gets one recorded now
+    # (the mount's lookups of KV files: the engine's reads then record none of their own).
+    touch_before_ns: int = 0
 
 
 class KVLookupReply(Struct):

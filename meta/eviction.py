@@ -328,7 +328,6 @@ class KVCache:
         waits for no disk sync, and many lookups' touches go out in one write)."""
         out: list[P.GetChunksReply | None] = []
         leased = leases is not None and leases.seconds > 0
-        now = time.time_ns()
         self._check_epoch()
         for path in paths:
             head, _, name = path.rstrip("/").rpartition("/")
@@ -350,9 +349,7 @@ class KVCache:
                 else:
                     leases.grant(parent, name, attr.ino)
             info = self.ns.chunks(attr.ino, 0, 1 << 30)
-            if info.attr.atime_ns < touch_before_ns:
-                self._touches[info.attr.ino] = now
-                info.attr.atime_ns = now
+            self._touch(info.attr, touch_before_ns)
             out.append(info)
         return P.KVChunksReply(out, leases.seconds if leased and leases is not None else 0.0)
 
@@ -402,10 +399,11 @@ class KVCache:
             ino = self._dir_inos[key] = attr.ino
         return ino
 
-    def lookup_chunks(self, parent: int, name: str, leases: KVLeases | None = None) -> P.KVLookupReply:
+    def lookup_chunks(self, parent: int, name: str, leases: KVLeases | None = None,
+                      touch_before_ns: int = 0) -> P.KVLookupReply:
         """LOOKUP that also returns a regular file's chunk map, leased with ``leases`` (``chunks_many`` for
-        one entry named by its directory inode: the mount knows inodes, not paths). Error handling: the
-        errnos of LOOKUP."""
+        one entry named by its directory inode: the mount knows inodes, not paths), and records an
+        access as ``chunks_many`` does. Error handling: the errnos of LOOKUP."""
         attr = self.ns.lookup(parent, name)
         if not stat.S_ISREG(attr.mode) or name in (".", ".."):
             return P.KVLookupReply(attr)
@@ -413,7 +411,18 @@ class KVCache:
         if seconds:
             assert leases is not None
             leases.grant(parent, name, attr.ino)
-        return P.KVLookupReply(attr, self.ns.chunks(attr.ino, 0, 1 << 30), seconds)
+        info = self.ns.chunks(attr.ino, 0, 1 << 30)
+        self._touch(info.attr, touch_before_ns)
+        attr.atime_ns = info.attr.atime_ns
+        return P.KVLookupReply(attr, info, seconds)
+
+    def _touch(self, attr: P.Attr, touch_before_ns: int) -> None:
+        """Record an access on ``attr``'s file if its access time is older than ``touch_before_ns``: in
+        ``attr`` (the reply) now, in the namespace at the next ``flush_touches``."""
+        if attr.atime_ns < touch_before_ns:
+            now = time.time_ns()
+            self._touches[attr.ino] = now
+            attr.atime_ns = now
 
     def exists_under(self, base: str, names: list[str], leading_only: bool = False) -> P.ExistsManyReply:
         """Which of ``names`` (relative paths under directory ``base``) exist, in one call: a prompt's

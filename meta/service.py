@@ -132,7 +132,8 @@ class MetaService:
                                                                   r.touch_before_ns)),
             P.META_KV_ALLOC: lambda r, _: _now(ns.alloc_pending_chunk(r.size_hint, 0, pending_owner())),
             P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
-            P.META_KV_LOOKUP: lambda r, _: _now(self.kv.lookup_chunks(r.parent, r.name, self.kv_leases if r.lease else None)),
+            P.META_KV_LOOKUP: lambda r, _: _now(self.kv.lookup_chunks(r.parent, r.name, self.kv_leases if r.lease else None,
+                                                                     r.touch_before_ns)),
             # A lone meta (RocksDB); meta/leader.py answers this for an HA group on etcd.
             P.META_HA_STATUS: lambda r, _: _now(P.HaStatusReply("rocksdb", "", "single", "", [], [])),
             **tenant_handlers(ns.tenants, self.kv.path_of),

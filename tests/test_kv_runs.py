@@ -419,6 +419,32 @@ def test_runs_loaded_through_the_mount_are_touched_in_the_background(mounted):
         assert all(os.stat(s.run_path(run)).st_mtime_ns == old for run in runs)  # only the access time moved
 
 
+def test_lookups_through_the_mount_record_accesses(mounted):
+    """The mount looks KV files up with META_KV_LOOKUP asking meta to record an access on those last
+    accessed more than a minute ago: ``stat`` answers with the new time and meta stores it a moment
+    later, so an engine's load through the mount has no access time left to record; a file looked up
+    again within the minute keeps its time."""
+    import time
+
+    root = f"{mounted.mountpoint}/kvruns/touch-lookup"
+    with KVStore(root, LAYOUT) as s, mounted.client() as native:
+        hashes = store_prompt(s, list(range(16)), blocks(4, 11))
+        path = s.run_path(hashes)
+        inside = path[len(mounted.mountpoint):]
+        old = time.time_ns() - 3600 * 10**9
+        os.utime(path, ns=(old, old))
+        time.sleep(1.3)  # past the kernel's entry and attribute timeouts (1 s): the next stat looks it up
+        before = time.time_ns()
+        assert os.stat(path).st_atime_ns >= before
+        deadline = time.monotonic() + 10
+        while native.stat(inside).atime_ns < before:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stamped = native.stat(inside).atime_ns
+        time.sleep(1.3)
+        assert os.stat(path).st_atime_ns == stamped and os.stat(path).st_mtime_ns == old
+
+
 def test_lookups_follow_renamed_and_recreated_directories(cluster):
     """Meta resolves the runs' directories of a ``runs_prefix`` (META_KV_CHUNKS) from a cache kept until
     a rmdir or rename: after the store's directory is renamed away the runs are a miss, after it is
