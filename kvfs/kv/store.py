@@ -24,7 +24,8 @@ a directory: temp file + no-replace rename): a reader finds either nothing or th
 Cache semantics: a block can disappear at any time (eviction, TTL): ``get`` then returns None (a
 miss) and ``longest_prefix`` stops before it. Recency: a hit records an access time on the block
 (``touch_interval``, default 60 s: at most one extra metadata write per block per minute), which
-the eviction engine (kvfs.meta.eviction) uses for its windowed LRU.
+the eviction engine (kvfs.meta.eviction) uses for its windowed LRU; for runs the lookup
+(``runs_prefix``) records it, where the backend can, in its own round trip (docs/kv.md).
 
 Counters (hits, misses, bytes): kept per store and written every ``stats_interval`` seconds and on
 ``close`` as an xattr ``kvfs.kv.stats.<client id>`` of ``root``; ``kvfs status`` sums them.
