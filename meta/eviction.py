@@ -86,7 +86,7 @@ class KVCache:
         # exists_under's cache: base path -> (inode, subdirectory -> dentry key prefix)
         self._lookup_dirs: dict[tuple[int, str], tuple[int, dict[str, bytes]]] = {}
         self._dir_inos: dict[tuple[int, str], int] = {}  # chunks_many's run directories, by path
-        self._touches: dict[int, int] = {}  # inode -> access time chunks_many answered, not yet written
+        self._touches: dict[int, int] = {}  # inode -> access time a lookup answered, not yet written
         self._lookup_epoch = -1
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
@@ -353,13 +353,10 @@ class KVCache:
             out.append(info)
         return P.KVChunksReply(out, leases.seconds if leased and leases is not None else 0.0)
 
-    @property
-    def touches_pending(self) -> int:
-        return len(self._touches)
-
     def flush_touches(self) -> int:
-        """Write the access times ``chunks_many`` answered with (files deleted meanwhile are skipped);
-        how many were written. The service calls it shortly after (and every eviction pass first)."""
+        """Write the access times the lookups answered with (``_touch``; files deleted meanwhile are
+        skipped); how many were written. The service calls it shortly after (and every eviction pass
+        first)."""
         if not self._touches:
             return 0
         touches, self._touches = self._touches, {}
