@@ -234,7 +234,9 @@ def _client_options(args):
 
     # A mount's client caches directory listings/attributes no longer than the kernel caches entries.
     ttl = getattr(args, "attr_timeout", ClientOptions.dir_cache_ttl)
-    return ClientOptions(timeout=args.timeout, local_reads=not args.no_local_reads, dir_cache_ttl=ttl)
+    touch = getattr(args, "kv_touch_interval", ClientOptions.kv_lookup_touch_interval)
+    return ClientOptions(timeout=args.timeout, local_reads=not args.no_local_reads, dir_cache_ttl=ttl,
+                         kv_lookup_touch_interval=touch)
 
 
 def _mount_runner():
@@ -479,6 +481,9 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
                         "and attributes) may answer from cache; 0 asks meta every time")
         sp.add_argument("--writeback-cache", action="store_true", help="let the kernel buffer writes (faster)")
         sp.add_argument("--readahead", default="4M", help="kernel readahead for the mount (sequential read size)")
+        sp.add_argument("--kv-touch-interval", type=float, default=60.0,
+                        help="a lookup of a KV block or run file records an access (eviction recency) when the last "
+                        "was longer ago than this (s); -1: lookups record none (docs/kv.md)")
 
     sp = sub.add_parser("up", help="run meta, chunkserver(s) and the mount in one process")
     sp.add_argument("mountpoint", nargs="?", help=f"default {config.default_mountpoint()} (created if missing)")

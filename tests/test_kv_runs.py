@@ -423,7 +423,7 @@ def test_lookups_through_the_mount_record_accesses(mounted):
     """The mount looks KV files up with META_KV_LOOKUP asking meta to record an access on those last
     accessed more than a minute ago: ``stat`` answers with the new time and meta stores it a moment
     later, so an engine's load through the mount has no access time left to record; a file looked up
-    again within the minute keeps its time."""
+    again within the minute keeps its time; a mount started with ``--kv-touch-interval -1`` records none."""
     import time
 
     root = f"{mounted.mountpoint}/kvruns/touch-lookup"
@@ -443,6 +443,19 @@ def test_lookups_through_the_mount_record_accesses(mounted):
         stamped = native.stat(inside).atime_ns
         time.sleep(1.3)
         assert os.stat(path).st_atime_ns == stamped and os.stat(path).st_mtime_ns == old
+        # A mount started with --kv-touch-interval -1 records nothing on lookups.
+        quiet = mounted.mount(f"{mounted.mountpoint}-quiet", "--kv-touch-interval", "-1")
+        try:
+            os.utime(path, ns=(old, old))
+            deadline = time.monotonic() + 30
+            while not os.path.isdir(f"{quiet}/kvruns"):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert os.stat(quiet + inside).st_atime_ns == old
+            time.sleep(1.0)  # past the flush of any access meta was asked to record
+            assert native.stat(inside).atime_ns == old
+        finally:
+            mounted.unmount(quiet)
 
 
 def test_lookups_follow_renamed_and_recreated_directories(cluster):
