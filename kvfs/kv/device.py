@@ -27,8 +27,8 @@ payload reaches ``out``:
   landed, in the thread that read it (the backend's ``on_ready``), so copies overlap the reads of the
   rest of the batch; blocks under ``OVERLAP_COPIES_FROM`` bytes are instead copied together by the calling
   thread once their window has landed (a copy of a small block is shorter than the per-copy costs the
-  reader threads would pay for it: CUDA stream switch and event record under the GIL). A batch is read in windows of ``concurrency`` blocks (concurrent within a
-  window), so staging memory is at most ``2 x concurrency`` blocks per ``get_many`` call in flight;
+  reader threads would pay for it: CUDA stream switch and event record under the GIL). A batch is read
+  in windows of ``concurrency`` blocks (concurrent within a window), so staging memory is at most ``2 x concurrency`` blocks per ``get_many`` call in flight;
   buffers are reused across calls and freed by ``KVStore.close``. Works with both backends (the native
   client reads straight into the staging buffer).
 

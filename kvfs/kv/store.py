@@ -309,8 +309,8 @@ class KVStore:
         block sums anyway). With ``verify`` on, a run that is read (not mapped) has its header read first
         and each block checked against the header's sums as it lands in ``out`` (``Backend.read_many(
         payload_sums=...)``: one pass over the bytes; through the native client with ``locations``, from
-        the run's chunk file on this host, with no thread hop but to the read pool). Error handling: ValueError for unfit ``outs`` or ``locations``; the first
-        OSError is raised after every run was read."""
+        the run's chunk file on this host, with no thread hop but to the read pool). Error handling:
+        ValueError for unfit ``outs`` or ``locations``; the first OSError is raised after every run was read."""
         if locations is not None and len(locations) != len(runs):
             raise ValueError("get_runs: one location per run")
         if len(outs) != len(runs):
