@@ -78,6 +78,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         self._servers: dict[str, _ServerInfo] = {}
         self._chunk_clients: dict[str, RpcClient] = {}
         self._thread_clients: dict[str, BlockingChunkClient] = {}  # bulk reads in worker threads
+        self._thread_clients_lock = threading.Lock()
         self._read_threads = trio.CapacityLimiter(max(1, self.options.read_threads))
         self._upload_slots = trio.Semaphore(self.options.max_upload_inflight)
         self._host_id = ""
@@ -163,11 +164,16 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
             b.close()
 
     def _thread_chunkserver(self, address: str) -> BlockingChunkClient:
+        """The pool of blocking connections to ``address``; called from reader threads, so two threads
+        asking at once must get the same pool (a second one would hold sockets close() never sees)."""
         b = self._thread_clients.get(address)
         if b is None:
-            b = self._thread_clients[address] = BlockingChunkClient(
-                address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout,
-                ssl_context=tls.client_context() if self._tls is True else (self._tls or None))
+            with self._thread_clients_lock:
+                b = self._thread_clients.get(address)
+                if b is None:
+                    b = self._thread_clients[address] = BlockingChunkClient(
+                        address, timeout=self.options.timeout, connect_timeout=self.options.connect_timeout,
+                        ssl_context=tls.client_context() if self._tls is True else (self._tls or None))
         return b
 
     def _chunkserver(self, address: str) -> RpcClient:

@@ -50,6 +50,7 @@ class BlockingChunkClient:
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
         self._next_id = 0
+        self._closed = False  # after close(), a read still in flight closes its socket instead of pooling it
 
     def _fail(self, what: str) -> TransportError:
         return TransportError(errno.EIO, f"chunkserver {self.address}: {what}")
@@ -136,13 +137,17 @@ class BlockingChunkClient:
             sock.close()
             raise
         with self._lock:
-            self._idle.append(sock)
+            if self._closed:
+                sock.close()
+            else:
+                self._idle.append(sock)
         if frame.status:
             raise error(frame.status, P.decode(P.ErrorReply, reply_payload).message)  # type: ignore[attr-defined]
         return reply, data
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             for sock in self._idle:
                 sock.close()
             self._idle.clear()

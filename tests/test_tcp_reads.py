@@ -279,3 +279,64 @@ def test_an_honest_peer_is_read_and_verified_on_both_receive_paths(monkeypatch):
         finally:
             server.close()
             client.close()
+
+
+def test_a_read_in_flight_at_close_does_not_pool_its_connection():
+    """``close()`` while another thread's read is still receiving: the read completes, and its socket is
+    closed rather than put back into a pool nobody will close again (it would leak until GC)."""
+    import threading
+
+    from kvfs import protocol as P
+    from kvfs import rpc_blocking
+
+    data = os.urandom(MiB)
+    asked, go = threading.Event(), threading.Event()
+    server = FakeChunkserver(lambda conn, rid: (asked.set(), go.wait(10), _send_reply(conn, rid, data)))
+    client = rpc_blocking.BlockingChunkClient(server.address, timeout=10)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(bytes(client.read(
+        P.ReadChunk(1, 0, len(data)), memoryview(bytearray(MiB)))[1])))
+    try:
+        reader.start()
+        assert asked.wait(10)
+        client.close()  # the read has sent its request and is waiting for the reply
+        go.set()
+        reader.join(10)
+        assert got == [data]
+        assert client._idle == []
+    finally:
+        go.set()
+        server.close()
+
+
+def test_reader_threads_asking_at_once_share_one_connection_pool(cluster, monkeypatch):
+    """Several reader threads asking for the same chunkserver's blocking pool at the same moment get one
+    pool: a second one would hold connections that ``Client.close`` never closes."""
+    import threading
+    import time
+
+    import kvfs.client
+    from kvfs.rpc_blocking import BlockingChunkClient
+
+    class SlowToBuild(BlockingChunkClient):
+        def __init__(self, *args, **kwargs):
+            time.sleep(0.05)  # widens the window two unsynchronised askers would both fall into
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kvfs.client, "BlockingChunkClient", SlowToBuild)
+    with cluster.client(local_reads=False) as c:
+        address = c.client._servers and next(iter(c.client._servers)) or "127.0.0.1:1"
+        start = threading.Barrier(6)
+        pools = []
+
+        def ask():
+            start.wait(5)
+            pools.append(c.client._thread_chunkserver(address))
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(pools) == 6 and len({id(p) for p in pools}) == 1
+        assert list(c.client._thread_clients.values()) == [pools[0]]
