@@ -304,3 +304,4 @@ class KvfsHiCacheStorage(HiCacheStorage):
     def close(self) -> None:
         for closer in self._kv.take():
             self._guard.call(closer.close, "close")
+        self._guard.close()

@@ -498,6 +498,7 @@ class KvfsConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         for closer in self._kv.take():
             self._guard.call(closer.close, "close")
+        self._guard.close()
         if self._pages is not None:
             self._pages.close()
 
