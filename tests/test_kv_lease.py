@@ -18,6 +18,7 @@ import time
 import msgspec
 import pytest
 import torch
+from cluster import wait_for
 from test_kv_native_cache import MID, _bounded, block_for, chunk_files, flip_byte, lease_until, outlive_leases
 
 from kvfs import protocol as P
@@ -248,3 +249,31 @@ def test_lease_table_is_bounded_and_the_restart_flag_clears():
     restarted.tick()
     assert engine.get(R.KV_LEASE_FLAG_KEY) is None
     assert KVLeases(engine, 2.0, clock=lambda: now[0]).grace_until == 0.0
+
+
+def test_one_renewal_keeps_every_batch_read_lately_leased(make_cluster):
+    """Two batches fetched together; past half the lease a read of the first renews the second too, so
+    the second, read again after its first lease ended, still needs no META_KV_CHUNKS wait. (Renewing
+    only the batch that found the lease due left the others to run out while one renewal was in flight:
+    those reads then waited on meta.)"""
+    cluster = leased_cluster(make_cluster, 2)
+    with cluster.client() as client:
+        s = KVStore("/kvlease/renew", MID, client=client)
+        hs = block_hashes(range(16 * 8), 16, salt="renew")
+        a, b = hs[:4], hs[4:]
+        want = {h: block_for(MID, h) for h in hs}
+        s.put_many(list(want.items()))
+        cached = s.backend._cached
+        s.get_many(a)
+        s.get_many(b)
+        first_lease = lease_until(s)
+        waited = cached.waited_fetches
+        time.sleep(max(0.0, first_lease - time.monotonic() - 0.6))  # past half, 0.6 s of the lease left
+        got = s.get_many(a)  # leased still: no wait, and the renewal starts
+        assert cached.waited_fetches == waited and cached.renewals >= 1
+        wait_for(lambda: not cached._renewing.locked(), 10, "the lease renewal")
+        time.sleep(max(0.0, first_lease - time.monotonic()) + 0.1)  # the first lease has ended
+        got += s.get_many(b)
+        assert cached.waited_fetches == waited, "b's lease ran out: its read waited on meta"
+        assert all(torch.equal(g, want[h]) for g, h in zip(got, a + b))
+        s.close()
