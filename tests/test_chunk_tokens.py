@@ -312,3 +312,25 @@ def test_standby_that_takes_over_accepts_the_leaders_tokens(tmp_path):
         assert captoken.fields(fresh.token)[0] == captoken.fields(ref.token)[0]
     finally:
         ha.stop()
+
+
+def test_a_young_token_is_handed_out_again_and_an_aging_one_is_not():
+    """Meta reuses the token it signed a moment ago for the same chunk and operations (a KV lookup
+    stamps the same chunk maps again and again), but never one with less than a token's life minus
+    ``reuse_seconds`` left, nor one of a key that no longer signs."""
+    now = [1_000_000.0]
+    ring = KeyRing(MemoryEngine(), token_seconds=600, rotate_seconds=3600, clock=lambda: now[0])
+    first = ring.issue(7, P.TOKEN_READ)
+    now[0] += 30
+    assert ring.issue(7, P.TOKEN_READ) == first  # 570 s of 600 left: reused
+    assert ring.issue(7, P.TOKEN_READ | P.TOKEN_WRITE) != first  # other operations: its own token
+    assert ring.issue(8, P.TOKEN_READ) != first
+    now[0] += 31  # 61 s since it was signed: more than reuse_seconds (60) of its life gone
+    fresh = ring.issue(7, P.TOKEN_READ)
+    assert fresh != first and captoken.fields(fresh)[2] >= now[0] + 600
+    now[0] += 3600  # the next key signs now
+    rotated = ring.issue(7, P.TOKEN_READ)
+    assert captoken.fields(rotated)[0] == captoken.fields(fresh)[0] + 1
+    verifier = captoken.Verifier(clock=lambda: now[0])
+    verifier.set_keys(ring.accepted())
+    verifier.check(rotated, 7, P.TOKEN_READ)
