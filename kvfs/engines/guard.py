@@ -4,11 +4,11 @@ An engine must keep serving when kvfs is down or slow: a KV lookup, load or save
 answer in time is a cache miss (the engine recomputes), never a hang or a crash. ``Guard.call``
 runs one storage operation on a daemon worker thread and waits at most ``timeout`` seconds for it (plus
 a second per ``bytes_per_second`` of data the call moves, so a large batch is not mistaken for an
-outage). Workers are kept for the next call: starting a thread per call cost 0.3-3 ms on a 2-core
-VM running vLLM, per lookup, load and save. A
-timeout or an ``OSError`` opens the breaker: for ``retry_after`` seconds every call returns at once
-as failed, without touching storage, then the next call probes again. An outage is logged once when
-it starts and once when kvfs answers again (one log line per outage, not one per request).
+outage). Workers are kept for the next call: starting a thread per call cost 0.3-3 ms on a 2-core VM
+running vLLM, per lookup, load and save. A timeout or an ``OSError`` opens the breaker: for
+``retry_after`` seconds every call returns at once as failed, without touching storage, then the next
+call probes again. An outage is logged once when it starts and once when kvfs answers again (one log
+line per outage, not one per request).
 
 A worker that is still stuck (a hung FUSE read) is abandoned, not waited for: it exits when its call
 returns, if ever, and the next call uses another worker. It is a daemon thread, so it cannot keep the
