@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--modes", default="recompute,example,kvfs-mount,kvfs-native")
     p.add_argument("--record", metavar="MD", help="write the results as a section of this markdown file")
+    p.add_argument("--mount-args", default="", help="extra `kvfs mount` options, e.g. \"--kv-timeout 0\" (A/B runs)")
     p.add_argument("--workdir", help="keep the instances' specs, logs and event files here (default: a temp dir)")
     p.add_argument("--loading", action="store_true", help="measure engine start with weights on kvfs instead")
     p.add_argument("--load-layers", type=int, default=8)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir or tmp
         model, cluster = model_and_cluster(work, args.layers, args.hidden)
         try:
-            mnt = cluster.mount(os.path.join(work, "mnt"))
+            mnt = cluster.mount(os.path.join(work, "mnt"), *args.mount_args.split())
             os.makedirs(os.path.join(mnt, "kv"))
             specs = {}
             for mode in modes:

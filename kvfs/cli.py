@@ -260,7 +260,7 @@ def cmd_mount(args) -> None:
     async def body() -> None:
         await run_mount(args.meta, args.mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
                         entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache,
-                        readahead_kb=config.parse_size(args.readahead) // 1024)
+                        readahead_kb=config.parse_size(args.readahead) // 1024, kv_timeout=args.kv_timeout)
 
     trio.run(_until_signal, body)
 
@@ -304,7 +304,8 @@ def cmd_up(args) -> None:
             await nursery.start(lambda task_status: run_mount(
                 meta_address, mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
                 entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache,
-                readahead_kb=config.parse_size(args.readahead) // 1024, task_status=task_status))
+                readahead_kb=config.parse_size(args.readahead) // 1024, kv_timeout=args.kv_timeout,
+                task_status=task_status))
             print(f"kvfs is up\n  mount:        {mountpoint}\n  meta:         {meta_address}\n"
                   f"  chunkservers: {', '.join(servers)}\n  data dir:     {data_dir}\n"
                   f"Use it with plain file tools; `kvfs status --meta {meta_address}` shows usage. Ctrl-C stops.",
@@ -479,6 +480,9 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     def mount_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel (and the mount's client: directory listings "
                         "and attributes) may answer from cache; 0 asks meta every time")
+        sp.add_argument("--kv-timeout", type=float, default=300.0,
+                        help="seconds the kernel may keep the names and attributes of KV block and run files and their "
+                        "layout directories (immutable; a removed one costs one retry); 0: as --attr-timeout (docs/kv.md)")
         sp.add_argument("--writeback-cache", action="store_true", help="let the kernel buffer writes (faster)")
         sp.add_argument("--readahead", default="4M", help="kernel readahead for the mount (sequential read size)")
         sp.add_argument("--kv-touch-interval", type=float, default=60.0,

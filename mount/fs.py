@@ -5,6 +5,15 @@ No filesystem logic lives here. What the adapter must own itself (pyfuse3 leaves
 * file and directory handles;
 * which files may keep the kernel page cache on open (unchanged since this mount last saw them).
 Every OSError becomes ``FUSEError(errno)`` in one place (``_errors``).
+
+KV directories: kvfs.kv's layout directories and their fan-out directories (a hash's first two digits)
+are made once and never renamed, and a prefix lookup stats a run in a different fan-out directory for
+every 16 blocks. The kernel may keep their names and attributes for ``kv_timeout`` (minutes, not the 1
+s of other entries): a lookup then costs one round trip (the run file's leased lookup), not two. The
+files themselves keep the short timeout: their lookup brings the chunk map the open uses. Another client
+can still remove such a directory (``rm -r``). A getattr or create that then finds its inode gone
+answers ESTALE, not ENOENT: the kernel walks the path again with every name revalidated here
+(LOOKUP_REVAL), so a stale name costs one retry, not a failed call.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import stat
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,6 +31,8 @@ import pyfuse3
 
 from kvfs import protocol as P
 from kvfs.client import Client
+from kvfs.errors import error
+from kvfs.kv.layout import is_layout_name
 
 log = logging.getLogger("kvfs.mount")
 
@@ -28,6 +40,8 @@ log = logging.getLogger("kvfs.mount")
 # without a round trip to meta, keeps it off the write path. kvfs has no file capabilities, so
 # setting it fails with ENOTSUP instead of being stored and silently ignored.
 _CAPABILITY = b"security.capability"
+
+_FANOUT = re.compile(r"[0-9a-f]{2}")  # kvfs.kv's per-layout fan-out directories: a hash's first two digits
 
 
 def _errors(fn):
@@ -84,11 +98,14 @@ class KvfsOperations(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, client: Client, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0,
-                 writeback_cache: bool = False):
+                 writeback_cache: bool = False, kv_timeout: float = 300.0):
         super().__init__()
         self.client = client
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
+        self.kv_timeout = kv_timeout  # for KV directories (module docstring); 0: like any other entry
+        self.kv_dirs: set[int] = set()  # directories the kernel holds under a kv_timeout entry
+        self.kv_layout_dirs: set[int] = set()  # of those, KV layout directories (their children fan out)
         self.enable_writeback_cache = writeback_cache
         self.lookups: defaultdict[int, int] = defaultdict(int)
         self.unlinked: set[int] = set()  # nlink reached 0 while the kernel still knew the inode
@@ -108,15 +125,15 @@ class KvfsOperations(pyfuse3.Operations):
         directory, or kvfs's own root; tenants never see kvfs inode 1, so nothing else maps to it)."""
         return self.client.root_ino if inode == pyfuse3.ROOT_INODE else inode
 
-    def _entry(self, attr: P.Attr, *, count: bool = True) -> pyfuse3.EntryAttributes:
+    def _entry(self, attr: P.Attr, *, count: bool = True, kv: bool = False) -> pyfuse3.EntryAttributes:
         self.sent_attrs[attr.ino] = (attr.mtime_ns, attr.size)
         if count:
             self.lookups[attr.ino] += 1
         e = pyfuse3.EntryAttributes()
         e.st_ino = pyfuse3.ROOT_INODE if attr.ino == self.client.root_ino else attr.ino
         e.generation = attr.generation
-        e.entry_timeout = self.entry_timeout
-        e.attr_timeout = self.attr_timeout
+        e.entry_timeout = self.kv_timeout if kv else self.entry_timeout
+        e.attr_timeout = self.kv_timeout if kv else self.attr_timeout
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
@@ -142,6 +159,26 @@ class KvfsOperations(pyfuse3.Operations):
             self.seen_version.pop(ino, None)
             await self.client.purge(ino)
 
+    def _named(self, parent: int, name: str, attr: P.Attr) -> pyfuse3.EntryAttributes:
+        """The entry for ``name`` in ``parent`` (kvfs inodes), with the KV timeout for a KV layout
+        directory or a fan-out directory in one (module docstring)."""
+        kv = False
+        if self.kv_timeout > 0 and stat.S_ISDIR(attr.mode):
+            if is_layout_name(name):
+                self.kv_layout_dirs.add(attr.ino)
+                kv = True
+            else:
+                kv = parent in self.kv_layout_dirs and _FANOUT.fullmatch(name) is not None
+            if kv:
+                self.kv_dirs.add(attr.ino)
+        return self._entry(attr, kv=kv)
+
+    def _stale(self, ino: int, exc: OSError) -> OSError:
+        """``exc`` as ESTALE when it says a KV directory the kernel still trusts is gone (module docstring)."""
+        if exc.errno == errno.ENOENT and ino in self.kv_dirs:
+            return error(errno.ESTALE, f"directory inode {ino} was removed by another client")
+        return exc
+
     async def _after_unlink(self, attr: P.Attr) -> None:
         if attr.nlink <= 0:
             self.unlinked.add(attr.ino)
@@ -151,7 +188,8 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(await self.client.lookup(self._k(parent_inode), os.fsdecode(name)))
+        parent, name = self._k(parent_inode), os.fsdecode(name)
+        return self._named(parent, name, await self.client.lookup(parent, name))
 
     async def forget(self, inode_list):
         for fuse_ino, nlookup in inode_list:
@@ -162,6 +200,8 @@ class KvfsOperations(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             self.sent_attrs.pop(ino, None)
+            self.kv_dirs.discard(ino)
+            self.kv_layout_dirs.discard(ino)
             try:
                 await self._maybe_purge(ino)
             except OSError as exc:  # forget cannot fail; meta purges orphans at startup too
@@ -169,7 +209,12 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode, ctx=None):
-        return self._entry(await self.client.getattr(self._k(inode)), count=False)
+        ino = self._k(inode)
+        try:
+            attr = await self.client.getattr(ino)
+        except OSError as exc:
+            raise self._stale(ino, exc) from None
+        return self._entry(attr, count=False, kv=ino in self.kv_dirs)
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -205,13 +250,19 @@ class KvfsOperations(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        attr = await self.client.mknode(self._k(parent_inode), os.fsdecode(name), mode, ctx.uid, ctx.gid, rdev)
-        return self._entry(attr)
+        return await self._make(parent_inode, name, mode, ctx, rdev)
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        attr = await self.client.mknode(self._k(parent_inode), os.fsdecode(name), stat.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
-        return self._entry(attr)
+        return await self._make(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), ctx)
+
+    async def _make(self, parent_inode: int, name: bytes, mode: int, ctx, rdev: int = 0) -> pyfuse3.EntryAttributes:
+        parent, text = self._k(parent_inode), os.fsdecode(name)
+        try:
+            attr = await self.client.mknode(parent, text, mode, ctx.uid, ctx.gid, rdev)
+        except OSError as exc:
+            raise self._stale(parent, exc) from None
+        return self._named(parent, text, attr)
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
@@ -275,10 +326,14 @@ class KvfsOperations(pyfuse3.Operations):
         # the create, not in a round trip before the first write. Other creates (touch, lock files,
         # O_EXCL markers) are often closed unwritten: no lease, so nothing to release either.
         lease = bool(flags & os.O_TRUNC)
-        attr = await self.client.mknode(self._k(parent_inode), os.fsdecode(name), stat.S_IFREG | (mode & 0o7777), ctx.uid,
-                                        ctx.gid, exclusive=bool(flags & os.O_EXCL), lease=lease)
+        parent, text = self._k(parent_inode), os.fsdecode(name)
+        try:
+            attr = await self.client.mknode(parent, text, stat.S_IFREG | (mode & 0o7777), ctx.uid,
+                                            ctx.gid, exclusive=bool(flags & os.O_EXCL), lease=lease)
+        except OSError as exc:
+            raise self._stale(parent, exc) from None
         info = await self._open(attr.ino, flags | os.O_WRONLY if not flags & os.O_ACCMODE else flags, attr, lease)
-        return info, self._entry(attr)
+        return info, self._named(parent, text, attr)
 
     @_errors
     async def read(self, fh, off, size):

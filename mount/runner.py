@@ -62,14 +62,15 @@ async def _raise_readahead_after_init(mountpoint: str, readahead_kb: int) -> Non
 
 async def run_mount(meta_address: str, mountpoint: str, *, options: ClientOptions | None = None,
                     attr_timeout: float = 1.0, entry_timeout: float = 1.0, writeback_cache: bool = False,
-                    readahead_kb: int = 4096, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    readahead_kb: int = 4096, kv_timeout: float = 300.0,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount until cancelled or the filesystem is unmounted; always unmounts on the way out."""
     path = check_mountpoint(mountpoint)
     client = Client(meta_address, options)
     async with open_nursery() as nursery:
         await client.connect(nursery)
         ops = KvfsOperations(client, attr_timeout=attr_timeout, entry_timeout=entry_timeout,
-                             writeback_cache=writeback_cache)
+                             writeback_cache=writeback_cache, kv_timeout=kv_timeout)
         fuse_options = set(pyfuse3.default_options)
         fuse_options.update({f"fsname=kvfs:{meta_address.replace(',', '+')}", "subtype=kvfs", "allow_other"})
         pyfuse3.init(ops, path, fuse_options)

@@ -6,6 +6,9 @@ at every open (close-to-open), and an in-place rewrite of a leased file is read 
 acknowledged, even by a mount whose kernel keeps the old entry (the cached map is dropped when its
 lease ends). Meta's requests are counted from its metrics endpoint; nothing asserts a duration. The
 helpers' bookkeeping (lease ends, one request for concurrent lookups) is checked in-process with trio.
+KV layout and fan-out directories keep their kernel entries for ``--kv-timeout`` (mount/fs.py): a lookup
+under them skips their round trips, and one removed or replaced by another client answers ESTALE, so
+the kernel looks the path up again instead of failing on the stale name.
 """
 
 from __future__ import annotations
@@ -107,6 +110,42 @@ def test_deleted_kv_file_is_not_found_once_its_lease_ends(two_mounts):
         assert outcome == b"x" * 4096  # within the lease: the bytes the name held
         time.sleep(0.2)
     assert outcome == errno.ENOENT
+
+
+LAYOUT = "bf16-t32-l8-h4-d64-tp0of1"  # a KV layout directory's name shape (kvfs/kv/layout.py)
+
+
+def test_kv_directories_are_kept_and_revalidated_when_another_client_replaces_them(make_cluster, tmp_path):
+    cluster = make_cluster(chunkservers=1, replication=1, meta_metrics_port=free_port())
+    here = cluster.mount(str(tmp_path / "a"))  # default --kv-timeout (300 s); --attr-timeout 1 s
+    other = cluster.mount(str(tmp_path / "b"))
+    for top in (LAYOUT, "plain"):
+        os.makedirs(os.path.join(here, "kv", top, "ab"))
+    time.sleep(1.5)  # past the 1 s entry timeout of ordinary names
+    before = served(cluster, "lookup")
+    os.stat(os.path.join(here, "kv", LAYOUT, "ab"))  # "kv" is looked up again; the KV directories are not
+    kv_lookups = served(cluster, "lookup") - before
+    os.stat(os.path.join(here, "kv", "plain", "ab"))  # "plain" and its "ab" are
+    assert kv_lookups <= 1
+    assert served(cluster, "lookup") - before - kv_lookups >= 2
+
+    # Another client removes the fan-out directory: this kernel still trusts the name (up to --kv-timeout) ...
+    os.rmdir(os.path.join(other, "kv", LAYOUT, "ab"))
+    os.rmdir(os.path.join(other, "kv", "plain", "ab"))
+    time.sleep(1.5)
+    assert os.path.isdir(os.path.join(here, "kv", LAYOUT, "ab"))
+    assert not os.path.isdir(os.path.join(here, "kv", "plain", "ab"))
+    # ... but a create in it is answered ESTALE, the kernel walks the path again and finds it gone.
+    with pytest.raises(FileNotFoundError):
+        os.open(os.path.join(here, "kv", LAYOUT, "ab", RUN_NAME), os.O_WRONLY | os.O_CREAT, 0o644)
+    assert not os.path.isdir(os.path.join(here, "kv", LAYOUT, "ab"))
+
+    # Replaced by a new directory of the same name: the create lands in the new one, with no error.
+    os.makedirs(os.path.join(here, "kv", LAYOUT, "cd"))
+    os.rmdir(os.path.join(other, "kv", LAYOUT, "cd"))
+    os.mkdir(os.path.join(other, "kv", LAYOUT, "cd"))
+    write(os.path.join(here, "kv", LAYOUT, "cd", RUN_NAME), b"y" * 4096)
+    assert read(os.path.join(other, "kv", LAYOUT, "cd", RUN_NAME)) == b"y" * 4096
 
 
 # ---------------------------------------------------------------------- the helpers, in-process

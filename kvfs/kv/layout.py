@@ -41,6 +41,11 @@ _NAME_RE = re.compile(r"^([a-z0-9]+)-t(\d+)-l(\d+)-h(\d+)-d(\d+)-tp(\d+)of(\d+)(
 _ORDER_RE = re.compile(r"^[a-z0-9]*$")
 
 
+def is_layout_name(name: str) -> bool:
+    """Whether ``name`` has the form of a ``KVLayout.name`` (a KV store's per-layout directory)."""
+    return _NAME_RE.match(name) is not None
+
+
 def dtype_name(dtype: Any) -> str:
     """``torch.bfloat16`` / ``"bfloat16"`` / ``"bf16"`` -> ``"bfloat16"``."""
     name = str(dtype).removeprefix("torch.")
