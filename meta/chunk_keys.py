@@ -7,8 +7,8 @@ by the time it signs, every chunkserver knows it. A key is dropped once its succ
 longer than a token lives: every token it signed has expired.
 
 ``Capabilities.wrap`` stamps tokens into every reply that hands out chunk locations (found by reply
-type, so a new method returning chunk refs is covered) and the keys into chunkserver registrations
-and heartbeats.
+type, so a new method returning chunk refs is covered; a reply type that nests maps, KV_CHUNKS's and
+KV_LOOKUP's, is listed in ``stamp``) and the keys into chunkserver registrations and heartbeats.
 """
 
 from __future__ import annotations
@@ -141,6 +141,9 @@ class Capabilities:
                 ref.token = issue(ref.chunk_id, P.TOKEN_READ)
         elif isinstance(reply, P.AllocChunkReply):  # a new chunk: write, and read back
             reply.token = issue(reply.chunk_id, READ_WRITE)
+        elif isinstance(reply, P.KVLookupReply):  # the map a mount's open of a KV file reads with
+            if reply.file is not None:
+                self.stamp(reply.file)
         elif isinstance(reply, (P.KVChunksReply, P.RemoteFillAllocReply)):
             for part in getattr(reply, "files", None) or getattr(reply, "chunks", []):
                 if part is not None:

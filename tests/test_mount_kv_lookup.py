@@ -62,6 +62,22 @@ def test_kv_file_open_needs_no_get_chunks_after_its_lookup(two_mounts):
     assert served(cluster, "kv_lookup") == before.get("kv_lookup", 0.0) + 1
 
 
+def test_kv_file_read_over_tcp_uses_the_lookups_chunk_tokens(make_cluster, tmp_path):
+    """A mount on another host (no short-circuit reads) reads a KV file's chunks from the chunkserver with
+    the capability tokens of its leased lookup's map: no refused read, no META_CHUNK_LOCATIONS to renew."""
+    cluster = make_cluster(chunkservers=1, replication=1, meta_metrics_port=free_port())
+    writer = cluster.mount(str(tmp_path / "w"))
+    reader = cluster.mount(str(tmp_path / "r"), "--no-local-reads")
+    os.makedirs(os.path.join(writer, "kv", "ab"))
+    data = os.urandom(3 << 20)
+    write(os.path.join(writer, "kv", "ab", RUN_NAME), data)
+    before = cluster.meta_rpcs()
+    assert read(os.path.join(reader, "kv", "ab", RUN_NAME)) == data
+    assert served(cluster, "kv_lookup") == before.get("kv_lookup", 0.0) + 1
+    assert served(cluster, "chunk_locations") == before.get("chunk_locations", 0.0)
+    assert served(cluster, "get_chunks") == before.get("get_chunks", 0.0)
+
+
 def test_rewrite_of_a_leased_file_is_read_once_acknowledged(two_mounts):
     """The reader's daemon holds the old map under a lease; the writer's in-place rewrite (COMMIT of the
     leased inode) is acknowledged only after that lease, and the reader's next open, which its kernel
