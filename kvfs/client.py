@@ -47,7 +47,7 @@ from kvfs.client_types import _ServerInfo
 from kvfs.client_write import ClientWrites
 from kvfs.dircache import ChangeLog, ListingCache
 from kvfs.errors import error
-from kvfs.leased_lookups import LeasedMaps, SharedLookups, is_kv_file_name, lease_end
+from kvfs.leased_lookups import BatchedKVLookups, LeasedMaps, SharedLookups, is_kv_file_name, lease_end
 from kvfs.meta_router import meta_client
 from kvfs.rpc import RpcClient
 from kvfs.rpc_blocking import BlockingChunkClient
@@ -75,6 +75,8 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         self.leased_maps = LeasedMaps()  # KV files' chunk maps from leased lookups, for their next open
         self._shared_lookups = SharedLookups()  # concurrent lookups of one name: one meta request
         self._kv_lookup = False  # META_KV_LOOKUP for KV files' lookups: asked for and served (connect)
+        # Concurrent KV lookups in one META_KV_LOOKUP_MANY, where meta serves it (connect).
+        self._kv_lookups: BatchedKVLookups | None = None
         self._servers: dict[str, _ServerInfo] = {}
         self._chunk_clients: dict[str, RpcClient] = {}
         self._thread_clients: dict[str, BlockingChunkClient] = {}  # bulk reads in worker threads
@@ -101,6 +103,8 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         # (paths are resolved there by meta; the mount maps its root inode to it).
         self.root_ino, self.tenant = reply.root_ino or ROOT_INO, reply.tenant
         self._kv_lookup = self.options.kv_lookup_leases and reply.kv_lookup
+        if self._kv_lookup and reply.kv_lookup_many:
+            self._kv_lookups = BatchedKVLookups(lambda req: self.meta.request(P.META_KV_LOOKUP_MANY, req))
         self._host_id = host_id()
         await self.refresh_servers()
         nursery.start_soon(self._renew_leases, reply.lease_seconds)
@@ -202,13 +206,18 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
 
     async def _lookup_meta(self, parent: int, name: str) -> P.Attr:
         """META_LOOKUP; for a KV block or run file, META_KV_LOOKUP, which brings its chunk map under a
-        lease for the open that follows (kvfs/leased_lookups.py)."""
+        lease for the open that follows, batched with the others asked for meanwhile where meta serves
+        META_KV_LOOKUP_MANY (kvfs/leased_lookups.py)."""
         if not (self._kv_lookup and is_kv_file_name(name)):
             return await self.meta.request(P.META_LOOKUP, P.Lookup(parent, name))
         sent = time.monotonic()  # the lease counts from here (LeasedMaps' clock)
         interval = self.options.kv_lookup_touch_interval
         touch = time.time_ns() - int(interval * 1e9) if interval >= 0 else 0
-        reply = await self.meta.request(P.META_KV_LOOKUP, P.KVLookup(parent, name, lease=True, touch_before_ns=touch))
+        if self._kv_lookups is not None:
+            reply, sent = await self._kv_lookups.lookup(parent, name, touch)
+        else:
+            reply = await self.meta.request(P.META_KV_LOOKUP, P.KVLookup(parent, name, lease=True,
+                                                                         touch_before_ns=touch))
         until = lease_end(sent, reply.lease_seconds)
         if reply.file is not None and until and reply.attr.ino not in self.files:
             self.leased_maps.store(reply.attr.ino, until, reply.file)

@@ -19,10 +19,16 @@ Shared lookups: threads that walk one path at once (a KV lookup's 8 ``stat`` thr
 each make the kernel revalidate the same expired directory entries: 4-8 LOOKUPs of one name arrive
 together. The first goes to meta; the others wait for its answer, unless this client changed the
 namespace since it was sent (then they ask meta themselves).
+
+Batched lookups (``BatchedKVLookups``): the lookups of different KV files that arrive while one request is
+in flight go to meta together in the next (META_KV_LOOKUP_MANY), like a group commit: the first waits
+for no one, the rest share a round trip. A prefix hit stats 16 runs 8 at a time: 16 meta requests
+became 4 or so, and meta serves each batch with one request's overhead.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +37,7 @@ import msgspec
 import trio
 
 from kvfs import protocol as P
+from kvfs.errors import error
 
 LEASE_MARGIN = 0.1  # of a lease: kept back for clock rate differences and scheduling (as native_cached)
 LIMIT = 4096  # maps kept at once (a few hundred bytes each); the oldest go first
@@ -123,3 +130,95 @@ class SharedLookups:
             mine.done.set()
             if self._pending.get(key) is mine:
                 del self._pending[key]
+
+
+class _Slot:
+    """One lookup waiting in ``BatchedKVLookups``: woken with its answer, or to send the next batch."""
+
+    def __init__(self, parent: int, name: str, touch_before_ns: int) -> None:
+        self.parent, self.name, self.touch_before_ns = parent, name, touch_before_ns
+        self.ready = trio.Event()
+        self.lead = False  # woken to send the next batch
+        self.reply: P.KVLookupReply | None = None
+        self.error: OSError | None = None
+        self.sent = 0.0  # time.monotonic() when its batch was sent (a lease counts from there)
+
+
+class BatchedKVLookups:
+    """META_KV_LOOKUP_MANY for the KV lookups asked for at once (module docstring). At most one batch is in
+    flight; the caller that finds none sends its own lookup at once, and hands the next batch to the
+    first caller that queued meanwhile. Error handling: a lookup's own errno (ENOENT, ...) is raised for
+    that lookup only; a failed request (meta unreachable, timeout) fails every lookup in its batch."""
+
+    def __init__(self, send: Callable[[P.KVLookupMany], Awaitable[P.KVLookupManyReply]],
+                 limit: int = P.KV_LOOKUP_MANY_MAX) -> None:
+        self._send = send
+        self.limit = limit
+        self._queue: list[_Slot] = []
+        self._busy = False  # a batch is in flight, or its next sender has been woken
+        self.batches = 0  # requests sent (tests, benchmarks)
+
+    async def lookup(self, parent: int, name: str, touch_before_ns: int = 0) -> tuple[P.KVLookupReply, float]:
+        """The KV_LOOKUP answer for ``name`` in ``parent`` and when its request was sent (``time.monotonic``)."""
+        slot = _Slot(parent, name, touch_before_ns)
+        self._queue.append(slot)
+        if self._busy:
+            try:
+                await slot.ready.wait()
+            except BaseException:  # cancelled: leave the queue, and pass on a turn handed to us
+                if slot in self._queue:
+                    self._queue.remove(slot)
+                if slot.lead:
+                    self._hand_on()
+                raise
+            if not slot.lead:
+                return self._answer(slot)
+        self._busy = True
+        batch, self._queue = self._queue[:self.limit], self._queue[self.limit:]
+        try:
+            await self._run(batch)
+        finally:
+            for other in batch:
+                if other.reply is None and other.error is None:
+                    other.error = OSError(errno.EIO, "KV lookup batch was cancelled")
+                other.ready.set()
+            self._hand_on()
+        return self._answer(slot)
+
+    def _hand_on(self) -> None:
+        if self._queue:
+            nxt = self._queue[0]
+            nxt.lead = True
+            nxt.ready.set()
+        else:
+            self._busy = False
+
+    async def _run(self, batch: list[_Slot]) -> None:
+        sent = time.monotonic()
+        request = P.KVLookupMany([s.parent for s in batch], [s.name for s in batch], lease=True,
+                                 touch_before_ns=max(s.touch_before_ns for s in batch))
+        self.batches += 1
+        try:
+            reply = await self._send(request)
+        except OSError as exc:
+            for s in batch:
+                s.error = exc
+            return
+        if len(reply.replies) != len(batch) or len(reply.errors) != len(batch):
+            for s in batch:
+                s.error = OSError(errno.EIO, f"meta answered {len(reply.replies)} KV lookups for {len(batch)}")
+            return
+        for s, one, code in zip(batch, reply.replies, reply.errors):
+            s.sent = sent
+            if one is not None and not code:
+                s.reply = one
+            else:
+                s.error = error(code or errno.EIO, f"{s.name}: no such file or directory"
+                                if code == errno.ENOENT else s.name)
+
+    @staticmethod
+    def _answer(slot: _Slot) -> tuple[P.KVLookupReply, float]:
+        if slot.error is not None:
+            raise OSError(slot.error.errno, slot.error.strerror)  # a copy: each caller's own traceback
+        assert slot.reply is not None
+        return slot.reply, slot.sent

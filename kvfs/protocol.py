@@ -403,6 +403,8 @@ class HelloReply(Struct):
     kv_lookup: bool = False
     # Files carry their own chunk size (Attr.chunk_size, MkNode.chunk_size; kvfs/layout.py).
     per_file_chunk_size: bool = False
+    # META_KV_LOOKUP_MANY is served (as kv_lookup).
+    kv_lookup_many: bool = False
 
 
 META_HELLO = 1
@@ -827,6 +829,25 @@ class KVLookupReply(Struct):
     lease_seconds: float = 0.0  # the lease on ``file``'s map (0: none), counted from when the request was sent
 
 
+class KVLookupMany(Struct):
+    """Several KVLookups (``parents[i]``, ``names[i]``) in one round trip, each answered on its own: a
+    mount's daemon sends the KV lookups its kernel asks for while the previous batch is in flight together
+    (an engine's prefix lookup stats its runs 8 at a time), so meta serves one request, not 8."""
+
+    parents: list[int]
+    names: list[str]
+    lease: bool = False  # as KVLookup.lease, for every one
+    touch_before_ns: int = 0  # as KVLookup.touch_before_ns, for every one
+
+
+class KVLookupManyReply(Struct):
+    replies: list[KVLookupReply | None]  # per lookup, in order; None where ``errors`` has its errno
+    errors: list[int]  # per lookup: 0, or the errno its own KV_LOOKUP would have answered
+
+
+KV_LOOKUP_MANY_MAX = 256  # lookups per KVLookupMany
+
+
 class KVAlloc(Struct):
     """A chunk for a file that does not exist yet (a block being put): pending until KV_PUBLISH
     names it, garbage-collected if never published."""
@@ -862,6 +883,7 @@ META_KV_CHUNKS = 63
 META_KV_ALLOC = 64
 META_KV_PUBLISH = 65
 META_KV_LOOKUP = 66
+META_KV_LOOKUP_MANY = 67
 
 META_METHODS.update({
     META_KV_EXISTS: (KVExists, ExistsManyReply),
@@ -871,6 +893,7 @@ META_METHODS.update({
     META_KV_ALLOC: (KVAlloc, AllocChunkReply),
     META_KV_PUBLISH: (KVPublish, KVPublishReply),
     META_KV_LOOKUP: (KVLookup, KVLookupReply),
+    META_KV_LOOKUP_MANY: (KVLookupMany, KVLookupManyReply),
 })
 
 
@@ -970,7 +993,7 @@ META_IDEMPOTENT = frozenset({
     META_GET_CHUNKS, META_ALLOC_CHUNK, META_COMMIT, META_PURGE, META_RENEW_LEASES, META_REGISTER,
     META_HEARTBEAT, META_LIST_CHUNKSERVERS, META_REPORT_BAD_CHUNK, META_CHUNK_LOCATIONS, META_KV_EXISTS,
     META_KV_STATUS, META_KV_CHUNKS, META_KV_ALLOC, META_REMOTE_LIST, META_REMOTE_INFO, META_HA_STATUS,
-    META_TENANT_LIST, META_TENANT_SET, META_DECOMMISSION, META_KV_LOOKUP,
+    META_TENANT_LIST, META_TENANT_SET, META_DECOMMISSION, META_KV_LOOKUP, META_KV_LOOKUP_MANY,
 })
 
 

@@ -7,8 +7,9 @@ by the time it signs, every chunkserver knows it. A key is dropped once its succ
 longer than a token lives: every token it signed has expired.
 
 ``Capabilities.wrap`` stamps tokens into every reply that hands out chunk locations (found by reply
-type, so a new method returning chunk refs is covered; a reply type that nests maps, KV_CHUNKS's and
-KV_LOOKUP's, is listed in ``stamp``) and the keys into chunkserver registrations and heartbeats.
+type, so a new method returning chunk refs is covered; a reply type that nests maps, KV_CHUNKS's,
+KV_LOOKUP's and KV_LOOKUP_MANY's, is listed in ``stamp``) and the keys into chunkserver registrations
+and heartbeats.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class Capabilities:
         elif isinstance(reply, P.KVLookupReply):  # the map a mount's open of a KV file reads with
             if reply.file is not None:
                 self.stamp(reply.file)
-        elif isinstance(reply, (P.KVChunksReply, P.RemoteFillAllocReply)):
-            for part in getattr(reply, "files", None) or getattr(reply, "chunks", []):
+        elif isinstance(reply, (P.KVChunksReply, P.KVLookupManyReply, P.RemoteFillAllocReply)):
+            for part in getattr(reply, "files", None) or getattr(reply, "replies", None) or getattr(reply, "chunks", []):
                 if part is not None:
                     self.stamp(part)
         elif isinstance(reply, P.ChunkLocationsReply) and isinstance(request, P.ChunkLocations):

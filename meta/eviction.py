@@ -35,6 +35,7 @@ the pass interval grows with the pass duration so eviction takes at most ~5% of 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import stat
@@ -42,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvfs import protocol as P
+from kvfs.errors import error
 from kvfs.kv.policy import EVICTIONS_XATTR, POLICY_XATTRS, STATS_PREFIXES, Policy
 from kvfs.meta import records as R
 from kvfs.meta.kv_leases import KVLeases
@@ -412,6 +414,25 @@ class KVCache:
         self._touch(info.attr, touch_before_ns)
         attr.atime_ns = info.attr.atime_ns
         return P.KVLookupReply(attr, info, seconds)
+
+    def lookup_chunks_many(self, parents: list[int], names: list[str], leases: KVLeases | None = None,
+                           touch_before_ns: int = 0) -> P.KVLookupManyReply:
+        """``lookup_chunks`` of each (``parents[i]``, ``names[i]``), each answered on its own: a failed one
+        is None with its errno. Error handling: EINVAL for lists of different lengths or over
+        ``P.KV_LOOKUP_MANY_MAX``."""
+        if len(parents) != len(names) or len(names) > P.KV_LOOKUP_MANY_MAX:
+            raise error(errno.EINVAL, f"KV_LOOKUP_MANY: {len(parents)} parents for {len(names)} names "
+                        f"(at most {P.KV_LOOKUP_MANY_MAX})")
+        replies: list[P.KVLookupReply | None] = []
+        errors: list[int] = []
+        for parent, name in zip(parents, names):
+            try:
+                replies.append(self.lookup_chunks(parent, name, leases, touch_before_ns))
+                errors.append(0)
+            except OSError as exc:
+                replies.append(None)
+                errors.append(exc.errno or errno.EIO)
+        return P.KVLookupManyReply(replies, errors)
 
     def _touch(self, attr: P.Attr, touch_before_ns: int) -> None:
         """Record an access on ``attr``'s file if its access time is older than ``touch_before_ns``: in

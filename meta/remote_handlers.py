@@ -153,13 +153,24 @@ def wrap_handlers(tier: RemoteTier, handlers: dict) -> dict:
         tier._kick()
         return reply
 
-    async def kv_lookup(r, data):
-        await tier.sync_dir(r.parent)
-        reply = await orig[P.META_KV_LOOKUP](r, data)
-        if reply.file is not None and tier.binding_of_file(reply.attr.ino) is not None:
+    def no_remote_map(reply: P.KVLookupReply | None) -> None:
+        if reply is not None and reply.file is not None and tier.binding_of_file(reply.attr.ino) is not None:
             # A remote-bound file's map is validated against the remote at each GET_CHUNKS: the
             # client's open asks for it (the lease taken stays harmless: changes wait out 2 s).
             reply.file, reply.lease_seconds = None, 0.0
+
+    async def kv_lookup(r, data):
+        await tier.sync_dir(r.parent)
+        reply = await orig[P.META_KV_LOOKUP](r, data)
+        no_remote_map(reply)
+        return reply
+
+    async def kv_lookup_many(r, data):
+        for parent in dict.fromkeys(r.parents):
+            await tier.sync_dir(parent)
+        reply = await orig[P.META_KV_LOOKUP_MANY](r, data)
+        for one in reply.replies:
+            no_remote_map(one)
         return reply
 
     async def getxattr(r, data):
@@ -211,6 +222,7 @@ def wrap_handlers(tier: RemoteTier, handlers: dict) -> dict:
     h.update({
         P.META_MKNODE: mknode, P.META_COMMIT: commit, P.META_UNLINK: unlink, P.META_RENAME: rename,
         P.META_GETXATTR: getxattr, P.META_LISTXATTR: listxattr, P.META_RMDIR: rmdir, P.META_KV_LOOKUP: kv_lookup,
+        P.META_KV_LOOKUP_MANY: kv_lookup_many,
         P.META_REMOTE_ATTACH: attach, P.META_REMOTE_DETACH: detach, P.META_REMOTE_LIST: list_,
         P.META_REMOTE_SYNC: sync, P.META_REMOTE_INFO: info, P.META_REMOTE_FILL_ALLOC: fill_alloc,
         P.META_REMOTE_FILL_COMMIT: fill_commit, P.META_REMOTE_EVICT: evict,

@@ -58,7 +58,7 @@ class MetaService:
 
         async def hello(r, _):
             return P.HelloReply(P.PROTOCOL_VERSION, ns.chunk_size, ns.counters.cluster_id, ns.lease_seconds, kv_lookup=True,
-                                per_file_chunk_size=True)
+                                per_file_chunk_size=True, kv_lookup_many=True)
 
         async def setxattr(r, _):
             _policy_needs_admin(r.name)
@@ -134,6 +134,8 @@ class MetaService:
             P.META_KV_PUBLISH: lambda r, _: _now(ns.publish(r)),
             P.META_KV_LOOKUP: lambda r, _: _now(self.kv.lookup_chunks(r.parent, r.name, self.kv_leases if r.lease else None,
                                                                      r.touch_before_ns)),
+            P.META_KV_LOOKUP_MANY: lambda r, _: _now(self.kv.lookup_chunks_many(
+                r.parents, r.names, self.kv_leases if r.lease else None, r.touch_before_ns)),
             # A lone meta (RocksDB); meta/leader.py answers this for an HA group on etcd.
             P.META_HA_STATUS: lambda r, _: _now(P.HaStatusReply("rocksdb", "", "single", "", [], [])),
             **tenant_handlers(ns.tenants, self.kv.path_of),

@@ -7,7 +7,7 @@ calls through. For a tenant's caller, before the handler runs:
 2. Only the methods a mount or native client needs are allowed (``TENANT_METHODS``; everything else,
    remote attach/detach/sync/evict, eviction passes, chunkserver registration, tenant management, is
    EACCES): a method added later is refused to tenants until it is listed here.
-3. Every inode the request names (fields ``ino``, ``parent``, ``new_parent``, ``inos``) must carry the
+3. Every inode the request names (fields ``ino``, ``parent``, ``new_parent``, ``inos``, ``parents``) must carry the
    caller's tenant; another tenant's inode, or one outside any tenant, is ENOENT as if it did not exist.
    Children carry their parent's tenant (meta/tenants.py), so names looked up under a checked
    directory need no further check; rename and link across tenants are EXDEV in the namespace.
@@ -47,6 +47,7 @@ TENANT_METHODS = frozenset({
     P.META_OPEN_WRITE, P.META_RELEASE_WRITE, P.META_GET_CHUNKS, P.META_ALLOC_CHUNK, P.META_COMMIT, P.META_PURGE,
     P.META_RENEW_LEASES, P.META_LIST_CHUNKSERVERS, P.META_REPORT_BAD_CHUNK, P.META_CHUNK_LOCATIONS,
     P.META_KV_EXISTS, P.META_KV_STATUS, P.META_KV_CHUNKS, P.META_KV_ALLOC, P.META_KV_PUBLISH, P.META_KV_LOOKUP,
+    P.META_KV_LOOKUP_MANY,
     P.META_REMOTE_LIST, P.META_REMOTE_INFO, P.META_REMOTE_FILL_ALLOC, P.META_REMOTE_FILL_COMMIT,
     P.META_REMOTE_REFILL, P.META_HA_STATUS, P.META_TENANT_LIST,
 })
@@ -117,8 +118,9 @@ class TenantGuard:
             ino = getattr(r, name, None)
             if isinstance(ino, int):
                 self._visible(rec, ino)
-        for ino in getattr(r, "inos", None) or ():
-            self._visible(rec, ino)
+        for field in ("inos", "parents"):
+            for ino in getattr(r, field, None) or ():
+                self._visible(rec, ino)
 
     def _create(self, rec: R.TenantRecord, r: P.MkNode | P.Symlink) -> None:
         r.uid, r.gid = rec.uid, rec.gid

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import trio
@@ -23,13 +24,20 @@ from cluster import free_port
 from test_posix import read, write
 
 from kvfs import protocol as P
-from kvfs.leased_lookups import LeasedMaps, SharedLookups, is_kv_file_name
+from kvfs.leased_lookups import BatchedKVLookups, LeasedMaps, SharedLookups, is_kv_file_name
 
 RUN_NAME = "0123456789abcdef0123456789abcdef-8"  # a KV run file's name shape (kvfs/kv/run.py)
 
 
+def kv_lookups(rpcs: dict[str, float]) -> float:
+    return rpcs.get("kv_lookup", 0.0) + rpcs.get("kv_lookup_many", 0.0)
+
+
 def served(cluster, method: str) -> float:
-    return cluster.meta_rpcs().get(method, 0.0)
+    rpcs = cluster.meta_rpcs()
+    if method == "kv_lookup":  # lone or batched (META_KV_LOOKUP_MANY): requests, not names
+        return rpcs.get("kv_lookup", 0.0) + rpcs.get("kv_lookup_many", 0.0)
+    return rpcs.get(method, 0.0)
 
 
 @pytest.fixture
@@ -52,14 +60,14 @@ def test_kv_file_open_needs_no_get_chunks_after_its_lookup(two_mounts):
     kv_path, plain_path = os.path.join(reader, "kv", "ab", RUN_NAME), os.path.join(reader, "kv", "ab", "plain")
     before = cluster.meta_rpcs()
     os.stat(kv_path)  # the reader's first lookup of it: META_KV_LOOKUP
-    assert served(cluster, "kv_lookup") == before.get("kv_lookup", 0.0) + 1
+    assert served(cluster, "kv_lookup") == kv_lookups(before) + 1
     chunks_before = served(cluster, "get_chunks")
     assert read(kv_path) == data
     assert served(cluster, "get_chunks") == chunks_before  # the open used the lookup's leased map
 
     assert read(plain_path) == data  # an ordinary name: a plain lookup, and a GET_CHUNKS per open
     assert served(cluster, "get_chunks") == chunks_before + 1
-    assert served(cluster, "kv_lookup") == before.get("kv_lookup", 0.0) + 1
+    assert served(cluster, "kv_lookup") == kv_lookups(before) + 1
 
 
 def test_kv_file_read_over_tcp_uses_the_lookups_chunk_tokens(make_cluster, tmp_path):
@@ -73,9 +81,72 @@ def test_kv_file_read_over_tcp_uses_the_lookups_chunk_tokens(make_cluster, tmp_p
     write(os.path.join(writer, "kv", "ab", RUN_NAME), data)
     before = cluster.meta_rpcs()
     assert read(os.path.join(reader, "kv", "ab", RUN_NAME)) == data
-    assert served(cluster, "kv_lookup") == before.get("kv_lookup", 0.0) + 1
+    assert served(cluster, "kv_lookup") == kv_lookups(before) + 1
     assert served(cluster, "chunk_locations") == before.get("chunk_locations", 0.0)
     assert served(cluster, "get_chunks") == before.get("get_chunks", 0.0)
+
+
+def test_concurrent_kv_lookups_share_meta_requests(two_mounts):
+    """8 threads stat 16 run files and 2 missing names at once (a prefix lookup's pattern): the reader's
+    daemon sends them in META_KV_LOOKUP_MANY batches, fewer requests than names, and each stat gets its
+    own answer (sizes right, ENOENT only for the missing ones); the reads that follow ask meta nothing."""
+    cluster, writer, reader = two_mounts
+    names = [f"{i:02x}{RUN_NAME[2:]}" for i in range(16)]
+    for i, name in enumerate(names):
+        os.makedirs(os.path.join(writer, "kv", name[:2]))
+        write(os.path.join(writer, "kv", name[:2], name), bytes([i]) * (4096 + i))
+    paths = [os.path.join(reader, "kv", n[:2], n) for n in names]
+    paths.insert(5, os.path.join(reader, "kv", "05", "f" * 32 + "-8"))
+    paths.append(os.path.join(reader, "kv", "0f", "e" * 32 + "-8"))
+    for path in paths:
+        os.stat(os.path.dirname(path))  # the directories are not what is counted
+    before = cluster.meta_rpcs()
+
+    def size(path: str) -> int | None:
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(size, paths))
+    expect = [4096 + i for i in range(16)]
+    expect.insert(5, None)
+    assert sizes == expect + [None]
+    requests = served(cluster, "kv_lookup") - kv_lookups(before)
+    assert served(cluster, "kv_lookup_many") > before.get("kv_lookup_many", 0.0)
+    assert 1 <= requests < len(paths)
+    chunks = served(cluster, "get_chunks")
+    assert [read(p) for p in paths if size(p) is not None] == [bytes([i]) * (4096 + i) for i in range(16)]
+    assert served(cluster, "get_chunks") == chunks  # the batched lookups brought leased maps
+
+
+def test_kv_lookup_many_answers_each_name_and_refuses_bad_lists(two_mounts):
+    """Meta's side, raw: each name answered on its own (map with chunk tokens, or its errno); lists of
+    different lengths or over the limit are EINVAL, not a crash or a partial answer."""
+    from kvfs.rpc import RpcClient
+
+    cluster, writer, _ = two_mounts
+    os.makedirs(os.path.join(writer, "kv", "12"))
+    write(os.path.join(writer, "kv", "12", RUN_NAME), b"z" * 5000)
+    parent = os.stat(os.path.join(writer, "kv", "12")).st_ino
+
+    async def go(request):
+        client = RpcClient("meta", cluster.meta_address, P.META_METHODS, timeout=10.0, connect_timeout=5.0)
+        try:
+            return await client.request(P.META_KV_LOOKUP_MANY, request)
+        finally:
+            client.close()
+
+    reply = trio.run(go, P.KVLookupMany([parent, parent, 999_999_999], [RUN_NAME, "0" * 32, RUN_NAME], lease=True))
+    assert reply.errors == [0, errno.ENOENT, errno.ENOENT]
+    assert reply.replies[0].attr.size == 5000 and reply.replies[1:] == [None, None]
+    assert reply.replies[0].file.chunks and all(c.token for c in reply.replies[0].file.chunks)
+    for bad in (P.KVLookupMany([parent], [RUN_NAME, RUN_NAME]),
+                P.KVLookupMany([parent] * (P.KV_LOOKUP_MANY_MAX + 1), [RUN_NAME] * (P.KV_LOOKUP_MANY_MAX + 1))):
+        with pytest.raises(OSError) as info:
+            trio.run(go, bad)
+        assert info.value.errno == errno.EINVAL
 
 
 def test_rewrite_of_a_leased_file_is_read_once_acknowledged(two_mounts):
@@ -233,3 +304,56 @@ def test_shared_lookups_send_one_request_for_concurrent_lookups():
     assert len(calls) == 3  # 4 concurrent lookups -> 1 request; the later-seq one -> 1; the failing one -> 1
     assert len(answers) == 5 and all(a.ino == 7 for a in answers)
     assert len({id(a) for a in answers}) == 5  # copies: callers overlay their own sizes
+
+
+def _lookup_reply(ino: int) -> P.KVLookupReply:
+    return P.KVLookupReply(_reply(ino).attr, _reply(ino), 2.0)
+
+
+def test_batched_kv_lookups_group_what_arrives_while_one_is_in_flight():
+    sent: list[list[str]] = []
+    outcomes: dict[str, object] = {}
+
+    async def main() -> None:
+        gate = trio.Event()
+
+        async def send(req: P.KVLookupMany) -> P.KVLookupManyReply:
+            sent.append(list(req.names))
+            await gate.wait()
+            return P.KVLookupManyReply([None if n.startswith("x") else _lookup_reply(int(n)) for n in req.names],
+                                       [errno.ENOENT if n.startswith("x") else 0 for n in req.names])
+
+        batched = BatchedKVLookups(send, limit=4)
+
+        async def one(name: str) -> None:
+            try:
+                outcomes[name] = (await batched.lookup(1, name))[0].attr.ino
+            except OSError as exc:
+                outcomes[name] = exc.errno
+
+        async with trio.open_nursery() as n:
+            n.start_soon(one, "1")
+            await trio.testing.wait_all_tasks_blocked()  # "1" is in flight alone
+            for name in ("2", "x3", "4", "5", "6", "7"):
+                n.start_soon(one, name)
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.CancelScope() as scope:  # a waiter cancelled in the queue leaves no hole
+                scope.cancel()
+                await batched.lookup(1, "8")
+            gate.set()
+
+        async def down(req: P.KVLookupMany) -> P.KVLookupManyReply:
+            raise OSError(errno.EIO, "meta 127.0.0.1:1: connection failed")
+
+        failing = BatchedKVLookups(down)
+        with pytest.raises(OSError) as info:
+            await failing.lookup(1, "9")
+        assert info.value.errno == errno.EIO
+
+    import trio.testing  # noqa: F401  (wait_all_tasks_blocked)
+
+    trio.run(main)
+    # "1" alone, then what queued meanwhile, at most ``limit`` per batch (trio starts tasks in any order)
+    assert sent[0] == ["1"] and [len(b) for b in sent] == [1, 4, 2]
+    assert sorted(n for batch in sent for n in batch) == ["1", "2", "4", "5", "6", "7", "x3"]
+    assert outcomes == {"1": 1, "2": 2, "x3": errno.ENOENT, "4": 4, "5": 5, "6": 6, "7": 7}
