@@ -19,28 +19,45 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
+from kvfs.kv import KVLayout
+
+LAYOUT = KVLayout("bf16", 32, 8, 4, 64)  # bench_vllm.py's model: 8 layers, 4 KV heads, head_dim 64
+
+
+def prompt_hashes(count: int = 4) -> list[list[str]]:
+    """The block hashes of ``count`` 4,096-token prompts (block size 32)."""
+    from kvfs.kv import block_hashes
+
+    return [block_hashes(list(range(k * 10000, k * 10000 + 4096)), 32) for k in range(count)]
+
+
+def store_prompts(store, prompts: list[list[str]]) -> None:
+    """Put every prompt as runs of 8 random blocks (``store``'s layout)."""
+    import torch
+
+    from kvfs.kv.run import run_spans
+
+    lay, g = store.layout, torch.Generator().manual_seed(1)
+    for hashes in prompts:
+        store.put_runs([(hashes[s:s + n], torch.randn((n, *lay.block_shape), generator=g).to(lay.torch_dtype()))
+                        for s, n in run_spans(len(hashes), 8)])
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=6.0)
     args = p.parse_args(argv)
-    import torch
     from cluster import Cluster
 
-    from kvfs.kv import KVLayout, KVStore, block_hashes
-    from kvfs.kv.run import run_spans
+    from kvfs.kv import KVStore
 
-    lay = KVLayout("bf16", 32, 8, 4, 64)
-    prompts = [block_hashes(list(range(k * 10000, k * 10000 + 4096)), 32) for k in range(4)]
+    prompts = prompt_hashes()
     with tempfile.TemporaryDirectory(prefix="kv-lookup-") as tmp:
         cluster = Cluster(os.path.join(tmp, "cluster"), chunkservers=1, replication=1, chunk_size="4M",
                           chunkserver_args=("--fsync", "never")).start()
         try:
-            g = torch.Generator().manual_seed(1)
-            with cluster.client() as client, KVStore("/kv/native", lay, client=client, touch_interval=-1) as store:
-                for hashes in prompts:
-                    store.put_runs([(hashes[s:s + n], torch.randn((n, *lay.block_shape), generator=g)
-                                     .to(lay.torch_dtype())) for s, n in run_spans(len(hashes), 8)])
+            with cluster.client() as client, KVStore("/kv/native", LAYOUT, client=client, touch_interval=-1) as store:
+                store_prompts(store, prompts)
                 times = []
                 end = time.monotonic() + args.seconds
                 while time.monotonic() < end:

@@ -7,8 +7,8 @@ No filesystem logic lives here. What the adapter must own itself (pyfuse3 leaves
 Every OSError becomes ``FUSEError(errno)`` in one place (``_errors``).
 
 KV directories: kvfs.kv's layout directories and their fan-out directories (a hash's first two digits)
-are made once and never renamed, and a prefix lookup stats a run in a different fan-out directory for
-every 16 blocks. The kernel may keep their names and attributes for ``kv_timeout`` (minutes, not the 1
+are made once and never renamed, and a prefix lookup stats each run of the prompt, most in a fan-out
+directory of their own. The kernel may keep their names and attributes for ``kv_timeout`` (minutes, not the 1
 s of other entries): a lookup then costs one round trip (the run file's leased lookup), not two. The
 files themselves keep the short timeout: their lookup brings the chunk map the open uses. Another client
 can still remove such a directory (``rm -r``). A getattr or create that then finds its inode gone
