@@ -156,7 +156,7 @@ class BatchedKVLookups:
         self.limit = limit
         self._queue: list[_Slot] = []
         self._busy = False  # a batch is in flight, or its next sender has been woken
-        self.batches = 0  # requests sent (tests, benchmarks)
+        self.batches = 0  # requests sent
 
     async def lookup(self, parent: int, name: str, touch_before_ns: int = 0) -> tuple[P.KVLookupReply, float]:
         """The KV_LOOKUP answer for ``name`` in ``parent`` and when its request was sent (``time.monotonic``)."""

@@ -341,6 +341,7 @@ def test_batched_kv_lookups_group_what_arrives_while_one_is_in_flight():
                 scope.cancel()
                 await batched.lookup(1, "8")
             gate.set()
+        assert batched.batches == 3  # the counter the class keeps for callers matches what was sent
 
         async def down(req: P.KVLookupMany) -> P.KVLookupManyReply:
             raise OSError(errno.EIO, "meta 127.0.0.1:1: connection failed")
