@@ -257,6 +257,8 @@ def cmd_mount(args) -> None:
     check_mountpoint(args.mountpoint)  # before importing pyfuse3: a bad mountpoint is one line either way
     run_mount = _mount_runner()
 
+    metrics.serve_metrics(args.metrics_port, host="127.0.0.1")
+
     async def body() -> None:
         await run_mount(args.meta, args.mountpoint, options=_client_options(args), attr_timeout=args.attr_timeout,
                         entry_timeout=args.attr_timeout, writeback_cache=args.writeback_cache,
@@ -572,6 +574,8 @@ def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--meta", default=config.default_meta_address())
     client_flags(sp)
     mount_flags(sp)
+    sp.add_argument("--metrics-port", type=int, default=0,
+                    help="serve Prometheus /metrics on this port of 127.0.0.1 (FUSE requests by operation)")
     tls_flag(sp)
     sp.set_defaults(func=cmd_mount)
 

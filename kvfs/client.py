@@ -74,6 +74,7 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
         self._changes = ChangeLog()  # this client's namespace changes: a listing fetched across one is not kept
         self.leased_maps = LeasedMaps()  # KV files' chunk maps from leased lookups, for their next open
         self._shared_lookups = SharedLookups()  # concurrent lookups of one name: one meta request
+        self._directories: set[int] = set()  # inodes getattr saw as directories (an inode keeps its type)
         self._kv_lookup = False  # META_KV_LOOKUP for KV files' lookups: asked for and served (connect)
         # Concurrent KV lookups in one META_KV_LOOKUP_MANY, where meta serves it (connect).
         self._kv_lookups: BatchedKVLookups | None = None
@@ -253,7 +254,18 @@ class Client(ClientReads, ClientPrefetch, ClientWrites):
     async def getattr(self, ino: int) -> P.Attr:
         attr = self.listings.dir_attr(ino)
         if attr is None:
-            attr = await self.meta.request(P.META_GETATTR, P.GetAttr(ino))
+            fetch = lambda: self.meta.request(P.META_GETATTR, P.GetAttr(ino))  # noqa: E731
+            # A directory's GETATTRs come in storms (every thread walking through it after the attribute
+            # timeout) and share one request. A file's do not: one sent before an open may predate the
+            # version that open fetched, and its size would cut the reads after it (close-to-open).
+            if ino in self._directories:
+                attr = await self._shared_lookups.getattr(ino, self._changes.seq, fetch)
+            else:
+                attr = await fetch()
+                if stat.S_ISDIR(attr.mode):
+                    if len(self._directories) >= 65536:
+                        self._directories.clear()
+                    self._directories.add(ino)
             self.listings.saw_dir_attr(attr)
         return self._overlay(attr)
 

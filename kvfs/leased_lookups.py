@@ -102,15 +102,23 @@ class _Pending:
 
 
 class SharedLookups:
-    """One meta request for concurrent lookups of one (directory, name)."""
+    """One meta request for concurrent lookups of one (directory, name), or getattrs of one inode: a
+    path walk after the attribute timeout sends the kernel's GETATTR and LOOKUP of each directory
+    on the way from every thread walking it (8 at once for a KV prefix lookup)."""
 
     def __init__(self) -> None:
-        self._pending: dict[tuple[int, str], _Pending] = {}
+        self._pending: dict[tuple[int, str | None], _Pending] = {}
 
     async def lookup(self, parent: int, name: str, seq: int, fetch: Callable[[], Awaitable[P.Attr]]) -> P.Attr:
         """``fetch()``'s answer, or that of the same lookup already in flight and sent at change count
         ``seq`` (a copy: callers overlay their own sizes on it). Error handling: ``fetch``'s OSError."""
-        key = (parent, name)
+        return await self._shared((parent, name), seq, fetch)
+
+    async def getattr(self, ino: int, seq: int, fetch: Callable[[], Awaitable[P.Attr]]) -> P.Attr:
+        """As ``lookup``, for the attributes of inode ``ino``."""
+        return await self._shared((ino, None), seq, fetch)
+
+    async def _shared(self, key: tuple[int, str | None], seq: int, fetch: Callable[[], Awaitable[P.Attr]]) -> P.Attr:
         pending = self._pending.get(key)
         if pending is not None and pending.seq == seq:
             await pending.done.wait()

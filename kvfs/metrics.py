@@ -13,6 +13,8 @@ RPC_REQUESTS = Counter("kvfs_rpc_requests_total", "RPCs served", ["service", "me
 RPC_SECONDS = Histogram("kvfs_rpc_seconds", "RPC handling time", ["service", "method"],
                         buckets=(0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10))
 RPC_BYTES = Counter("kvfs_rpc_bulk_bytes_total", "bulk data bytes", ["service", "direction"])
+# The mount's side (mount/fs.py): what the kernel asked of it, per FUSE operation and outcome.
+FUSE_REQUESTS = Counter("kvfs_fuse_requests_total", "FUSE requests the mount answered", ["op", "status"])
 
 
 def _names(prefix: str) -> dict[int, str]:

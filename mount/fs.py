@@ -33,6 +33,7 @@ from kvfs import protocol as P
 from kvfs.client import Client
 from kvfs.errors import error
 from kvfs.kv.layout import is_layout_name
+from kvfs.metrics import FUSE_REQUESTS, status_name
 
 log = logging.getLogger("kvfs.mount")
 
@@ -45,22 +46,31 @@ _FANOUT = re.compile(r"[0-9a-f]{2}")  # kvfs.kv's per-layout fan-out directories
 
 
 def _errors(fn):
-    """Translate errors at the one FUSE boundary: OSError -> its errno, anything else -> EIO."""
+    """Translate errors at the one FUSE boundary: OSError -> its errno, anything else -> EIO; and count
+    each request by operation and outcome (``kvfs_fuse_requests_total``, ``kvfs mount --metrics-port``)."""
+    answered = FUSE_REQUESTS.labels(fn.__name__, "ok")  # bound once: the read path counts without a lookup
+
+    def failed(code: int) -> pyfuse3.FUSEError:
+        FUSE_REQUESTS.labels(fn.__name__, status_name(code)).inc()
+        return pyfuse3.FUSEError(code)
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
         try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            out = await fn(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            FUSE_REQUESTS.labels(fn.__name__, status_name(exc.errno)).inc()
             raise
         except OSError as exc:
             code = exc.errno or errno.EIO
             if code == errno.EIO:
                 log.error("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(code) from None
+            raise failed(code) from None
         except Exception:
             log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise failed(errno.EIO) from None
+        answered.inc()
+        return out
 
     return wrapper
 

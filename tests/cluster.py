@@ -78,6 +78,18 @@ class Proc:
             return f.read()
 
 
+def scrape_metrics(port: int) -> str:
+    """The Prometheus exposition text a kvfs process serves on ``port`` of this host."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def mount_requests(port: int) -> dict[tuple[str, str], float]:
+    """FUSE requests a mount started with ``--metrics-port port`` answered so far: (op, status) -> count."""
+    return {(m.group(1), m.group(2)): float(m.group(3)) for m in re.finditer(
+        r'^kvfs_fuse_requests_total\{op="(\w+)",status="(\w+)"\} (\S+)$', scrape_metrics(port), re.MULTILINE)}
+
+
 def start_mount(root: str, meta_address: str, mountpoint: str, index: int, *extra: str) -> Proc:
     """A `kvfs mount` process; returns once the mount is up (its log is ``root/mount-<index>.log``)."""
     proc = Proc(["mount", mountpoint, "--meta", meta_address, "--timeout", "10", *extra],
@@ -193,8 +205,7 @@ class Cluster:
     def meta_rpcs(self) -> dict[str, float]:
         """Requests meta served so far, by method, every status (kvfs_rpc_requests_total; needs
         ``meta_metrics_port``)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.meta_metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = scrape_metrics(self.meta_metrics_port)
         out: dict[str, float] = {}
         for m in re.finditer(r'^kvfs_rpc_requests_total\{method="(\w+)",service="meta",status="\w+"\} (\S+)$', text,
                              re.MULTILINE):

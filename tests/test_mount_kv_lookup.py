@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import trio
-from cluster import free_port
+from cluster import free_port, mount_requests
 from test_posix import read, write
 
 from kvfs import protocol as P
@@ -119,6 +119,37 @@ def test_concurrent_kv_lookups_share_meta_requests(two_mounts):
     chunks = served(cluster, "get_chunks")
     assert [read(p) for p in paths if size(p) is not None] == [bytes([i]) * (4096 + i) for i in range(16)]
     assert served(cluster, "get_chunks") == chunks  # the batched lookups brought leased maps
+
+
+def test_prefix_lookup_walks_the_directories_above_its_layout_once(make_cluster, tmp_path):
+    """A KV prefix lookup after the kernel's 1 s entries have expired (a request seconds after the last):
+    one thread walks down to the layout directory first, so the kernel asks the mount once for the
+    root's attributes and once for "kv", not once per checking thread; the 16 run files' stats are
+    sent at once and reach meta in a few META_KV_LOOKUP_MANY batches. FUSE requests are counted from
+    the mount's metrics endpoint (``kvfs mount --metrics-port``)."""
+    import torch
+
+    from kvfs.kv import KVLayout, KVStore, block_hashes
+    from kvfs.kv.run import run_spans
+
+    cluster = make_cluster(chunkservers=1, replication=1, meta_metrics_port=free_port())
+    port = free_port()
+    mnt = cluster.mount(str(tmp_path / "m"), "--metrics-port", str(port))
+    layout = KVLayout("bf16", 16, 2, 2, 16)
+    hashes = block_hashes(list(range(2048)), 16)  # 128 blocks: 16 runs of 8
+    g = torch.Generator().manual_seed(3)
+    with KVStore(os.path.join(mnt, "kv"), layout, touch_interval=-1) as store:
+        assert all(store.put_runs([(hashes[s:s + n], torch.randn((n, *layout.block_shape), generator=g).to(
+            layout.torch_dtype())) for s, n in run_spans(len(hashes), 8)]))
+        assert store.runs_prefix(hashes, 8).blocks == 128
+        time.sleep(1.2)  # the root's, "kv"'s and the runs' kernel entries and attributes expire
+        before, meta_before = mount_requests(port), cluster.meta_rpcs()
+        assert store.runs_prefix(hashes, 8).blocks == 128
+        after = mount_requests(port)
+    ops = {key: n - before.get(key, 0.0) for key, n in after.items() if n != before.get(key, 0.0)}
+    assert ops.get(("getattr", "ok"), 0) <= 2, ops  # the root (and at most "kv"): once, not per thread
+    assert 16 <= ops.get(("lookup", "ok"), 0) <= 17, ops  # "kv" and the 16 runs
+    assert 1 <= served(cluster, "kv_lookup") - kv_lookups(meta_before) < 16  # batched: fewer requests than runs
 
 
 def test_kv_lookup_many_answers_each_name_and_refuses_bad_lists(two_mounts):
@@ -267,7 +298,9 @@ def test_leased_maps_end_with_their_lease():
     assert len(maps) == 2 and maps.get(3) is None and maps.get(5) is not None  # bounded, oldest first
 
 
-def test_shared_lookups_send_one_request_for_concurrent_lookups():
+def test_shared_lookups_send_one_request_for_concurrent_lookups_and_getattrs():
+    """Concurrent lookups of one name, and getattrs of one directory (every thread walking a path whose
+    entries expired sends the kernel's), cost meta one request while the first is in flight."""
     calls: list[int] = []
     answers: list[P.Attr] = []
 
@@ -283,9 +316,14 @@ def test_shared_lookups_send_one_request_for_concurrent_lookups():
         async def one(seq: int) -> None:
             answers.append(await shared.lookup(1, "d", seq, fetch))
 
+        async def attr(ino: int) -> None:
+            answers.append(await shared.getattr(ino, 0, fetch))
+
         async with trio.open_nursery() as n:
             for _ in range(4):
                 n.start_soon(one, 0)
+            for ino in (1,) * 8 + (2,):  # directory 1's getattrs are not its lookups; inode 2 asks itself
+                n.start_soon(attr, ino)
             await trio.testing.wait_all_tasks_blocked()
             n.start_soon(one, 1)  # this client changed the namespace since: asks meta itself
             await trio.testing.wait_all_tasks_blocked()
@@ -298,12 +336,14 @@ def test_shared_lookups_send_one_request_for_concurrent_lookups():
         with pytest.raises(FileNotFoundError):
             await shared.lookup(1, "d", 0, fail)
 
-    import trio.testing  # noqa: F401  (wait_all_tasks_blocked)
+    import trio.testing  # wait_all_tasks_blocked
 
     trio.run(main)
-    assert len(calls) == 3  # 4 concurrent lookups -> 1 request; the later-seq one -> 1; the failing one -> 1
-    assert len(answers) == 5 and all(a.ino == 7 for a in answers)
-    assert len({id(a) for a in answers}) == 5  # copies: callers overlay their own sizes
+    # 4 concurrent lookups -> 1 request; the later-seq one -> 1; 8 getattrs of inode 1 -> 1, of inode 2 -> 1;
+    # the failing lookup -> 1
+    assert len(calls) == 5
+    assert len(answers) == 14 and all(a.ino == 7 for a in answers)
+    assert len({id(a) for a in answers}) == 14  # copies: callers overlay their own sizes
 
 
 def _lookup_reply(ino: int) -> P.KVLookupReply:
