@@ -1,11 +1,12 @@
 """The client's chunk cache and read-ahead (a part of ``kvfs.Client``, kvfs/client.py).
 
 Readers of less than a chunk at a time get whole chunks: fetched once, verified, kept in the file's
-cache (``ClientOptions.read_cache_chunks`` chunks at most) and served from there; the mount replies
+cache (``ClientOptions.cache_chunks`` at most: ``read_cache_chunks``, but never fewer than the
+read-ahead window and the chunk being read) and served from there; the mount replies
 straight from that memory (``read_buffer``). A reader is sequential when a read starts where its
 previous one ended; ahead of it, up to ``prefetch_chunks`` chunks are fetched at once in the
 background, so disk and network reads overlap with serving it. Memory is bounded per open file by
-``read_cache_chunks + prefetch_chunks`` chunks; a reader that jumps stops the read-ahead (only reads
+``cache_chunks + prefetch_chunks`` chunks; a reader that jumps stops the read-ahead (only reads
 that continue the previous one start it). A failed prefetch is only logged: the read that needs the
 chunk fetches it again, through the replicas in turn, and that read alone gets the error.
 
@@ -104,5 +105,12 @@ class ClientPrefetch:
     def _cache_put(self, st: FileState, index: int, data: bytes) -> None:
         st.cache[index] = data
         st.cache.move_to_end(index)
-        while len(st.cache) > self.options.read_cache_chunks:
-            self._chunk_buffers.give(st.cache.popitem(last=False)[1])
+        if len(st.cache) <= self.options.cache_chunks:
+            return
+        # Evict by place, not by arrival: read-ahead chunks land in any order (the reader's own chunk
+        # may land after those behind it), so the oldest arrival can be the chunk being read. Chunks
+        # behind the reader go first, farthest first, then those farthest ahead.
+        reader = max(st.last_read_end, 0) // st.chunk_size
+        while len(st.cache) > self.options.cache_chunks:
+            victim = max(st.cache, key=lambda i: (i < reader, abs(i - reader)))
+            self._chunk_buffers.give(st.cache.pop(victim))

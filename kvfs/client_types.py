@@ -39,6 +39,12 @@ class ClientOptions:
     # access-time write of its own while it computes. -1: lookups record nothing.
     kv_lookup_touch_interval: float = 60.0
 
+    @property
+    def cache_chunks(self) -> int:
+        """Verified chunks kept per open file: ``read_cache_chunks``, but with read-ahead on never fewer than
+        its window and the chunk being read (a chunk evicted before its reader came would be read again)."""
+        return max(self.read_cache_chunks, self.prefetch_chunks + 1) if self.prefetch else self.read_cache_chunks
+
 
 @dataclass
 class _ServerInfo:

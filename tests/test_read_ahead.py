@@ -63,10 +63,16 @@ def settle(st, cached: set[int] = frozenset()) -> None:
     assert not st.prefetching and cached <= set(st.cache)
 
 
-def test_sequential_reads_are_read_ahead_and_exact(cluster, direct_reads):
-    data = new_file(cluster, "seq")
-    with cluster.client() as c:
-        ino = c.resolve("/seq").ino
+@pytest.mark.parametrize("options", [{}, {"prefetch_chunks": 8, "read_cache_chunks": 4}],
+                         ids=["defaults", "read-ahead-beyond-the-cache"])
+def test_sequential_reads_are_read_ahead_and_exact(cluster, direct_reads, options):
+    """With the defaults, and with a read-ahead longer than the cache asked for: the cache keeps at least
+    the read-ahead window and the chunk being read (a chunk evicted before its reader came would be
+    read again, and again for each of its MiB reads)."""
+    name = f"seq{len(options)}"
+    data = new_file(cluster, name)
+    with cluster.client(**options) as c:
+        ino = c.resolve(f"/{name}").ino
         c.open(ino)
         try:
             st = c.client.cached_state(ino)
@@ -75,7 +81,7 @@ def test_sequential_reads_are_read_ahead_and_exact(cluster, direct_reads):
             for offset in range(0, len(data), MiB):
                 out += c.read(ino, offset, MiB)
                 # Memory bound: the cache and the chunks being read ahead, per open file.
-                assert len(st.cache) <= opts.read_cache_chunks
+                assert len(st.cache) <= opts.cache_chunks
                 assert len(st.prefetching) <= opts.prefetch_chunks
                 if offset == MiB:
                     settle(st, set(range(1, 1 + opts.prefetch_chunks)))  # read ahead
