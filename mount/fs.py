@@ -13,7 +13,12 @@ s of other entries): a lookup then costs one round trip (the run file's leased l
 files themselves keep the short timeout: their lookup brings the chunk map the open uses. Another client
 can still remove such a directory (``rm -r``). A getattr or create that then finds its inode gone
 answers ESTALE, not ENOENT: the kernel walks the path again with every name revalidated here
-(LOOKUP_REVAL), so a stale name costs one retry, not a failed call.
+(LOOKUP_REVAL), so a stale name costs one retry, not a failed call. The kernel drops a directory's
+attributes whenever a file is created or renamed in it here, and asks again at the next walk through it
+(its permission check): a fan-out directory's GETATTR is answered from its attributes as last seen,
+for ``kv_timeout`` (its mtime then lags; a fan-out directory has no subdirectories, so its link count
+does not), or each save of a run would cost the next prefix lookup a meta round trip per fan-out
+directory. Layout directories are always asked (their link count counts their fan-out directories).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import logging
 import os
 import re
 import stat
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import msgspec
 import pyfuse3
 
 from kvfs import protocol as P
@@ -116,6 +123,8 @@ class KvfsOperations(pyfuse3.Operations):
         self.kv_timeout = kv_timeout  # for KV directories (module docstring); 0: like any other entry
         self.kv_dirs: set[int] = set()  # directories the kernel holds under a kv_timeout entry
         self.kv_layout_dirs: set[int] = set()  # of those, KV layout directories (their children fan out)
+        # Fan-out directories' attributes as last answered, for kv_timeout (module docstring).
+        self.fanout_attrs: dict[int, tuple[float, P.Attr]] = {}
         self.enable_writeback_cache = writeback_cache
         self.lookups: defaultdict[int, int] = defaultdict(int)
         self.unlinked: set[int] = set()  # nlink reached 0 while the kernel still knew the inode
@@ -181,6 +190,8 @@ class KvfsOperations(pyfuse3.Operations):
                 kv = parent in self.kv_layout_dirs and _FANOUT.fullmatch(name) is not None
             if kv:
                 self.kv_dirs.add(attr.ino)
+                if attr.ino not in self.kv_layout_dirs:
+                    self.fanout_attrs[attr.ino] = (time.monotonic(), attr)
         return self._entry(attr, kv=kv)
 
     def _stale(self, ino: int, exc: OSError) -> OSError:
@@ -212,6 +223,7 @@ class KvfsOperations(pyfuse3.Operations):
             self.sent_attrs.pop(ino, None)
             self.kv_dirs.discard(ino)
             self.kv_layout_dirs.discard(ino)
+            self.fanout_attrs.pop(ino, None)
             try:
                 await self._maybe_purge(ino)
             except OSError as exc:  # forget cannot fail; meta purges orphans at startup too
@@ -220,14 +232,20 @@ class KvfsOperations(pyfuse3.Operations):
     @_errors
     async def getattr(self, inode, ctx=None):
         ino = self._k(inode)
+        seen = self.fanout_attrs.get(ino)
+        if seen is not None and time.monotonic() - seen[0] < self.kv_timeout:
+            return self._entry(msgspec.structs.replace(seen[1]), count=False, kv=True)
         try:
             attr = await self.client.getattr(ino)
         except OSError as exc:
             raise self._stale(ino, exc) from None
+        if ino in self.kv_dirs and ino not in self.kv_layout_dirs:
+            self.fanout_attrs[ino] = (time.monotonic(), attr)
         return self._entry(attr, count=False, kv=ino in self.kv_dirs)
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        self.fanout_attrs.pop(self._k(inode), None)  # this mount's own change is seen at once
         size = attr.st_size if fields.update_size else None
         attr_out = await self.client.setattr(
             self._k(inode),
