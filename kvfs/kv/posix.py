@@ -62,7 +62,8 @@ class PosixBackend:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kvfs-kv")
         # Existence checks get threads of their own, more of them: a stat only waits (on the mount, for
         # its daemon), and the mount sends the lookups that wait at once to meta together, so a
-        # 4,096-token prompt's 16 runs checked at once cost two meta round trips, in windows of 8 four.
+        # 4,096-token prompt's 16 runs checked at once cost two or three meta round trips (in windows of
+        # 8, four or five).
         self._stat_pool = ThreadPoolExecutor(max_workers=STAT_WINDOW, thread_name_prefix="kvfs-kv-stat")
         # Access times are recorded off the read path: on the kvfs mount a touch is two more round trips
         # (GETATTR, SETATTR) through the mount daemon to meta per file, which a load would wait for.
